@@ -1,0 +1,339 @@
+"""``weight_prefetch_config``: parsing, validation and a frozen, hashable configuration.
+
+The JSON shape is the one vllm-ascend users already write::
+
+    {"enabled": true,
+     "prefetch_ratio": {"attn": {"qkv": 1.0, "o": 1.0},
+                        "moe": {"gate_up": 0.8},
+                        "mlp": {"gate_up": 1.0, "down": 1.0}}}
+
+plus three fields of ours: ``max_prefetch_bytes`` (the 18 MiB L2 cap), ``sequence_parallel``
+and ``windows``. Every rule rejects bad input with a :class:`ConfigError` that names the JSON
+path; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+logger = logging.getLogger("fxprefetch")
+
+ROOT_KEY = "weight_prefetch_config"
+DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024
+#: Roles in the order the guide lists them, with the guide's default ratios.
+DEFAULT_RATIOS: Mapping[str, float] = {
+    "attn.qkv": 1.0,
+    "attn.o": 1.0,
+    "moe.gate_up": 0.8,
+    "mlp.gate_up": 1.0,
+    "mlp.down": 1.0,
+}
+ROLES: tuple[str, ...] = tuple(DEFAULT_RATIOS)
+WINDOW_KINDS: tuple[str, ...] = ("vector", "collective")
+DEFAULT_WINDOWS: tuple[str, ...] = ("vector",)
+
+# Misspellings seen in the wild that difflib alone would not map well.
+_ALIASES = {
+    "enable": "enabled",
+    "on": "enabled",
+    "ratio": "prefetch_ratio",
+    "ratios": "prefetch_ratio",
+    "prefetch_ratios": "prefetch_ratio",
+    "attention": "attn",
+    "self_attn": "attn",
+    "qkv_proj": "qkv",
+    "o_proj": "o",
+    "gate_up_proj": "gate_up",
+    "down_proj": "down",
+    "max_bytes": "max_prefetch_bytes",
+    "sp": "sequence_parallel",
+    "window": "windows",
+}
+
+
+class ConfigError(ValueError):
+    """A ``weight_prefetch_config`` (or backend option) that is not valid.
+
+    ``path`` is the JSON path of the offending value, e.g.
+    ``weight_prefetch_config.prefetch_ratio.mlp.down``.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+def did_you_mean(key: str, allowed: Iterable[str]) -> str:
+    """A ``" (did you mean 'x'?)"`` suffix for ``key``, or ``""`` when nothing is close."""
+    allowed = list(allowed)
+    alias = _ALIASES.get(key.lower()) if isinstance(key, str) else None
+    if alias in allowed:
+        return f" (did you mean {alias!r}?)"
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _reject_unknown_keys(obj: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
+    allowed = tuple(allowed)
+    for key in obj:
+        if key not in allowed:
+            raise ConfigError(
+                f"{path}.{key}",
+                f"unknown key{did_you_mean(key, allowed)}; expected one of {list(allowed)}",
+            )
+
+
+def _expect_object(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected a JSON object, got {_describe(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(path, f"keys must be strings, got {_describe(key)}")
+    return value
+
+
+def _expect_bool(value: Any, path: str) -> bool:
+    # The string "false" once switched the feature on elsewhere: only real booleans pass.
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected a JSON boolean (true or false), got {_describe(value)}")
+    return value
+
+
+def _expect_ratio(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number in [0, 1], got {_describe(value)}")
+    if isinstance(value, int):  # compare before float(): 10**400 would overflow
+        if not 0 <= value <= 1:
+            raise ConfigError(path, f"expected a number in [0, 1], got {value!r}")
+        return float(value)
+    ratio = float(value)
+    if math.isnan(ratio) or math.isinf(ratio) or not 0.0 <= ratio <= 1.0:
+        raise ConfigError(path, f"expected a number in [0, 1], got {value!r}")
+    return ratio
+
+
+def _expect_positive_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(path, f"expected a positive integer number of bytes, got {_describe(value)}")
+    return value
+
+
+def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            path, f"expected a non-empty list drawn from {list(WINDOW_KINDS)}, got {_describe(value)}"
+        )
+    kinds: list[str] = []
+    for i, kind in enumerate(value):
+        if not isinstance(kind, str) or kind not in WINDOW_KINDS:
+            hint = did_you_mean(kind, WINDOW_KINDS) if isinstance(kind, str) else ""
+            raise ConfigError(
+                f"{path}[{i}]", f"expected one of {list(WINDOW_KINDS)}, got {_describe(kind)}{hint}"
+            )
+        if kind in kinds:
+            raise ConfigError(f"{path}[{i}]", f"window kind {kind!r} is listed twice")
+        kinds.append(kind)
+    return tuple(sorted(kinds, key=WINDOW_KINDS.index))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {json.dumps(value)}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+@dataclass(frozen=True)
+class PrefetchRatios:
+    """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role"."""
+
+    attn_qkv: float = DEFAULT_RATIOS["attn.qkv"]
+    attn_o: float = DEFAULT_RATIOS["attn.o"]
+    moe_gate_up: float = DEFAULT_RATIOS["moe.gate_up"]
+    mlp_gate_up: float = DEFAULT_RATIOS["mlp.gate_up"]
+    mlp_down: float = DEFAULT_RATIOS["mlp.down"]
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            _expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
+
+    def __getitem__(self, role: str) -> float:
+        if role not in ROLES:
+            raise KeyError(f"unknown role {role!r}{did_you_mean(role, ROLES)}; roles are {ROLES}")
+        return getattr(self, role.replace(".", "_"))
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(role, self[role]) for role in ROLES]
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        nested: dict[str, dict[str, float]] = {}
+        for role, ratio in self.items():
+            section, name = role.split(".")
+            nested.setdefault(section, {})[name] = ratio
+        return nested
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.prefetch_ratio") -> PrefetchRatios:
+        sections = _expect_object(value, path)
+        layout: dict[str, list[str]] = {}
+        for role in ROLES:
+            section, name = role.split(".")
+            layout.setdefault(section, []).append(name)
+        _reject_unknown_keys(sections, layout, path)
+        kwargs: dict[str, float] = {}
+        for section, body in sections.items():
+            body = _expect_object(body, f"{path}.{section}")
+            _reject_unknown_keys(body, layout[section], f"{path}.{section}")
+            for name, ratio in body.items():
+                kwargs[f"{section}_{name}"] = _expect_ratio(ratio, f"{path}.{section}.{name}")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class WeightPrefetchConfig:
+    """A validated ``weight_prefetch_config``. Frozen and hashable; build it with ``from_*``."""
+
+    enabled: bool = False
+    prefetch_ratio: PrefetchRatios = field(default_factory=PrefetchRatios)
+    max_prefetch_bytes: int = DEFAULT_MAX_PREFETCH_BYTES
+    sequence_parallel: bool = False
+    windows: tuple[str, ...] = DEFAULT_WINDOWS
+
+    def __post_init__(self) -> None:
+        _expect_bool(self.enabled, f"{ROOT_KEY}.enabled")
+        if not isinstance(self.prefetch_ratio, PrefetchRatios):
+            raise ConfigError(
+                f"{ROOT_KEY}.prefetch_ratio",
+                f"expected PrefetchRatios, got {type(self.prefetch_ratio).__name__}",
+            )
+        _expect_positive_int(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
+        _expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
+        object.__setattr__(self, "windows", _expect_windows(self.windows, f"{ROOT_KEY}.windows"))
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, value: Any, path: str = ROOT_KEY) -> WeightPrefetchConfig:
+        """Build from the ``weight_prefetch_config`` object (already parsed JSON)."""
+        obj = _expect_object(value, path)
+        names = [f.name for f in fields(cls)]
+        _reject_unknown_keys(obj, names, path)
+        kwargs: dict[str, Any] = {}
+        if "enabled" in obj:
+            kwargs["enabled"] = _expect_bool(obj["enabled"], f"{path}.enabled")
+        if "prefetch_ratio" in obj:
+            kwargs["prefetch_ratio"] = PrefetchRatios.from_dict(
+                obj["prefetch_ratio"], f"{path}.prefetch_ratio"
+            )
+        if "max_prefetch_bytes" in obj:
+            kwargs["max_prefetch_bytes"] = _expect_positive_int(
+                obj["max_prefetch_bytes"], f"{path}.max_prefetch_bytes"
+            )
+        if "sequence_parallel" in obj:
+            kwargs["sequence_parallel"] = _expect_bool(
+                obj["sequence_parallel"], f"{path}.sequence_parallel"
+            )
+        if "windows" in obj:
+            kwargs["windows"] = _expect_windows(obj["windows"], f"{path}.windows")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> WeightPrefetchConfig:
+        """Build from the JSON text of the ``weight_prefetch_config`` object."""
+        return cls.from_dict(parse_json(text, ROOT_KEY))
+
+    @classmethod
+    def from_additional_config(cls, text: str | Mapping[str, Any]) -> WeightPrefetchConfig:
+        """Build from a whole vllm-ascend ``--additional-config`` JSON string (or its dict).
+
+        Keys other than ``weight_prefetch_config`` belong to vllm-ascend and are ignored; a key
+        that looks like a misspelling of ours is reported in a warning.
+        """
+        obj = parse_json(text, "additional_config") if isinstance(text, str) else text
+        obj = _expect_object(obj, "additional_config")
+        if ROOT_KEY not in obj:
+            for key in obj:
+                if difflib.get_close_matches(key, [ROOT_KEY], n=1, cutoff=0.8):
+                    logger.warning(
+                        "additional_config has no %r but has %r: a misspelling? Weight prefetch "
+                        "stays at its defaults (disabled).",
+                        ROOT_KEY,
+                        key,
+                    )
+            return cls()
+        return cls.from_dict(obj[ROOT_KEY], ROOT_KEY)
+
+    # -- views ---------------------------------------------------------------------------------
+    def ratio(self, role: str) -> float:
+        return self.prefetch_ratio[role]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "prefetch_ratio": self.prefetch_ratio.to_dict(),
+            "max_prefetch_bytes": self.max_prefetch_bytes,
+            "sequence_parallel": self.sequence_parallel,
+            "windows": list(self.windows),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def digest(self) -> str:
+        """A stable short hash of the configuration, for compile-cache keys."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def with_enabled(self, enabled: bool = True) -> WeightPrefetchConfig:
+        return WeightPrefetchConfig(
+            enabled=enabled,
+            prefetch_ratio=self.prefetch_ratio,
+            max_prefetch_bytes=self.max_prefetch_bytes,
+            sequence_parallel=self.sequence_parallel,
+            windows=self.windows,
+        )
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def parse_json(text: str, path: str) -> Any:
+    """Strict JSON: no NaN/Infinity, no duplicate keys; errors carry line and column."""
+    if not isinstance(text, str):
+        raise ConfigError(path, f"expected a JSON string, got {type(text).__name__}")
+    try:
+        return json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
+        )
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(path, f"invalid JSON: {exc}") from None

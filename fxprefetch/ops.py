@@ -1,0 +1,99 @@
+"""``torch.ops.fxprefetch.prefetch``: the side-effecting prefetch op the pass inserts.
+
+Its schema is torch_npu's ``npu_prefetch`` to the letter, so lowering to the NPU is a change
+of target and nothing else::
+
+    prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()
+
+Kernels:
+- fake/meta: argument checks only (``max_size > 0``, ``0 <= offset < nbytes``);
+- CPU: a hint that moves no memory (there is no L2 prefetch to ask for), counted in
+  :mod:`fxprefetch.stats`;
+- other devices: counted, then handed to the device's own prefetch where one is registered
+  (``torch.ops.npu.npu_prefetch`` on Ascend), else a hint like on CPU.
+
+The op returns nothing, so it is registered with :func:`torch.fx.node.has_side_effect`:
+FX dead-code elimination, AOT autograd and inductor's scheduler all keep it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.fx.node import has_side_effect
+
+from fxprefetch import stats
+
+NAMESPACE = "fxprefetch"
+SCHEMA = "prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define(SCHEMA, tags=())
+
+prefetch = torch.ops.fxprefetch.prefetch.default
+has_side_effect(prefetch)
+has_side_effect(torch.ops.fxprefetch.prefetch)
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor covers (``numel * itemsize``); symbolic sizes stay symbolic."""
+    return t.numel() * t.element_size()
+
+
+def check_prefetch_args(weight: torch.Tensor, max_size: int, offset: int) -> None:
+    """The argument checks of torch_npu's meta kernel."""
+    torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
+    nbytes = tensor_nbytes(weight)
+    torch._check(
+        0 <= offset < nbytes,
+        lambda: f"prefetch: offset must be in [0, {nbytes}) for a tensor of {nbytes} bytes, "
+        f"got {offset}",
+    )
+
+
+def clamped_size(weight: torch.Tensor, max_size: int, offset: int) -> int:
+    """Bytes a prefetch covers: ``max_size`` clamped to what the tensor has after ``offset``."""
+    return min(max_size, tensor_nbytes(weight) - offset)
+
+
+@torch.library.register_fake("fxprefetch::prefetch", lib=_lib)
+def _prefetch_fake(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    check_prefetch_args(weight, max_size, offset)
+
+
+# device type -> the device's own prefetch, with the same arguments.
+_NATIVE_PREFETCH: dict[str, Callable[..., None]] = {}
+
+
+def register_native_prefetch(device_type: str, fn: Callable[..., None]) -> None:
+    """Route prefetches on ``device_type`` tensors to ``fn(weight, dependency, max_size, offset)``."""
+    _NATIVE_PREFETCH[device_type] = fn
+
+
+def _native_npu_prefetch() -> Callable[..., None] | None:
+    npu_ns = getattr(torch.ops, "npu", None)
+    try:
+        return npu_ns.npu_prefetch.default if npu_ns is not None else None
+    except AttributeError:
+        return None
+
+
+def _prefetch_kernel(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    check_prefetch_args(weight, max_size, offset)
+    stats.record(weight, max_size, clamped_size(weight, max_size, offset))
+    native = _NATIVE_PREFETCH.get(weight.device.type)
+    if native is None and weight.device.type == "npu":
+        native = _native_npu_prefetch()
+        if native is not None:
+            _NATIVE_PREFETCH["npu"] = native
+    if native is not None:
+        native(weight, dependency, max_size, offset)
+
+
+for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch", _prefetch_kernel, _key)

@@ -1,0 +1,127 @@
+"""Small helpers every pass needs: op names, argument lookup, module paths, tensor sizes."""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
+_SUBSCRIPT = re.compile(r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]|\[['\"]?([^\]'\"]*)['\"]?\]")
+_GETATTR = re.compile(r"getattr\((.*), ['\"]([^'\"]*)['\"]\)")
+
+
+def op_name(node: Node) -> str:
+    """A stable name for what a node calls: ``aten::mm``, ``npu::npu_prefetch``, ``getitem``."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name
+    qualified = getattr(target, "_qualified_op_name", None)  # OpOverloadPacket
+    if qualified is not None:
+        return qualified
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def get_arg(node: Node, name: str) -> Any:
+    """The value bound to schema argument ``name`` of an OpOverload call (or None)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.kwargs.get(name)
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                return node.args[i]
+            return node.kwargs.get(name, None)
+    return None
+
+
+def flatten_nodes(value: Any) -> list[Node]:
+    """Nodes inside an argument (a Node, or a list/tuple of them)."""
+    if isinstance(value, Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in flatten_nodes(v)]
+    return []
+
+
+def fake_value(node: Node) -> Any:
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def tensor_value(node: Node) -> torch.Tensor | None:
+    val = fake_value(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def produces_tensors(node: Node) -> bool:
+    """True when a node yields a tensor or a tuple/list holding tensors."""
+    val = fake_value(node)
+    if val is None:
+        return node.op in ("placeholder", "get_attr", "call_function", "call_module")
+    if isinstance(val, torch.Tensor):
+        return True
+    if isinstance(val, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in val)
+    return False
+
+
+def normalize_source_path(raw: str) -> str:
+    """Turn dynamo source names into dotted module paths.
+
+    ``L['self'].model.layers[0].mlp`` and
+    ``L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']``
+    both become ``model.layers.0...``.
+    """
+    path = raw.strip()
+    while True:
+        m = _GETATTR.fullmatch(path)
+        if not m:
+            break
+        path = f"{m.group(1)}.{m.group(2)}"
+    path = _ROOT.sub("", path)
+    path = _SUBSCRIPT.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), path)
+    return path.strip(".")
+
+
+def module_path(node: Node) -> str | None:
+    """Dotted path of the innermost module a node was traced in, from ``nn_module_stack``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    raw = list(stack.values())[-1]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return normalize_source_path(str(raw))
+
+
+def placeholder_source_names(gm: GraphModule) -> list[str | None]:
+    """Dotted parameter paths of a dynamo graph's placeholders (None for non-parameters)."""
+    names: list[str | None] = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        raw = source.name if isinstance(getattr(source, "name", None), str) else None
+        if raw is None and source is not None and callable(getattr(source, "name", None)):
+            raw = source.name()
+        if raw and ("_parameters[" in raw or "_buffers[" in raw or "." in raw):
+            names.append(normalize_source_path(raw))
+        else:
+            names.append(None)
+    return names
+
+
+def node_index(graph: Graph) -> dict[Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def finalize(gm: GraphModule) -> None:
+    """Lint and recompile after a mutation."""
+    gm.graph.lint()
+    gm.recompile()

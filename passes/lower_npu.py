@@ -1,0 +1,45 @@
+"""Lower ``fxprefetch.prefetch`` to torch_npu's ``npu.npu_prefetch`` for torchair/GE.
+
+Both ops share one schema, so the rewrite only changes the target. torchair converts
+``npu_prefetch`` into the GE ``Cmo`` op and needs a dependency: a prefetch without one is an
+error here, before GE sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from fxprefetch.ops import prefetch as PREFETCH_OP
+from passes.graph_utils import finalize
+
+
+class NpuLoweringError(RuntimeError):
+    """The graph cannot be lowered to ``npu.npu_prefetch``."""
+
+
+def npu_prefetch_op() -> torch._ops.OpOverload:
+    """``torch.ops.npu.npu_prefetch.default``; raises when torch_npu (or a stand-in) is absent."""
+    try:
+        return torch.ops.npu.npu_prefetch.default
+    except (AttributeError, RuntimeError) as exc:
+        raise NpuLoweringError(
+            "torch.ops.npu.npu_prefetch is not registered: install torch_npu (with CANN) to lower "
+            "prefetches for the NPU"
+        ) from exc
+
+
+def lower_prefetch_to_npu(gm: GraphModule) -> int:
+    """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count."""
+    target = npu_prefetch_op()
+    torch.fx.node.has_side_effect(target)  # torch_npu does this too; stand-ins may not
+    count = 0
+    for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
+        if len(node.args) < 2 or node.args[1] is None:
+            raise NpuLoweringError(
+                f"{node.name}: npu_prefetch in graph mode needs a dependency, got None")
+        node.target = target
+        count += 1
+    if count:
+        finalize(gm)
+    return count
