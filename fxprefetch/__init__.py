@@ -6,20 +6,37 @@ import logging
 
 from fxprefetch import ops
 from fxprefetch.config import ConfigError, PrefetchRatios, WeightPrefetchConfig
-from fxprefetch.stats import PrefetchStats, WeightStats, collect_stats, reset_stats, stats
+from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
+from fxprefetch.planner import PrefetchPassError, clear_plans, last_plans
+from fxprefetch.runtime_stats import PrefetchStats, WeightStats, collect_stats, reset_stats, stats
 
 logging.getLogger("fxprefetch").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
+
+def torchair_backend(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """See :func:`fxprefetch.backend.torchair_backend`."""
+    from fxprefetch.backend import torchair_backend as build
+
+    return build(*args, **kwargs)
+
+
 __all__ = [
     "ConfigError",
+    "LinearRecord",
+    "PrefetchPassError",
+    "PrefetchPlan",
     "PrefetchRatios",
     "PrefetchStats",
     "WeightPrefetchConfig",
+    "SkipReason",
     "WeightStats",
+    "clear_plans",
     "collect_stats",
+    "last_plans",
     "ops",
     "reset_stats",
     "stats",
+    "torchair_backend",
 ]

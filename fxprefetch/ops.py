@@ -8,7 +8,7 @@ of target and nothing else::
 Kernels:
 - fake/meta: argument checks only (``max_size > 0``, ``0 <= offset < nbytes``);
 - CPU: a hint that moves no memory (there is no L2 prefetch to ask for), counted in
-  :mod:`fxprefetch.stats`;
+  :mod:`fxprefetch.runtime_stats`;
 - other devices: counted, then handed to the device's own prefetch where one is registered
   (``torch.ops.npu.npu_prefetch`` on Ascend), else a hint like on CPU.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.fx.node import has_side_effect
 
-from fxprefetch import stats
+from fxprefetch import runtime_stats
 
 NAMESPACE = "fxprefetch"
 SCHEMA = "prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
@@ -85,7 +85,7 @@ def _prefetch_kernel(
     weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
 ) -> None:
     check_prefetch_args(weight, max_size, offset)
-    stats.record(weight, max_size, clamped_size(weight, max_size, offset))
+    runtime_stats.record(weight, max_size, clamped_size(weight, max_size, offset))
     native = _NATIVE_PREFETCH.get(weight.device.type)
     if native is None and weight.device.type == "npu":
         native = _native_npu_prefetch()

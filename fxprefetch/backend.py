@@ -1,0 +1,76 @@
+"""The ``npu_prefetch`` torch.compile backend.
+
+Registered through the ``torch_dynamo_backends`` entry point (see pyproject), so
+``torch.compile(model, backend="npu_prefetch")`` works right after ``pip install``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fxprefetch import runtime_stats
+from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.options import BackendOptions, parse_options
+from fxprefetch.planner import GraphPlanner
+from passes.graph_utils import placeholder_source_names
+
+logger = logging.getLogger("fxprefetch")
+
+
+def resolve_target(target: str) -> str:
+    """``auto`` means ``npu`` where torch_npu sees a device, else ``inductor``."""
+    if target != "auto":
+        return target
+    from fxprefetch.targets.npu import npu_available
+
+    return "npu" if npu_available() else "inductor"
+
+
+def _planner_for(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 opts: BackendOptions) -> GraphPlanner:
+    names = placeholder_source_names(gm)
+    for tensor, name in zip(example_inputs, names, strict=False):
+        if name is not None and isinstance(tensor, torch.Tensor):
+            runtime_stats.name_weight(tensor, name)
+    return GraphPlanner(opts.config, strict=opts.strict, source_names=names)
+
+
+def npu_prefetch(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 options: Any = None, mode: str | None = None) -> Callable[..., Any]:
+    """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
+    opts = parse_options(options)
+    target = resolve_target(opts.target)
+    planner = _planner_for(gm, example_inputs, opts)
+    logger.debug("npu_prefetch: compiling %s for target %s (config %s)", planner.name, target,
+                 opts.config.digest)
+    if target == "npu":
+        from fxprefetch.targets.npu import compile_npu
+
+        return compile_npu(gm, example_inputs, planner, opts.torchair_config)
+    if target == "eager":
+        from fxprefetch.targets.eager import compile_eager
+
+        return compile_eager(gm, example_inputs, planner)
+    from fxprefetch.targets.inductor import compile_inductor
+
+    return compile_inductor(gm, example_inputs, planner, mode)
+
+
+def torchair_backend(config: WeightPrefetchConfig | dict | str | None = None,
+                     compiler_config: Any = None, *, strict: bool = False
+                     ) -> Callable[..., Any]:
+    """A torchair backend with weight prefetch, for code that builds its own (vllm-ascend)."""
+    opts = parse_options({"weight_prefetch_config": config, "strict": strict} if config
+                         is not None else {"strict": strict})
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from fxprefetch.targets.npu import compile_npu
+
+        return compile_npu(gm, example_inputs, _planner_for(gm, example_inputs, opts),
+                           compiler_config)
+
+    return backend

@@ -1,0 +1,85 @@
+"""``torch.compile(..., backend="npu_prefetch", options=...)``: parsing and validation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
+
+TARGETS = ("auto", "npu", "inductor", "eager")
+OPTION_KEYS = ("weight_prefetch_config", "additional_config", "target", "strict",
+               "torchair_config")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    config: WeightPrefetchConfig
+    target: str = "auto"
+    strict: bool = False
+    torchair_config: Any = None
+
+
+def _config_from(value: Any, path: str) -> WeightPrefetchConfig:
+    """A config from an object, dict or JSON string; ``enabled`` defaults to true here."""
+    if isinstance(value, WeightPrefetchConfig):
+        return value
+    if isinstance(value, str):
+        value = parse_json(value, path)
+    if isinstance(value, Mapping) and "enabled" not in value:
+        value = {**value, "enabled": True}
+    return WeightPrefetchConfig.from_dict(value, path)
+
+
+def _additional_config(value: Any, path: str) -> WeightPrefetchConfig:
+    obj = parse_json(value, path) if isinstance(value, str) else value
+    if not isinstance(obj, Mapping):
+        raise ConfigError(path, f"expected a JSON object or its string, got {type(obj).__name__}")
+    section = obj.get("weight_prefetch_config", {})
+    return _config_from(section, "additional_config.weight_prefetch_config")
+
+
+def parse_options(options: Any) -> BackendOptions:
+    """Validate backend options. Accepted forms:
+
+    - None: the guide's defaults with prefetch enabled;
+    - a :class:`WeightPrefetchConfig`, or the JSON string of a ``weight_prefetch_config``;
+    - a dict with keys among ``OPTION_KEYS``.
+
+    Under this backend ``enabled`` defaults to true wherever it is not written.
+    """
+    if options is None:
+        return BackendOptions(WeightPrefetchConfig(enabled=True))
+    if isinstance(options, (WeightPrefetchConfig, str)):
+        return BackendOptions(_config_from(options, "options"))
+    if not isinstance(options, Mapping):
+        raise ConfigError("options", "expected a dict, a WeightPrefetchConfig or a JSON string, "
+                          f"got {type(options).__name__}")
+    for key in options:
+        if key not in OPTION_KEYS:
+            raise ConfigError(f"options.{key}", f"unknown option{did_you_mean(str(key), OPTION_KEYS)};"
+                              f" expected one of {list(OPTION_KEYS)}")
+    if "weight_prefetch_config" in options and "additional_config" in options:
+        raise ConfigError("options", "give either weight_prefetch_config or additional_config, "
+                          "not both")
+    if "additional_config" in options:
+        config = _additional_config(options["additional_config"], "options.additional_config")
+    elif "weight_prefetch_config" in options:
+        config = _config_from(options["weight_prefetch_config"], "options.weight_prefetch_config")
+    else:
+        config = WeightPrefetchConfig(enabled=True)
+    target = options.get("target", "auto")
+    if target not in TARGETS:
+        hint = did_you_mean(target, TARGETS) if isinstance(target, str) else ""
+        raise ConfigError("options.target", f"expected one of {list(TARGETS)}, got "
+                          f"{json.dumps(target) if isinstance(target, str) else target!r}{hint}")
+    strict = options.get("strict", False)
+    if not isinstance(strict, bool):
+        raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
+    torchair_config = options.get("torchair_config")
+    if torchair_config is not None and target not in ("auto", "npu"):
+        raise ConfigError("options.torchair_config",
+                          f"only used with target 'npu', but target is {target!r}")
+    return BackendOptions(config, target, strict, torchair_config)

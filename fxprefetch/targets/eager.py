@@ -1,0 +1,24 @@
+"""Eager lowering: AOT autograd with the pass, running the aten graphs without codegen."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._inductor.decomposition import select_decomp_table
+
+from fxprefetch.planner import GraphPlanner
+
+
+def compile_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                  planner: GraphPlanner) -> Callable[..., Any]:
+    def compiler(aten_gm: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable[..., Any]:
+        planner(aten_gm)
+        return make_boxed_func(aten_gm.forward)
+
+    backend = aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
+                           inference_compiler=compiler, decompositions=select_decomp_table())
+    return backend(gm, example_inputs)

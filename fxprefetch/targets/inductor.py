@@ -1,0 +1,84 @@
+"""Inductor lowering: the pass runs as inductor's ``post_grad_custom_post_pass``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fxprefetch.planner import GraphPlanner
+
+try:  # torch >= 2.9
+    from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
+except ImportError:  # pragma: no cover - older torch
+    CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
+
+_SOURCE_ROOTS = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "passes")
+
+
+def source_digest() -> str:
+    """Hash of the pass's own source, so a new fxprefetch version never reuses cached graphs."""
+    h = hashlib.sha256()
+    for root in _SOURCE_ROOTS:
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _as_list(user_pass: Any) -> list[Callable[..., None]]:
+    if user_pass is None:
+        return []
+    if isinstance(user_pass, (list, tuple)):
+        return list(user_pass)
+    return [user_pass]
+
+
+class PrefetchGraphPass(CustomGraphPass):
+    """Runs the user's own post-grad pass(es) first, then the weight-prefetch pass.
+
+    ``uuid()`` covers the config digest, the pass source, the weight names and the user's
+    pass, so inductor's FX graph cache never serves a graph compiled for another config.
+    """
+
+    def __init__(self, planner: GraphPlanner, user_pass: Any = None) -> None:
+        self.planner = planner
+        self.user_passes = _as_list(user_pass)
+
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
+        gm = graph.owning_module
+        for user_pass in self.user_passes:
+            if isinstance(user_pass, CustomInferenceAwareGraphPass):
+                user_pass(graph, is_inference=bool(is_inference))
+            else:
+                user_pass(graph)
+        self.planner(gm)
+
+    def uuid(self) -> str | None:
+        parts = [self.planner.config.digest, source_digest(),
+                 json.dumps(self.planner.source_names), str(self.planner.strict)]
+        for user_pass in self.user_passes:
+            uuid = getattr(user_pass, "uuid", None)
+            if uuid is None:
+                return None  # an opaque user pass: inductor then bypasses its cache
+            value = uuid()
+            if value is None:
+                return None
+            parts.append(value.hex() if isinstance(value, bytes) else str(value))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                     planner: GraphPlanner, mode: str | None = None) -> Callable[..., Any]:
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches["post_grad_custom_post_pass"] = PrefetchGraphPass(
+        planner, inductor_config.post_grad_custom_post_pass)
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,45 @@
+"""Shared test set-up: hypothesis profiles, clean counters, a private inductor cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# A private, empty inductor cache per run, so cache tests see what this run compiled.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxprefetch-inductor-"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import fxprefetch  # noqa: E402
+
+# "ci" is derandomized so runs are reproducible; "dev" explores more.
+settings.register_profile(
+    "ci", max_examples=10, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    fxprefetch.reset_stats()
+    fxprefetch.clear_plans()
+    yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Reset dynamo before and after a compile test; keep inductor's FX graph cache off."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()

@@ -1,0 +1,160 @@
+"""torch.ops.fxprefetch.prefetch: schema, checks, kernels, counters, and survival of every
+compiler stage (FX DCE, AOT autograd, inductor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fxprefetch
+from fxprefetch import ops
+
+PREFETCH = torch.ops.fxprefetch.prefetch.default
+
+
+def _npu_schema(name: str) -> str:
+    for line in (Path(__file__).parent / "data" / "torch_npu_schemas.txt").read_text().splitlines():
+        if line.startswith(f"{name}("):
+            return line
+    raise AssertionError(name)
+
+
+def _signature(schema: torch._C.FunctionSchema) -> list[tuple[str, str, object]]:
+    return [(str(a.type), a.name, a.default_value) for a in schema.arguments]
+
+
+def test_schema_matches_torch_npu_npu_prefetch():
+    """Same argument types, order, defaults and returns: lowering only changes the target."""
+    ours = PREFETCH._schema
+    theirs = torch._C.parse_schema("npu::" + _npu_schema("npu_prefetch"))
+    assert [a[0] for a in _signature(ours)] == [a[0] for a in _signature(theirs)]
+    assert _signature(ours)[1:] == _signature(theirs)[1:]  # torch_npu names the first "self"
+    assert len(ours.returns) == len(theirs.returns) == 0
+    assert str(ours) == ("fxprefetch::prefetch(Tensor weight, Tensor? dependency, int max_size, "
+                         "int offset=0) -> ()")
+
+
+@pytest.mark.parametrize(("max_size", "offset", "message"), [
+    (0, 0, "max_size must be > 0"),
+    (-5, 0, "max_size must be > 0"),
+    (8, -1, "offset must be in"),
+    (8, 64, "offset must be in"),
+])
+def test_argument_checks(max_size, offset, message):
+    w = torch.zeros(4, 4)  # 64 bytes
+    with pytest.raises(RuntimeError, match=message):
+        PREFETCH(w, None, max_size, offset)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+        PREFETCH(mode.from_tensor(w), None, max_size, offset)
+    with pytest.raises(RuntimeError, match=message):
+        PREFETCH(torch.zeros(4, 4, device="meta"), None, max_size, offset)
+    assert fxprefetch.stats().calls == 0
+
+
+def test_size_is_clamped_to_the_tensor_and_counted():
+    w = torch.zeros(16, dtype=torch.int8)  # 16 bytes
+    dep = torch.ones(2)
+    PREFETCH(w, dep, 10)
+    PREFETCH(w, None, 100)
+    PREFETCH(w, None, 100, 12)
+    s = fxprefetch.stats()
+    assert (s.calls, s.bytes_requested, s.bytes_prefetched) == (3, 210, 10 + 16 + 4)
+    fxprefetch.reset_stats()
+    assert fxprefetch.stats().calls == 0
+
+
+def test_meta_kernel_checks_only():
+    PREFETCH(torch.empty(1024, device="meta"), None, 10)
+    assert fxprefetch.stats().calls == 0
+
+
+def test_collect_stats_per_weight_uses_registered_names():
+    a, b = torch.zeros(8), torch.zeros(4, dtype=torch.float16)
+    fxprefetch.runtime_stats.name_weight(a, "layers.0.q_proj.weight")
+    PREFETCH(a, None, 8)
+    with fxprefetch.collect_stats(per_weight=True) as s:
+        PREFETCH(a, None, 16)
+        PREFETCH(a, None, 64)
+        PREFETCH(b, None, 4)
+    assert s.calls == 3 and s.bytes_requested == 84 and s.bytes_prefetched == 16 + 32 + 4
+    named = s.per_weight["layers.0.q_proj.weight"]
+    assert (named.calls, named.bytes_prefetched, named.shape) == (2, 16 + 32, (8,))
+    (other,) = (w for k, w in s.per_weight.items() if k != "layers.0.q_proj.weight")
+    assert other.dtype == "torch.float16" and other.calls == 1
+    assert fxprefetch.stats().calls == 4  # totals count outside the block too
+
+
+def test_native_prefetch_is_called_for_its_device(monkeypatch):
+    seen = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *a: seen.append(a[2:]))
+    w = torch.zeros(8)
+    PREFETCH(w, None, 16, 4)
+    assert seen == [(16, 4)]
+    assert fxprefetch.stats().calls == 1
+
+
+def _graph_with_unused_prefetch() -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    w, x = g.placeholder("w"), g.placeholder("x")
+    relu = g.call_function(torch.ops.aten.relu.default, (x,))
+    g.call_function(PREFETCH, (w, relu, 64))
+    mm = g.call_function(torch.ops.aten.mm.default, (relu, w))
+    g.output(mm)
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_survives_fx_dead_code_elimination():
+    gm = _graph_with_unused_prefetch()
+    gm.graph.eliminate_dead_code()
+    assert len(gm.graph.find_nodes(op="call_function", target=PREFETCH)) == 1
+    gm.recompile()
+    gm(torch.zeros(4, 4), torch.ones(2, 4))
+    assert fxprefetch.stats().calls == 1
+
+
+def test_survives_aot_autograd():
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def f(w, x):
+        y = torch.relu(x)
+        PREFETCH(w, y, 32)
+        return y @ w
+
+    w = torch.randn(4, 4, requires_grad=True)
+    out = aot_function(f, fw_compiler=keep, bw_compiler=keep)(w, torch.randn(2, 4))
+    out.sum().backward()
+    assert len(graphs[0].graph.find_nodes(op="call_function", target=PREFETCH)) == 1
+    assert fxprefetch.stats().calls == 1
+    assert w.grad is not None
+
+
+@pytest.mark.compile
+def test_survives_inductor_and_runs(fresh_dynamo):
+    """A pass inserts the op in inductor's post-grad graph; the compiled code calls it."""
+
+    def insert_prefetch(graph: torch.fx.Graph) -> None:
+        for node in list(graph.nodes):
+            if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                weight = node.args[-1].args[0]  # permute(weight) -> weight placeholder
+                with graph.inserting_before(node):
+                    graph.call_function(PREFETCH, (weight, node.args[-2], 48))
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=insert_prefetch), \
+            torch.no_grad():
+        compiled = torch.compile(model, backend="inductor")
+        with fxprefetch.collect_stats() as s:
+            out = compiled(x)
+            compiled(x)
+    torch.testing.assert_close(out, model(x))
+    assert s.calls == 4 and s.bytes_requested == 4 * 48

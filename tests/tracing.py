@@ -1,0 +1,32 @@
+"""Trace models to post-autograd aten graphs (the graphs the backend's pass receives)."""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx import GraphModule
+
+
+def export_aten(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule, dict[str, str]]:
+    """Export ``model`` and decompose it like inductor does.
+
+    Returns the aten graph module and a map from its placeholder names to parameter paths.
+    """
+    with torch.no_grad():
+        ep = torch.export.export(model, args, strict=False)
+        ep = ep.run_decompositions(select_decomp_table())
+    names = dict(ep.graph_signature.inputs_to_parameters)
+    names |= dict(ep.graph_signature.inputs_to_buffers)
+    return ep.graph_module, names
+
+
+def run_graph(gm: GraphModule, model: torch.nn.Module, names: dict[str, str],
+              *args: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported aten graph with ``model``'s parameters and the user inputs ``args``."""
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    user = iter(args)
+    inputs = [state[names[n.name]] if n.name in names else next(user)
+              for n in gm.graph.find_nodes(op="placeholder")]
+    with torch.no_grad():
+        out = gm(*inputs)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
