@@ -11,7 +11,7 @@ from torch.fx import Graph, GraphModule, Node
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
 _SUBSCRIPT = re.compile(r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]|\[['\"]?([^\]'\"]*)['\"]?\]")
-_GETATTR = re.compile(r"getattr\((.*), ['\"]([^'\"]*)['\"]\)")
+_GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]*)['\"]\)")
 
 
 def op_name(node: Node) -> str:
@@ -81,11 +81,10 @@ def normalize_source_path(raw: str) -> str:
     both become ``model.layers.0...``.
     """
     path = raw.strip()
-    while True:
-        m = _GETATTR.fullmatch(path)
-        if not m:
+    while True:  # innermost getattr(x, 'name') first
+        path, n = _GETATTR.subn(lambda m: f"{m.group(1)}.{m.group(2)}", path)
+        if not n:
             break
-        path = f"{m.group(1)}.{m.group(2)}"
     path = _ROOT.sub("", path)
     path = _SUBSCRIPT.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), path)
     return path.strip(".")

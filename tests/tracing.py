@@ -30,3 +30,21 @@ def run_graph(gm: GraphModule, model: torch.nn.Module, names: dict[str, str],
     with torch.no_grad():
         out = gm(*inputs)
     return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def fake_trace(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule, dict[str, str]]:
+    """Trace ``model`` with fake tensors (no memory, no process group needed for collectives).
+
+    Parameters become the first placeholders; returns the graph and placeholder -> path map.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def call(params: dict[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, params, inputs)
+
+    gm = make_fx(call, tracing_mode="fake", record_module_stack=True,
+                 decomposition_table=select_decomp_table())(state, *args)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return gm, {p.name: path for p, path in zip(placeholders, state, strict=False)}

@@ -1,0 +1,196 @@
+"""STAND-INS for torch_npu and torchair, for machines without Ascend hardware or CANN.
+
+Nothing here runs on an NPU. torch_npu cannot be imported without CANN, so these tests
+register, when torch_npu is absent, ``torch.ops.npu.*`` operators with the exact schemas of
+torch_npu 2.13.0 (``tests/data/torch_npu_schemas.txt``, copied from the wheel's codegen yaml)
+and simple reference kernels, and a ``torchair`` module whose ``get_npu_backend`` runs the
+``post_grad_custom_post_pass`` hook exactly as documented (``fn(gm, example_inputs, config)``)
+and then executes the FX graph eagerly (like torchair's ``debug.run_eagerly``). What they
+prove: our graphs lower to ``npu.npu_prefetch`` with the right arguments and schemas; what they
+cannot prove: GE's conversion to ``Cmo`` and any effect on real L2 traffic.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._inductor.decomposition import select_decomp_table
+
+SCHEMAS = Path(__file__).parent / "data" / "torch_npu_schemas.txt"
+_lib: torch.library.Library | None = None
+
+
+@dataclass
+class StandinLog:
+    prefetch_calls: list[tuple[tuple[int, ...], bool, int, int]] = field(default_factory=list)
+    graphs: list[torch.fx.GraphModule] = field(default_factory=list)
+
+
+LOG = StandinLog()
+
+
+def _schemas() -> dict[str, str]:
+    out = {}
+    for line in SCHEMAS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            out[line.split("(", 1)[0]] = line
+    return out
+
+
+def _npu_prefetch(self, dependency, max_size, offset=0):
+    torch._check(max_size > 0, lambda: "npu_prefetch: max_size must be > 0")
+    nbytes = self.numel() * self.element_size()
+    torch._check(0 <= offset < nbytes, lambda: "npu_prefetch: offset out of range")
+    if self.device.type == "cpu" and not isinstance(self, torch._subclasses.FakeTensor):
+        LOG.prefetch_calls.append((tuple(self.shape), dependency is not None, max_size, offset))
+
+
+def _rms(x, gamma, epsilon):
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x.float() * rstd).to(x.dtype) * gamma, rstd
+
+
+def _npu_rms_norm(self, gamma, epsilon=1e-6):
+    return _rms(self, gamma, epsilon)
+
+
+def _npu_add_rms_norm(x1, x2, gamma, epsilon=1e-6):
+    s = x1 + x2
+    y, rstd = _rms(s, gamma, epsilon)
+    return y, rstd, s
+
+
+def _npu_swiglu(self, dim=-1):
+    a, b = self.chunk(2, dim=dim)
+    return torch.nn.functional.silu(a) * b
+
+
+def _npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None,
+                       quant_mode="pertoken", dst_type_max=0.0):
+    scale = input.abs().amax(-1).float().clamp(min=1e-6) / 127
+    q = torch.clamp(torch.round(input.float() / scale.unsqueeze(-1)), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
+                      output_dtype=None, x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None,
+                      scale_dtype=None, group_sizes=None, y_scale=None):
+    out = (x1.float() @ x2.float()) * scale.float()
+    if pertoken_scale is not None:
+        out = out * pertoken_scale.float().unsqueeze(-1)
+    return out.to(torch.bfloat16)
+
+
+def _npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
+                                  quant_scale=None, quant_offset=None, bias=None,
+                                  antiquant_group_size=0, inner_precise=0, weight_dtype=None):
+    return x @ (weight.to(x.dtype) * antiquant_scale.to(x.dtype))
+
+
+def _npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+                        antiquant_offset=None, per_token_scale=None, group_list=None,
+                        activation_input=None, activation_quant_scale=None,
+                        activation_quant_offset=None, split_item=0, group_type=None,
+                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None,
+                        x_dtype=None, weight_dtype=None, scale_dtype=None,
+                        per_token_scale_dtype=None):
+    # one x [T, K], one stacked weight [E, K, N], group_list = cumulative token counts
+    tokens, w = x[0], weight[0]
+    pieces, start = [], 0
+    ends = group_list.tolist() if group_list is not None else [tokens.shape[0]]
+    for e, end in enumerate(ends):
+        pieces.append(tokens[start:end] @ w[e])
+        start = end
+    return [torch.cat(pieces)]
+
+
+def _npu_grouped_matmul_fake(x, weight, **kwargs):
+    return [x[0].new_empty(x[0].shape[0], weight[0].shape[-1])]
+
+
+def _npu_moe_gating_top_k_softmax(x, finished=None, k=1):
+    probs = torch.softmax(x.float(), -1)
+    w, idx = torch.topk(probs, k, -1)
+    return w.to(x.dtype), idx.to(torch.int32), idx.to(torch.int32)
+
+
+_KERNELS = {
+    "npu_prefetch": _npu_prefetch,
+    "npu_rms_norm": _npu_rms_norm,
+    "npu_add_rms_norm": _npu_add_rms_norm,
+    "npu_swiglu": _npu_swiglu,
+    "npu_dynamic_quant": _npu_dynamic_quant,
+    "npu_quant_matmul": _npu_quant_matmul,
+    "npu_weight_quant_batchmatmul": _npu_weight_quant_batchmatmul,
+    "npu_moe_gating_top_k_softmax": _npu_moe_gating_top_k_softmax,
+}
+
+
+def torch_npu_present() -> bool:
+    try:
+        return hasattr(torch.ops.npu, "npu_prefetch")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def install_op_standins() -> None:
+    """Register every torch_npu schema in ``torch.ops.npu`` (once), with reference kernels."""
+    global _lib
+    if _lib is not None or torch_npu_present():
+        return
+    _lib = torch.library.Library("npu", "DEF")
+    for name, schema in _schemas().items():
+        _lib.define(schema)
+        if name == "npu_grouped_matmul":
+            _lib.impl(name, _npu_grouped_matmul, "CPU")
+            torch.library.register_fake(f"npu::{name}", _npu_grouped_matmul_fake, lib=_lib)
+        elif name in _KERNELS:
+            _lib.impl(name, _KERNELS[name], "CompositeExplicitAutograd")
+    torch.fx.node.has_side_effect(torch.ops.npu.npu_prefetch.default)  # as torch_npu does
+
+
+class CompilerConfig:
+    """Stand-in for ``torchair.CompilerConfig``: the attributes our backend touches."""
+
+    def __init__(self) -> None:
+        self.post_grad_custom_post_pass = None
+        self.post_grad_custom_pre_pass = None
+        self.experimental_config = types.SimpleNamespace(enable_single_stream=False)
+        self.debug = types.SimpleNamespace(run_eagerly=True)
+
+
+def get_npu_backend(compiler_config: CompilerConfig | None = None) -> Any:
+    """Stand-in for ``torchair.get_npu_backend``: AOT autograd, the post pass, eager run."""
+    cfg = compiler_config or CompilerConfig()
+
+    def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        if cfg.post_grad_custom_post_pass is not None:
+            cfg.post_grad_custom_post_pass(gm, example_inputs, cfg)
+        LOG.graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
+                        inference_compiler=compiler, decompositions=select_decomp_table())
+
+
+def torchair_module() -> types.ModuleType:
+    module = types.ModuleType("torchair")
+    module.__doc__ = "STAND-IN for torchair (tests only)"
+    module.CompilerConfig = CompilerConfig
+    module.get_npu_backend = get_npu_backend
+    return module
+
+
+def install_torchair_standin(monkeypatch: Any) -> StandinLog:
+    install_op_standins()
+    monkeypatch.setitem(sys.modules, "torchair", torchair_module())
+    LOG.prefetch_calls.clear()
+    LOG.graphs.clear()
+    return LOG

@@ -1,0 +1,471 @@
+"""The weight-prefetch pass on hand-made and synthetic graphs: windows, dependencies, sizes,
+rules, node order, idempotence, stripping, torch_npu ops (stand-ins) and linear cost."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxprefetch import SkipReason, WeightPrefetchConfig
+from fxprefetch.ops import prefetch as PREFETCH
+from npu_standins import install_op_standins
+from passes import (
+    add_role_rule,
+    classify,
+    register_linear_op,
+    run_weight_prefetch,
+    strip_prefetch,
+)
+from passes import roles as roles_module
+from passes.graph_utils import normalize_source_path, op_name
+from passes.roles import match_role
+from synthetic import SynthModel, SynthSpec
+from tracing import export_aten, fake_trace, run_graph
+
+ON = WeightPrefetchConfig(enabled=True)
+
+
+def _prefetches(gm):
+    return list(gm.graph.find_nodes(op="call_function", target=PREFETCH))
+
+
+def _node(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _order(gm):
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+@pytest.fixture(scope="module")
+def dense():
+    model = SynthModel(SynthSpec(layers=2, fused=True)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    return model, ids, *export_aten(model, ids)
+
+
+def _fresh(dense):
+    model, ids, _, _ = dense
+    gm, names = export_aten(model, ids)
+    return model, ids, gm, names
+
+
+def test_llama_layer_windows_and_dependencies(dense):
+    model, ids, gm, names = _fresh(dense)
+    plan = run_weight_prefetch(gm, ON.with_enabled(), weight_names=names)
+    rec = {r.weight: r for r in plan}
+    qkv0, qkv1 = rec["layers.0.self_attn.qkv_proj.weight"], rec["layers.1.self_attn.qkv_proj.weight"]
+    assert qkv0.dependency_op == "aten::embedding"
+    assert qkv1.dependency == rec["layers.0.mlp.down_proj.weight"].node  # previous down mm
+    for r in (qkv0, qkv1):
+        assert {"aten::pow", "aten::mean", "aten::rsqrt"} <= set(r.window)
+        assert r.prefetched and r.window_kind == "vector"
+    o = rec["layers.0.self_attn.o_proj.weight"]
+    assert not o.prefetched and o.skip_reason == SkipReason.EMPTY_WINDOW
+    gate_up = rec["layers.0.mlp.gate_up_proj.weight"]
+    assert gate_up.dependency == o.node and "aten::add" in gate_up.window
+    down = rec["layers.0.mlp.down_proj.weight"]
+    assert down.skip_reason == SkipReason.NEEDS_SEQUENCE_PARALLEL
+    assert down.dependency == gate_up.node  # recorded even when skipped
+    assert rec["lm_head.weight"].skip_reason == SkipReason.NO_ROLE
+
+
+def test_prefetch_sits_right_after_dependency_and_before_window(dense):
+    _, _, gm, names = _fresh(dense)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    order = _order(gm)
+    for r in plan.prefetched:
+        pf, dep, lin = _node(gm, r.prefetch_node), _node(gm, r.dependency), _node(gm, r.node)
+        assert order[dep] < order[pf] < order[lin]
+        between = [n for n in gm.graph.nodes if order[dep] < order[n] < order[pf]]
+        assert all(n.target is PREFETCH for n in between)  # only other prefetches
+        assert pf.args[0].op == "placeholder" and names[pf.args[0].name] == r.weight
+        assert pf.args[1] is dep
+    # q/k/v-style siblings behind one dependency keep graph order; here: two layers' qkv
+    deps = {}
+    for r in plan.prefetched:
+        deps.setdefault(r.dependency, []).append(order[_node(gm, r.prefetch_node)])
+    assert all(v == sorted(v) for v in deps.values())
+
+
+def test_outputs_unchanged_and_prefetches_execute(dense):
+    model, ids, gm, names = _fresh(dense)
+    ref = run_graph(gm, model, names, ids)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    import fxprefetch
+
+    with fxprefetch.collect_stats() as s:
+        out = run_graph(gm, model, names, ids)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out, strict=True))
+    assert s.calls == len(plan.prefetched) == 4
+    assert s.bytes_requested == sum(r.prefetch_bytes for r in plan.prefetched)
+
+
+@pytest.mark.parametrize(("ratio", "cap", "dtype"), [
+    (1.0, 18 * 1024 * 1024, torch.float32), (0.5, 18 * 1024 * 1024, torch.bfloat16),
+    (0.3, 1000, torch.float16), (0.77, 4096, torch.float32), (1e-6, 4096, torch.float32),
+])
+def test_sizes_follow_the_formula_and_cap(ratio, cap, dtype):
+    model = SynthModel(SynthSpec(layers=1, hidden=64, intermediate=128, dtype=dtype)).eval()
+    ids = torch.randint(0, 64, (1, 4))
+    gm, names = export_aten(model, ids)
+    cfg = WeightPrefetchConfig.from_dict({
+        "enabled": True, "max_prefetch_bytes": cap,
+        "prefetch_ratio": {"attn": {"qkv": ratio}, "mlp": {"gate_up": ratio}}})
+    plan = run_weight_prefetch(gm, cfg, weight_names=names)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    expected = {"layers.0.self_attn.qkv_proj.weight": 3 * 64 * 64 * itemsize,
+                "layers.0.mlp.gate_up_proj.weight": 2 * 128 * 64 * itemsize}
+    for r in plan:
+        if r.weight not in expected:
+            continue
+        assert r.weight_bytes == expected[r.weight]
+        wanted = int(ratio * expected[r.weight])
+        if wanted == 0:
+            assert r.skip_reason == SkipReason.ZERO_BYTES and not r.prefetched
+            continue
+        assert r.prefetch_bytes == min(wanted, cap) and r.capped == (wanted > cap)
+        assert _node(gm, r.prefetch_node).args[2] == r.prefetch_bytes
+
+
+def test_ratio_zero_and_disabled_insert_nothing(dense):
+    _, _, gm, names = _fresh(dense)
+    cfg = WeightPrefetchConfig.from_dict({"enabled": True, "prefetch_ratio": {
+        "attn": {"qkv": 0}, "mlp": {"gate_up": 0}}})
+    plan = run_weight_prefetch(gm, cfg, weight_names=names)
+    assert not _prefetches(gm)
+    assert {r.skip_reason for r in plan.by_role("attn.qkv")} == {SkipReason.ZERO_RATIO}
+    plan = run_weight_prefetch(gm, WeightPrefetchConfig(), weight_names=names)
+    assert not _prefetches(gm)
+    assert all(r.skip_reason in (SkipReason.DISABLED, SkipReason.NO_ROLE) for r in plan)
+
+
+def test_mlp_down_with_declared_sequence_parallel(dense):
+    _, _, gm, names = _fresh(dense)
+    plan = run_weight_prefetch(gm, WeightPrefetchConfig(enabled=True, sequence_parallel=True),
+                               weight_names=names)
+    downs = plan.by_role("mlp.down")
+    assert len(downs) == 2 and all(r.prefetched for r in downs)
+    assert all({"aten::mul"} <= set(r.window) for r in downs)
+
+
+class SPBlock(nn.Module):
+    """A sequence-parallel layer: reduce-scatter before the norm, all-gather before the MLP."""
+
+    def __init__(self, collectives: bool) -> None:
+        super().__init__()
+        self.collectives = collectives
+        self.post_attention_layernorm = nn.LayerNorm(16)
+        self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(16, 64, bias=False),
+                                  "down_proj": nn.Linear(32, 16, bias=False)})
+
+    def forward(self, x):
+        if self.collectives:
+            x = torch.ops._c10d_functional.wait_tensor(
+                torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", 2, "0"))
+        h = self.post_attention_layernorm(x)
+        if self.collectives:
+            h = torch.ops._c10d_functional.wait_tensor(
+                torch.ops._c10d_functional.all_gather_into_tensor(h, 2, "0"))
+        gate, up = self.mlp["gate_up_proj"](h).chunk(2, -1)
+        return self.mlp["down_proj"](F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("collectives", [False, True])
+def test_mlp_down_follows_sequence_parallel_collectives_in_the_graph(collectives):
+    gm, names = fake_trace(SPBlock(collectives), torch.randn(8, 16))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (down,) = plan.by_role("mlp.down")
+    assert plan.sequence_parallel is collectives
+    assert down.prefetched is collectives
+    if collectives:
+        (gate_up,) = plan.by_role("mlp.gate_up")
+        assert gate_up.dependency_op == "_c10d_functional::wait_tensor"  # not vector work
+
+
+def test_collective_window_starts_at_the_collective_input():
+    gm, names = fake_trace(SPBlock(True), torch.randn(8, 16))
+    cfg = WeightPrefetchConfig(enabled=True, windows=("vector", "collective"))
+    plan = run_weight_prefetch(gm, cfg, weight_names=names)
+    (gate_up,) = plan.by_role("mlp.gate_up")
+    assert gate_up.window_kind == "collective"
+    assert gate_up.window[0] == "_c10d_functional::all_gather_into_tensor"
+    pf = _node(gm, gate_up.prefetch_node)
+    gather = next(n for n in gm.graph.nodes
+                  if op_name(n) == "_c10d_functional::all_gather_into_tensor")
+    order = _order(gm)
+    assert pf.args[1] is gather.args[0] and order[pf] < order[gather]
+
+
+def test_second_run_adds_nothing(dense):
+    _, _, gm, names = _fresh(dense)
+    first = run_weight_prefetch(gm, ON, weight_names=names)
+    nodes = len(gm.graph.nodes)
+    second = run_weight_prefetch(gm, ON, weight_names=names)
+    assert len(gm.graph.nodes) == nodes and not second.prefetched
+    assert {r.node for r in second if r.skip_reason == SkipReason.ALREADY_PREFETCHED} == {
+        r.node for r in first.prefetched}
+
+
+def test_strip_restores_the_original_code(dense):
+    _, _, gm, names = _fresh(dense)
+    before = gm.code
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    assert gm.code != before
+    assert strip_prefetch(gm) == len(plan.prefetched)
+    assert gm.code == before
+
+
+def test_prefetch_nodes_survive_dce_and_carry_meta(dense):
+    _, _, gm, names = _fresh(dense)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    gm.graph.eliminate_dead_code()
+    nodes = _prefetches(gm)
+    assert len(nodes) == len(plan.prefetched)
+    for n in nodes:
+        assert "val" in n.meta and n.meta["val"] is None
+        assert n.meta["fxprefetch"]["max_size"] == n.args[2]
+        assert "nn_module_stack" in n.meta
+
+
+def test_plan_is_logged(dense, caplog):
+    _, _, gm, names = _fresh(dense)
+    with caplog.at_level(logging.INFO, logger="fxprefetch"):
+        plan = run_weight_prefetch(gm, ON, weight_names=names, graph_name="g7")
+    assert plan.summary_line() in caplog.text and "g7: 4/9 linears prefetched" in caplog.text
+
+
+def test_symbolic_activation_shapes():
+    model = SynthModel(SynthSpec(layers=1)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (ids,), dynamic_shapes=({1: seq},), strict=False)
+    from torch._inductor.decomposition import select_decomp_table
+
+    ep = ep.run_decompositions(select_decomp_table())
+    gm, names = ep.graph_module, dict(ep.graph_signature.inputs_to_parameters)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    assert len(plan.prefetched) == 2
+    assert all(isinstance(r.prefetch_bytes, int) for r in plan.prefetched)
+    gm.graph.lint()
+
+
+def test_moe_experts_behind_gating_and_routing():
+    spec = SynthSpec(layers=1, moe=True, naming="vllm")
+    model = SynthModel(spec).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    gm, names = export_aten(model, ids)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (experts,) = plan.by_role("moe.gate_up")
+    assert experts.weight == "layers.0.mlp.experts.w13_weight" and experts.op == "aten::bmm"
+    router = next(r for r in plan if r.weight == "layers.0.mlp.gate.weight")
+    assert router.skip_reason == SkipReason.NO_ROLE
+    assert experts.dependency == router.node
+    # softmax is decomposed (amax, exp, sum, div); top-k and scatter are routing
+    assert {"aten::amax", "aten::exp", "aten::topk", "aten::scatter"} <= set(experts.window)
+    assert experts.prefetch_bytes == int(0.8 * 4 * 128 * 32 * 4)
+
+
+# -- torch_npu ops (stand-ins with the exact schemas; see tests/npu_standins.py) -------------
+
+class W8A8Attention(nn.Module):
+    """vllm-ascend style W8A8: add+RMSNorm, dynamic quant, quant matmul; quant before o."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(32))
+        self.qkv_proj = nn.Module()
+        self.qkv_proj.register_buffer("weight", torch.randint(-8, 8, (32, 96), dtype=torch.int8))
+        self.qkv_proj.register_buffer("deq_scale", torch.full((96,), 0.01))
+        self.o_proj = nn.Module()
+        self.o_proj.register_buffer("weight", torch.randint(-8, 8, (32, 32), dtype=torch.int8))
+        self.o_proj.register_buffer("deq_scale", torch.full((32,), 0.01))
+
+    def forward(self, x, residual):
+        h, _, residual = torch.ops.npu.npu_add_rms_norm(x, residual, self.gamma)
+        q, scale = torch.ops.npu.npu_dynamic_quant(h)
+        qkv = torch.ops.npu.npu_quant_matmul(q, self.qkv_proj.weight, self.qkv_proj.deq_scale,
+                                             pertoken_scale=scale)
+        attn = qkv[:, :32] * torch.sigmoid(qkv[:, 32:64]).to(qkv.dtype)  # stands for attention
+        heads = attn.view(1, 4, 4, 8).float()
+        attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            heads, heads, heads)[0].reshape(4, 32)
+        q2, scale2 = torch.ops.npu.npu_dynamic_quant(attn.reshape(-1, 32))
+        return torch.ops.npu.npu_quant_matmul(q2, self.o_proj.weight, self.o_proj.deq_scale,
+                                              pertoken_scale=scale2), residual
+
+
+def test_w8a8_npu_ops_qkv_and_o_behind_quantize():
+    install_op_standins()
+    model = W8A8Attention()
+    x, res = torch.randn(4, 32), torch.randn(4, 32)
+    gm, names = export_aten(model, x, res)
+    ref = run_graph(gm, model, names, x, res)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    qkv, o = plan.by_role("attn.qkv")[0], plan.by_role("attn.o")[0]
+    assert qkv.op == o.op == "npu::npu_quant_matmul"
+    assert qkv.window == ("npu::npu_add_rms_norm", "npu::npu_dynamic_quant")
+    # only graph inputs lie behind the window: the dependency is the last of them it reads
+    assert qkv.dependency == "residual"
+    assert qkv.dtype == "torch.int8" and qkv.weight_bytes == 32 * 96 and qkv.prefetched
+    assert o.prefetched and "npu::npu_dynamic_quant" in o.window
+    assert o.dependency_op == "getitem"  # output 0 of the attention op
+    assert _node(gm, o.dependency).args[0].target is \
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    out = run_graph(gm, model, names, x, res)
+    assert all(torch.equal(a, b) for a, b in zip(ref, out, strict=True))
+
+
+class NpuMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 4, bias=False)
+        self.experts = nn.Module()
+        self.experts.w13_weight = nn.Parameter(torch.randn(4, 16, 24) * 0.1)
+        self.experts.w2_weight = nn.Parameter(torch.randn(4, 12, 16) * 0.1)
+
+    def forward(self, x):
+        h, _ = torch.ops.npu.npu_rms_norm(x, torch.ones(16))
+        w, idx, _ = torch.ops.npu.npu_moe_gating_top_k_softmax(self.gate(h), None, 1)
+        order = torch.argsort(idx.view(-1))
+        tokens = h[order]
+        counts = torch.bincount(idx.view(-1).long(), minlength=4).cumsum(0)
+        up = torch.ops.npu.npu_grouped_matmul([tokens], [self.experts.w13_weight],
+                                              group_list=counts)[0]
+        act = torch.ops.npu.npu_swiglu(up)
+        down = torch.ops.npu.npu_grouped_matmul([act], [self.experts.w2_weight],
+                                                group_list=counts)[0]
+        return down * w.view(-1, 1)[order]
+
+
+def test_npu_grouped_matmul_moe_behind_gating_top_k():
+    install_op_standins()
+    gm, names = fake_trace(NpuMoE(), torch.randn(6, 16))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (up,) = plan.by_role("moe.gate_up")
+    assert up.op == "npu::npu_grouped_matmul" and up.weight == "experts.w13_weight"
+    assert "npu::npu_moe_gating_top_k_softmax" in up.window
+    assert up.dependency_op == "aten::mm"  # the router logits
+    down = next(r for r in plan if r.weight == "experts.w2_weight")
+    assert down.role is None and "npu::npu_swiglu" not in (down.window or ())
+
+
+# -- tables users extend -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("path", "role"), [
+    ("model.layers.3.self_attn.qkv_proj", "attn.qkv"),
+    ("model.layers.3.self_attn.q_proj", "attn.qkv"),
+    ("model.layers.3.self_attn.v_proj", "attn.qkv"),
+    ("model.layers.3.self_attn.o_proj", "attn.o"),
+    ("transformer.h.0.self_attention.dense", "attn.o"),
+    ("model.layers.0.self_attn.q_a_proj", "attn.qkv"),
+    ("model.layers.0.self_attn.kv_a_proj_with_mqa", "attn.qkv"),
+    ("model.layers.0.self_attn.kv_b_proj", "attn.qkv"),
+    ("model.layers.0.self_attn.fused_qkv_a_proj", "attn.qkv"),
+    ("model.layers.0.mlp.gate_up_proj", "mlp.gate_up"),
+    ("model.layers.0.mlp.gate_proj", "mlp.gate_up"),
+    ("model.layers.0.mlp.down_proj", "mlp.down"),
+    ("model.layers.0.mlp.shared_experts.gate_up_proj", "mlp.gate_up"),
+    ("model.layers.0.mlp.experts.w13_weight", "moe.gate_up"),
+    ("model.layers.0.mlp.experts.gate_up_proj", "moe.gate_up"),
+    ("model.layers.0.block_sparse_moe.experts.3.w1", "moe.gate_up"),
+    ("model.layers.0.block_sparse_moe.experts.3.w3", "moe.gate_up"),
+    ("model.layers.0.mlp.experts.7.up_proj", "moe.gate_up"),
+    ("model.layers.0.mlp.experts.w2_weight", None),
+    ("model.layers.0.block_sparse_moe.experts.3.w2", None),
+    ("model.layers.0.mlp.gate", None),
+    ("lm_head", None),
+])
+def test_default_role_rules(path, role):
+    rule = match_role(path)
+    assert rule is not None and rule.role == role
+
+
+def test_user_role_rule_wins(dense):
+    _, _, gm, names = _fresh(dense)
+    add_role_rule(r"\.lm_head$|^lm_head$", "mlp.gate_up", "tied head")
+    try:
+        plan = run_weight_prefetch(gm, ON, weight_names=names)
+    finally:
+        roles_module.clear_user_rules()
+    head = next(r for r in plan if r.weight == "lm_head.weight")
+    assert head.role == "mlp.gate_up" and head.prefetched
+    with pytest.raises(ValueError, match="unknown role"):
+        add_role_rule("x", "mlp.up")
+
+
+def test_user_linear_op(monkeypatch):
+    lib = torch.library.Library("fxtest", "FRAGMENT")
+    lib.define("gemm(Tensor act, Tensor w) -> Tensor")
+    lib.impl("gemm", lambda a, w: a @ w.t(), "CompositeExplicitAutograd")
+    from passes import linear_ops
+
+    monkeypatch.setattr(linear_ops, "LINEAR_OPS", dict(linear_ops.LINEAR_OPS))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.ops.fxtest.gemm(torch.relu(x), self.o_proj.weight)
+
+    gm, names = fake_trace(M(), torch.randn(2, 8))
+    assert not run_weight_prefetch(gm, ON, weight_names=names).records
+    register_linear_op("fxtest::gemm", "w", ("act",))
+    import passes.weight_prefetch as wp
+
+    monkeypatch.setattr(wp, "LINEAR_OPS", linear_ops.LINEAR_OPS)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (rec,) = plan.records
+    assert rec.role == "attn.o" and rec.prefetched and rec.window == ("aten::relu",)
+    with pytest.raises(ValueError, match="qualified"):
+        register_linear_op("gemm", "w", ("act",))
+
+
+def test_classification_of_common_ops(dense):
+    _, _, gm, _ = _fresh(dense)
+    kinds = {op_name(n): classify(n).value for n in gm.graph.nodes if n.op == "call_function"}
+    assert kinds["aten::mm"] == "barrier" and kinds["aten::embedding"] == "barrier"
+    assert kinds["aten::rsqrt"] == kinds["aten::mean"] == kinds["aten::mul"] == "vector"
+    assert kinds["aten::view"] == kinds["aten::permute"] == "transparent"
+
+
+@pytest.mark.parametrize(("raw", "path"), [
+    ("L['self'].model.layers[0].mlp", "model.layers.0.mlp"),
+    ("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']",
+     "model.layers.0.weight"),
+    ("L['args'][0].model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj"),
+    ("getattr(L['self'].layers, '2').mlp", "layers.2.mlp"),
+    ("layers.0.mlp", "layers.0.mlp"),
+])
+def test_source_paths_normalize(raw, path):
+    assert normalize_source_path(raw) == path
+
+
+def test_walk_is_linear_in_graph_size(monkeypatch):
+    """Classify calls grow with the layer count, not with its square (the residual stream)."""
+    import passes.weight_prefetch as wp
+
+    counts = {}
+    for layers in (2, 8):
+        model = SynthModel(SynthSpec(layers=layers, hidden=16, intermediate=32)).eval()
+        gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))
+        calls = 0
+        real = wp.classify
+
+        def counting(node, real=real):
+            nonlocal calls
+            calls += 1
+            return real(node)
+
+        monkeypatch.setattr(wp, "classify", counting)
+        run_weight_prefetch(gm, ON, weight_names=names)
+        monkeypatch.setattr(wp, "classify", real)
+        counts[layers] = calls
+    assert counts[8] <= 4.5 * counts[2], counts
