@@ -7,17 +7,25 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx import GraphModule
 
 
-def export_aten(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule, dict[str, str]]:
+def export_aten(model: torch.nn.Module, *args: torch.Tensor,
+                **kwargs: object) -> tuple[GraphModule, dict[str, str]]:
     """Export ``model`` and decompose it like inductor does.
 
     Returns the aten graph module and a map from its placeholder names to parameter paths.
     """
     with torch.no_grad():
-        ep = torch.export.export(model, args, strict=False)
+        ep = torch.export.export(model, args, kwargs or None, strict=False)
         ep = ep.run_decompositions(select_decomp_table())
     names = dict(ep.graph_signature.inputs_to_parameters)
     names |= dict(ep.graph_signature.inputs_to_buffers)
-    return ep.graph_module, names
+    gm = ep.graph_module
+    # constant user inputs (use_cache=False) and lifted tensor constants, fed back by run_graph
+    constants = {spec.arg.name: spec.arg.value for spec in ep.graph_signature.input_specs
+                 if isinstance(spec.arg, torch.export.graph_signature.ConstantArgument)}
+    constants |= {name: ep.constants[target] for name, target in
+                  ep.graph_signature.inputs_to_lifted_tensor_constants.items()}
+    gm.meta["constant_inputs"] = constants
+    return gm, names
 
 
 def run_graph(gm: GraphModule, model: torch.nn.Module, names: dict[str, str],
@@ -25,7 +33,9 @@ def run_graph(gm: GraphModule, model: torch.nn.Module, names: dict[str, str],
     """Run an exported aten graph with ``model``'s parameters and the user inputs ``args``."""
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     user = iter(args)
-    inputs = [state[names[n.name]] if n.name in names else next(user)
+    constants = gm.meta.get("constant_inputs", {})
+    inputs = [state[names[n.name]] if n.name in names else
+              constants[n.name] if n.name in constants else next(user)
               for n in gm.graph.find_nodes(op="placeholder")]
     with torch.no_grad():
         out = gm(*inputs)

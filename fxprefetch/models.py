@@ -1,0 +1,132 @@
+"""Built-in model presets (Hugging Face ``transformers`` architectures, random weights).
+
+Tiny presets are for demos and tests; real-size presets carry the published shapes and are
+built on the meta device, so no weight memory is used. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    architecture: str  # transformers config class name
+    kwargs: dict[str, Any]
+    tiny: bool
+    description: str
+
+
+_LLAMA_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_MOE_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("llama-tiny", "LlamaConfig", _LLAMA_TINY, True, "2-layer Llama, hidden 64"),
+    Preset("qwen3-moe-tiny", "Qwen3MoeConfig", _MOE_TINY, True, "2-layer Qwen3-MoE, 4 experts"),
+    Preset("mixtral-tiny", "MixtralConfig", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=128), True, "2-layer Mixtral, 4 experts"),
+    Preset("llama-3-8b", "LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_theta=500000.0), False, "Llama 3 8B shapes"),
+    Preset("qwen3-32b", "Qwen3Config", dict(
+        vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960), False, "Qwen3 32B shapes"),
+    Preset("qwen3-235b-a22b", "Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, max_position_embeddings=40960),
+        False, "Qwen3 235B-A22B shapes (128 experts)"),
+    Preset("deepseek-v3", "DeepseekV3Config", dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=1536, kv_lora_rank=512,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=128,
+        num_key_value_heads=128, max_position_embeddings=163840),
+        False, "DeepSeek-V3 shapes (MLA, 256 experts)"),
+)}
+
+
+class ModelError(ValueError):
+    """A model name or config file that cannot be built."""
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError("model presets need Hugging Face transformers: "
+                         "pip install 'fxprefetch[hf]'") from exc
+    return transformers
+
+
+def load_config(name_or_path: str, layers: int | None = None) -> Any:
+    """A transformers config from a preset name or a local ``config.json`` path."""
+    transformers = _transformers()
+    if name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        config = getattr(transformers, preset.architecture)(**preset.kwargs)
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelError(f"unknown model {name_or_path!r}: expected a preset "
+                             f"({', '.join(PRESETS)}) or a path to a config.json")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ModelError(f"{path}: not a Hugging Face config.json (no 'model_type')")
+        try:
+            config = transformers.AutoConfig.for_model(**data)
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"{path}: unsupported model_type {data['model_type']!r}") from exc
+    if layers is not None:
+        if layers < 1:
+            raise ModelError(f"--layers must be at least 1, got {layers}")
+        config.num_hidden_layers = min(layers, config.num_hidden_layers)
+    return config
+
+
+def build_model(name_or_path: str, *, layers: int | None = None, device: str | None = None,
+                dtype: torch.dtype | None = None, seed: int = 0) -> torch.nn.Module:
+    """Build a causal LM with random weights. Real-size presets default to the meta device."""
+    transformers = _transformers()
+    config = load_config(name_or_path, layers)
+    preset = PRESETS.get(name_or_path)
+    if device is None:
+        device = "cpu" if preset is not None and preset.tiny else "meta"
+    if dtype is None:
+        dtype = torch.float32 if device != "meta" else torch.bfloat16
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def example_inputs(model: torch.nn.Module, tokens: int = 8, batch: int = 1) -> dict[str, Any]:
+    """Keyword inputs for one forward pass of ``model`` (a prefill of ``tokens`` tokens)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
+    return {"input_ids": ids.to(device), "use_cache": False}
+
+
+def preset_names(tiny: bool | None = None) -> list[str]:
+    return [n for n, p in PRESETS.items() if tiny is None or p.tiny == tiny]
+
