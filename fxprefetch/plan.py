@@ -144,6 +144,21 @@ class PrefetchPlan:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrefetchPlan:
+        """Inverse of :meth:`to_dict`."""
+        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"unsupported plan schema version {data.get('schema_version')!r}")
+        records = []
+        for r in data["linears"]:
+            r = dict(r)
+            r["weight_shape"] = tuple(r["weight_shape"])
+            r["window"] = tuple(r["window"])
+            records.append(LinearRecord(**r))
+        return cls(records=records, graph=data["graph"], config_digest=data["config_digest"],
+                   enabled=data["enabled"], sequence_parallel=data["sequence_parallel"],
+                   error=data["error"])
+
     def table(self, fold: bool = False) -> str:
         """A fixed-width table, one row per linear (``fold`` merges identical layers)."""
         return render_table([self], fold=fold)

@@ -65,6 +65,7 @@ class GraphPlanner:
         self.strict = strict
         self.source_names = list(source_names)
         self.name = name or f"graph{next(_graph_ids)}"
+        self.plans: list[PrefetchPlan] = []  # what this planner produced
 
     def weight_names(self, gm: GraphModule) -> dict[str, str]:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -90,5 +91,13 @@ class GraphPlanner:
                            f" (removed {removed} partial prefetches)" if removed else "")
             plan = PrefetchPlan(graph=f"{self.name} ({kind})", config_digest=self.config.digest,
                                 enabled=self.config.enabled, error=f"{type(exc).__name__}: {exc}")
+        self.plans.append(plan)
         _remember(plan)
         return plan
+
+    def adopt(self, plans: list[PrefetchPlan]) -> None:
+        """Record plans made by an earlier compile of the same graph (a compile-cache hit)."""
+        for plan in plans:
+            plan.graph = f"{self.name} ({plan.graph.rsplit('(', 1)[-1]}"
+            self.plans.append(plan)
+            _remember(plan)

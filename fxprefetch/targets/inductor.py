@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from fxprefetch.plan_store import load_plans, plan_key, save_plans
 from fxprefetch.planner import GraphPlanner
 
 try:  # torch >= 2.9
@@ -79,6 +80,14 @@ def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    patches["post_grad_custom_post_pass"] = PrefetchGraphPass(
-        planner, inductor_config.post_grad_custom_post_pass)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    graph_pass = PrefetchGraphPass(planner, inductor_config.post_grad_custom_post_pass)
+    patches["post_grad_custom_post_pass"] = graph_pass
+    uuid = graph_pass.uuid()
+    key = plan_key(gm, example_inputs, uuid) if uuid is not None else None
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if key is not None:
+        if planner.plans:
+            save_plans(key, planner.plans)
+        else:  # served from inductor's cache: the pass did not run this time
+            planner.adopt(load_plans(key))
+    return compiled
