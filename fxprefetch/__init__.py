@@ -15,7 +15,7 @@ logging.getLogger("fxprefetch").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 
-def torchair_backend(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+def torchair_backend(*args, **kwargs):
     """See :func:`fxprefetch.backend.torchair_backend`."""
     from fxprefetch.backend import torchair_backend as build
 
@@ -29,8 +29,8 @@ __all__ = [
     "PrefetchPlan",
     "PrefetchRatios",
     "PrefetchStats",
-    "WeightPrefetchConfig",
     "SkipReason",
+    "WeightPrefetchConfig",
     "WeightStats",
     "clear_plans",
     "collect_stats",

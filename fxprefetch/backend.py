@@ -30,8 +30,9 @@ def resolve_target(target: str) -> str:
     return "npu" if npu_available() else "inductor"
 
 
-def _planner_for(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                 opts: BackendOptions) -> GraphPlanner:
+def _planner_for(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+) -> GraphPlanner:
     names = placeholder_source_names(gm)
     for tensor, name in zip(example_inputs, names, strict=False):
         if name is not None and isinstance(tensor, torch.Tensor):
@@ -39,14 +40,22 @@ def _planner_for(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return GraphPlanner(opts.config, strict=opts.strict, source_names=names)
 
 
-def npu_prefetch(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                 options: Any = None, mode: str | None = None) -> Callable[..., Any]:
+def npu_prefetch(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Any = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
     """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
     opts = parse_options(options)
     target = resolve_target(opts.target)
     planner = _planner_for(gm, example_inputs, opts)
-    logger.debug("npu_prefetch: compiling %s for target %s (config %s)", planner.name, target,
-                 opts.config.digest)
+    logger.debug(
+        "npu_prefetch: compiling %s for target %s (config %s)",
+        planner.name,
+        target,
+        opts.config.digest,
+    )
     if target == "npu":
         from fxprefetch.targets.npu import compile_npu
 
@@ -60,17 +69,24 @@ def npu_prefetch(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return compile_inductor(gm, example_inputs, planner, mode)
 
 
-def torchair_backend(config: WeightPrefetchConfig | dict | str | None = None,
-                     compiler_config: Any = None, *, strict: bool = False
-                     ) -> Callable[..., Any]:
+def torchair_backend(
+    config: WeightPrefetchConfig | dict | str | None = None,
+    compiler_config: Any = None,
+    *,
+    strict: bool = False,
+) -> Callable[..., Any]:
     """A torchair backend with weight prefetch, for code that builds its own (vllm-ascend)."""
-    opts = parse_options({"weight_prefetch_config": config, "strict": strict} if config
-                         is not None else {"strict": strict})
+    opts = parse_options(
+        {"weight_prefetch_config": config, "strict": strict}
+        if config is not None
+        else {"strict": strict}
+    )
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         from fxprefetch.targets.npu import compile_npu
 
-        return compile_npu(gm, example_inputs, _planner_for(gm, example_inputs, opts),
-                           compiler_config)
+        return compile_npu(
+            gm, example_inputs, _planner_for(gm, example_inputs, opts), compiler_config
+        )
 
     return backend

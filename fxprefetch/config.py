@@ -122,14 +122,17 @@ def _expect_ratio(value: Any, path: str) -> float:
 
 def _expect_positive_int(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(path, f"expected a positive integer number of bytes, got {_describe(value)}")
+        raise ConfigError(
+            path, f"expected a positive integer number of bytes, got {_describe(value)}"
+        )
     return value
 
 
 def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(
-            path, f"expected a non-empty list drawn from {list(WINDOW_KINDS)}, got {_describe(value)}"
+            path,
+            f"expected a non-empty list drawn from {list(WINDOW_KINDS)}, got {_describe(value)}",
         )
     kinds: list[str] = []
     for i, kind in enumerate(value):
@@ -198,8 +201,8 @@ class PrefetchRatios:
             layout.setdefault(section, []).append(name)
         _reject_unknown_keys(sections, layout, path)
         kwargs: dict[str, float] = {}
-        for section, body in sections.items():
-            body = _expect_object(body, f"{path}.{section}")
+        for section, value_ in sections.items():
+            body = _expect_object(value_, f"{path}.{section}")
             _reject_unknown_keys(body, layout[section], f"{path}.{section}")
             for name, ratio in body.items():
                 kwargs[f"{section}_{name}"] = _expect_ratio(ratio, f"{path}.{section}.{name}")

@@ -23,40 +23,130 @@ class Preset:
     description: str
 
 
-_LLAMA_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-_MOE_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+_LLAMA_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+_MOE_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=128,
+)
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("llama-tiny", "LlamaConfig", _LLAMA_TINY, True, "2-layer Llama, hidden 64"),
-    Preset("qwen3-moe-tiny", "Qwen3MoeConfig", _MOE_TINY, True, "2-layer Qwen3-MoE, 4 experts"),
-    Preset("mixtral-tiny", "MixtralConfig", dict(
-        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=128), True, "2-layer Mixtral, 4 experts"),
-    Preset("llama-3-8b", "LlamaConfig", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0), False, "Llama 3 8B shapes"),
-    Preset("qwen3-32b", "Qwen3Config", dict(
-        vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960), False, "Qwen3 32B shapes"),
-    Preset("qwen3-235b-a22b", "Qwen3MoeConfig", dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, max_position_embeddings=40960),
-        False, "Qwen3 235B-A22B shapes (128 experts)"),
-    Preset("deepseek-v3", "DeepseekV3Config", dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1,
-        num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=1536, kv_lora_rank=512,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_attention_heads=128,
-        num_key_value_heads=128, max_position_embeddings=163840),
-        False, "DeepSeek-V3 shapes (MLA, 256 experts)"),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("llama-tiny", "LlamaConfig", _LLAMA_TINY, True, "2-layer Llama, hidden 64"),
+        Preset("qwen3-moe-tiny", "Qwen3MoeConfig", _MOE_TINY, True, "2-layer Qwen3-MoE, 4 experts"),
+        Preset(
+            "mixtral-tiny",
+            "MixtralConfig",
+            dict(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                max_position_embeddings=128,
+            ),
+            True,
+            "2-layer Mixtral, 4 experts",
+        ),
+        Preset(
+            "llama-3-8b",
+            "LlamaConfig",
+            dict(
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                max_position_embeddings=8192,
+                rope_theta=500000.0,
+            ),
+            False,
+            "Llama 3 8B shapes",
+        ),
+        Preset(
+            "qwen3-32b",
+            "Qwen3Config",
+            dict(
+                vocab_size=151936,
+                hidden_size=5120,
+                intermediate_size=25600,
+                num_hidden_layers=64,
+                num_attention_heads=64,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=40960,
+            ),
+            False,
+            "Qwen3 32B shapes",
+        ),
+        Preset(
+            "qwen3-235b-a22b",
+            "Qwen3MoeConfig",
+            dict(
+                vocab_size=151936,
+                hidden_size=4096,
+                intermediate_size=12288,
+                moe_intermediate_size=1536,
+                num_hidden_layers=94,
+                num_attention_heads=64,
+                num_key_value_heads=4,
+                head_dim=128,
+                num_experts=128,
+                num_experts_per_tok=8,
+                max_position_embeddings=40960,
+            ),
+            False,
+            "Qwen3 235B-A22B shapes (128 experts)",
+        ),
+        Preset(
+            "deepseek-v3",
+            "DeepseekV3Config",
+            dict(
+                vocab_size=129280,
+                hidden_size=7168,
+                intermediate_size=18432,
+                moe_intermediate_size=2048,
+                num_hidden_layers=61,
+                first_k_dense_replace=3,
+                n_routed_experts=256,
+                n_shared_experts=1,
+                num_experts_per_tok=8,
+                n_group=8,
+                topk_group=4,
+                q_lora_rank=1536,
+                kv_lora_rank=512,
+                qk_rope_head_dim=64,
+                qk_nope_head_dim=128,
+                v_head_dim=128,
+                num_attention_heads=128,
+                num_key_value_heads=128,
+                max_position_embeddings=163840,
+            ),
+            False,
+            "DeepSeek-V3 shapes (MLA, 256 experts)",
+        ),
+    )
+}
 
 
 class ModelError(ValueError):
@@ -67,8 +157,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise ModelError("model presets need Hugging Face transformers: "
-                         "pip install 'fxprefetch[hf]'") from exc
+        raise ModelError(
+            "model presets need Hugging Face transformers: pip install 'fxprefetch[hf]'"
+        ) from exc
     return transformers
 
 
@@ -83,8 +174,10 @@ def load_config(name_or_path: str, layers: int | None = None) -> Any:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ModelError(f"unknown model {name_or_path!r}: expected a preset "
-                             f"({', '.join(PRESETS)}) or a path to a config.json")
+            raise ModelError(
+                f"unknown model {name_or_path!r}: expected a preset "
+                f"({', '.join(PRESETS)}) or a path to a config.json"
+            )
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -102,16 +195,32 @@ def load_config(name_or_path: str, layers: int | None = None) -> Any:
     return config
 
 
-def build_model(name_or_path: str, *, layers: int | None = None, device: str | None = None,
-                dtype: torch.dtype | None = None, seed: int = 0) -> torch.nn.Module:
-    """Build a causal LM with random weights. Real-size presets default to the meta device."""
+def build_model(
+    name_or_path: str,
+    *,
+    layers: int | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Build a causal LM with random weights.
+
+    Tiny presets default to float32 on the CPU; real-size presets to bf16 on the meta device.
+    """
     transformers = _transformers()
     config = load_config(name_or_path, layers)
     preset = PRESETS.get(name_or_path)
     if device is None:
         device = "cpu" if preset is not None and preset.tiny else "meta"
     if dtype is None:
-        dtype = torch.float32 if device != "meta" else torch.bfloat16
+        # tiny presets: float32; real sizes: bf16; a config.json: the dtype it names, else bf16
+        named = getattr(config, "dtype", None) if preset is None else None
+        named = getattr(torch, named) if isinstance(named, str) else named
+        dtype = (
+            torch.float32
+            if preset is not None and preset.tiny
+            else (named if isinstance(named, torch.dtype) else torch.bfloat16)
+        )
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -129,4 +238,3 @@ def example_inputs(model: torch.nn.Module, tokens: int = 8, batch: int = 1) -> d
 
 def preset_names(tiny: bool | None = None) -> list[str]:
     return [n for n, p in PRESETS.items() if tiny is None or p.tiny == tiny]
-

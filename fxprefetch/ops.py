@@ -31,8 +31,8 @@ SCHEMA = "prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(SCHEMA, tags=())
 
-prefetch = torch.ops.fxprefetch.prefetch.default
-has_side_effect(prefetch)
+PREFETCH_OP = torch.ops.fxprefetch.prefetch.default
+has_side_effect(PREFETCH_OP)
 has_side_effect(torch.ops.fxprefetch.prefetch)
 
 
@@ -47,8 +47,10 @@ def check_prefetch_args(weight: torch.Tensor, max_size: int, offset: int) -> Non
     nbytes = tensor_nbytes(weight)
     torch._check(
         0 <= offset < nbytes,
-        lambda: f"prefetch: offset must be in [0, {nbytes}) for a tensor of {nbytes} bytes, "
-        f"got {offset}",
+        lambda: (
+            f"prefetch: offset must be in [0, {nbytes}) for a tensor of {nbytes} bytes, "
+            f"got {offset}"
+        ),
     )
 
 
@@ -69,7 +71,7 @@ _NATIVE_PREFETCH: dict[str, Callable[..., None]] = {}
 
 
 def register_native_prefetch(device_type: str, fn: Callable[..., None]) -> None:
-    """Route prefetches on ``device_type`` tensors to ``fn(weight, dependency, max_size, offset)``."""
+    """Route prefetches on ``device_type`` tensors to ``fn(weight, dependency, size, offset)``."""
     _NATIVE_PREFETCH[device_type] = fn
 
 

@@ -10,8 +10,7 @@ from typing import Any
 from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
 
 TARGETS = ("auto", "npu", "inductor", "eager")
-OPTION_KEYS = ("weight_prefetch_config", "additional_config", "target", "strict",
-               "torchair_config")
+OPTION_KEYS = ("weight_prefetch_config", "additional_config", "target", "strict", "torchair_config")
 
 
 @dataclass(frozen=True)
@@ -55,15 +54,21 @@ def parse_options(options: Any) -> BackendOptions:
     if isinstance(options, (WeightPrefetchConfig, str)):
         return BackendOptions(_config_from(options, "options"))
     if not isinstance(options, Mapping):
-        raise ConfigError("options", "expected a dict, a WeightPrefetchConfig or a JSON string, "
-                          f"got {type(options).__name__}")
+        raise ConfigError(
+            "options",
+            "expected a dict, a WeightPrefetchConfig or a JSON string, "
+            f"got {type(options).__name__}",
+        )
     for key in options:
         if key not in OPTION_KEYS:
-            raise ConfigError(f"options.{key}", f"unknown option{did_you_mean(str(key), OPTION_KEYS)};"
-                              f" expected one of {list(OPTION_KEYS)}")
+            hint = did_you_mean(str(key), OPTION_KEYS)
+            raise ConfigError(
+                f"options.{key}", f"unknown option{hint}; expected one of {list(OPTION_KEYS)}"
+            )
     if "weight_prefetch_config" in options and "additional_config" in options:
-        raise ConfigError("options", "give either weight_prefetch_config or additional_config, "
-                          "not both")
+        raise ConfigError(
+            "options", "give either weight_prefetch_config or additional_config, not both"
+        )
     if "additional_config" in options:
         config = _additional_config(options["additional_config"], "options.additional_config")
     elif "weight_prefetch_config" in options:
@@ -73,13 +78,17 @@ def parse_options(options: Any) -> BackendOptions:
     target = options.get("target", "auto")
     if target not in TARGETS:
         hint = did_you_mean(target, TARGETS) if isinstance(target, str) else ""
-        raise ConfigError("options.target", f"expected one of {list(TARGETS)}, got "
-                          f"{json.dumps(target) if isinstance(target, str) else target!r}{hint}")
+        raise ConfigError(
+            "options.target",
+            f"expected one of {list(TARGETS)}, got "
+            f"{json.dumps(target) if isinstance(target, str) else target!r}{hint}",
+        )
     strict = options.get("strict", False)
     if not isinstance(strict, bool):
         raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
     torchair_config = options.get("torchair_config")
     if torchair_config is not None and target not in ("auto", "npu"):
-        raise ConfigError("options.torchair_config",
-                          f"only used with target 'npu', but target is {target!r}")
+        raise ConfigError(
+            "options.torchair_config", f"only used with target 'npu', but target is {target!r}"
+        )
     return BackendOptions(config, target, strict, torchair_config)

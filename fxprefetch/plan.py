@@ -1,4 +1,7 @@
-"""``PrefetchPlan``: what the pass saw and did, for people (``.table()``) and tools (``.to_json()``)."""
+"""``PrefetchPlan``: what the pass saw and did.
+
+For people (``.table()``) and for tools (``.to_json()``, schema in ``plan_schema.json``).
+"""
 
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ class LinearRecord:
     dependency_op: str | None = None
     prefetch_node: str | None = None
     skip_reason: str | None = None
+    # positions in the graph the pass saw (node indices), for timelines
+    position: int = -1
+    dependency_position: int | None = None
+    window_start: int | None = None
 
     @property
     def prefetched(self) -> bool:
@@ -150,14 +157,21 @@ class PrefetchPlan:
         if data.get("schema_version") != PLAN_SCHEMA_VERSION:
             raise ValueError(f"unsupported plan schema version {data.get('schema_version')!r}")
         records = []
-        for r in data["linears"]:
-            r = dict(r)
-            r["weight_shape"] = tuple(r["weight_shape"])
-            r["window"] = tuple(r["window"])
-            records.append(LinearRecord(**r))
-        return cls(records=records, graph=data["graph"], config_digest=data["config_digest"],
-                   enabled=data["enabled"], sequence_parallel=data["sequence_parallel"],
-                   error=data["error"])
+        for linear in data["linears"]:
+            fields_ = {
+                **linear,
+                "weight_shape": tuple(linear["weight_shape"]),
+                "window": tuple(linear["window"]),
+            }
+            records.append(LinearRecord(**fields_))
+        return cls(
+            records=records,
+            graph=data["graph"],
+            config_digest=data["config_digest"],
+            enabled=data["enabled"],
+            sequence_parallel=data["sequence_parallel"],
+            error=data["error"],
+        )
 
     def table(self, fold: bool = False) -> str:
         """A fixed-width table, one row per linear (``fold`` merges identical layers)."""
@@ -201,13 +215,47 @@ def _fold_key(r: LinearRecord) -> tuple[Any, ...]:
     module = _display_path(r)
     if r.layer is not None:
         module = module.replace(f".{r.layer}.", ".*.", 1)
-    return (module, r.role, r.weight_shape, r.dtype, r.prefetch_bytes, r.capped, r.window_kind,
-            r.skip_reason, tuple(w.split("::")[-1] for w in r.window))
+    return (
+        module,
+        r.role,
+        r.weight_shape,
+        r.dtype,
+        r.prefetch_bytes,
+        r.capped,
+        r.window_kind,
+        r.skip_reason,
+        tuple(w.split("::")[-1] for w in r.window),
+    )
+
+
+def render_totals(plans: Sequence[PrefetchPlan]) -> str:
+    """One line of totals over several graphs' plans."""
+    records = [r for p in plans for r in p.records]
+    done = [r for r in records if r.prefetched]
+    skipped = Counter(r.skip_reason for r in records if not r.prefetched and r.skip_reason)
+    line = (
+        f"totals: {len(records)} linears seen, {len(done)} prefetched "
+        f"({_fmt_bytes(sum(r.prefetch_bytes for r in done))} of "
+        f"{_fmt_bytes(sum(r.weight_bytes for r in done))} weights), "
+        f"{sum(r.capped for r in done)} capped"
+    )
+    if skipped:
+        line += "; skipped: " + ", ".join(f"{n} {k}" for k, n in sorted(skipped.items()))
+    return line
 
 
 def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
-    header = ("layer", "module", "role", "weight", "bytes", "prefetch", "capped",
-              "window / skip reason", "dependency")
+    header = (
+        "layer",
+        "module",
+        "role",
+        "weight",
+        "bytes",
+        "prefetch",
+        "capped",
+        "window / skip reason",
+        "dependency",
+    )
     rows: list[tuple[str, ...]] = []
     for plan in plans:
         if not fold:
@@ -219,16 +267,26 @@ def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
         for members in groups.values():
             first = _row(members[0])
             layers = sorted({m.layer for m in members if m.layer is not None})
-            layer = first[0] if len(members) == 1 else (
-                f"{layers[0]}-{layers[-1]} (x{len(members)})" if layers else f"x{len(members)}")
+            layer = (
+                first[0]
+                if len(members) == 1
+                else (
+                    f"{layers[0]}-{layers[-1]} (x{len(members)})" if layers else f"x{len(members)}"
+                )
+            )
             module = _fold_key(members[0])[0] if len(members) > 1 else first[1]
             rows.append((layer, module, *first[2:8], "" if len(members) > 1 else first[8]))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in rows]
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     lines.append("")
     lines.extend(p.summary_line() for p in plans)
     return "\n".join(lines)

@@ -59,9 +59,17 @@ def graph_kind(gm: GraphModule) -> str:
 class GraphPlanner:
     """Applies the pass to the aten graph(s) of one dynamo graph."""
 
-    def __init__(self, config: WeightPrefetchConfig, *, strict: bool = False,
-                 source_names: Sequence[str | None] = (), name: str | None = None) -> None:
+    def __init__(
+        self,
+        config: WeightPrefetchConfig,
+        *,
+        strict: bool = False,
+        source_names: Sequence[str | None] = (),
+        name: str | None = None,
+        record: bool = True,
+    ) -> None:
         self.config = config
+        self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
         self.name = name or f"graph{next(_graph_ids)}"
@@ -78,21 +86,35 @@ class GraphPlanner:
         if kind == "backward":
             return None  # weights are prefetched for the forward computation only
         try:
-            plan = run_weight_prefetch(gm, self.config, weight_names=self.weight_names(gm),
-                                       graph_name=f"{self.name} ({kind})")
+            plan = run_weight_prefetch(
+                gm,
+                self.config,
+                weight_names=self.weight_names(gm),
+                graph_name=f"{self.name} ({kind})",
+            )
         except Exception as exc:
             if self.strict:
-                raise PrefetchPassError(f"weight-prefetch pass failed on {self.name}: {exc}") \
-                    from exc
+                raise PrefetchPassError(
+                    f"weight-prefetch pass failed on {self.name}: {exc}"
+                ) from exc
             removed = strip_prefetch(gm)
-            logger.warning("weight-prefetch pass failed on %s (%s: %s); compiling it without "
-                           "prefetch%s. Pass options={'strict': True} to raise instead.",
-                           self.name, type(exc).__name__, exc,
-                           f" (removed {removed} partial prefetches)" if removed else "")
-            plan = PrefetchPlan(graph=f"{self.name} ({kind})", config_digest=self.config.digest,
-                                enabled=self.config.enabled, error=f"{type(exc).__name__}: {exc}")
+            logger.warning(
+                "weight-prefetch pass failed on %s (%s: %s); compiling it without "
+                "prefetch%s. Pass options={'strict': True} to raise instead.",
+                self.name,
+                type(exc).__name__,
+                exc,
+                f" (removed {removed} partial prefetches)" if removed else "",
+            )
+            plan = PrefetchPlan(
+                graph=f"{self.name} ({kind})",
+                config_digest=self.config.digest,
+                enabled=self.config.enabled,
+                error=f"{type(exc).__name__}: {exc}",
+            )
         self.plans.append(plan)
-        _remember(plan)
+        if self.record:
+            _remember(plan)
         return plan
 
     def adopt(self, plans: list[PrefetchPlan]) -> None:
@@ -100,4 +122,5 @@ class GraphPlanner:
         for plan in plans:
             plan.graph = f"{self.name} ({plan.graph.rsplit('(', 1)[-1]}"
             self.plans.append(plan)
-            _remember(plan)
+            if self.record:
+                _remember(plan)

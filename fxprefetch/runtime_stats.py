@@ -7,6 +7,7 @@ done inside :func:`collect_stats` with ``per_weight=True``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -67,10 +68,8 @@ def name_weight(tensor: torch.Tensor, name: str) -> None:
     """Give ``tensor`` a readable name in per-weight statistics."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
         return
-    try:
+    with contextlib.suppress(RuntimeError):  # fake/functional tensors have no storage
         _WEIGHT_NAMES[tensor.data_ptr()] = name
-    except RuntimeError:  # fake or functional tensors have no storage to name
-        pass
 
 
 def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:

@@ -8,32 +8,40 @@ from torch.fx import Node
 
 from passes.graph_utils import op_name
 
-ALL_REDUCE = frozenset({
-    "_c10d_functional::all_reduce",
-    "_c10d_functional::all_reduce_",
-    "c10d::allreduce_",
-    "vllm::all_reduce",
-    "npu::npu_mm_all_reduce_base",
-})
-REDUCE_SCATTER = frozenset({
-    "_c10d_functional::reduce_scatter_tensor",
-    "c10d::_reduce_scatter_base_",
-    "c10d::reduce_scatter_",
-    "vllm::reduce_scatter",
-})
-ALL_GATHER = frozenset({
-    "_c10d_functional::all_gather_into_tensor",
-    "c10d::_allgather_base_",
-    "c10d::allgather_",
-    "vllm::all_gather",
-})
+ALL_REDUCE = frozenset(
+    {
+        "_c10d_functional::all_reduce",
+        "_c10d_functional::all_reduce_",
+        "c10d::allreduce_",
+        "vllm::all_reduce",
+        "npu::npu_mm_all_reduce_base",
+    }
+)
+REDUCE_SCATTER = frozenset(
+    {
+        "_c10d_functional::reduce_scatter_tensor",
+        "c10d::_reduce_scatter_base_",
+        "c10d::reduce_scatter_",
+        "vllm::reduce_scatter",
+    }
+)
+ALL_GATHER = frozenset(
+    {
+        "_c10d_functional::all_gather_into_tensor",
+        "c10d::_allgather_base_",
+        "c10d::allgather_",
+        "vllm::all_gather",
+    }
+)
 WAIT = frozenset({"_c10d_functional::wait_tensor", "c10d::wait"})
-OTHER = frozenset({
-    "_c10d_functional::broadcast",
-    "_c10d_functional::all_to_all_single",
-    "c10d::broadcast_",
-    "c10d::alltoall_base_",
-})
+OTHER = frozenset(
+    {
+        "_c10d_functional::broadcast",
+        "_c10d_functional::all_to_all_single",
+        "c10d::broadcast_",
+        "c10d::alltoall_base_",
+    }
+)
 COLLECTIVES = ALL_REDUCE | REDUCE_SCATTER | ALL_GATHER | WAIT | OTHER
 
 

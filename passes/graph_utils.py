@@ -10,7 +10,10 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
-_SUBSCRIPT = re.compile(r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]|\[['\"]?([^\]'\"]*)['\"]?\]")
+_SUBSCRIPT = re.compile(
+    r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]"  # ._modules['x']
+    r"|\[['\"]?([^\]'\"]*)['\"]?\]"  # [0] or ['x']
+)
 _GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]*)['\"]\)")
 
 
@@ -86,7 +89,9 @@ def normalize_source_path(raw: str) -> str:
         if not n:
             break
     path = _ROOT.sub("", path)
-    path = _SUBSCRIPT.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), path)
+    path = _SUBSCRIPT.sub(
+        lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), path
+    )
     return path.strip(".")
 
 

@@ -38,7 +38,9 @@ LINEAR_OPS: dict[str, LinearOpSpec] = {
 def register_linear_op(qualified_name: str, weight: str, activations: tuple[str, ...]) -> None:
     """Teach the pass a new linear op, e.g. ``register_linear_op("myns::gemm", "w", ("x",))``."""
     if "::" not in qualified_name:
-        raise ValueError(f"expected a qualified op name like 'namespace::op', got {qualified_name!r}")
+        raise ValueError(
+            f"expected a qualified op name like 'namespace::op', got {qualified_name!r}"
+        )
     if not activations:
         raise ValueError("a linear op needs at least one activation argument")
     LINEAR_OPS[qualified_name] = LinearOpSpec(weight, tuple(activations))

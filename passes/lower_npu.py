@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxprefetch.ops import prefetch as PREFETCH_OP
+from fxprefetch.ops import PREFETCH_OP
 from passes.graph_utils import finalize
 
 
@@ -37,7 +37,8 @@ def lower_prefetch_to_npu(gm: GraphModule) -> int:
     for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
         if len(node.args) < 2 or node.args[1] is None:
             raise NpuLoweringError(
-                f"{node.name}: npu_prefetch in graph mode needs a dependency, got None")
+                f"{node.name}: npu_prefetch in graph mode needs a dependency, got None"
+            )
         node.target = target
         count += 1
     if count:

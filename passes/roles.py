@@ -1,4 +1,4 @@
-"""Which role (``attn.qkv``, ``attn.o``, ``mlp.gate_up``, ``mlp.down``, ``moe.gate_up``) a weight plays.
+"""Which role a weight plays: attn.qkv, attn.o, mlp.gate_up, mlp.down or moe.gate_up.
 
 Rules are data: an ordered list of ``(regex, role)`` matched against the weight's dotted
 owner path (its parameter path without ``.weight``, or the module path from
@@ -26,20 +26,36 @@ class RoleRule:
 
 DEFAULT_RULES: tuple[RoleRule, ...] = (
     # Experts first: their names overlap with dense MLP names.
-    RoleRule(rf"{_EXPERTS}\.(?:gate_up_proj|gate_proj|up_proj|w1|w3|w13)(?:_weight)?$",
-             "moe.gate_up", "expert gate/up projection"),
-    RoleRule(rf"{_EXPERTS}\.(?:down_proj|w2)(?:_weight)?$", None,
-             "expert down projection (no role in weight_prefetch_config)"),
-    RoleRule(r"(?:^|\.)(?:qkv_proj|q_proj|k_proj|v_proj|query_key_value|c_attn|Wqkv"
-             r"|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|fused_qkv_a_proj)$",
-             "attn.qkv", "attention input projection"),
+    RoleRule(
+        rf"{_EXPERTS}\.(?:gate_up_proj|gate_proj|up_proj|w1|w3|w13)(?:_weight)?$",
+        "moe.gate_up",
+        "expert gate/up projection",
+    ),
+    RoleRule(
+        rf"{_EXPERTS}\.(?:down_proj|w2)(?:_weight)?$",
+        None,
+        "expert down projection (no role in weight_prefetch_config)",
+    ),
+    RoleRule(
+        r"(?:^|\.)(?:qkv_proj|q_proj|k_proj|v_proj|query_key_value|c_attn|Wqkv"
+        r"|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|fused_qkv_a_proj)$",
+        "attn.qkv",
+        "attention input projection",
+    ),
     RoleRule(r"(?:^|\.)o_proj$", "attn.o", "attention output projection"),
-    RoleRule(r"(?:^|\.)\w*(?:attn|attention)\w*\.(?:out_proj|dense|c_proj)$", "attn.o",
-             "attention output projection"),
-    RoleRule(r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|c_fc|dense_h_to_4h)$",
-             "mlp.gate_up", "dense MLP gate/up projection"),
-    RoleRule(r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h)$", "mlp.down",
-             "dense MLP down projection"),
+    RoleRule(
+        r"(?:^|\.)\w*(?:attn|attention)\w*\.(?:out_proj|dense|c_proj)$",
+        "attn.o",
+        "attention output projection",
+    ),
+    RoleRule(
+        r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|c_fc|dense_h_to_4h)$",
+        "mlp.gate_up",
+        "dense MLP gate/up projection",
+    ),
+    RoleRule(
+        r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h)$", "mlp.down", "dense MLP down projection"
+    ),
     RoleRule(r"(?:^|\.)(?:gate|router)$", None, "MoE router"),
     RoleRule(r"(?:^|\.)(?:lm_head|embed_tokens|wte|output)$", None, "head or embedding"),
 )
@@ -70,8 +86,10 @@ def owner_path(weight_path: str) -> str:
 
 
 def is_experts_path(path: str) -> bool:
-    return re.search(rf"{_EXPERTS}$", path) is not None or re.search(
-        rf"{_EXPERTS}\.", path) is not None
+    return (
+        re.search(rf"{_EXPERTS}$", path) is not None
+        or re.search(rf"{_EXPERTS}\.", path) is not None
+    )
 
 
 def match_role(path: str, extra_rules: tuple[RoleRule, ...] = ()) -> RoleRule | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import prefetch as PREFETCH_OP
+from fxprefetch.ops import PREFETCH_OP
 from passes.graph_utils import finalize
 
 

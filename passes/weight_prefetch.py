@@ -25,7 +25,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.ops import prefetch as PREFETCH_OP
+from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from passes.collectives import has_sequence_parallel_collectives, is_collective, is_wait
 from passes.graph_utils import (
@@ -47,8 +47,21 @@ META_KEY = "fxprefetch"
 # Ops a weight may pass through between its parameter and the matmul, keeping its bytes.
 _WEIGHT_VIEWS = frozenset(
     f"aten::{n}"
-    for n in ("t", "permute", "transpose", "view", "reshape", "_unsafe_view", "expand",
-              "unsqueeze", "squeeze", "alias", "detach", "_reshape_alias", "as_strided")
+    for n in (
+        "t",
+        "permute",
+        "transpose",
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "_reshape_alias",
+        "as_strided",
+    )
 )
 # Ops that pick part of a weight (one expert of a stacked tensor): prefetch that part only.
 _WEIGHT_NARROWING = frozenset({"aten::select", "aten::slice", "aten::narrow"})
@@ -110,8 +123,9 @@ def _byte_extent(val: torch.Tensor) -> int:
     """Bytes spanned by a (possibly strided) view, from its first element to its last."""
     if val.numel() == 0:
         return 0
-    span = 1 + sum((size - 1) * stride for size, stride in zip(val.shape, val.stride(),
-                                                                strict=True))
+    span = 1 + sum(
+        (size - 1) * stride for size, stride in zip(val.shape, val.stride(), strict=True)
+    )
     return span * val.element_size()
 
 
@@ -142,7 +156,8 @@ def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) ->
         if narrow_val is not None:
             try:
                 offset = int(narrow_val.storage_offset() - root_val.storage_offset()) * (
-                    root_val.element_size())
+                    root_val.element_size()
+                )
                 nbytes = _byte_extent(narrow_val)
                 used = narrow_val
             except (TypeError, RuntimeError):  # symbolic offsets: prefetch the whole weight
@@ -151,16 +166,27 @@ def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) ->
             name = weight_names.get(root.name, str(root.target))
         else:
             name = weight_names.get(root.name, root.name)
-        uses.append(LinearUse(
-            node=node, spec=spec, root=root, offset=offset, nbytes=nbytes,
-            shape=tuple(used.shape), dtype=root_val.dtype, weight_name=name,
-            module=module_path(node),
-        ))
+        uses.append(
+            LinearUse(
+                node=node,
+                spec=spec,
+                root=root,
+                offset=offset,
+                nbytes=nbytes,
+                shape=tuple(used.shape),
+                dtype=root_val.dtype,
+                weight_name=name,
+                module=module_path(node),
+            )
+        )
     return uses
 
 
-def assign_roles(uses: list[LinearUse], weight_names: Mapping[str, str] | None = None,
-                 extra_rules: tuple[RoleRule, ...] = ()) -> None:
+def assign_roles(
+    uses: list[LinearUse],
+    weight_names: Mapping[str, str] | None = None,
+    extra_rules: tuple[RoleRule, ...] = (),
+) -> None:
     """Set ``role`` on each use: by parameter path, then module path, then expert order."""
     known = set((weight_names or {}).values())
     first_expert_weight: dict[str, Node] = {}
@@ -283,8 +309,12 @@ def run_weight_prefetch(
     graph = gm.graph
     index = {node: i for i, node in enumerate(graph.nodes)}
     sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(index)
-    plan = PrefetchPlan(graph=graph_name, config_digest=config.digest, enabled=config.enabled,
-                        sequence_parallel=sequence_parallel)
+    plan = PrefetchPlan(
+        graph=graph_name,
+        config_digest=config.digest,
+        enabled=config.enabled,
+        sequence_parallel=sequence_parallel,
+    )
     uses = find_linears(graph, weight_names)
     assign_roles(uses, weight_names, role_rules)
     already = _existing_prefetches(graph)
@@ -295,19 +325,24 @@ def run_weight_prefetch(
 
     for use in uses:
         base = {
-            "node": use.node.name, "op": op_name(use.node), "module": use.module,
-            "weight": use.weight_name, "layer": layer_index(use.module or use.weight_name),
-            "role": use.role, "weight_shape": tuple(int(s) if isinstance(s, int) else -1
-                                                    for s in use.shape),
+            "node": use.node.name,
+            "op": op_name(use.node),
+            "module": use.module,
+            "weight": use.weight_name,
+            "layer": layer_index(use.module or use.weight_name),
+            "role": use.role,
+            "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
             "dtype": str(use.dtype),
             "weight_bytes": use.nbytes if isinstance(use.nbytes, int) else -1,
             "offset": use.offset,
+            "position": index[use.node],
         }
         skip = _precheck(use, config, sequence_parallel, already)
         window = None
         if skip in (None, SkipReason.ZERO_RATIO, SkipReason.NEEDS_SEQUENCE_PARALLEL):
-            key = tuple(n for a in use.spec.activations for n in flatten_nodes(
-                get_arg(use.node, a)))
+            key = tuple(
+                n for a in use.spec.activations for n in flatten_nodes(get_arg(use.node, a))
+            )
             if key not in windows:
                 found = find_window(use, index)
                 if found is not None and collective_windows:
@@ -315,11 +350,17 @@ def run_weight_prefetch(
                 windows[key] = found
             window = windows[key]
             if window is not None:
-                base.update(window=window.op_names(), window_kind=window.kind,
-                            dependency=window.dependency.name,
-                            dependency_op=op_name(window.dependency))
-            if skip is None and (window is None or (not window.vector_ops
-                                                    and window.collective is None)):
+                base.update(
+                    window=window.op_names(),
+                    window_kind=window.kind,
+                    dependency=window.dependency.name,
+                    dependency_op=op_name(window.dependency),
+                    dependency_position=index.get(window.dependency),
+                    window_start=min((index[n] for n in window.vector_ops), default=None),
+                )
+            if skip is None and (
+                window is None or (not window.vector_ops and window.collective is None)
+            ):
                 skip = SkipReason.EMPTY_WINDOW
         if skip is not None:
             records.append(LinearRecord(**base, ratio=_ratio(use, config), skip_reason=skip))
@@ -348,8 +389,9 @@ def _ratio(use: LinearUse, config: WeightPrefetchConfig) -> float | None:
     return config.ratio(use.role) if use.role is not None else None
 
 
-def _precheck(use: LinearUse, config: WeightPrefetchConfig, sequence_parallel: bool,
-              already: set[str]) -> str | None:
+def _precheck(
+    use: LinearUse, config: WeightPrefetchConfig, sequence_parallel: bool, already: set[str]
+) -> str | None:
     if use.role is None:
         return SkipReason.NO_ROLE
     if not config.enabled:
@@ -367,8 +409,14 @@ def _precheck(use: LinearUse, config: WeightPrefetchConfig, sequence_parallel: b
     return None
 
 
-def _insert_prefetch(graph: Graph, use: LinearUse, window: Window, size: int,
-                     index: Mapping[Node, int], last_at_anchor: dict[Node, Node]) -> Node:
+def _insert_prefetch(
+    graph: Graph,
+    use: LinearUse,
+    window: Window,
+    size: int,
+    index: Mapping[Node, int],
+    last_at_anchor: dict[Node, Node],
+) -> Node:
     base = window.dependency
     if base.op == "placeholder":  # keep placeholders first
         base = list(graph.find_nodes(op="placeholder"))[-1]
@@ -380,8 +428,12 @@ def _insert_prefetch(graph: Graph, use: LinearUse, window: Window, size: int,
     with graph.inserting_after(anchor):
         node = graph.call_function(PREFETCH_OP, args)
     node.meta["val"] = None
-    node.meta[META_KEY] = {"linear": use.node.name, "role": use.role, "max_size": size,
-                           "window": window.kind}
+    node.meta[META_KEY] = {
+        "linear": use.node.name,
+        "role": use.role,
+        "max_size": size,
+        "window": window.kind,
+    }
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in use.node.meta:
             node.meta[key] = use.node.meta[key]

@@ -72,35 +72,82 @@ def _npu_swiglu(self, dim=-1):
     return torch.nn.functional.silu(a) * b
 
 
-def _npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=None,
-                       quant_mode="pertoken", dst_type_max=0.0):
+def _npu_dynamic_quant(
+    input,
+    *,
+    smooth_scales=None,
+    group_index=None,
+    dst_type=None,
+    quant_mode="pertoken",
+    dst_type_max=0.0,
+):
     scale = input.abs().amax(-1).float().clamp(min=1e-6) / 127
     q = torch.clamp(torch.round(input.float() / scale.unsqueeze(-1)), -128, 127).to(torch.int8)
     return q, scale
 
 
-def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None,
-                      output_dtype=None, x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None,
-                      scale_dtype=None, group_sizes=None, y_scale=None):
+def _npu_quant_matmul(
+    x1,
+    x2,
+    scale,
+    *,
+    offset=None,
+    pertoken_scale=None,
+    bias=None,
+    output_dtype=None,
+    x1_dtype=None,
+    x2_dtype=None,
+    pertoken_scale_dtype=None,
+    scale_dtype=None,
+    group_sizes=None,
+    y_scale=None,
+):
     out = (x1.float() @ x2.float()) * scale.float()
     if pertoken_scale is not None:
         out = out * pertoken_scale.float().unsqueeze(-1)
     return out.to(torch.bfloat16)
 
 
-def _npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None,
-                                  quant_scale=None, quant_offset=None, bias=None,
-                                  antiquant_group_size=0, inner_precise=0, weight_dtype=None):
+def _npu_weight_quant_batchmatmul(
+    x,
+    weight,
+    antiquant_scale,
+    antiquant_offset=None,
+    quant_scale=None,
+    quant_offset=None,
+    bias=None,
+    antiquant_group_size=0,
+    inner_precise=0,
+    weight_dtype=None,
+):
     return x @ (weight.to(x.dtype) * antiquant_scale.to(x.dtype))
 
 
-def _npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
-                        antiquant_offset=None, per_token_scale=None, group_list=None,
-                        activation_input=None, activation_quant_scale=None,
-                        activation_quant_offset=None, split_item=0, group_type=None,
-                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None,
-                        x_dtype=None, weight_dtype=None, scale_dtype=None,
-                        per_token_scale_dtype=None):
+def _npu_grouped_matmul(
+    x,
+    weight,
+    *,
+    bias=None,
+    scale=None,
+    offset=None,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    per_token_scale=None,
+    group_list=None,
+    activation_input=None,
+    activation_quant_scale=None,
+    activation_quant_offset=None,
+    split_item=0,
+    group_type=None,
+    group_list_type=0,
+    act_type=0,
+    tuning_config=None,
+    output_dtype=None,
+    x_dtype=None,
+    weight_dtype=None,
+    scale_dtype=None,
+    per_token_scale_dtype=None,
+):
     # one x [T, K], one stacked weight [E, K, N], group_list = cumulative token counts
     tokens, w = x[0], weight[0]
     pieces, start = [], 0
@@ -142,7 +189,7 @@ def torch_npu_present() -> bool:
 
 def install_op_standins() -> None:
     """Register every torch_npu schema in ``torch.ops.npu`` (once), with reference kernels."""
-    global _lib
+    global _lib  # noqa: PLW0603 - registered once per process
     if _lib is not None or torch_npu_present():
         return
     _lib = torch.library.Library("npu", "DEF")
@@ -176,8 +223,12 @@ def get_npu_backend(compiler_config: CompilerConfig | None = None) -> Any:
         LOG.graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
-                        inference_compiler=compiler, decompositions=select_decomp_table())
+    return aot_autograd(
+        fw_compiler=compiler,
+        bw_compiler=compiler,
+        inference_compiler=compiler,
+        decompositions=select_decomp_table(),
+    )
 
 
 def torchair_module() -> types.ModuleType:

@@ -179,8 +179,9 @@ def expected_roles(s: SynthSpec) -> dict[str, str | None]:
         roles[f"{p}.self_attn.o_proj.weight"] = "attn.o"
         if s.moe:
             roles[f"{p}.mlp.gate.weight"] = None
-            up, down = ("w13_weight", "w2_weight") if s.naming == "vllm" else (
-                "gate_up_proj", "down_proj")
+            up, down = (
+                ("w13_weight", "w2_weight") if s.naming == "vllm" else ("gate_up_proj", "down_proj")
+            )
             roles[f"{p}.mlp.experts.{up}"] = "moe.gate_up"
             roles[f"{p}.mlp.experts.{down}"] = None
         else:

@@ -12,12 +12,12 @@ import textwrap
 
 import pytest
 import torch
+from npu_standins import install_torchair_standin
+from synthetic import SynthModel, SynthSpec
 from torch import nn
 
 import fxprefetch
 from fxprefetch.models import build_model, example_inputs
-from npu_standins import install_torchair_standin
-from synthetic import SynthModel, SynthSpec
 
 pytestmark = pytest.mark.compile
 pytest.importorskip("transformers")
@@ -67,8 +67,9 @@ def test_npu_target_lowers_to_npu_prefetch(name, fresh_dynamo, monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     (plan,) = fxprefetch.last_plans()
     (gm,) = log.graphs
-    npu_nodes = list(gm.graph.find_nodes(op="call_function",
-                                         target=torch.ops.npu.npu_prefetch.default))
+    npu_nodes = list(
+        gm.graph.find_nodes(op="call_function", target=torch.ops.npu.npu_prefetch.default)
+    )
     assert not gm.graph.find_nodes(op="call_function", target=torch.ops.fxprefetch.prefetch.default)
     assert len(npu_nodes) == len(plan.prefetched) == EXPECTED[name]
     by_name = {r.prefetch_node: r for r in plan.prefetched}
@@ -91,16 +92,19 @@ def test_npu_target_composes_with_the_users_torchair_pass(fresh_dynamo, monkeypa
     seen = []
     cfg = torchair.CompilerConfig()
     cfg.post_grad_custom_post_pass = lambda gm, inputs, config: seen.append(
-        len(gm.graph.find_nodes(op="call_function", target=torch.ops.fxprefetch.prefetch.default)))
+        len(gm.graph.find_nodes(op="call_function", target=torch.ops.fxprefetch.prefetch.default))
+    )
     model = SynthModel(SynthSpec(layers=1)).eval()
-    compiled = torch.compile(model, backend="npu_prefetch",
-                             options={"target": "npu", "torchair_config": cfg})
+    compiled = torch.compile(
+        model, backend="npu_prefetch", options={"target": "npu", "torchair_config": cfg}
+    )
     with torch.no_grad():
         compiled(torch.randint(0, 64, (1, 4)))
     assert seen == [0]  # the user's pass ran first, on the graph before ours
     assert len(log.prefetch_calls) == 2  # qkv and gate_up
     assert cfg.post_grad_custom_post_pass is not None and not hasattr(
-        cfg.post_grad_custom_post_pass, "fxprefetch")  # the user's config is not mutated
+        cfg.post_grad_custom_post_pass, "fxprefetch"
+    )  # the user's config is not mutated
 
 
 def test_torchair_single_stream_disables_prefetch(fresh_dynamo, monkeypatch, caplog):
@@ -111,8 +115,9 @@ def test_torchair_single_stream_disables_prefetch(fresh_dynamo, monkeypatch, cap
     cfg.experimental_config.enable_single_stream = True
     model = SynthModel(SynthSpec(layers=1)).eval()
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
-        compiled = torch.compile(model, backend="npu_prefetch",
-                                 options={"target": "npu", "torchair_config": cfg})
+        compiled = torch.compile(
+            model, backend="npu_prefetch", options={"target": "npu", "torchair_config": cfg}
+        )
         with torch.no_grad():
             compiled(torch.randint(0, 64, (1, 4)))
     assert "enable_single_stream" in caplog.text and not log.prefetch_calls
@@ -162,13 +167,16 @@ def test_cache_never_mixes_configs(fresh_dynamo, tmp_path, monkeypatch):
         for ratio in (1.0, 0.5, 1.0):
             torch._dynamo.reset()
             before = counters["inductor"]["fxgraph_cache_hit"]
-            opts = {"target": "inductor",
-                    "weight_prefetch_config": {"prefetch_ratio": {"attn": {"qkv": ratio}}}}
+            opts = {
+                "target": "inductor",
+                "weight_prefetch_config": {"prefetch_ratio": {"attn": {"qkv": ratio}}},
+            }
             compiled = torch.compile(model, backend="npu_prefetch", options=opts)
             with torch.no_grad(), fxprefetch.collect_stats(per_weight=True) as s:
                 compiled(ids)
             sizes.setdefault(ratio, []).append(
-                s.per_weight["layers.0.self_attn.qkv_proj.weight"].bytes_requested)
+                s.per_weight["layers.0.self_attn.qkv_proj.weight"].bytes_requested
+            )
             hits.append(counters["inductor"]["fxgraph_cache_hit"] - before)
             (plan,) = fxprefetch.last_plans()  # on a hit too: restored from the plan store
             assert plan.summary().bytes_prefetched == s.bytes_requested
@@ -179,7 +187,7 @@ def test_cache_never_mixes_configs(fresh_dynamo, tmp_path, monkeypatch):
 
 
 def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, caplog):
-    import fxprefetch.planner as planner
+    from fxprefetch import planner
 
     def boom(*args, **kwargs):
         raise RuntimeError("synthetic pass failure")
@@ -197,9 +205,10 @@ def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, cap
     assert plan.error == "RuntimeError: synthetic pass failure" and not plan.records
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="npu_prefetch",
-                             options={"target": "eager", "strict": True})
-    with pytest.raises(Exception, match="PrefetchPassError.*synthetic pass failure"):
+    compiled = torch.compile(
+        model, backend="npu_prefetch", options={"target": "eager", "strict": True}
+    )
+    with pytest.raises(Exception, match=r"PrefetchPassError.*synthetic pass failure"):
         compiled(ids)
 
 
@@ -250,8 +259,9 @@ def test_graph_breaks_give_one_plan_per_graph(fresh_dynamo):
 
 def test_dynamic_shapes_and_recompiles(fresh_dynamo):
     model = SynthModel(SynthSpec(layers=1)).eval()
-    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "eager"},
-                             dynamic=True)
+    compiled = torch.compile(
+        model, backend="npu_prefetch", options={"target": "eager"}, dynamic=True
+    )
     with torch.no_grad(), fxprefetch.collect_stats() as s:
         for tokens in (3, 5, 9):
             ids = torch.randint(0, 64, (1, tokens))
@@ -261,8 +271,9 @@ def test_dynamic_shapes_and_recompiles(fresh_dynamo):
 
     torch._dynamo.reset()
     fxprefetch.clear_plans()
-    static = torch.compile(model, backend="npu_prefetch", options={"target": "eager"},
-                           dynamic=False)
+    static = torch.compile(
+        model, backend="npu_prefetch", options={"target": "eager"}, dynamic=False
+    )
     with torch.no_grad():
         static(torch.randint(0, 64, (1, 3)))
         static(torch.randint(0, 64, (2, 3)))  # recompiles
@@ -311,6 +322,7 @@ def test_entry_point_works_without_importing_fxprefetch():
         torch.testing.assert_close(f(x), m(x))
         print("fxprefetch" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     assert out.stdout.strip().endswith("True")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -17,7 +18,8 @@ def test_defaults_are_the_guides():
     cfg = WeightPrefetchConfig()
     assert cfg.enabled is False
     assert cfg.to_dict()["prefetch_ratio"] == {
-        "attn": {"qkv": 1.0, "o": 1.0}, "moe": {"gate_up": 0.8},
+        "attn": {"qkv": 1.0, "o": 1.0},
+        "moe": {"gate_up": 0.8},
         "mlp": {"gate_up": 1.0, "down": 1.0},
     }
     assert cfg.max_prefetch_bytes == DEFAULT_MAX_PREFETCH_BYTES == 18 * 1024 * 1024
@@ -31,14 +33,16 @@ def test_guide_examples_parse():
             "attn": {"qkv": 1.0, "o": 1.0}, "moe": {"gate_up": 0.8}}}}""")
     assert moe.enabled and moe.ratio("moe.gate_up") == 0.8 and moe.ratio("mlp.down") == 1.0
     dense = WeightPrefetchConfig.from_json(
-        '{"enabled": true, "prefetch_ratio": {"mlp": {"gate_up": 0.5, "down": 0.25}}}')
+        '{"enabled": true, "prefetch_ratio": {"mlp": {"gate_up": 0.5, "down": 0.25}}}'
+    )
     assert dense.ratio("mlp.gate_up") == 0.5 and dense.ratio("mlp.down") == 0.25
     assert dense.ratio("attn.qkv") == 1.0  # unspecified roles keep the guide's default
 
 
 def test_additional_config_ignores_other_keys_and_defaults_when_absent():
     cfg = WeightPrefetchConfig.from_additional_config(
-        '{"ascend_scheduler_config": {"enabled": true}, "torchair_graph_config": {}}')
+        '{"ascend_scheduler_config": {"enabled": true}, "torchair_graph_config": {}}'
+    )
     assert cfg == WeightPrefetchConfig()
 
 
@@ -48,17 +52,32 @@ def test_additional_config_warns_on_a_near_miss(caplog):
     assert "weight_prefetch_cfg" in caplog.text
 
 
-@pytest.mark.parametrize(("text", "path", "hint"), [
-    ('{"enable": true}', "weight_prefetch_config.enable", "'enabled'"),
-    ('{"prefetch_ratio": {"mpl": {"down": 1}}}', "weight_prefetch_config.prefetch_ratio.mpl",
-     "'mlp'"),
-    ('{"prefetch_ratio": {"mlp": {"gate_up_proj": 1}}}',
-     "weight_prefetch_config.prefetch_ratio.mlp.gate_up_proj", "'gate_up'"),
-    ('{"prefetch_ratio": {"attn": {"qkv_proj": 1}}}',
-     "weight_prefetch_config.prefetch_ratio.attn.qkv_proj", "'qkv'"),
-    ('{"prefetch_ratio": {"moe": {"down": 1}}}',
-     "weight_prefetch_config.prefetch_ratio.moe.down", "expected one of ['gate_up']"),
-])
+@pytest.mark.parametrize(
+    ("text", "path", "hint"),
+    [
+        ('{"enable": true}', "weight_prefetch_config.enable", "'enabled'"),
+        (
+            '{"prefetch_ratio": {"mpl": {"down": 1}}}',
+            "weight_prefetch_config.prefetch_ratio.mpl",
+            "'mlp'",
+        ),
+        (
+            '{"prefetch_ratio": {"mlp": {"gate_up_proj": 1}}}',
+            "weight_prefetch_config.prefetch_ratio.mlp.gate_up_proj",
+            "'gate_up'",
+        ),
+        (
+            '{"prefetch_ratio": {"attn": {"qkv_proj": 1}}}',
+            "weight_prefetch_config.prefetch_ratio.attn.qkv_proj",
+            "'qkv'",
+        ),
+        (
+            '{"prefetch_ratio": {"moe": {"down": 1}}}',
+            "weight_prefetch_config.prefetch_ratio.moe.down",
+            "expected one of ['gate_up']",
+        ),
+    ],
+)
 def test_unknown_keys_are_named_with_a_suggestion(text, path, hint):
     with pytest.raises(ConfigError) as err:
         WeightPrefetchConfig.from_json(text)
@@ -66,8 +85,24 @@ def test_unknown_keys_are_named_with_a_suggestion(text, path, hint):
     assert hint in str(err.value)
 
 
-@pytest.mark.parametrize("bad", ["0.5", True, False, None, -0.1, 1.0001, 2, float("nan"),
-                                 float("inf"), float("-inf"), [0.5], {"x": 1}, 10**400])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "0.5",
+        True,
+        False,
+        None,
+        -0.1,
+        1.0001,
+        2,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        [0.5],
+        {"x": 1},
+        10**400,
+    ],
+)
 def test_bad_ratios_are_rejected(bad):
     with pytest.raises(ConfigError) as err:
         WeightPrefetchConfig.from_dict({"prefetch_ratio": {"attn": {"o": bad}}})
@@ -94,12 +129,15 @@ def test_the_string_false_never_enables():
         WeightPrefetchConfig.from_json('{"enabled": "false"}')
 
 
-@pytest.mark.parametrize(("value", "path"), [
-    ([], "weight_prefetch_config"),
-    ({"prefetch_ratio": [1]}, "weight_prefetch_config.prefetch_ratio"),
-    ({"prefetch_ratio": {"mlp": 1.0}}, "weight_prefetch_config.prefetch_ratio.mlp"),
-    ({"prefetch_ratio": {"attn": None}}, "weight_prefetch_config.prefetch_ratio.attn"),
-])
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ([], "weight_prefetch_config"),
+        ({"prefetch_ratio": [1]}, "weight_prefetch_config.prefetch_ratio"),
+        ({"prefetch_ratio": {"mlp": 1.0}}, "weight_prefetch_config.prefetch_ratio.mlp"),
+        ({"prefetch_ratio": {"attn": None}}, "weight_prefetch_config.prefetch_ratio.attn"),
+    ],
+)
 def test_sections_must_be_objects(value, path):
     with pytest.raises(ConfigError) as err:
         WeightPrefetchConfig.from_dict(value)
@@ -118,13 +156,16 @@ def test_max_prefetch_bytes_is_configurable():
     assert WeightPrefetchConfig.from_dict({"max_prefetch_bytes": 4096}).max_prefetch_bytes == 4096
 
 
-@pytest.mark.parametrize(("bad", "path"), [
-    ([], "weight_prefetch_config.windows"),
-    ("vector", "weight_prefetch_config.windows"),
-    (["vectr"], "weight_prefetch_config.windows[0]"),
-    (["vector", "vector"], "weight_prefetch_config.windows[1]"),
-    (["vector", 3], "weight_prefetch_config.windows[1]"),
-])
+@pytest.mark.parametrize(
+    ("bad", "path"),
+    [
+        ([], "weight_prefetch_config.windows"),
+        ("vector", "weight_prefetch_config.windows"),
+        (["vectr"], "weight_prefetch_config.windows[0]"),
+        (["vector", "vector"], "weight_prefetch_config.windows[1]"),
+        (["vector", 3], "weight_prefetch_config.windows[1]"),
+    ],
+)
 def test_windows_are_validated(bad, path):
     with pytest.raises(ConfigError) as err:
         WeightPrefetchConfig.from_dict({"windows": bad})
@@ -136,22 +177,28 @@ def test_windows_opt_in_is_normalized():
     assert cfg.windows == ("vector", "collective")
 
 
-@pytest.mark.parametrize(("text", "line", "col"), [
-    ('{"enabled": true,}', 1, 18),
-    ('{\n  "enabled": tru\n}', 2, 14),
-    ("", 1, 1),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "col"),
+    [
+        ('{"enabled": true,}', 1, 18),
+        ('{\n  "enabled": tru\n}', 2, 14),
+        ("", 1, 1),
+    ],
+)
 def test_malformed_json_reports_line_and_column(text, line, col):
     with pytest.raises(ConfigError) as err:
         WeightPrefetchConfig.from_json(text)
     assert f"line {line}, column {col}" in str(err.value)
 
 
-@pytest.mark.parametrize("text", [
-    '{"prefetch_ratio": {"attn": {"o": NaN}}}',
-    '{"prefetch_ratio": {"attn": {"o": Infinity}}}',
-    '{"enabled": true, "enabled": false}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"prefetch_ratio": {"attn": {"o": NaN}}}',
+        '{"prefetch_ratio": {"attn": {"o": Infinity}}}',
+        '{"enabled": true, "enabled": false}',
+    ],
+)
 def test_non_standard_json_is_rejected(text):
     with pytest.raises(ConfigError):
         WeightPrefetchConfig.from_json(text)
@@ -170,7 +217,9 @@ def test_ratio_zero_is_kept_as_zero():
 
 
 def test_frozen_hashable_and_digest_is_stable():
-    a = WeightPrefetchConfig.from_json('{"enabled": true, "prefetch_ratio": {"mlp": {"down": 0.5}}}')
+    a = WeightPrefetchConfig.from_json(
+        '{"enabled": true, "prefetch_ratio": {"mlp": {"down": 0.5}}}'
+    )
     b = WeightPrefetchConfig.from_dict(json.loads(a.to_json()))
     assert a == b and hash(a) == hash(b) and a.digest == b.digest and len(a.digest) == 16
     assert a.digest != a.with_enabled(False).digest
@@ -180,29 +229,67 @@ def test_frozen_hashable_and_digest_is_stable():
 
 
 def test_ratios_lookup_rejects_unknown_roles():
-    with pytest.raises(KeyError, match="mlp.down"):
+    with pytest.raises(KeyError, match=r"mlp\.down"):
         WeightPrefetchConfig().ratio("mlp.dwn")
 
 
 # -- property: any JSON-like value is accepted and round-trips, or raises ConfigError ---------
-_scalars = st.none() | st.booleans() | st.integers(-3, 10**20) | st.floats(allow_nan=True) | \
-    st.text(max_size=8)
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-    st.sampled_from(["enabled", "enable", "prefetch_ratio", "attn", "mlp", "moe", "qkv", "o",
-                     "gate_up", "down", "max_prefetch_bytes", "sequence_parallel", "windows",
-                     "vector", "x"]) | st.text(max_size=5), inner, max_size=4), max_leaves=12)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10**20)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "enabled",
+                    "enable",
+                    "prefetch_ratio",
+                    "attn",
+                    "mlp",
+                    "moe",
+                    "qkv",
+                    "o",
+                    "gate_up",
+                    "down",
+                    "max_prefetch_bytes",
+                    "sequence_parallel",
+                    "windows",
+                    "vector",
+                    "x",
+                ]
+            )
+            | st.text(max_size=5),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 _ratio = st.one_of(st.floats(0, 1), st.integers(0, 1), st.just(0.0), st.just(1.0))
-_valid = st.fixed_dictionaries({}, optional={
-    "enabled": st.booleans(),
-    "prefetch_ratio": st.fixed_dictionaries({}, optional={
-        "attn": st.fixed_dictionaries({}, optional={"qkv": _ratio, "o": _ratio}),
-        "moe": st.fixed_dictionaries({}, optional={"gate_up": _ratio}),
-        "mlp": st.fixed_dictionaries({}, optional={"gate_up": _ratio, "down": _ratio}),
-    }),
-    "max_prefetch_bytes": st.integers(1, 2**40),
-    "sequence_parallel": st.booleans(),
-    "windows": st.sampled_from([["vector"], ["collective"], ["vector", "collective"]]),
-})
+_valid = st.fixed_dictionaries(
+    {},
+    optional={
+        "enabled": st.booleans(),
+        "prefetch_ratio": st.fixed_dictionaries(
+            {},
+            optional={
+                "attn": st.fixed_dictionaries({}, optional={"qkv": _ratio, "o": _ratio}),
+                "moe": st.fixed_dictionaries({}, optional={"gate_up": _ratio}),
+                "mlp": st.fixed_dictionaries({}, optional={"gate_up": _ratio, "down": _ratio}),
+            },
+        ),
+        "max_prefetch_bytes": st.integers(1, 2**40),
+        "sequence_parallel": st.booleans(),
+        "windows": st.sampled_from([["vector"], ["collective"], ["vector", "collective"]]),
+    },
+)
 
 
 def _accepts_or_config_error(value) -> None:
@@ -223,10 +310,8 @@ def test_arbitrary_json_is_accepted_or_config_error(value):
         text = json.dumps(value, allow_nan=True)
     except (TypeError, ValueError):
         return
-    try:
+    with contextlib.suppress(ConfigError):
         WeightPrefetchConfig.from_json(text)
-    except ConfigError:
-        pass
 
 
 @settings(max_examples=200)

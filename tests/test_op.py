@@ -33,16 +33,20 @@ def test_schema_matches_torch_npu_npu_prefetch():
     assert [a[0] for a in _signature(ours)] == [a[0] for a in _signature(theirs)]
     assert _signature(ours)[1:] == _signature(theirs)[1:]  # torch_npu names the first "self"
     assert len(ours.returns) == len(theirs.returns) == 0
-    assert str(ours) == ("fxprefetch::prefetch(Tensor weight, Tensor? dependency, int max_size, "
-                         "int offset=0) -> ()")
+    assert str(ours) == (
+        "fxprefetch::prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
+    )
 
 
-@pytest.mark.parametrize(("max_size", "offset", "message"), [
-    (0, 0, "max_size must be > 0"),
-    (-5, 0, "max_size must be > 0"),
-    (8, -1, "offset must be in"),
-    (8, 64, "offset must be in"),
-])
+@pytest.mark.parametrize(
+    ("max_size", "offset", "message"),
+    [
+        (0, 0, "max_size must be > 0"),
+        (-5, 0, "max_size must be > 0"),
+        (8, -1, "offset must be in"),
+        (8, 64, "offset must be in"),
+    ],
+)
 def test_argument_checks(max_size, offset, message):
     w = torch.zeros(4, 4)  # 64 bytes
     with pytest.raises(RuntimeError, match=message):
@@ -150,8 +154,7 @@ def test_survives_inductor_and_runs(fresh_dynamo):
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     x = torch.randn(3, 8)
-    with torch._inductor.config.patch(post_grad_custom_post_pass=insert_prefetch), \
-            torch.no_grad():
+    with torch._inductor.config.patch(post_grad_custom_post_pass=insert_prefetch), torch.no_grad():
         compiled = torch.compile(model, backend="inductor")
         with fxprefetch.collect_stats() as s:
             out = compiled(x)

@@ -8,11 +8,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from npu_standins import install_op_standins
+from synthetic import SynthModel, SynthSpec
 from torch import nn
+from tracing import export_aten, fake_trace, run_graph
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.ops import prefetch as PREFETCH
-from npu_standins import install_op_standins
+from fxprefetch.ops import PREFETCH_OP as PREFETCH
 from passes import (
     add_role_rule,
     classify,
@@ -23,8 +25,6 @@ from passes import (
 from passes import roles as roles_module
 from passes.graph_utils import normalize_source_path, op_name
 from passes.roles import match_role
-from synthetic import SynthModel, SynthSpec
-from tracing import export_aten, fake_trace, run_graph
 
 ON = WeightPrefetchConfig(enabled=True)
 
@@ -55,10 +55,11 @@ def _fresh(dense):
 
 
 def test_llama_layer_windows_and_dependencies(dense):
-    model, ids, gm, names = _fresh(dense)
-    plan = run_weight_prefetch(gm, ON.with_enabled(), weight_names=names)
+    _, _, gm, names = _fresh(dense)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
     rec = {r.weight: r for r in plan}
-    qkv0, qkv1 = rec["layers.0.self_attn.qkv_proj.weight"], rec["layers.1.self_attn.qkv_proj.weight"]
+    qkv0 = rec["layers.0.self_attn.qkv_proj.weight"]
+    qkv1 = rec["layers.1.self_attn.qkv_proj.weight"]
     assert qkv0.dependency_op == "aten::embedding"
     assert qkv1.dependency == rec["layers.0.mlp.down_proj.weight"].node  # previous down mm
     for r in (qkv0, qkv1):
@@ -105,21 +106,33 @@ def test_outputs_unchanged_and_prefetches_execute(dense):
     assert s.bytes_requested == sum(r.prefetch_bytes for r in plan.prefetched)
 
 
-@pytest.mark.parametrize(("ratio", "cap", "dtype"), [
-    (1.0, 18 * 1024 * 1024, torch.float32), (0.5, 18 * 1024 * 1024, torch.bfloat16),
-    (0.3, 1000, torch.float16), (0.77, 4096, torch.float32), (1e-6, 4096, torch.float32),
-])
+@pytest.mark.parametrize(
+    ("ratio", "cap", "dtype"),
+    [
+        (1.0, 18 * 1024 * 1024, torch.float32),
+        (0.5, 18 * 1024 * 1024, torch.bfloat16),
+        (0.3, 1000, torch.float16),
+        (0.77, 4096, torch.float32),
+        (1e-6, 4096, torch.float32),
+    ],
+)
 def test_sizes_follow_the_formula_and_cap(ratio, cap, dtype):
     model = SynthModel(SynthSpec(layers=1, hidden=64, intermediate=128, dtype=dtype)).eval()
     ids = torch.randint(0, 64, (1, 4))
     gm, names = export_aten(model, ids)
-    cfg = WeightPrefetchConfig.from_dict({
-        "enabled": True, "max_prefetch_bytes": cap,
-        "prefetch_ratio": {"attn": {"qkv": ratio}, "mlp": {"gate_up": ratio}}})
+    cfg = WeightPrefetchConfig.from_dict(
+        {
+            "enabled": True,
+            "max_prefetch_bytes": cap,
+            "prefetch_ratio": {"attn": {"qkv": ratio}, "mlp": {"gate_up": ratio}},
+        }
+    )
     plan = run_weight_prefetch(gm, cfg, weight_names=names)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    expected = {"layers.0.self_attn.qkv_proj.weight": 3 * 64 * 64 * itemsize,
-                "layers.0.mlp.gate_up_proj.weight": 2 * 128 * 64 * itemsize}
+    expected = {
+        "layers.0.self_attn.qkv_proj.weight": 3 * 64 * 64 * itemsize,
+        "layers.0.mlp.gate_up_proj.weight": 2 * 128 * 64 * itemsize,
+    }
     for r in plan:
         if r.weight not in expected:
             continue
@@ -134,8 +147,9 @@ def test_sizes_follow_the_formula_and_cap(ratio, cap, dtype):
 
 def test_ratio_zero_and_disabled_insert_nothing(dense):
     _, _, gm, names = _fresh(dense)
-    cfg = WeightPrefetchConfig.from_dict({"enabled": True, "prefetch_ratio": {
-        "attn": {"qkv": 0}, "mlp": {"gate_up": 0}}})
+    cfg = WeightPrefetchConfig.from_dict(
+        {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 0}, "mlp": {"gate_up": 0}}}
+    )
     plan = run_weight_prefetch(gm, cfg, weight_names=names)
     assert not _prefetches(gm)
     assert {r.skip_reason for r in plan.by_role("attn.qkv")} == {SkipReason.ZERO_RATIO}
@@ -146,8 +160,9 @@ def test_ratio_zero_and_disabled_insert_nothing(dense):
 
 def test_mlp_down_with_declared_sequence_parallel(dense):
     _, _, gm, names = _fresh(dense)
-    plan = run_weight_prefetch(gm, WeightPrefetchConfig(enabled=True, sequence_parallel=True),
-                               weight_names=names)
+    plan = run_weight_prefetch(
+        gm, WeightPrefetchConfig(enabled=True, sequence_parallel=True), weight_names=names
+    )
     downs = plan.by_role("mlp.down")
     assert len(downs) == 2 and all(r.prefetched for r in downs)
     assert all({"aten::mul"} <= set(r.window) for r in downs)
@@ -160,17 +175,23 @@ class SPBlock(nn.Module):
         super().__init__()
         self.collectives = collectives
         self.post_attention_layernorm = nn.LayerNorm(16)
-        self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(16, 64, bias=False),
-                                  "down_proj": nn.Linear(32, 16, bias=False)})
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_up_proj": nn.Linear(16, 64, bias=False),
+                "down_proj": nn.Linear(32, 16, bias=False),
+            }
+        )
 
     def forward(self, x):
         if self.collectives:
             x = torch.ops._c10d_functional.wait_tensor(
-                torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", 2, "0"))
+                torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", 2, "0")
+            )
         h = self.post_attention_layernorm(x)
         if self.collectives:
             h = torch.ops._c10d_functional.wait_tensor(
-                torch.ops._c10d_functional.all_gather_into_tensor(h, 2, "0"))
+                torch.ops._c10d_functional.all_gather_into_tensor(h, 2, "0")
+            )
         gate, up = self.mlp["gate_up_proj"](h).chunk(2, -1)
         return self.mlp["down_proj"](F.silu(gate) * up)
 
@@ -195,8 +216,9 @@ def test_collective_window_starts_at_the_collective_input():
     assert gate_up.window_kind == "collective"
     assert gate_up.window[0] == "_c10d_functional::all_gather_into_tensor"
     pf = _node(gm, gate_up.prefetch_node)
-    gather = next(n for n in gm.graph.nodes
-                  if op_name(n) == "_c10d_functional::all_gather_into_tensor")
+    gather = next(
+        n for n in gm.graph.nodes if op_name(n) == "_c10d_functional::all_gather_into_tensor"
+    )
     order = _order(gm)
     assert pf.args[1] is gather.args[0] and order[pf] < order[gather]
 
@@ -208,7 +230,8 @@ def test_second_run_adds_nothing(dense):
     second = run_weight_prefetch(gm, ON, weight_names=names)
     assert len(gm.graph.nodes) == nodes and not second.prefetched
     assert {r.node for r in second if r.skip_reason == SkipReason.ALREADY_PREFETCHED} == {
-        r.node for r in first.prefetched}
+        r.node for r in first.prefetched
+    }
 
 
 def test_strip_restores_the_original_code(dense):
@@ -273,6 +296,7 @@ def test_moe_experts_behind_gating_and_routing():
 
 # -- torch_npu ops (stand-ins with the exact schemas; see tests/npu_standins.py) -------------
 
+
 class W8A8Attention(nn.Module):
     """vllm-ascend style W8A8: add+RMSNorm, dynamic quant, quant matmul; quant before o."""
 
@@ -289,15 +313,18 @@ class W8A8Attention(nn.Module):
     def forward(self, x, residual):
         h, _, residual = torch.ops.npu.npu_add_rms_norm(x, residual, self.gamma)
         q, scale = torch.ops.npu.npu_dynamic_quant(h)
-        qkv = torch.ops.npu.npu_quant_matmul(q, self.qkv_proj.weight, self.qkv_proj.deq_scale,
-                                             pertoken_scale=scale)
+        qkv = torch.ops.npu.npu_quant_matmul(
+            q, self.qkv_proj.weight, self.qkv_proj.deq_scale, pertoken_scale=scale
+        )
         attn = qkv[:, :32] * torch.sigmoid(qkv[:, 32:64]).to(qkv.dtype)  # stands for attention
         heads = attn.view(1, 4, 4, 8).float()
-        attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            heads, heads, heads)[0].reshape(4, 32)
+        attn = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(heads, heads, heads)[
+            0
+        ].reshape(4, 32)
         q2, scale2 = torch.ops.npu.npu_dynamic_quant(attn.reshape(-1, 32))
-        return torch.ops.npu.npu_quant_matmul(q2, self.o_proj.weight, self.o_proj.deq_scale,
-                                              pertoken_scale=scale2), residual
+        return torch.ops.npu.npu_quant_matmul(
+            q2, self.o_proj.weight, self.o_proj.deq_scale, pertoken_scale=scale2
+        ), residual
 
 
 def test_w8a8_npu_ops_qkv_and_o_behind_quantize():
@@ -315,8 +342,10 @@ def test_w8a8_npu_ops_qkv_and_o_behind_quantize():
     assert qkv.dtype == "torch.int8" and qkv.weight_bytes == 32 * 96 and qkv.prefetched
     assert o.prefetched and "npu::npu_dynamic_quant" in o.window
     assert o.dependency_op == "getitem"  # output 0 of the attention op
-    assert _node(gm, o.dependency).args[0].target is \
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert (
+        _node(gm, o.dependency).args[0].target
+        is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    )
     out = run_graph(gm, model, names, x, res)
     assert all(torch.equal(a, b) for a, b in zip(ref, out, strict=True))
 
@@ -335,11 +364,13 @@ class NpuMoE(nn.Module):
         order = torch.argsort(idx.view(-1))
         tokens = h[order]
         counts = torch.bincount(idx.view(-1).long(), minlength=4).cumsum(0)
-        up = torch.ops.npu.npu_grouped_matmul([tokens], [self.experts.w13_weight],
-                                              group_list=counts)[0]
+        up = torch.ops.npu.npu_grouped_matmul(
+            [tokens], [self.experts.w13_weight], group_list=counts
+        )[0]
         act = torch.ops.npu.npu_swiglu(up)
-        down = torch.ops.npu.npu_grouped_matmul([act], [self.experts.w2_weight],
-                                                group_list=counts)[0]
+        down = torch.ops.npu.npu_grouped_matmul([act], [self.experts.w2_weight], group_list=counts)[
+            0
+        ]
         return down * w.view(-1, 1)[order]
 
 
@@ -357,30 +388,34 @@ def test_npu_grouped_matmul_moe_behind_gating_top_k():
 
 # -- tables users extend -----------------------------------------------------------------
 
-@pytest.mark.parametrize(("path", "role"), [
-    ("model.layers.3.self_attn.qkv_proj", "attn.qkv"),
-    ("model.layers.3.self_attn.q_proj", "attn.qkv"),
-    ("model.layers.3.self_attn.v_proj", "attn.qkv"),
-    ("model.layers.3.self_attn.o_proj", "attn.o"),
-    ("transformer.h.0.self_attention.dense", "attn.o"),
-    ("model.layers.0.self_attn.q_a_proj", "attn.qkv"),
-    ("model.layers.0.self_attn.kv_a_proj_with_mqa", "attn.qkv"),
-    ("model.layers.0.self_attn.kv_b_proj", "attn.qkv"),
-    ("model.layers.0.self_attn.fused_qkv_a_proj", "attn.qkv"),
-    ("model.layers.0.mlp.gate_up_proj", "mlp.gate_up"),
-    ("model.layers.0.mlp.gate_proj", "mlp.gate_up"),
-    ("model.layers.0.mlp.down_proj", "mlp.down"),
-    ("model.layers.0.mlp.shared_experts.gate_up_proj", "mlp.gate_up"),
-    ("model.layers.0.mlp.experts.w13_weight", "moe.gate_up"),
-    ("model.layers.0.mlp.experts.gate_up_proj", "moe.gate_up"),
-    ("model.layers.0.block_sparse_moe.experts.3.w1", "moe.gate_up"),
-    ("model.layers.0.block_sparse_moe.experts.3.w3", "moe.gate_up"),
-    ("model.layers.0.mlp.experts.7.up_proj", "moe.gate_up"),
-    ("model.layers.0.mlp.experts.w2_weight", None),
-    ("model.layers.0.block_sparse_moe.experts.3.w2", None),
-    ("model.layers.0.mlp.gate", None),
-    ("lm_head", None),
-])
+
+@pytest.mark.parametrize(
+    ("path", "role"),
+    [
+        ("model.layers.3.self_attn.qkv_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.q_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.v_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.o_proj", "attn.o"),
+        ("transformer.h.0.self_attention.dense", "attn.o"),
+        ("model.layers.0.self_attn.q_a_proj", "attn.qkv"),
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa", "attn.qkv"),
+        ("model.layers.0.self_attn.kv_b_proj", "attn.qkv"),
+        ("model.layers.0.self_attn.fused_qkv_a_proj", "attn.qkv"),
+        ("model.layers.0.mlp.gate_up_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.gate_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.down_proj", "mlp.down"),
+        ("model.layers.0.mlp.shared_experts.gate_up_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.experts.w13_weight", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.gate_up_proj", "moe.gate_up"),
+        ("model.layers.0.block_sparse_moe.experts.3.w1", "moe.gate_up"),
+        ("model.layers.0.block_sparse_moe.experts.3.w3", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.7.up_proj", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.w2_weight", None),
+        ("model.layers.0.block_sparse_moe.experts.3.w2", None),
+        ("model.layers.0.mlp.gate", None),
+        ("lm_head", None),
+    ],
+)
 def test_default_role_rules(path, role):
     rule = match_role(path)
     assert rule is not None and rule.role == role
@@ -436,14 +471,19 @@ def test_classification_of_common_ops(dense):
     assert kinds["aten::view"] == kinds["aten::permute"] == "transparent"
 
 
-@pytest.mark.parametrize(("raw", "path"), [
-    ("L['self'].model.layers[0].mlp", "model.layers.0.mlp"),
-    ("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']",
-     "model.layers.0.weight"),
-    ("L['args'][0].model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj"),
-    ("getattr(L['self'].layers, '2').mlp", "layers.2.mlp"),
-    ("layers.0.mlp", "layers.0.mlp"),
-])
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("L['self'].model.layers[0].mlp", "model.layers.0.mlp"),
+        (
+            "L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']",
+            "model.layers.0.weight",
+        ),
+        ("L['args'][0].model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj"),
+        ("getattr(L['self'].layers, '2').mlp", "layers.2.mlp"),
+        ("layers.0.mlp", "layers.0.mlp"),
+    ],
+)
 def test_source_paths_normalize(raw, path):
     assert normalize_source_path(raw) == path
 

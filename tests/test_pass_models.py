@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tracing import export_aten, run_graph
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.models import build_model
 from passes import run_weight_prefetch
-from tracing import export_aten, run_graph
 
 pytest.importorskip("transformers")
 
@@ -46,8 +46,10 @@ def test_every_linear_of_every_layer(traced):
             else:
                 assert r.dependency == prev_out  # the previous layer's last matmul
         assert o.role == "attn.o" and o.skip_reason == SkipReason.EMPTY_WINDOW
-        assert by_node[o.dependency].args[0].target is \
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        assert (
+            by_node[o.dependency].args[0].target
+            is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        )
         if moe:
             router = rec[f"{p}.mlp.gate.weight"]
             up = rec[f"{p}.mlp.experts.gate_up_proj"]

@@ -8,13 +8,13 @@ import copy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.ops import prefetch as PREFETCH
-from passes import run_weight_prefetch, strip_prefetch
-from passes.weight_prefetch import META_KEY, prefetch_bytes
 from synthetic import SynthModel, SynthSpec, expected_roles
 from tracing import export_aten, run_graph
+
+from fxprefetch import SkipReason, WeightPrefetchConfig
+from fxprefetch.ops import PREFETCH_OP as PREFETCH
+from passes import run_weight_prefetch, strip_prefetch
+from passes.weight_prefetch import META_KEY, prefetch_bytes
 
 specs = st.builds(
     SynthSpec,
@@ -31,12 +31,25 @@ specs = st.builds(
 )
 ratios = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
 configs = st.builds(
-    lambda qkv, o, moe, gate_up, down, cap, sp: WeightPrefetchConfig.from_dict({
-        "enabled": True, "max_prefetch_bytes": cap, "sequence_parallel": sp,
-        "prefetch_ratio": {"attn": {"qkv": qkv, "o": o}, "moe": {"gate_up": moe},
-                           "mlp": {"gate_up": gate_up, "down": down}}}),
-    ratios, ratios, ratios, ratios, ratios,
-    st.sampled_from([18 * 1024 * 1024, 4096, 1000, 1]), st.booleans(),
+    lambda qkv, o, moe, gate_up, down, cap, sp: WeightPrefetchConfig.from_dict(
+        {
+            "enabled": True,
+            "max_prefetch_bytes": cap,
+            "sequence_parallel": sp,
+            "prefetch_ratio": {
+                "attn": {"qkv": qkv, "o": o},
+                "moe": {"gate_up": moe},
+                "mlp": {"gate_up": gate_up, "down": down},
+            },
+        }
+    ),
+    ratios,
+    ratios,
+    ratios,
+    ratios,
+    ratios,
+    st.sampled_from([18 * 1024 * 1024, 4096, 1000, 1]),
+    st.booleans(),
 )
 
 
@@ -81,8 +94,12 @@ def test_pass_invariants(spec, config, seed):
         val = node.args[0].meta["val"]
         nbytes = val.numel() * val.element_size()
         assert r.weight_bytes == nbytes
-        assert node.args[2] == r.prefetch_bytes == prefetch_bytes(
-            config.ratio(r.role), nbytes, config.max_prefetch_bytes)[0] > 0
+        assert (
+            node.args[2]
+            == r.prefetch_bytes
+            == prefetch_bytes(config.ratio(r.role), nbytes, config.max_prefetch_bytes)[0]
+            > 0
+        )
         assert "val" in node.meta and node.meta["val"] is None
     # what was skipped was skipped for a reason the config or graph gives
     for r in plan.skipped:
@@ -99,8 +116,11 @@ def test_pass_invariants(spec, config, seed):
                 assert r.role == "attn.o" and not spec.act_quant
     # roles that always have vector work before them are always prefetched when asked for
     for r in plan:
-        if r.role in ("attn.qkv", "mlp.gate_up", "moe.gate_up") and config.ratio(r.role) > 0 \
-                and int(config.ratio(r.role) * r.weight_bytes) > 0:
+        if (
+            r.role in ("attn.qkv", "mlp.gate_up", "moe.gate_up")
+            and config.ratio(r.role) > 0
+            and int(config.ratio(r.role) * r.weight_bytes) > 0
+        ):
             assert r.prefetched
 
     # idempotent: a second run adds nothing

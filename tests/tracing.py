@@ -7,8 +7,9 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx import GraphModule
 
 
-def export_aten(model: torch.nn.Module, *args: torch.Tensor,
-                **kwargs: object) -> tuple[GraphModule, dict[str, str]]:
+def export_aten(
+    model: torch.nn.Module, *args: torch.Tensor, **kwargs: object
+) -> tuple[GraphModule, dict[str, str]]:
     """Export ``model`` and decompose it like inductor does.
 
     Returns the aten graph module and a map from its placeholder names to parameter paths.
@@ -20,23 +21,34 @@ def export_aten(model: torch.nn.Module, *args: torch.Tensor,
     names |= dict(ep.graph_signature.inputs_to_buffers)
     gm = ep.graph_module
     # constant user inputs (use_cache=False) and lifted tensor constants, fed back by run_graph
-    constants = {spec.arg.name: spec.arg.value for spec in ep.graph_signature.input_specs
-                 if isinstance(spec.arg, torch.export.graph_signature.ConstantArgument)}
-    constants |= {name: ep.constants[target] for name, target in
-                  ep.graph_signature.inputs_to_lifted_tensor_constants.items()}
+    constants = {
+        spec.arg.name: spec.arg.value
+        for spec in ep.graph_signature.input_specs
+        if isinstance(spec.arg, torch.export.graph_signature.ConstantArgument)
+    }
+    constants |= {
+        name: ep.constants[target]
+        for name, target in ep.graph_signature.inputs_to_lifted_tensor_constants.items()
+    }
     gm.meta["constant_inputs"] = constants
     return gm, names
 
 
-def run_graph(gm: GraphModule, model: torch.nn.Module, names: dict[str, str],
-              *args: torch.Tensor) -> list[torch.Tensor]:
+def run_graph(
+    gm: GraphModule, model: torch.nn.Module, names: dict[str, str], *args: torch.Tensor
+) -> list[torch.Tensor]:
     """Run an exported aten graph with ``model``'s parameters and the user inputs ``args``."""
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     user = iter(args)
     constants = gm.meta.get("constant_inputs", {})
-    inputs = [state[names[n.name]] if n.name in names else
-              constants[n.name] if n.name in constants else next(user)
-              for n in gm.graph.find_nodes(op="placeholder")]
+    inputs = [
+        state[names[n.name]]
+        if n.name in names
+        else constants[n.name]
+        if n.name in constants
+        else next(user)
+        for n in gm.graph.find_nodes(op="placeholder")
+    ]
     with torch.no_grad():
         out = gm(*inputs)
     return list(out) if isinstance(out, (list, tuple)) else [out]
@@ -54,7 +66,11 @@ def fake_trace(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule
     def call(params: dict[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(model, params, inputs)
 
-    gm = make_fx(call, tracing_mode="fake", record_module_stack=True,
-                 decomposition_table=select_decomp_table())(state, *args)
+    gm = make_fx(
+        call,
+        tracing_mode="fake",
+        record_module_stack=True,
+        decomposition_table=select_decomp_table(),
+    )(state, *args)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     return gm, {p.name: path for p, path in zip(placeholders, state, strict=False)}

@@ -13,12 +13,17 @@ from torch._inductor.decomposition import select_decomp_table
 from fxprefetch.planner import GraphPlanner
 
 
-def compile_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                  planner: GraphPlanner) -> Callable[..., Any]:
+def compile_eager(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], planner: GraphPlanner
+) -> Callable[..., Any]:
     def compiler(aten_gm: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable[..., Any]:
         planner(aten_gm)
         return make_boxed_func(aten_gm.forward)
 
-    backend = aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
-                           inference_compiler=compiler, decompositions=select_decomp_table())
+    backend = aot_autograd(
+        fw_compiler=compiler,
+        bw_compiler=compiler,
+        inference_compiler=compiler,
+        decompositions=select_decomp_table(),
+    )
     return backend(gm, example_inputs)

@@ -19,7 +19,8 @@ try:  # torch >= 2.9
 except ImportError:  # pragma: no cover - older torch
     CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
 
-_SOURCE_ROOTS = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "passes")
+_HERE = Path(__file__).resolve()
+_SOURCE_ROOTS = (_HERE.parents[1], _HERE.parents[2] / "passes")
 
 
 def source_digest() -> str:
@@ -61,8 +62,12 @@ class PrefetchGraphPass(CustomGraphPass):
         self.planner(gm)
 
     def uuid(self) -> str | None:
-        parts = [self.planner.config.digest, source_digest(),
-                 json.dumps(self.planner.source_names), str(self.planner.strict)]
+        parts = [
+            self.planner.config.digest,
+            source_digest(),
+            json.dumps(self.planner.source_names),
+            str(self.planner.strict),
+        ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
             if uuid is None:
@@ -74,8 +79,12 @@ class PrefetchGraphPass(CustomGraphPass):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                     planner: GraphPlanner, mode: str | None = None) -> Callable[..., Any]:
+def compile_inductor(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    planner: GraphPlanner,
+    mode: str | None = None,
+) -> Callable[..., Any]:
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 

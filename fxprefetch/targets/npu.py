@@ -33,7 +33,8 @@ def import_torchair() -> Any:
         except ImportError:
             raise NpuUnavailableError(
                 "target 'npu' needs torchair, which ships with torch_npu (and needs Ascend's CANN "
-                f"toolkit): {exc}") from exc
+                f"toolkit): {exc}"
+            ) from exc
     return torchair
 
 
@@ -56,12 +57,14 @@ def single_stream_enabled(compiler_config: Any) -> bool:
     return False
 
 
-def make_post_pass(planner: GraphPlanner, user_pass: Callable[..., Any] | None
-                   ) -> Callable[..., None]:
+def make_post_pass(
+    planner: GraphPlanner, user_pass: Callable[..., Any] | None
+) -> Callable[..., None]:
     """torchair's ``post_grad_custom_post_pass``: the user's pass, ours, then the lowering."""
 
-    def post_grad_custom_post_pass(gm: torch.fx.GraphModule, example_inputs: Any,
-                                   config: Any) -> None:
+    def post_grad_custom_post_pass(
+        gm: torch.fx.GraphModule, example_inputs: Any, config: Any
+    ) -> None:
         if user_pass is not None:
             user_pass(gm, example_inputs, config)
         planner(gm)
@@ -76,19 +79,26 @@ def configure_torchair(planner: GraphPlanner, compiler_config: Any = None) -> An
     torchair = import_torchair()
     cfg = copy.copy(compiler_config) if compiler_config is not None else torchair.CompilerConfig()
     if single_stream_enabled(cfg):
-        message = ("torchair's enable_single_stream cannot be combined with npu_prefetch; "
-                   "compiling without prefetch")
+        message = (
+            "torchair's enable_single_stream cannot be combined with npu_prefetch; "
+            "compiling without prefetch"
+        )
         if planner.strict:
             raise ValueError(message)
         logger.warning(message)
         return cfg
     cfg.post_grad_custom_post_pass = make_post_pass(
-        planner, getattr(cfg, "post_grad_custom_post_pass", None))
+        planner, getattr(cfg, "post_grad_custom_post_pass", None)
+    )
     return cfg
 
 
-def compile_npu(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], planner: GraphPlanner,
-                compiler_config: Any = None) -> Callable[..., Any]:
+def compile_npu(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    planner: GraphPlanner,
+    compiler_config: Any = None,
+) -> Callable[..., Any]:
     torchair = import_torchair()
     cfg = configure_torchair(planner, compiler_config)
     return torchair.get_npu_backend(compiler_config=cfg)(gm, example_inputs)

@@ -1,0 +1,259 @@
+"""Command line: ``fxprefetch demo`` and ``fxprefetch plan`` (also ``python -m fxprefetch``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fxprefetch.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+class Progress:
+    """A stage counter on stderr: ``[2/3] tracing and planning ... 3.1s``."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+
+    @contextmanager
+    def stage(self, text: str) -> Iterator[None]:
+        self.done += 1
+        start = time.perf_counter()
+        if self.enabled:
+            sys.stderr.write(f"[{self.done}/{self.total}] {text} ...")
+            sys.stderr.flush()
+        try:
+            yield
+        finally:
+            if self.enabled:
+                sys.stderr.write(f" {time.perf_counter() - start:.1f}s\n")
+                sys.stderr.flush()
+
+
+def _json_arg(value: str | None, what: str) -> str | None:
+    """A JSON string, or the path of a file holding one."""
+    if value is None:
+        return None
+    stripped = value.strip()
+    if stripped.startswith(("{", "[")) or not stripped:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise CliError(f"{what}: neither JSON nor a readable file: {value!r}")
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CliError(f"{what}: cannot read {value}: {exc}") from None
+
+
+def _config_option(args: argparse.Namespace) -> dict[str, Any] | None:
+    config = _json_arg(args.config, "--config")
+    additional = _json_arg(getattr(args, "additional_config", None), "--additional-config")
+    if config is not None:
+        return {"weight_prefetch_config": config}
+    if additional is not None:
+        return {"additional_config": additional}
+    return None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fxprefetch.models import PRESETS, preset_names
+
+    parser = _Parser(prog="fxprefetch", description="Weight-prefetch planning for LLM graphs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo",
+        help="compile a tiny model with backend='npu_prefetch', "
+        "show its plan, run it and compare with eager",
+    )
+    demo.add_argument("--model", default="llama-tiny", choices=preset_names(tiny=True))
+    demo.add_argument("--target", default="auto", choices=["auto", "inductor", "eager", "npu"])
+    demo.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
+
+    plan = sub.add_parser(
+        "plan",
+        help="show what weight prefetch will do for a model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {n:18} {p.description}" for n, p in PRESETS.items()),
+    )
+    plan.add_argument(
+        "--model",
+        default="llama-tiny",
+        help="a preset name or the path of a Hugging Face config.json",
+    )
+    group = plan.add_mutually_exclusive_group()
+    group.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
+    group.add_argument("--additional-config", help="vllm-ascend --additional-config JSON")
+    plan.add_argument(
+        "--layers",
+        type=_positive_int,
+        help="decoder layers to build (default: all for tiny presets, 4 otherwise)",
+    )
+    plan.add_argument("--tokens", type=_positive_int, default=16, help="tokens per forward")
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument("--output", help="write the table or JSON to this file")
+    plan.add_argument(
+        "--no-fold", action="store_true", help="one row per linear even for identical layers"
+    )
+    plan.add_argument("--svg", help="draw the overlap timeline to this SVG file")
+    plan.add_argument("--png", help="draw the overlap timeline to this PNG file")
+    plan.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from fxprefetch.explain import explain
+    from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
+    from fxprefetch.options import parse_options
+    from fxprefetch.plan import render_table, render_totals
+
+    options = _config_option(args)
+    config = parse_options(options).config if options else None  # validate before building
+    preset = PRESETS.get(args.model)
+    layers = args.layers
+    total_layers = load_config(args.model).num_hidden_layers
+    if layers is None and not (preset and preset.tiny):
+        layers = min(4, total_layers)
+    progress = Progress(3 + bool(args.svg) + bool(args.png), enabled=not args.quiet)
+    with progress.stage(
+        f"building {args.model} ({layers or total_layers} of {total_layers} layers, meta device)"
+        if not (preset and preset.tiny)
+        else f"building {args.model}"
+    ):
+        model = build_model(
+            args.model, layers=layers, device="cpu" if preset and preset.tiny else "meta"
+        )
+        inputs = example_inputs(model, tokens=args.tokens)
+    with progress.stage("tracing and planning"):
+        plans = explain(model, config=config, **inputs)
+    with progress.stage("rendering"):
+        if args.format == "json":
+            text = json.dumps(
+                {
+                    "model": args.model,
+                    "layers_built": layers or total_layers,
+                    "layers_total": total_layers,
+                    "plans": [p.to_dict() for p in plans],
+                },
+                indent=2,
+            )
+        else:
+            text = render_table(plans, fold=not args.no_fold) + "\n" + render_totals(plans)
+            if layers and layers < total_layers:
+                text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
+    for path in filter(None, (args.svg, args.png)):
+        from fxprefetch.timeline import draw_timeline
+
+        with progress.stage(f"drawing {path}"):
+            draw_timeline(plans, path, title=f"{args.model}: weight prefetch overlap")
+    _emit(text, args.output)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import fxprefetch
+    from fxprefetch.models import build_model, example_inputs
+    from fxprefetch.plan import render_table
+
+    options: dict[str, Any] = {"target": args.target}
+    config = _config_option(args)
+    if config:
+        options.update(config)
+    from fxprefetch.options import parse_options
+
+    parse_options(options)  # validate before compiling
+    model = build_model(args.model)
+    inputs = example_inputs(model)
+    fxprefetch.clear_plans()
+    compiled = torch.compile(model, backend="npu_prefetch", options=options)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        out = compiled(**inputs).logits  # compiles
+        with fxprefetch.collect_stats() as ran:
+            out = compiled(**inputs).logits
+    from fxprefetch.backend import resolve_target
+
+    plans = fxprefetch.last_plans()
+    print(
+        f'{args.model} compiled with torch.compile(backend="npu_prefetch"), target '
+        f"{resolve_target(args.target)}:\n"
+    )
+    print(render_table(plans))
+    diff = (out - expected).abs().max().item()
+    match = torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    planned = sum(len(p.prefetched) for p in plans)
+    print(f"\noutputs match eager: {'yes' if match else 'NO'} (max abs difference {diff:.2e})")
+    print(
+        f"prefetches executed in one forward: {ran.calls} of {planned} planned "
+        f"({ran.bytes_requested} bytes requested)"
+    )
+    return 0 if match and ran.calls == planned else 1
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output is None:
+        print(text)
+        return
+    try:
+        Path(output).write_text(text + "\n")
+    except OSError as exc:
+        raise CliError(f"--output: cannot write {output}: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return run_plan(args) if args.command == "plan" else run_demo(args)
+    except (CliError, ConfigError) as exc:
+        print(f"fxprefetch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from fxprefetch.models import ModelError
+
+        if isinstance(exc, ModelError):
+            print(f"fxprefetch: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if os.environ.get("FXPREFETCH_DEBUG"):
+            raise
+        print(
+            f"fxprefetch: internal error: {type(exc).__name__}: {exc} "
+            "(set FXPREFETCH_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The `fxprefetch plan` command line, end to end through subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from fxprefetch.cli import main
+from fxprefetch.models import PRESETS
+
+pytest.importorskip("transformers")
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMA = json.loads(resources.files("fxprefetch").joinpath("plan_schema.json").read_text())
+# the CLI's main in a child process, reporting its peak resident memory on stderr
+_WITH_RSS = (
+    "import resource, sys\nfrom fxprefetch.cli import main\nrc = main(sys.argv[1:])\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+    " file=sys.stderr)\nsys.exit(rc)"
+)
+
+
+def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WITH_RSS, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def preset_runs() -> dict[str, subprocess.CompletedProcess]:
+    """`fxprefetch plan --format json` for every preset, in concurrent child processes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        layers = [] if PRESETS[name].tiny else ["--layers", "2"]
+        return _cli("plan", "--model", name, *layers, "--format", "json", "--quiet")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(PRESETS, pool.map(run, PRESETS), strict=True))
+
+
+def _json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    jsonschema.validate(data, SCHEMA)
+    return data
+
+
+@pytest.mark.parametrize("preset", [n for n, p in PRESETS.items() if p.tiny])
+def test_tiny_presets(preset, preset_runs):
+    data = _json(preset_runs[preset])
+    (plan,) = data["plans"]
+    roles = plan["summary"]["by_role"]
+    assert roles["attn.qkv"] == 6
+    assert roles.get("mlp.gate_up", 0) + roles.get("moe.gate_up", 0) in (2, 4)
+    for linear in plan["linears"]:
+        assert (linear["prefetch_node"] is None) == (linear["skip_reason"] is not None)
+
+
+@pytest.mark.parametrize("preset", [n for n, p in PRESETS.items() if not p.tiny])
+def test_real_size_presets_use_little_memory(preset, preset_runs):
+    proc = preset_runs[preset]
+    data = _json(proc)
+    assert data["layers_built"] == 2 and data["layers_total"] > 2
+    linears = [r for p in data["plans"] for r in p["linears"]]
+    weight_bytes = sum(r["weight_bytes"] for r in linears)
+    rss = int(proc.stderr.split("MAXRSS_KB")[1].split()[0]) * 1024
+    assert rss < weight_bytes / 2, (rss, weight_bytes)  # the weights were never allocated
+    capped = [r for r in linears if r["capped"]]
+    assert capped and all(r["prefetch_bytes"] == 18 * 1024 * 1024 for r in capped)
+
+
+def test_config_json_file_and_table(tmp_path):
+    config = {
+        "model_type": "llama",
+        "vocab_size": 256,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "dtype": "float32",
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run(
+        [
+            "fxprefetch",
+            "plan",
+            "--model",
+            str(path),
+            "--config",
+            '{"prefetch_ratio": {"mlp": {"gate_up": 0.5}}}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "layer" in out and "role" in out and "window / skip reason" in out
+    assert "0-2 (x3)" in out  # identical layers folded
+    assert "totals: 22 linears seen, 15 prefetched" in out
+    assert "[2/3] tracing and planning" in proc.stderr  # progress
+    assert f"{96 * 48 * 4 // 2 / 1024:.1f} KiB" in out  # gate_up at ratio 0.5
+
+
+def test_python_dash_m_additional_config_and_output_file(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fxprefetch",
+            "plan",
+            "--model",
+            "llama-tiny",
+            "--additional-config",
+            '{"weight_prefetch_config": {"enabled": true, "prefetch_ratio": '
+            '{"attn": {"qkv": 0}}}, "other": 1}',
+            "--format",
+            "json",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert "attn.qkv" not in data["plans"][0]["summary"]["by_role"]
+
+
+def test_pictures_are_valid_svg_and_png(tmp_path):
+    svg, png = tmp_path / "t.svg", tmp_path / "t.png"
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "qwen3-moe-tiny",
+                "--svg",
+                str(svg),
+                "--png",
+                str(png),
+                "--quiet",
+                "--output",
+                str(tmp_path / "t.txt"),
+            ]
+        )
+        == 0
+    )
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    text = svg.read_text()
+    assert "prefetch" in text and "compute" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["plan", "--config", '{"enable": true}'], "weight_prefetch_config.enable: unknown key"),
+        (["plan", "--config", '{"enabled": tru}'], "line 1, column 13"),
+        (["plan", "--config", "missing.json"], "neither JSON nor a readable file"),
+        (["plan", "--layers", "0"], "expected a positive integer"),
+        (["plan", "--format", "yaml"], "invalid choice: 'yaml'"),
+        (["plan", "--config", "{}", "--additional-config", "{}"], "not allowed with"),
+        (["plann"], "invalid choice: 'plann'"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fxprefetch: error:")
+    assert message in err
+
+
+def test_bad_arguments_in_a_subprocess_have_no_traceback(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(
+        ["fxprefetch", "plan", "--model", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert str(bad) in proc.stderr
+
+
+def test_demo_command_runs():
+    proc = subprocess.run(
+        ["fxprefetch", "demo", "--target", "eager"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "outputs match eager: yes" in proc.stdout
+    assert "prefetches executed in one forward: 10 of 10 planned" in proc.stdout
+
+
+def test_schema_file_is_shipped():
+    assert Path(str(resources.files("fxprefetch").joinpath("plan_schema.json"))).is_file()

@@ -1,0 +1,55 @@
+"""fxprefetch.explain: plans without running on a device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic import SynthModel, SynthSpec
+
+import fxprefetch
+from fxprefetch.explain import explain
+from fxprefetch.models import build_model, example_inputs
+
+pytest.importorskip("transformers")
+
+
+def test_explain_on_meta_device_matches_the_backend():
+    model = build_model("llama-tiny", device="meta")
+    plans = explain(model, **example_inputs(model))
+    (plan,) = plans
+    assert len(plan.prefetched) == 10 and fxprefetch.stats().calls == 0
+    assert fxprefetch.last_plans() == []  # explaining compiles nothing for real
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+    real = build_model("llama-tiny")
+    torch.compile(real, backend="npu_prefetch", options={"target": "eager"})(**example_inputs(real))
+    (compiled,) = fxprefetch.last_plans()
+
+    def decisions(p):
+        # node names, positions and the attention op (math bmm on meta, flash on CPU) differ
+        return [
+            (r.weight, r.role, r.prefetch_bytes, r.capped, r.window, r.skip_reason)
+            for r in p.records
+        ]
+
+    assert decisions(compiled) == decisions(plan)
+
+
+def test_explain_takes_a_config_and_sees_graph_breaks():
+    class TwoGraphs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = SynthModel(SynthSpec(layers=1)), SynthModel(SynthSpec(layers=1))
+
+        def forward(self, ids):
+            x = self.a(ids).argmax(-1)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    plans = explain(
+        TwoGraphs(), torch.randint(0, 64, (1, 4)), config={"prefetch_ratio": {"attn": {"qkv": 0.5}}}
+    )
+    assert len(plans) == 2
+    for plan in plans:
+        (qkv,) = plan.by_role("attn.qkv")
+        assert qkv.prefetch_bytes == 96 * 32 * 4 // 2
