@@ -54,6 +54,15 @@ def is_wait(node: Node) -> bool:
 
 
 def has_sequence_parallel_collectives(nodes: Iterable[Node]) -> bool:
-    """A graph is sequence-parallel when it both reduce-scatters and all-gathers activations."""
-    names = {op_name(n) for n in nodes if n.op == "call_function"}
-    return bool(names & REDUCE_SCATTER) and bool(names & ALL_GATHER)
+    """Sequence parallelism: a reduce-scatter (after attention, before the post-attention
+    norm) followed later in the graph by an all-gather (before the MLP)."""
+    seen_reduce_scatter = False
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        name = op_name(node)
+        if name in REDUCE_SCATTER:
+            seen_reduce_scatter = True
+        elif name in ALL_GATHER and seen_reduce_scatter:
+            return True
+    return False

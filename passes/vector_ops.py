@@ -13,6 +13,7 @@ import operator
 import torch
 from torch.fx import Node
 
+from passes.collectives import COLLECTIVES
 from passes.graph_utils import fake_value, flatten_nodes, op_name
 
 
@@ -125,8 +126,9 @@ VECTOR_OPS: set[str] = {
     "npu::npu_apply_rotary_pos_emb",
 }
 
-# Ops that carry a pointwise/reduction tag but must stop the walk.
-BARRIER_OPS: set[str] = {"aten::embedding"}
+# Ops that must stop the walk whatever their tags say: collectives are communication, not
+# vector work (collective windows are handled separately, see passes/weight_prefetch.py).
+BARRIER_OPS: set[str] = {"aten::embedding", *COLLECTIVES}
 
 _VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
 

@@ -509,3 +509,81 @@ def test_walk_is_linear_in_graph_size(monkeypatch):
         monkeypatch.setattr(wp, "classify", real)
         counts[layers] = calls
     assert counts[8] <= 4.5 * counts[2], counts
+
+
+def _vllm_collectives() -> None:
+    """Stand-ins for vLLM's custom collectives (identity kernels; only their names matter)."""
+    if hasattr(torch.ops, "vllm") and hasattr(torch.ops.vllm, "reduce_scatter"):
+        return
+    lib = torch.library.Library("vllm", "FRAGMENT")
+    for name in ("all_reduce", "reduce_scatter", "all_gather"):
+        lib.define(f"{name}(Tensor x) -> Tensor")
+        lib.impl(name, lambda x: x.clone(), "CompositeExplicitAutograd")
+    _vllm_collectives.lib = lib  # keep the registrations alive
+
+
+class VllmSPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.post_attention_layernorm = nn.LayerNorm(16)
+        self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(16, 64, bias=False),
+                                  "down_proj": nn.Linear(32, 16, bias=False)})
+
+    def forward(self, x):
+        h = torch.ops.vllm.all_gather(self.post_attention_layernorm(
+            torch.ops.vllm.reduce_scatter(x)))
+        gate, up = self.mlp["gate_up_proj"](h).chunk(2, -1)
+        return torch.ops.vllm.all_reduce(self.mlp["down_proj"](F.silu(gate) * up))
+
+
+def test_vllm_collectives_are_barriers_and_mean_sequence_parallel():
+    _vllm_collectives()
+    gm, names = fake_trace(VllmSPBlock(), torch.randn(8, 16))
+    kinds = {op_name(n): classify(n).value for n in gm.graph.nodes
+             if op_name(n).startswith("vllm::")}
+    assert kinds == {"vllm::reduce_scatter": "barrier", "vllm::all_gather": "barrier",
+                     "vllm::all_reduce": "barrier"}
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    assert plan.sequence_parallel
+    (gate_up,) = plan.by_role("mlp.gate_up")
+    assert gate_up.dependency_op == "vllm::all_gather"
+    assert gate_up.skip_reason == SkipReason.EMPTY_WINDOW
+    (down,) = plan.by_role("mlp.down")
+    assert down.prefetched
+
+
+def test_all_gather_before_reduce_scatter_is_not_sequence_parallel():
+    from passes.collectives import has_sequence_parallel_collectives
+
+    class Backwards(nn.Module):
+        def forward(self, x):
+            return torch.ops.vllm.reduce_scatter(torch.ops.vllm.all_gather(x))
+
+    _vllm_collectives()
+    gm, _ = fake_trace(Backwards(), torch.randn(4, 4))
+    assert not has_sequence_parallel_collectives(gm.graph.nodes)
+
+
+class RowParallelO(nn.Module):
+    """vllm-ascend's row-parallel o_proj: matmul and all-reduce fused in one torch_npu op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.o_proj = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        q, _ = torch.ops.npu.npu_dynamic_quant(x)
+        return torch.ops.npu.npu_mm_all_reduce_base(q.float(), self.o_proj.weight.t(), "hcom0")
+
+
+def test_npu_mm_all_reduce_base_is_a_linear():
+    install_op_standins()
+    lib = torch.library.Library("npu", "FRAGMENT")
+    lib.impl("npu_mm_all_reduce_base", lambda x1, x2, hcom, **kw: x1 @ x2, "Meta")
+    torch.library.register_fake("npu::npu_mm_all_reduce_base",
+                                lambda x1, x2, hcom, **kw: x1 @ x2, lib=lib, allow_override=True)
+    gm, names = fake_trace(RowParallelO(), torch.randn(4, 16))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (o,) = plan.by_role("attn.o")
+    assert o.op == "npu::npu_mm_all_reduce_base" and o.prefetched
+    assert "npu::npu_dynamic_quant" in o.window
