@@ -27,8 +27,13 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, target: str, results: Any) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=90))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=90),
+        )
         module, name = target.split(":")
         out = getattr(importlib.import_module(module), name)(rank, world)
         results.put((rank, "ok", out))
@@ -46,8 +51,10 @@ def run_ranks(target: str, world: int = 2, timeout: float = 300.0) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, target, results), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, target, results), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -56,8 +63,10 @@ def run_ranks(target: str, world: int = 2, timeout: float = 300.0) -> list[Any]:
         while len(outputs) < world:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(outputs))} did not "
-                                   f"finish within {timeout:.0f}s")
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world)) - set(outputs))} did not "
+                    f"finish within {timeout:.0f}s"
+                )
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 5.0))
             except queue.Empty:

@@ -39,10 +39,18 @@ class Block(nn.Module):
         h, i = HIDDEN, INTERMEDIATE
         self.input_layernorm = RMSNorm(h)
         self.post_attention_layernorm = RMSNorm(h)
-        self.self_attn = nn.ModuleDict({"qkv_proj": nn.Linear(h, 3 * h // world, bias=False),
-                                        "o_proj": nn.Linear(h // world, h, bias=False)})
-        self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(h, 2 * i // world, bias=False),
-                                  "down_proj": nn.Linear(i // world, h, bias=False)})
+        self.self_attn = nn.ModuleDict(
+            {
+                "qkv_proj": nn.Linear(h, 3 * h // world, bias=False),
+                "o_proj": nn.Linear(h // world, h, bias=False),
+            }
+        )
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_up_proj": nn.Linear(h, 2 * i // world, bias=False),
+                "down_proj": nn.Linear(i // world, h, bias=False),
+            }
+        )
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return funcol.all_gather_tensor(x, 0, dist.group.WORLD) if self.sp else x
@@ -78,8 +86,7 @@ def shard(full: Block, rank: int, world: int, sequence_parallel: bool) -> Block:
         part.input_layernorm.weight.copy_(full.input_layernorm.weight)
         part.post_attention_layernorm.weight.copy_(full.post_attention_layernorm.weight)
         part.self_attn["qkv_proj"].weight.copy_(rows(full.self_attn["qkv_proj"].weight, 3))
-        part.self_attn["o_proj"].weight.copy_(
-            full.self_attn["o_proj"].weight.chunk(world, 1)[rank])
+        part.self_attn["o_proj"].weight.copy_(full.self_attn["o_proj"].weight.chunk(world, 1)[rank])
         part.mlp["gate_up_proj"].weight.copy_(rows(full.mlp["gate_up_proj"].weight, 2))
         part.mlp["down_proj"].weight.copy_(full.mlp["down_proj"].weight.chunk(world, 1)[rank])
     return part
@@ -95,10 +102,17 @@ VARIANTS = {  # name: (sequence_parallel, windows, target)
 
 
 def _summary(plan: fxprefetch.PrefetchPlan) -> dict[str, Any]:
-    return {r.role: {"prefetched": r.prefetched, "window_kind": r.window_kind,
-                     "window": list(r.window), "dependency_op": r.dependency_op,
-                     "skip_reason": r.skip_reason, "bytes": r.prefetch_bytes}
-            for r in plan.records}
+    return {
+        r.role: {
+            "prefetched": r.prefetched,
+            "window_kind": r.window_kind,
+            "window": list(r.window),
+            "dependency_op": r.dependency_op,
+            "skip_reason": r.skip_reason,
+            "bytes": r.prefetch_bytes,
+        }
+        for r in plan.records
+    }
 
 
 def tp_sp_workload(rank: int, world: int) -> dict[str, Any]:
@@ -114,16 +128,22 @@ def tp_sp_workload(rank: int, world: int) -> dict[str, Any]:
         block = shard(full, rank, world, sp).eval()
         local_x = x.chunk(world)[rank] if sp else x
         local_expected = expected.chunk(world)[rank] if sp else expected
-        compiled = torch.compile(block, backend="npu_prefetch", options={
-            "target": target, "weight_prefetch_config": {"windows": windows}})
+        compiled = torch.compile(
+            block,
+            backend="npu_prefetch",
+            options={"target": target, "weight_prefetch_config": {"windows": windows}},
+        )
         with torch.no_grad():
             compiled(local_x)  # compile
             with fxprefetch.collect_stats() as ran:
                 out = compiled(local_x)
         (plan,) = fxprefetch.last_plans()
-        results[name] = {"max_error": (out - local_expected).abs().max().item(),
-                         "calls_per_forward": ran.calls,
-                         "sequence_parallel": plan.sequence_parallel, "roles": _summary(plan)}
+        results[name] = {
+            "max_error": (out - local_expected).abs().max().item(),
+            "calls_per_forward": ran.calls,
+            "sequence_parallel": plan.sequence_parallel,
+            "roles": _summary(plan),
+        }
     return results
 
 

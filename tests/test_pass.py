@@ -526,12 +526,17 @@ class VllmSPBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.post_attention_layernorm = nn.LayerNorm(16)
-        self.mlp = nn.ModuleDict({"gate_up_proj": nn.Linear(16, 64, bias=False),
-                                  "down_proj": nn.Linear(32, 16, bias=False)})
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_up_proj": nn.Linear(16, 64, bias=False),
+                "down_proj": nn.Linear(32, 16, bias=False),
+            }
+        )
 
     def forward(self, x):
-        h = torch.ops.vllm.all_gather(self.post_attention_layernorm(
-            torch.ops.vllm.reduce_scatter(x)))
+        h = torch.ops.vllm.all_gather(
+            self.post_attention_layernorm(torch.ops.vllm.reduce_scatter(x))
+        )
         gate, up = self.mlp["gate_up_proj"](h).chunk(2, -1)
         return torch.ops.vllm.all_reduce(self.mlp["down_proj"](F.silu(gate) * up))
 
@@ -539,10 +544,14 @@ class VllmSPBlock(nn.Module):
 def test_vllm_collectives_are_barriers_and_mean_sequence_parallel():
     _vllm_collectives()
     gm, names = fake_trace(VllmSPBlock(), torch.randn(8, 16))
-    kinds = {op_name(n): classify(n).value for n in gm.graph.nodes
-             if op_name(n).startswith("vllm::")}
-    assert kinds == {"vllm::reduce_scatter": "barrier", "vllm::all_gather": "barrier",
-                     "vllm::all_reduce": "barrier"}
+    kinds = {
+        op_name(n): classify(n).value for n in gm.graph.nodes if op_name(n).startswith("vllm::")
+    }
+    assert kinds == {
+        "vllm::reduce_scatter": "barrier",
+        "vllm::all_gather": "barrier",
+        "vllm::all_reduce": "barrier",
+    }
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     assert plan.sequence_parallel
     (gate_up,) = plan.by_role("mlp.gate_up")
@@ -580,8 +589,12 @@ def test_npu_mm_all_reduce_base_is_a_linear():
     install_op_standins()
     lib = torch.library.Library("npu", "FRAGMENT")
     lib.impl("npu_mm_all_reduce_base", lambda x1, x2, hcom, **kw: x1 @ x2, "Meta")
-    torch.library.register_fake("npu::npu_mm_all_reduce_base",
-                                lambda x1, x2, hcom, **kw: x1 @ x2, lib=lib, allow_override=True)
+    torch.library.register_fake(
+        "npu::npu_mm_all_reduce_base",
+        lambda x1, x2, hcom, **kw: x1 @ x2,
+        lib=lib,
+        allow_override=True,
+    )
     gm, names = fake_trace(RowParallelO(), torch.randn(4, 16))
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     (o,) = plan.by_role("attn.o")
