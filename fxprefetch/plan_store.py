@@ -39,21 +39,23 @@ def _store_dir() -> Path:
     return Path(cache_dir()) / "fxprefetch_plans"
 
 
-def save_plans(key: str, plans: Sequence[PrefetchPlan]) -> None:
+def save_plans(key: str, plans: Sequence[PrefetchPlan], elided: bool) -> None:
+    """``elided``: the compiled code left its hint-only prefetches out (counted at the call)."""
     try:
         directory = _store_dir()
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps([p.to_dict() for p in plans]))
+        tmp.write_text(json.dumps({"elided": elided, "plans": [p.to_dict() for p in plans]}))
         tmp.replace(directory / f"{key}.json")
     except OSError as exc:  # a read-only cache must not break compilation
         logger.debug("could not save prefetch plans: %s", exc)
 
 
-def load_plans(key: str) -> list[PrefetchPlan]:
+def load_plans(key: str) -> tuple[list[PrefetchPlan], bool]:
+    """The plans stored under ``key`` and whether their prefetches were elided."""
     try:
         data = json.loads((_store_dir() / f"{key}.json").read_text())
-        return [PrefetchPlan.from_dict(d) for d in data]
+        return [PrefetchPlan.from_dict(d) for d in data["plans"]], bool(data["elided"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.debug("no stored prefetch plans for %s: %s", key[:12], exc)
-        return []
+        return [], False

@@ -67,8 +67,10 @@ class GraphPlanner:
         source_names: Sequence[str | None] = (),
         name: str | None = None,
         record: bool = True,
+        recompile: bool = True,
     ) -> None:
         self.config = config
+        self.recompile = recompile  # False where the compiler regenerates code itself
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -91,6 +93,7 @@ class GraphPlanner:
                 self.config,
                 weight_names=self.weight_names(gm),
                 graph_name=f"{self.name} ({kind})",
+                recompile=self.recompile,
             )
         except Exception as exc:
             if self.strict:

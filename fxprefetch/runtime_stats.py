@@ -56,7 +56,8 @@ class _Counters:
         self.bytes_requested = 0
         self.bytes_prefetched = 0
         self.per_weight_depth = 0
-        self.per_weight: dict[int, list] = {}
+        # data_ptr (op kernels) or weight name (prefetches counted at the graph call) -> counts
+        self.per_weight: dict[int | str, list] = {}
 
 
 _COUNTERS = _Counters()
@@ -89,13 +90,44 @@ def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
             entry[4] += prefetched
 
 
+@dataclass(frozen=True)
+class CountedPrefetch:
+    """A prefetch elided from compiled code and counted at the graph call instead."""
+
+    weight: str  # the plan's name for the weight
+    shape: tuple[int, ...]
+    dtype: str
+    requested: int
+    prefetched: int
+
+
+def record_graph_call(
+    prefetches: tuple[CountedPrefetch, ...], requested: int, prefetched: int
+) -> None:
+    """Count every prefetch of one execution of a straight-line graph, in one update."""
+    c = _COUNTERS
+    with c.lock:
+        c.calls += len(prefetches)
+        c.bytes_requested += requested
+        c.bytes_prefetched += prefetched
+        if not c.per_weight_depth:
+            return
+        for p in prefetches:
+            entry = c.per_weight.get(p.weight)
+            if entry is None:
+                entry = c.per_weight[p.weight] = [p.shape, p.dtype, 0, 0, 0]
+            entry[2] += 1
+            entry[3] += p.requested
+            entry[4] += p.prefetched
+
+
 def stats() -> PrefetchStats:
     """The counters since the last :func:`reset_stats`."""
     c = _COUNTERS
     with c.lock:
         per_weight = {}
-        for ptr, (shape, dtype, calls, req, pre) in c.per_weight.items():
-            name = _WEIGHT_NAMES.get(ptr, f"tensor@{ptr:#x}")
+        for key, (shape, dtype, calls, req, pre) in c.per_weight.items():
+            name = key if isinstance(key, str) else _WEIGHT_NAMES.get(key, f"tensor@{key:#x}")
             per_weight[name] = WeightStats(name, shape, dtype, calls, req, pre)
         return PrefetchStats(c.calls, c.bytes_requested, c.bytes_prefetched, per_weight)
 

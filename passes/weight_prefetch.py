@@ -300,11 +300,13 @@ def run_weight_prefetch(
     weight_names: Mapping[str, str] | None = None,
     role_rules: tuple[RoleRule, ...] = (),
     graph_name: str = "graph",
+    recompile: bool = True,
 ) -> PrefetchPlan:
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
 
     ``weight_names`` maps placeholder names to parameter paths (the backend fills it from
-    dynamo's sources); without it, roles come from ``nn_module_stack``.
+    dynamo's sources); without it, roles come from ``nn_module_stack``. ``recompile=False``
+    leaves regenerating ``gm.code`` to the caller (inductor does it after its passes).
     """
     graph = gm.graph
     index = {node: i for i, node in enumerate(graph.nodes)}
@@ -380,7 +382,7 @@ def run_weight_prefetch(
         records[slot] = LinearRecord(**base, prefetch_node=node.name)
     plan.records = [r for r in records if r is not None]
     if inserts:
-        finalize(gm)
+        finalize(gm, recompile)
     logger.info("%s", plan.summary_line())
     return plan
 

@@ -11,8 +11,12 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from fxprefetch.ops import native_prefetch_devices
 from fxprefetch.plan_store import load_plans, plan_key, save_plans
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.runtime_stats import CountedPrefetch, record_graph_call
+from passes.elide_hints import elide_hint_prefetches
+from passes.relax_dependencies import relax_prefetch_dependencies
 
 try:  # torch >= 2.9
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
@@ -51,6 +55,7 @@ class PrefetchGraphPass(CustomGraphPass):
     def __init__(self, planner: GraphPlanner, user_pass: Any = None) -> None:
         self.planner = planner
         self.user_passes = _as_list(user_pass)
+        self.elided = False  # prefetches were hint-only and left out of the compiled code
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
         gm = graph.owning_module
@@ -60,6 +65,10 @@ class PrefetchGraphPass(CustomGraphPass):
             else:
                 user_pass(graph)
         self.planner(gm)
+        # lowering for inductor (it recompiles after its post-grad passes)
+        relax_prefetch_dependencies(gm, recompile=False)
+        if elide_hint_prefetches(gm, recompile=False):
+            self.elided = True
 
     def uuid(self) -> str | None:
         parts = [
@@ -67,6 +76,7 @@ class PrefetchGraphPass(CustomGraphPass):
             source_digest(),
             json.dumps(self.planner.source_names),
             str(self.planner.strict),
+            ",".join(sorted(native_prefetch_devices())),  # decides which prefetches are elided
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
@@ -89,14 +99,37 @@ def compile_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    planner.recompile = False  # inductor's post_grad_passes recompile after custom passes
     graph_pass = PrefetchGraphPass(planner, inductor_config.post_grad_custom_post_pass)
     patches["post_grad_custom_post_pass"] = graph_pass
     uuid = graph_pass.uuid()
     key = plan_key(gm, example_inputs, uuid) if uuid is not None else None
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    elided = graph_pass.elided
     if key is not None:
         if planner.plans:
-            save_plans(key, planner.plans)
+            save_plans(key, planner.plans, elided)
         else:  # served from inductor's cache: the pass did not run this time
-            planner.adopt(load_plans(key))
-    return compiled
+            plans, elided = load_plans(key)
+            planner.adopt(plans)
+    return count_on_call(compiled, planner) if elided else compiled
+
+
+def count_on_call(compiled: Callable[..., Any], planner: GraphPlanner) -> Callable[..., Any]:
+    """Wrap a compiled graph whose hint-only prefetches were elided: each call counts them."""
+    counted = tuple(
+        CountedPrefetch(r.weight, r.weight_shape, r.dtype, r.prefetch_bytes, r.prefetch_bytes)
+        for plan in planner.plans
+        if not plan.graph.endswith("(backward)")
+        for r in plan.prefetched
+    )
+    requested = sum(p.requested for p in counted)
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args: Any) -> Any:
+        record_graph_call(counted, requested, requested)
+        return compiled(*args)
+
+    if boxed:
+        run._boxed_call = True  # type: ignore[attr-defined]
+    return run
