@@ -14,10 +14,11 @@ import copy
 import time
 
 import torch
-from common import llama, median, parser, table, write
 from transformers import StaticCache
 
 import fxprefetch
+
+from common import llama, median, parser, table, write
 
 
 def _decoder(model: torch.nn.Module, backend: str, options: dict | None, prompt: int, steps: int):

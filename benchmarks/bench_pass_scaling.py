@@ -15,6 +15,10 @@ from __future__ import annotations
 import time
 
 import torch
+
+import fxprefetch
+from passes import run_weight_prefetch, strip_prefetch
+
 from common import (
     alternate,
     fake_aten_graph,
@@ -27,9 +31,6 @@ from common import (
     timed,
     write,
 )
-
-import fxprefetch
-from passes import run_weight_prefetch, strip_prefetch
 
 CONFIG = fxprefetch.WeightPrefetchConfig(enabled=True)
 

@@ -12,12 +12,13 @@ import textwrap
 
 import pytest
 import torch
-from npu_standins import install_torchair_standin
-from synthetic import SynthModel, SynthSpec
 from torch import nn
 
 import fxprefetch
 from fxprefetch.models import build_model, example_inputs
+
+from npu_standins import install_torchair_standin
+from synthetic import SynthModel, SynthSpec
 
 pytestmark = pytest.mark.compile
 pytest.importorskip("transformers")

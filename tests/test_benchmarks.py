@@ -25,9 +25,14 @@ SCRIPTS = {
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_benchmark_smoke(script, tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--output",
-                           str(out)], capture_output=True, text=True, timeout=600, check=False,
-                          cwd=BENCHMARKS)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=BENCHMARKS,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "goal" in proc.stdout and "----" in proc.stdout  # a table and its goal
     data = json.loads(out.read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
+
 from dist_harness import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.compile]

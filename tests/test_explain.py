@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import SynthModel, SynthSpec
 
 import fxprefetch
 from fxprefetch.explain import explain
 from fxprefetch.models import build_model, example_inputs
+
+from synthetic import SynthModel, SynthSpec
 
 pytest.importorskip("transformers")
 

@@ -8,11 +8,12 @@ import torch
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.ops import PREFETCH_OP
-from npu_standins import install_op_standins
 from passes import lower_prefetch_to_npu, run_weight_prefetch
 from passes.elide_hints import elide_hint_prefetches, hint_only
 from passes.lower_npu import NpuLoweringError
 from passes.relax_dependencies import relax_prefetch_dependencies
+
+from npu_standins import install_op_standins
 from synthetic import SynthModel, SynthSpec
 from tracing import fake_trace
 
@@ -33,7 +34,7 @@ def _prefetches(gm, target=PREFETCH_OP):
 
 def test_npu_lowering_retargets_with_the_same_arguments(planned):
     install_op_standins()
-    gm, plan = planned
+    gm, _ = planned
     before = [n.args for n in _prefetches(gm)]
     assert lower_prefetch_to_npu(gm) == 4
     lowered = _prefetches(gm, torch.ops.npu.npu_prefetch.default)
@@ -86,8 +87,8 @@ def test_inductor_on_cpu_elides_hints_but_counts_them(fresh_dynamo):
     torch.testing.assert_close(out, model(ids), rtol=1e-4, atol=1e-4)
     assert "fxprefetch" not in "".join(code)  # no call into Python per prefetch
     assert s.calls == 4 and set(s.per_weight) == {
-        f"layers.{i}.{m}.weight" for i in (0, 1)
-        for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+        f"layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")
+    }
     assert s.bytes_requested == sum(r.prefetch_bytes for r in fxprefetch.last_plans()[0].prefetched)
 
 
@@ -96,8 +97,11 @@ def test_inductor_keeps_prefetches_where_they_reach_hardware(fresh_dynamo, monke
     from torch._inductor.utils import run_and_get_code
 
     calls = []
-    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda w, dep, size, off: calls.append(
-        (tuple(w.shape), dep, size)))
+    monkeypatch.setitem(
+        ops._NATIVE_PREFETCH,
+        "cpu",
+        lambda w, dep, size, off: calls.append((tuple(w.shape), dep, size)),
+    )
     model = SynthModel(SynthSpec(layers=1)).eval()
     ids = torch.randint(0, 64, (1, 4))
     compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})

@@ -8,10 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from npu_standins import install_op_standins
-from synthetic import SynthModel, SynthSpec
 from torch import nn
-from tracing import export_aten, fake_trace, run_graph
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
@@ -25,6 +22,10 @@ from passes import (
 from passes import roles as roles_module
 from passes.graph_utils import normalize_source_path, op_name
 from passes.roles import match_role
+
+from npu_standins import install_op_standins
+from synthetic import SynthModel, SynthSpec
+from tracing import export_aten, fake_trace, run_graph
 
 ON = WeightPrefetchConfig(enabled=True)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tracing import export_aten, run_graph
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.models import build_model
 from passes import run_weight_prefetch
+
+from tracing import export_aten, run_graph
 
 pytest.importorskip("transformers")
 

@@ -8,13 +8,14 @@ import copy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synthetic import SynthModel, SynthSpec, expected_roles
-from tracing import export_aten, run_graph
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
 from passes import run_weight_prefetch, strip_prefetch
 from passes.weight_prefetch import META_KEY, prefetch_bytes
+
+from synthetic import SynthModel, SynthSpec, expected_roles
+from tracing import export_aten, run_graph
 
 specs = st.builds(
     SynthSpec,
