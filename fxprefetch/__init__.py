@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from fxprefetch import ops
+from fxprefetch.backend import torchair_backend
 from fxprefetch.config import ConfigError, PrefetchRatios, WeightPrefetchConfig
+from fxprefetch.explainer import explain
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import PrefetchPassError, clear_plans, last_plans
 from fxprefetch.runtime_stats import PrefetchStats, WeightStats, collect_stats, reset_stats, stats
@@ -13,13 +15,6 @@ from fxprefetch.runtime_stats import PrefetchStats, WeightStats, collect_stats, 
 logging.getLogger("fxprefetch").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-
-
-def torchair_backend(*args, **kwargs):
-    """See :func:`fxprefetch.backend.torchair_backend`."""
-    from fxprefetch.backend import torchair_backend as build
-
-    return build(*args, **kwargs)
 
 
 __all__ = [
@@ -34,6 +29,7 @@ __all__ = [
     "WeightStats",
     "clear_plans",
     "collect_stats",
+    "explain",
     "last_plans",
     "ops",
     "reset_stats",

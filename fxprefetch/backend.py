@@ -59,7 +59,7 @@ def npu_prefetch(
     if target == "npu":
         from fxprefetch.targets.npu import compile_npu
 
-        return compile_npu(gm, example_inputs, planner, opts.torchair_config)
+        return compile_npu(gm, example_inputs, planner, opts.torchair_config, mode)
     if target == "eager":
         from fxprefetch.targets.eager import compile_eager
 

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from fxprefetch.explain import explain
+    from fxprefetch.explainer import explain
     from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options
     from fxprefetch.plan import render_table, render_totals

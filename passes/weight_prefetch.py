@@ -80,6 +80,7 @@ class LinearUse:
     dtype: torch.dtype
     weight_name: str
     module: str | None
+    named: bool = False  # weight_name is a parameter path (not just a placeholder's name)
     role: str | None = None
     role_reason: str = ""
 
@@ -177,6 +178,7 @@ def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) ->
                 dtype=root_val.dtype,
                 weight_name=name,
                 module=module_path(node),
+                named=root.name in weight_names or root.op == "get_attr",
             )
         )
     return uses
@@ -188,11 +190,10 @@ def assign_roles(
     extra_rules: tuple[RoleRule, ...] = (),
 ) -> None:
     """Set ``role`` on each use: by parameter path, then module path, then expert order."""
-    known = set((weight_names or {}).values())
     first_expert_weight: dict[str, Node] = {}
     for use in uses:
         candidates = []
-        if use.weight_name in known or "." in use.weight_name:
+        if use.named:
             candidates.append(owner_path(use.weight_name))
         if use.module:
             candidates.append(use.module)

@@ -31,6 +31,7 @@ _lib: torch.library.Library | None = None
 class StandinLog:
     prefetch_calls: list[tuple[tuple[int, ...], bool, int, int]] = field(default_factory=list)
     graphs: list[torch.fx.GraphModule] = field(default_factory=list)
+    configs: list[Any] = field(default_factory=list)
 
 
 LOG = StandinLog()
@@ -207,6 +208,7 @@ class CompilerConfig:
     """Stand-in for ``torchair.CompilerConfig``: the attributes our backend touches."""
 
     def __init__(self) -> None:
+        self.mode = "max-autotune"
         self.post_grad_custom_post_pass = None
         self.post_grad_custom_pre_pass = None
         self.experimental_config = types.SimpleNamespace(enable_single_stream=False)
@@ -216,6 +218,7 @@ class CompilerConfig:
 def get_npu_backend(compiler_config: CompilerConfig | None = None) -> Any:
     """Stand-in for ``torchair.get_npu_backend``: AOT autograd, the post pass, eager run."""
     cfg = compiler_config or CompilerConfig()
+    LOG.configs.append(cfg)
 
     def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         if cfg.post_grad_custom_post_pass is not None:
@@ -244,4 +247,5 @@ def install_torchair_standin(monkeypatch: Any) -> StandinLog:
     monkeypatch.setitem(sys.modules, "torchair", torchair_module())
     LOG.prefetch_calls.clear()
     LOG.graphs.clear()
+    LOG.configs.clear()
     return LOG

@@ -327,3 +327,25 @@ def test_entry_point_works_without_importing_fxprefetch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip().endswith("True")
+
+
+def test_compile_mode_reaches_torchair(monkeypatch):
+    """torch.compile refuses mode= with options= for custom backends, so call the backend as
+    dynamo does (torchair users can also set the mode on their own CompilerConfig)."""
+    from fxprefetch.backend import npu_prefetch
+
+    log = install_torchair_standin(monkeypatch)
+    import torchair
+
+    def capture(compiler_config):
+        log.configs.append(compiler_config)
+        return lambda gm, inputs: gm
+
+    monkeypatch.setattr(torchair, "get_npu_backend", capture)
+    gm = torch.fx.symbolic_trace(SynthModel(SynthSpec(layers=1)))
+    npu_prefetch(
+        gm, [torch.randint(0, 64, (1, 4))], options={"target": "npu"}, mode="reduce-overhead"
+    )
+    (cfg,) = log.configs
+    assert cfg.mode == "reduce-overhead"
+    assert getattr(cfg.post_grad_custom_post_pass, "fxprefetch", False)  # our pass composed

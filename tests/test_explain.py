@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxprefetch
-from fxprefetch.explain import explain
+from fxprefetch.explainer import explain
 from fxprefetch.models import build_model, example_inputs
 
 from synthetic import SynthModel, SynthSpec
@@ -47,7 +47,7 @@ def test_explain_takes_a_config_and_sees_graph_breaks():
             torch._dynamo.graph_break()
             return self.b(x)
 
-    plans = explain(
+    plans = fxprefetch.explain(
         TwoGraphs(), torch.randint(0, 64, (1, 4)), config={"prefetch_ratio": {"attn": {"qkv": 0.5}}}
     )
     assert len(plans) == 2

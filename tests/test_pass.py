@@ -601,3 +601,43 @@ def test_npu_mm_all_reduce_base_is_a_linear():
     (o,) = plan.by_role("attn.o")
     assert o.op == "npu::npu_mm_all_reduce_base" and o.prefetched
     assert "npu::npu_dynamic_quant" in o.window
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, torch.bfloat16])
+def test_frozen_get_attr_weights_of_any_dtype(dtype):
+    """Inductor's freezing turns weights into get_attr constants, possibly after the window."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    root = nn.Module()
+    root.register_buffer("w", torch.zeros(64, 32).to(dtype))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    relu = g.call_function(torch.ops.aten.relu.default, (x,))
+    mm0 = g.call_function(torch.ops.aten.mm.default, (relu, relu))  # a barrier: the dependency
+    silu = g.call_function(torch.ops.aten.silu.default, (mm0,))
+    w = g.get_attr("w")  # placed after the window starts
+    t = g.call_function(torch.ops.aten.t.default, (w,))
+    mm = g.call_function(torch.ops.aten.mm.default, (silu, t))
+    g.output(mm)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(torch.zeros(32, 32)), mode.from_tensor(root.w)
+        vals = {x: fx, w: fw}
+        vals[relu] = torch.relu(fx)
+        vals[mm0] = vals[relu] @ vals[relu]
+        vals[silu] = F.silu(vals[mm0])
+        vals[t] = fw.t()
+        vals[mm] = vals[silu]  # shape only matters for the output
+    for node, val in vals.items():
+        node.meta["val"] = val
+    gm = torch.fx.GraphModule(root, g)
+    plan = run_weight_prefetch(
+        gm, ON, weight_names={}, role_rules=(roles_module.RoleRule(r"^w$", "mlp.gate_up"),)
+    )
+    (rec,) = plan.prefetched
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    assert rec.weight == "w" and rec.dtype == str(dtype)
+    assert rec.weight_bytes == rec.prefetch_bytes == 64 * 32 * itemsize
+    assert rec.dependency == mm0.name and rec.window == ("aten::silu",)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pf = _node(gm, rec.prefetch_node)
+    assert order[pf.args[0]] < order[pf] and order[mm0] < order[pf] < order[silu]

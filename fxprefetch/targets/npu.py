@@ -98,7 +98,10 @@ def compile_npu(
     example_inputs: Sequence[Any],
     planner: GraphPlanner,
     compiler_config: Any = None,
+    mode: str | None = None,
 ) -> Callable[..., Any]:
     torchair = import_torchair()
     cfg = configure_torchair(planner, compiler_config)
+    if mode is not None:  # torch.compile(mode=...): torchair's "max-autotune" (GE graph) or
+        cfg.mode = mode  # "reduce-overhead" (aclgraph)
     return torchair.get_npu_backend(compiler_config=cfg)(gm, example_inputs)
