@@ -54,11 +54,6 @@ def check_prefetch_args(weight: torch.Tensor, max_size: int, offset: int) -> Non
     )
 
 
-def clamped_size(weight: torch.Tensor, max_size: int, offset: int) -> int:
-    """Bytes a prefetch covers: ``max_size`` clamped to what the tensor has after ``offset``."""
-    return min(max_size, tensor_nbytes(weight) - offset)
-
-
 @torch.library.register_fake("fxprefetch::prefetch", lib=_lib)
 def _prefetch_fake(
     weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0

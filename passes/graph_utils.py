@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
 _SUBSCRIPT = re.compile(
@@ -64,18 +64,6 @@ def tensor_value(node: Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def produces_tensors(node: Node) -> bool:
-    """True when a node yields a tensor or a tuple/list holding tensors."""
-    val = fake_value(node)
-    if val is None:
-        return node.op in ("placeholder", "get_attr", "call_function", "call_module")
-    if isinstance(val, torch.Tensor):
-        return True
-    if isinstance(val, (list, tuple)):
-        return any(isinstance(v, torch.Tensor) for v in val)
-    return False
-
-
 def normalize_source_path(raw: str) -> str:
     """Turn dynamo source names into dotted module paths.
 
@@ -119,10 +107,6 @@ def placeholder_source_names(gm: GraphModule) -> list[str | None]:
         else:
             names.append(None)
     return names
-
-
-def node_index(graph: Graph) -> dict[Node, int]:
-    return {node: i for i, node in enumerate(graph.nodes)}
 
 
 def finalize(gm: GraphModule, recompile: bool = True) -> None:

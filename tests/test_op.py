@@ -91,13 +91,17 @@ def test_collect_stats_per_weight_uses_registered_names():
     assert fxprefetch.stats().calls == 4  # totals count outside the block too
 
 
-def test_native_prefetch_is_called_for_its_device(monkeypatch):
+def test_native_prefetch_is_called_for_its_device():
     seen = []
-    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *a: seen.append(a[2:]))
-    w = torch.zeros(8)
-    PREFETCH(w, None, 16, 4)
+    ops.register_native_prefetch("cpu", lambda *a: seen.append(a[2:]))
+    try:
+        assert ops.has_native_prefetch("cpu") and "cpu" in ops.native_prefetch_devices()
+        PREFETCH(torch.zeros(8), None, 16, 4)
+    finally:
+        ops._NATIVE_PREFETCH.pop("cpu")
     assert seen == [(16, 4)]
     assert fxprefetch.stats().calls == 1
+    assert not ops.has_native_prefetch("cpu")
 
 
 def _graph_with_unused_prefetch() -> torch.fx.GraphModule:
