@@ -115,15 +115,16 @@ class GraphPlanner:
                 enabled=self.config.enabled,
                 error=f"{type(exc).__name__}: {exc}",
             )
+        self._keep(plan)
+        return plan
+
+    def _keep(self, plan: PrefetchPlan) -> None:
         self.plans.append(plan)
         if self.record:
             _remember(plan)
-        return plan
 
     def adopt(self, plans: list[PrefetchPlan]) -> None:
         """Record plans made by an earlier compile of the same graph (a compile-cache hit)."""
         for plan in plans:
             plan.graph = f"{self.name} ({plan.graph.rsplit('(', 1)[-1]}"
-            self.plans.append(plan)
-            if self.record:
-                _remember(plan)
+            self._keep(plan)

@@ -81,13 +81,21 @@ def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
         c.bytes_requested += requested
         c.bytes_prefetched += prefetched
         if c.per_weight_depth:
-            ptr = weight.data_ptr()
-            entry = c.per_weight.get(ptr)
-            if entry is None:
-                entry = c.per_weight[ptr] = [tuple(weight.shape), str(weight.dtype), 0, 0, 0]
-            entry[2] += 1
-            entry[3] += requested
-            entry[4] += prefetched
+            _count_weight(
+                weight.data_ptr(), tuple(weight.shape), str(weight.dtype), requested, prefetched
+            )
+
+
+def _count_weight(
+    key: int | str, shape: tuple[int, ...], dtype: str, requested: int, prefetched: int
+) -> None:
+    """Per-weight counts (caller holds the lock)."""
+    entry = _COUNTERS.per_weight.get(key)
+    if entry is None:
+        entry = _COUNTERS.per_weight[key] = [shape, dtype, 0, 0, 0]
+    entry[2] += 1
+    entry[3] += requested
+    entry[4] += prefetched
 
 
 @dataclass(frozen=True)
@@ -113,12 +121,7 @@ def record_graph_call(
         if not c.per_weight_depth:
             return
         for p in prefetches:
-            entry = c.per_weight.get(p.weight)
-            if entry is None:
-                entry = c.per_weight[p.weight] = [p.shape, p.dtype, 0, 0, 0]
-            entry[2] += 1
-            entry[3] += p.requested
-            entry[4] += p.prefetched
+            _count_weight(p.weight, p.shape, p.dtype, p.requested, p.prefetched)
 
 
 def stats() -> PrefetchStats:

@@ -3,13 +3,20 @@
 Pass order (what the backend runs on each post-autograd aten graph):
 
 1. :func:`run_weight_prefetch` inserts ``fxprefetch.prefetch`` nodes and returns a plan;
-2. on the NPU target, :func:`lower_prefetch_to_npu` rewrites them into ``npu.npu_prefetch``.
+2. lowering, per target:
+   - npu: :func:`lower_prefetch_to_npu` rewrites them into ``npu.npu_prefetch``;
+   - inductor: :func:`relax_prefetch_dependencies` drops the dependency operand, then
+     :func:`elide_hint_prefetches` removes prefetches that are only hints on their device
+     (the backend counts those once per graph call);
+   - eager: nothing.
 
 :func:`strip_prefetch` undoes step 1.
 """
 
+from passes.elide_hints import elide_hint_prefetches
 from passes.linear_ops import LINEAR_OPS, LinearOpSpec, register_linear_op
 from passes.lower_npu import lower_prefetch_to_npu
+from passes.relax_dependencies import relax_prefetch_dependencies
 from passes.roles import RoleRule, add_role_rule
 from passes.strip_prefetch import strip_prefetch
 from passes.vector_ops import (
@@ -29,12 +36,14 @@ __all__ = [
     "RoleRule",
     "add_role_rule",
     "classify",
+    "elide_hint_prefetches",
     "find_linears",
     "lower_prefetch_to_npu",
     "register_barrier_op",
     "register_linear_op",
     "register_transparent_op",
     "register_vector_op",
+    "relax_prefetch_dependencies",
     "run_weight_prefetch",
     "strip_prefetch",
 ]

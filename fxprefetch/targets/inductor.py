@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ _HERE = Path(__file__).resolve()
 _SOURCE_ROOTS = (_HERE.parents[1], _HERE.parents[2] / "passes")
 
 
+@functools.cache
 def source_digest() -> str:
     """Hash of the pass's own source, so a new fxprefetch version never reuses cached graphs."""
     h = hashlib.sha256()
