@@ -202,10 +202,12 @@ def build_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """Build a causal LM with random weights.
 
     Tiny presets default to float32 on the CPU; real-size presets to bf16 on the meta device.
+    ``attn_implementation`` is passed to transformers (``"eager"`` for graphs without SDPA).
     """
     transformers = _transformers()
     config = load_config(name_or_path, layers)
@@ -223,7 +225,8 @@ def build_model(
         )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     return model.eval()
 
 

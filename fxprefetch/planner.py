@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch.fx import GraphModule
 
@@ -83,7 +84,10 @@ class GraphPlanner:
             return {}
         return {p.name: s for p, s in zip(placeholders, self.source_names, strict=True) if s}
 
-    def __call__(self, gm: GraphModule) -> PrefetchPlan | None:
+    def __call__(
+        self, gm: GraphModule, lower: Callable[[GraphModule], Any] | None = None
+    ) -> PrefetchPlan | None:
+        """Plan and insert prefetches, then ``lower`` them; a failure of either removes them."""
         kind = graph_kind(gm)
         if kind == "backward":
             return None  # weights are prefetched for the forward computation only
@@ -95,6 +99,8 @@ class GraphPlanner:
                 graph_name=f"{self.name} ({kind})",
                 recompile=self.recompile,
             )
+            if lower is not None:
+                lower(gm)
         except Exception as exc:
             if self.strict:
                 raise PrefetchPassError(

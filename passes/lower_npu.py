@@ -30,17 +30,25 @@ def npu_prefetch_op() -> torch._ops.OpOverload:
 
 
 def lower_prefetch_to_npu(gm: GraphModule) -> int:
-    """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count."""
+    """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count.
+
+    All or nothing: every node is checked before any is changed, so a refusal leaves the graph
+    as it was (for the caller to strip).
+    """
     target = npu_prefetch_op()
     torch.fx.node.has_side_effect(target)  # torch_npu does this too; stand-ins may not
-    count = 0
-    for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
-        if len(node.args) < 2 or node.args[1] is None:
+    nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
+    for node in nodes:
+        dependency = node.args[1] if len(node.args) > 1 else node.kwargs.get("dependency")
+        if dependency is None:
+            weight = node.args[0].name if node.args else "?"
             raise NpuLoweringError(
-                f"{node.name}: npu_prefetch in graph mode needs a dependency, got None"
+                f"{node.name} (prefetch of {weight}): npu_prefetch in graph mode needs a "
+                "dependency, got None (torchair's Cmo converter refuses it); a prefetch called "
+                "by hand in the model must pass the tensor it may start after"
             )
+    for node in nodes:
         node.target = target
-        count += 1
-    if count:
+    if nodes:
         finalize(gm)
-    return count
+    return len(nodes)

@@ -1,4 +1,5 @@
-"""Shared test set-up: hypothesis profiles, clean counters, a private inductor cache."""
+"""Shared test set-up: hypothesis profiles, clean counters, a private inductor cache, and
+torchair's real code for the NPU tests."""
 
 from __future__ import annotations
 
@@ -48,3 +49,29 @@ def fresh_dynamo():
     with torch._inductor.config.patch(fx_graph_cache=False):
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def torchair():
+    """torchair's real Python code (tests/torchair_real.py), C extensions stubbed.
+
+    Under CI (``CI`` set) a missing torchair fails the test run instead of skipping it.
+    """
+    from torchair_real import TorchairUnavailableError, load_torchair
+
+    try:
+        return load_torchair()
+    except TorchairUnavailableError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"torchair is required in CI: {exc}")
+        pytest.skip(f"torchair unavailable: {exc}")
+
+
+@pytest.fixture
+def ge(torchair, fresh_dynamo):
+    """What torchair hands to GE during one test (graphs after GE passes, loaded ModelDefs)."""
+    from torchair_real import RECORDER
+
+    RECORDER.clear()
+    yield RECORDER
+    RECORDER.clear()

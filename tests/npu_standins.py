@@ -1,40 +1,37 @@
-"""STAND-INS for torch_npu and torchair, for machines without Ascend hardware or CANN.
+"""STAND-INS for torch_npu's operators, for machines without Ascend hardware or CANN.
 
 Nothing here runs on an NPU. torch_npu cannot be imported without CANN, so these tests
-register, when torch_npu is absent, ``torch.ops.npu.*`` operators with the exact schemas of
-torch_npu 2.13.0 (``tests/data/torch_npu_schemas.txt``, copied from the wheel's codegen yaml)
-and simple reference kernels, and a ``torchair`` module whose ``get_npu_backend`` runs the
-``post_grad_custom_post_pass`` hook exactly as documented (``fn(gm, example_inputs, config)``)
-and then executes the FX graph eagerly (like torchair's ``debug.run_eagerly``). What they
-prove: our graphs lower to ``npu.npu_prefetch`` with the right arguments and schemas; what they
-cannot prove: GE's conversion to ``Cmo`` and any effect on real L2 traffic.
+register, when torch_npu is absent, the ``torch.ops.npu.*`` operators the tests call with the
+exact schemas of torch_npu 2.13.0 (``tests/data/torch_npu_schemas.txt``, copied from the
+wheel's codegen yaml) and simple reference kernels. ``npu_prefetch`` is side-effecting, as
+torch_npu registers it, and its kernel records each call in :data:`PREFETCH_CALLS`.
+
+torchair is NOT stood in for: the NPU tests run torchair's real code (``torchair_real.py``).
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
-from torch._inductor.decomposition import select_decomp_table
 
 SCHEMAS = Path(__file__).parent / "data" / "torch_npu_schemas.txt"
 _lib: torch.library.Library | None = None
 
 
-@dataclass
-class StandinLog:
-    prefetch_calls: list[tuple[tuple[int, ...], bool, int, int]] = field(default_factory=list)
-    graphs: list[torch.fx.GraphModule] = field(default_factory=list)
-    configs: list[Any] = field(default_factory=list)
+@dataclass(frozen=True)
+class PrefetchCall:
+    """One call of the ``npu_prefetch`` stand-in kernel: what it would have prefetched."""
+
+    shape: tuple[int, ...]
+    data_ptr: int
+    has_dependency: bool
+    max_size: int
+    offset: int
 
 
-LOG = StandinLog()
+PREFETCH_CALLS: list[PrefetchCall] = []
 
 
 def _schemas() -> dict[str, str]:
@@ -50,7 +47,11 @@ def _npu_prefetch(self, dependency, max_size, offset=0):
     nbytes = self.numel() * self.element_size()
     torch._check(0 <= offset < nbytes, lambda: "npu_prefetch: offset out of range")
     if self.device.type == "cpu" and not isinstance(self, torch._subclasses.FakeTensor):
-        LOG.prefetch_calls.append((tuple(self.shape), dependency is not None, max_size, offset))
+        PREFETCH_CALLS.append(
+            PrefetchCall(
+                tuple(self.shape), self.data_ptr(), dependency is not None, max_size, offset
+            )
+        )
 
 
 def _rms(x, gamma, epsilon):
@@ -202,50 +203,3 @@ def install_op_standins() -> None:
         elif name in _KERNELS:
             _lib.impl(name, _KERNELS[name], "CompositeExplicitAutograd")
     torch.fx.node.has_side_effect(torch.ops.npu.npu_prefetch.default)  # as torch_npu does
-
-
-class CompilerConfig:
-    """Stand-in for ``torchair.CompilerConfig``: the attributes our backend touches."""
-
-    def __init__(self) -> None:
-        self.mode = "max-autotune"
-        self.post_grad_custom_post_pass = None
-        self.post_grad_custom_pre_pass = None
-        self.experimental_config = types.SimpleNamespace(enable_single_stream=False)
-        self.debug = types.SimpleNamespace(run_eagerly=True)
-
-
-def get_npu_backend(compiler_config: CompilerConfig | None = None) -> Any:
-    """Stand-in for ``torchair.get_npu_backend``: AOT autograd, the post pass, eager run."""
-    cfg = compiler_config or CompilerConfig()
-    LOG.configs.append(cfg)
-
-    def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        if cfg.post_grad_custom_post_pass is not None:
-            cfg.post_grad_custom_post_pass(gm, example_inputs, cfg)
-        LOG.graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    return aot_autograd(
-        fw_compiler=compiler,
-        bw_compiler=compiler,
-        inference_compiler=compiler,
-        decompositions=select_decomp_table(),
-    )
-
-
-def torchair_module() -> types.ModuleType:
-    module = types.ModuleType("torchair")
-    module.__doc__ = "STAND-IN for torchair (tests only)"
-    module.CompilerConfig = CompilerConfig
-    module.get_npu_backend = get_npu_backend
-    return module
-
-
-def install_torchair_standin(monkeypatch: Any) -> StandinLog:
-    install_op_standins()
-    monkeypatch.setitem(sys.modules, "torchair", torchair_module())
-    LOG.prefetch_calls.clear()
-    LOG.graphs.clear()
-    LOG.configs.clear()
-    return LOG

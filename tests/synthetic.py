@@ -28,6 +28,7 @@ class SynthSpec:
     bias: bool = False
     act_quant: bool = False
     vocab: int = 64
+    sdpa: bool = True  # False: attention as explicit matmuls (graphs GE can convert)
 
 
 def fake_quant(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,12 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         heads = self.s.heads
         q, k, v = (y.view(b, t, heads, h // heads).transpose(1, 2) for y in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.s.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / (h // heads) ** 0.5
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         out = out.transpose(1, 2).reshape(b, t, h)
         if self.s.act_quant:
             out = fake_quant(out)

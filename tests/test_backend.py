@@ -1,7 +1,6 @@
 """torch.compile(model, backend="npu_prefetch") end to end, on each target.
 
-The `npu` target runs here against STAND-INS for torchair and torch_npu (tests/npu_standins.py):
-no Ascend device or CANN toolkit exists on these machines."""
+The `npu` target runs against torchair's real code in tests/test_torchair.py."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from torch import nn
 import fxprefetch
 from fxprefetch.models import build_model, example_inputs
 
-from npu_standins import install_torchair_standin
 from synthetic import SynthModel, SynthSpec
 
 pytestmark = pytest.mark.compile
@@ -58,80 +56,6 @@ def test_hf_models_end_to_end(name, target, fresh_dynamo):
         assert roles == {"attn.qkv": 6, "mlp.gate_up": 4}
     else:
         assert roles == {"attn.qkv": 6, "moe.gate_up": 2}
-
-
-@pytest.mark.parametrize("name", list(EXPECTED))
-def test_npu_target_lowers_to_npu_prefetch(name, fresh_dynamo, monkeypatch):
-    log = install_torchair_standin(monkeypatch)
-    model = build_model(name)
-    expected, out, first, _ = _run(model, "npu")
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    (plan,) = fxprefetch.last_plans()
-    (gm,) = log.graphs
-    npu_nodes = list(
-        gm.graph.find_nodes(op="call_function", target=torch.ops.npu.npu_prefetch.default)
-    )
-    assert not gm.graph.find_nodes(op="call_function", target=torch.ops.fxprefetch.prefetch.default)
-    assert len(npu_nodes) == len(plan.prefetched) == EXPECTED[name]
-    by_name = {r.prefetch_node: r for r in plan.prefetched}
-    for node in npu_nodes:
-        record = by_name[node.name]
-        weight, dependency, max_size = node.args[:3]
-        assert weight.op == "placeholder" and dependency is not None
-        assert dependency.name == record.dependency and max_size == record.prefetch_bytes
-        assert tuple(weight.meta["val"].shape) == record.weight_shape
-    # the lowered graph ran: npu_prefetch (stand-in) executed, ours did not
-    assert first.calls == 0
-    assert len(log.prefetch_calls) == 2 * EXPECTED[name]  # two forwards
-    assert all(has_dep for _, has_dep, _, _ in log.prefetch_calls)
-
-
-def test_npu_target_composes_with_the_users_torchair_pass(fresh_dynamo, monkeypatch):
-    log = install_torchair_standin(monkeypatch)
-    import torchair
-
-    seen = []
-    cfg = torchair.CompilerConfig()
-    cfg.post_grad_custom_post_pass = lambda gm, inputs, config: seen.append(
-        len(gm.graph.find_nodes(op="call_function", target=torch.ops.fxprefetch.prefetch.default))
-    )
-    model = SynthModel(SynthSpec(layers=1)).eval()
-    compiled = torch.compile(
-        model, backend="npu_prefetch", options={"target": "npu", "torchair_config": cfg}
-    )
-    with torch.no_grad():
-        compiled(torch.randint(0, 64, (1, 4)))
-    assert seen == [0]  # the user's pass ran first, on the graph before ours
-    assert len(log.prefetch_calls) == 2  # qkv and gate_up
-    assert cfg.post_grad_custom_post_pass is not None and not hasattr(
-        cfg.post_grad_custom_post_pass, "fxprefetch"
-    )  # the user's config is not mutated
-
-
-def test_torchair_single_stream_disables_prefetch(fresh_dynamo, monkeypatch, caplog):
-    log = install_torchair_standin(monkeypatch)
-    import torchair
-
-    cfg = torchair.CompilerConfig()
-    cfg.experimental_config.enable_single_stream = True
-    model = SynthModel(SynthSpec(layers=1)).eval()
-    with caplog.at_level(logging.WARNING, logger="fxprefetch"):
-        compiled = torch.compile(
-            model, backend="npu_prefetch", options={"target": "npu", "torchair_config": cfg}
-        )
-        with torch.no_grad():
-            compiled(torch.randint(0, 64, (1, 4)))
-    assert "enable_single_stream" in caplog.text and not log.prefetch_calls
-
-
-def test_torchair_backend_builder(fresh_dynamo, monkeypatch):
-    log = install_torchair_standin(monkeypatch)
-    backend = fxprefetch.torchair_backend({"prefetch_ratio": {"attn": {"qkv": 0.5}}})
-    model = SynthModel(SynthSpec(layers=1)).eval()
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(torch.randint(0, 64, (1, 4)))
-    sizes = sorted(size for _, _, size, _ in log.prefetch_calls)
-    assert sizes == sorted([int(0.5 * 96 * 32 * 4), 128 * 32 * 4])
 
 
 def test_npu_target_without_torchair_fails_clearly(fresh_dynamo, monkeypatch):
@@ -327,25 +251,3 @@ def test_entry_point_works_without_importing_fxprefetch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip().endswith("True")
-
-
-def test_compile_mode_reaches_torchair(monkeypatch):
-    """torch.compile refuses mode= with options= for custom backends, so call the backend as
-    dynamo does (torchair users can also set the mode on their own CompilerConfig)."""
-    from fxprefetch.backend import npu_prefetch
-
-    log = install_torchair_standin(monkeypatch)
-    import torchair
-
-    def capture(compiler_config):
-        log.configs.append(compiler_config)
-        return lambda gm, inputs: gm
-
-    monkeypatch.setattr(torchair, "get_npu_backend", capture)
-    gm = torch.fx.symbolic_trace(SynthModel(SynthSpec(layers=1)))
-    npu_prefetch(
-        gm, [torch.randint(0, 64, (1, 4))], options={"target": "npu"}, mode="reduce-overhead"
-    )
-    (cfg,) = log.configs
-    assert cfg.mode == "reduce-overhead"
-    assert getattr(cfg.post_grad_custom_post_pass, "fxprefetch", False)  # our pass composed

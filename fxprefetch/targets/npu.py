@@ -1,8 +1,8 @@
 """NPU lowering through torchair: the pass runs as torchair's ``post_grad_custom_post_pass``,
 then ``fxprefetch.prefetch`` becomes ``npu.npu_prefetch`` (GE op ``Cmo``).
 
-Written against torchair's documented hook (``fn(gm, example_inputs, config)``); verified
-here only with stand-ins for torchair and torch_npu (see ``tests/npu_standins.py``).
+Written against torchair's hook (``fn(gm, example_inputs, config)``) and tested against
+torchair's real Python code from the torch-npu 2.13.0 wheel (``tests/torchair_real.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from fxprefetch.planner import GraphPlanner
 from passes.lower_npu import lower_prefetch_to_npu
 
 logger = logging.getLogger("fxprefetch")
+
+SINGLE_STREAM_OPTION = "ge_config.enable_single_stream"
 
 
 class NpuUnavailableError(RuntimeError):
@@ -47,14 +49,50 @@ def npu_available() -> bool:
         return False
 
 
+def option_value(holder: Any, path: str) -> Any:
+    """The value of a torchair option, e.g. ``"ge_config.enable_single_stream"``.
+
+    torchair's ``CompilerConfig`` wraps every option in an ``OptionValue`` (``CallableValue``
+    for passes), so the attribute itself is never the value: read its ``.value``.
+    """
+    for name in path.split("."):
+        holder = getattr(holder, name, None)
+    return getattr(holder, "value", holder)
+
+
 def single_stream_enabled(compiler_config: Any) -> bool:
-    """torchair's single-stream mode must not be combined with npu_prefetch."""
-    for holder in (compiler_config, getattr(compiler_config, "experimental_config", None)):
-        value = getattr(holder, "enable_single_stream", None)
-        value = getattr(value, "value", value)  # torchair wraps options in OptionValue
-        if value in (True, "True", "true", "1", 1):
-            return True
-    return False
+    """torchair's single-stream mode (``ge_config.enable_single_stream``) excludes npu_prefetch."""
+    return option_value(compiler_config, SINGLE_STREAM_OPTION) in (True, "True", "true", "1", 1)
+
+
+def _leaf_objects(config: Any) -> dict[int, Any]:
+    """Every option value of ``config`` that is not plain data (passes, pools, user objects)."""
+    found: dict[int, Any] = {}
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        try:
+            children = vars(node).values()
+        except TypeError:
+            children = ()
+        for child in children:
+            if isinstance(child, (str, int, float, bool, type(None), list, tuple, dict)):
+                continue
+            if callable(child) or not hasattr(child, "__dict__"):
+                found[id(child)] = child
+            else:
+                stack.append(child)
+    return found
+
+
+def private_copy(compiler_config: Any) -> Any:
+    """A copy of a torchair ``CompilerConfig`` that shares no option object with the original.
+
+    ``copy.copy`` would share the ``OptionValue`` objects, so setting an option on the copy
+    would change the user's config. Callables and other non-data values (the user's passes,
+    memory pools) are kept as the same objects, never copied.
+    """
+    return copy.deepcopy(compiler_config, memo=_leaf_objects(compiler_config))
 
 
 def make_post_pass(
@@ -67,20 +105,31 @@ def make_post_pass(
     ) -> None:
         if user_pass is not None:
             user_pass(gm, example_inputs, config)
-        planner(gm)
-        lower_prefetch_to_npu(gm)
+        planner(gm, lower=lower_prefetch_to_npu)
 
     post_grad_custom_post_pass.fxprefetch = True  # type: ignore[attr-defined]
     return post_grad_custom_post_pass
 
 
-def configure_torchair(planner: GraphPlanner, compiler_config: Any = None) -> Any:
-    """A copy of ``compiler_config`` (or a new one) with our pass composed into it."""
+def configure_torchair(
+    planner: GraphPlanner, compiler_config: Any = None, mode: str | None = None
+) -> Any:
+    """A private copy of ``compiler_config`` (or a new one) with our pass composed into it.
+
+    The user's config is never changed. ``mode`` (from ``torch.compile(mode=...)``) selects
+    torchair's ``"max-autotune"`` (GE graph) or ``"reduce-overhead"`` (aclgraph).
+    """
     torchair = import_torchair()
-    cfg = copy.copy(compiler_config) if compiler_config is not None else torchair.CompilerConfig()
+    cfg = (
+        private_copy(compiler_config)
+        if compiler_config is not None
+        else torchair.CompilerConfig()
+    )
+    if mode is not None:
+        cfg.mode = mode
     if single_stream_enabled(cfg):
         message = (
-            "torchair's enable_single_stream cannot be combined with npu_prefetch; "
+            f"torchair's {SINGLE_STREAM_OPTION} cannot be combined with npu_prefetch; "
             "compiling without prefetch"
         )
         if planner.strict:
@@ -88,7 +137,7 @@ def configure_torchair(planner: GraphPlanner, compiler_config: Any = None) -> An
         logger.warning(message)
         return cfg
     cfg.post_grad_custom_post_pass = make_post_pass(
-        planner, getattr(cfg, "post_grad_custom_post_pass", None)
+        planner, option_value(cfg, "post_grad_custom_post_pass")
     )
     return cfg
 
@@ -101,7 +150,5 @@ def compile_npu(
     mode: str | None = None,
 ) -> Callable[..., Any]:
     torchair = import_torchair()
-    cfg = configure_torchair(planner, compiler_config)
-    if mode is not None:  # torch.compile(mode=...): torchair's "max-autotune" (GE graph) or
-        cfg.mode = mode  # "reduce-overhead" (aclgraph)
+    cfg = configure_torchair(planner, compiler_config, mode)
     return torchair.get_npu_backend(compiler_config=cfg)(gm, example_inputs)
