@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -44,7 +45,10 @@ logger = logging.getLogger("fxprefetch")
 
 META_KEY = "fxprefetch"
 
-# Ops a weight may pass through between its parameter and the matmul, keeping its bytes.
+# Ops a weight may pass through between its parameter and the matmul: views of its storage
+# (transposes, reshapes, dtype views, expands), parts of it (one expert of a stacked weight),
+# and splits of fused weights (followed by ``getitem``). The bytes a matmul reads are those of
+# the view that reaches it, wherever in the stored tensor they lie.
 _WEIGHT_VIEWS = frozenset(
     f"aten::{n}"
     for n in (
@@ -61,10 +65,16 @@ _WEIGHT_VIEWS = frozenset(
         "detach",
         "_reshape_alias",
         "as_strided",
+        "select",
+        "slice",
+        "narrow",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "tensor_split",
     )
 )
-# Ops that pick part of a weight (one expert of a stacked tensor): prefetch that part only.
-_WEIGHT_NARROWING = frozenset({"aten::select", "aten::slice", "aten::narrow"})
 
 
 @dataclass
@@ -102,32 +112,49 @@ class Window:
         return tuple(ops)
 
 
-def _trace_weight(arg: Node) -> tuple[Node, Node | None] | None:
-    """Follow a weight argument to its parameter; None when it is computed (not a weight)."""
-    node, narrowing = arg, None
+def _trace_weight(arg: Node) -> Node | None:
+    """The placeholder or ``get_attr`` a weight argument views; None when it is computed."""
+    node = arg
     while node.op == "call_function":
-        name = op_name(node)
-        if name in _WEIGHT_NARROWING and narrowing is None:
-            narrowing = node
-        elif name not in _WEIGHT_VIEWS:
+        if node.target is operator.getitem or op_name(node) in _WEIGHT_VIEWS:
+            first = node.args[0] if node.args else None
+            if not isinstance(first, Node):
+                return None
+            node = first
+        else:
             return None
-        first = node.args[0] if node.args else None
-        if not isinstance(first, Node):
-            return None
-        node = first
     if node.op not in ("placeholder", "get_attr") or tensor_value(node) is None:
         return None
-    return node, narrowing
+    return node
 
 
-def _byte_extent(val: torch.Tensor) -> int:
-    """Bytes spanned by a (possibly strided) view, from its first element to its last."""
-    if val.numel() == 0:
-        return 0
-    span = 1 + sum(
-        (size - 1) * stride for size, stride in zip(val.shape, val.stride(), strict=True)
-    )
-    return span * val.element_size()
+def _known_int(value: int | torch.SymInt) -> int | None:
+    """``value`` when it is known without adding a guard (an int or a constant SymInt)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int()
+    return None
+
+
+def _byte_range(root: torch.Tensor, used: torch.Tensor) -> tuple[int, int] | None:
+    """``(offset, nbytes)`` of the bytes of ``root`` that its view ``used`` spans.
+
+    Each storage offset counts in its own tensor's element size (a ``view(dtype)`` changes
+    it). None when a size, stride or offset is symbolic: reading it would add a guard.
+    """
+    values = [used.storage_offset(), root.storage_offset(), used.numel()]
+    values += list(used.shape) + list(used.stride())
+    known = [_known_int(v) for v in values]
+    if any(v is None for v in known):
+        return None
+    used_offset, root_offset, numel, *rest = known
+    sizes, strides = rest[: used.dim()], rest[used.dim() :]
+    offset = used_offset * used.element_size() - root_offset * root.element_size()
+    if numel == 0:
+        return offset, 0
+    span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
+    return offset, span * used.element_size()
 
 
 def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) -> list[LinearUse]:
@@ -147,22 +174,17 @@ def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) ->
             weight_arg = weight_arg[0]
         if not isinstance(weight_arg, Node):
             continue
-        traced = _trace_weight(weight_arg)
-        if traced is None:
+        root = _trace_weight(weight_arg)
+        if root is None:
             continue
-        root, narrowing = traced
         root_val = tensor_value(root)
-        offset, nbytes, used = 0, root_val.numel() * root_val.element_size(), root_val
-        narrow_val = tensor_value(narrowing) if narrowing is not None else None
-        if narrow_val is not None:
-            try:
-                offset = int(narrow_val.storage_offset() - root_val.storage_offset()) * (
-                    root_val.element_size()
-                )
-                nbytes = _byte_extent(narrow_val)
-                used = narrow_val
-            except (TypeError, RuntimeError):  # symbolic offsets: prefetch the whole weight
-                offset = 0
+        used = tensor_value(weight_arg)
+        whole = root_val.numel() * root_val.element_size()
+        part = _byte_range(root_val, used) if used is not None else None
+        if part is None or part == (0, _known_int(whole)):
+            offset, nbytes, shape = 0, whole, tuple(root_val.shape)  # all of it, or unknown
+        else:
+            (offset, nbytes), shape = part, tuple(used.shape)
         if root.op == "get_attr":
             name = weight_names.get(root.name, str(root.target))
         else:
@@ -174,7 +196,7 @@ def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) ->
                 root=root,
                 offset=offset,
                 nbytes=nbytes,
-                shape=tuple(used.shape),
+                shape=shape,
                 dtype=root_val.dtype,
                 weight_name=name,
                 module=module_path(node),

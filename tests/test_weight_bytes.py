@@ -1,0 +1,139 @@
+"""Exactly the bytes a linear reads, through any chain of views, and no guard added (issue #10).
+
+Each model compiles end to end with the eager target (dynamo + AOT autograd, no codegen), so
+the weights reach the pass with dynamo's real sources and fake tensors' real strides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fxprefetch
+from fxprefetch.backend import npu_prefetch
+
+pytestmark = pytest.mark.compile
+
+
+class Holder(nn.Module):
+    """A module named after the projection, holding its stored weight."""
+
+    def __init__(self, weight: torch.Tensor, buffer: bool = False) -> None:
+        super().__init__()
+        if buffer:
+            self.register_buffer("weight", weight)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+class Mlp(nn.Module):
+    """RMSNorm (the vector window), then a matmul with a view of ``up_proj.weight``."""
+
+    def __init__(
+        self, weight: torch.Tensor, view, buffer: bool = False, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.up_proj = Holder(weight, buffer)
+        self.view = view
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x).to(self.dtype) @ self.view(self.up_proj.weight)
+
+
+def compile_eager(model: nn.Module, *args: torch.Tensor) -> fxprefetch.PrefetchPlan:
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args))
+    (plan,) = fxprefetch.last_plans()
+    return plan
+
+
+def test_a_uint8_buffer_viewed_as_fp32_and_sliced(fresh_dynamo):
+    # 64 rows of 16 fp32 stored as uint8; rows 16..31 are read: bytes 1024..2047 of fp32
+    stored = torch.randn(64, 16).view(torch.uint8).reshape(-1).clone()
+    model = Mlp(stored, lambda w: w.view(torch.float32).view(64, 16)[16:32].t(), buffer=True)
+    (record,) = compile_eager(model, torch.randn(2, 16)).prefetched
+    assert (record.offset, record.prefetch_bytes) == (16 * 16 * 4, 16 * 16 * 4)
+    assert record.dtype == "torch.uint8" and record.weight == "up_proj.weight"
+
+
+def test_an_fp32_parameter_viewed_as_bf16(fresh_dynamo):
+    # 32 x 8 fp32 = 1024 bytes, viewed as 32 x 16 bf16; rows 16..31: the second 512 bytes
+    stored = torch.randn(32, 16, dtype=torch.bfloat16).view(torch.float32)  # finite as bf16
+    model = Mlp(stored, lambda w: w.view(torch.bfloat16)[16:].t(), dtype=torch.bfloat16)
+    plan = compile_eager(model, torch.randn(2, 16))
+    (record,) = plan.records
+    assert record.prefetched, record.skip_reason
+    assert (record.offset, record.prefetch_bytes) == (512, 512)
+    assert record.offset + record.prefetch_bytes <= stored.numel() * stored.element_size()
+
+
+class FusedQkv(nn.Module):
+    """One stored qkv weight, split three ways (``chunk``/``split``/``unbind``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.qkv_proj = Holder(torch.randn(3 * 8, 16))
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qkv_proj.weight
+        if self.how == "chunk":
+            parts = w.chunk(3)
+        elif self.how == "split":
+            parts = w.split([8, 8, 8])
+        else:
+            parts = w.view(3, 8, 16).unbind(0)
+        h = self.norm(x)
+        return sum(F.linear(h, p).sum(-1) for p in parts)
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind"])
+def test_each_part_of_a_fused_weight_gets_its_own_bytes(how, fresh_dynamo):
+    plan = compile_eager(FusedQkv(how), torch.randn(2, 16))
+    assert len(plan.records) == 3 and all(r.role == "attn.qkv" for r in plan.records)
+    part = 8 * 16 * 4
+    got = sorted((r.offset, r.prefetch_bytes) for r in plan.prefetched)
+    assert got == [(0, part), (part, part), (2 * part, part)]
+
+
+class Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.experts = Holder(torch.randn(4, 16, 16))
+
+    def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.norm(x) @ self.experts.weight[i]
+
+
+def _compiles(backend, model: nn.Module, x: torch.Tensor, indices: list[int]) -> int:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for i in indices:
+            torch.testing.assert_close(compiled(x, i), model(x, i))
+    return counter.frame_count
+
+
+def test_a_python_int_expert_index_adds_no_guard(fresh_dynamo):
+    """``weight[i]`` with a changing int becomes symbolic; reading its storage offset as an
+    int would add a guard per value, and dynamo's recompile limit then drops to eager."""
+    model, x = Experts().eval(), torch.randn(2, 16)
+    indices = [0, 1, 2, 3, 0, 1, 2, 3, 1, 2]
+    ours = functools.partial(npu_prefetch, options={"target": "eager"})
+    assert _compiles(ours, model, x, indices) == _compiles("aot_eager", model, x, indices)
+    plans = fxprefetch.last_plans()
+    # the graph with a symbolic index prefetches from the whole stacked weight
+    assert any(r.weight_shape == (4, 16, 16) and r.offset == 0 for p in plans for r in p.prefetched)
+    # the first graph (a constant index) prefetches exactly the expert it reads
+    assert plans[0].prefetched[0].weight_shape == (16, 16)
