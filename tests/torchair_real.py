@@ -141,10 +141,6 @@ class GeRecorder:
         self.graphs.clear()
         self.loaded.clear()
 
-    def protos(self) -> list[Any]:
-        """The ``GraphDef`` of every graph converted since the last :meth:`clear`."""
-        return [g.graph._proto for g in self.graphs]
-
 
 RECORDER = GeRecorder()
 
