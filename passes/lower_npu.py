@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP
-from passes.graph_utils import finalize
+from passes.graph_utils import finalize, get_arg
 
 
 class NpuLoweringError(RuntimeError):
@@ -39,13 +39,11 @@ def lower_prefetch_to_npu(gm: GraphModule) -> int:
     torch.fx.node.has_side_effect(target)  # torch_npu does this too; stand-ins may not
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     for node in nodes:
-        dependency = node.args[1] if len(node.args) > 1 else node.kwargs.get("dependency")
-        if dependency is None:
-            weight = node.args[0].name if node.args else "?"
+        if get_arg(node, "dependency") is None:
             raise NpuLoweringError(
-                f"{node.name} (prefetch of {weight}): npu_prefetch in graph mode needs a "
-                "dependency, got None (torchair's Cmo converter refuses it); a prefetch called "
-                "by hand in the model must pass the tensor it may start after"
+                f"{node.name} (prefetch of {get_arg(node, 'self')}): npu_prefetch in graph mode "
+                "needs a dependency, got None (torchair's Cmo converter refuses it); a prefetch "
+                "called by hand in the model must pass the tensor it may start after"
             )
     for node in nodes:
         node.target = target
