@@ -64,7 +64,7 @@ def scaling(layer_counts: list[int], repeats: int) -> list[dict]:
 
 
 def compile_share(layers: int) -> dict:
-    import fxprefetch.planner as planner_module
+    import fxprefetch.pipeline as planner_module  # where the planning pass is called
 
     spent = []
     real = planner_module.run_weight_prefetch

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
-from fxprefetch import runtime_stats
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.counting import with_counting
+from fxprefetch.ops import native_prefetch_devices
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.planner import GraphPlanner
 from passes.graph_utils import placeholder_source_names
+from passes.rules import current_rules
 
 logger = logging.getLogger("fxprefetch")
 
@@ -30,14 +32,16 @@ def resolve_target(target: str) -> str:
     return "npu" if npu_available() else "inductor"
 
 
-def _planner_for(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
-) -> GraphPlanner:
-    names = placeholder_source_names(gm)
-    for tensor, name in zip(example_inputs, names, strict=False):
-        if name is not None and isinstance(tensor, torch.Tensor):
-            runtime_stats.name_weight(tensor, name)
-    return GraphPlanner(opts.config, strict=opts.strict, source_names=names)
+def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) -> GraphPlanner:
+    """Everything the passes read, fixed now: it also makes the compile-cache key."""
+    return GraphPlanner(
+        opts.config,
+        target=target,
+        rules=opts.rules if opts.rules is not None else current_rules(),
+        native_devices=frozenset(native_prefetch_devices()),
+        strict=opts.strict,
+        source_names=placeholder_source_names(gm),
+    )
 
 
 def npu_prefetch(
@@ -49,7 +53,7 @@ def npu_prefetch(
     """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
     opts = parse_options(options)
     target = resolve_target(opts.target)
-    planner = _planner_for(gm, example_inputs, opts)
+    planner = _planner_for(gm, opts, target)
     logger.debug(
         "npu_prefetch: compiling %s for target %s (config %s)",
         planner.name,
@@ -59,14 +63,16 @@ def npu_prefetch(
     if target == "npu":
         from fxprefetch.targets.npu import compile_npu
 
-        return compile_npu(gm, example_inputs, planner, opts.torchair_config, mode)
-    if target == "eager":
+        compiled = compile_npu(gm, example_inputs, planner, opts.torchair_config, mode)
+    elif target == "eager":
         from fxprefetch.targets.eager import compile_eager
 
-        return compile_eager(gm, example_inputs, planner)
-    from fxprefetch.targets.inductor import compile_inductor
+        compiled = compile_eager(gm, example_inputs, planner)
+    else:
+        from fxprefetch.targets.inductor import compile_inductor
 
-    return compile_inductor(gm, example_inputs, planner, mode)
+        compiled = compile_inductor(gm, example_inputs, planner, mode)
+    return with_counting(compiled, planner)
 
 
 def torchair_backend(
@@ -85,8 +91,7 @@ def torchair_backend(
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         from fxprefetch.targets.npu import compile_npu
 
-        return compile_npu(
-            gm, example_inputs, _planner_for(gm, example_inputs, opts), compiler_config
-        )
+        planner = _planner_for(gm, opts, "npu")
+        return with_counting(compile_npu(gm, example_inputs, planner, compiler_config), planner)
 
     return backend

@@ -144,6 +144,12 @@ def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
         if kind in kinds:
             raise ConfigError(f"{path}[{i}]", f"window kind {kind!r} is listed twice")
         kinds.append(kind)
+    if "collective" in kinds and "vector" not in kinds:
+        raise ConfigError(
+            path,
+            "'collective' widens vector windows and cannot stand alone; "
+            'write ["vector", "collective"]',
+        )
     return tuple(sorted(kinds, key=WINDOW_KINDS.index))
 
 
@@ -175,7 +181,9 @@ class PrefetchRatios:
 
     def __post_init__(self) -> None:
         for role in ROLES:
-            _expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
+            ratio = _expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
+            # 1 and 1.0, -0.0 and 0.0 compare equal: store one form, so digests agree too
+            object.__setattr__(self, role.replace(".", "_"), float(ratio) + 0.0)
 
     def __getitem__(self, role: str) -> float:
         if role not in ROLES:
@@ -211,16 +219,23 @@ class PrefetchRatios:
 
 @dataclass(frozen=True)
 class WeightPrefetchConfig:
-    """A validated ``weight_prefetch_config``. Frozen and hashable; build it with ``from_*``."""
+    """A validated ``weight_prefetch_config``. Frozen and hashable; build it with ``from_*``.
 
-    enabled: bool = False
+    ``enabled=None`` means "not written": the seed guide's default (off) where the config comes
+    from vllm-ascend's ``additional_config``, on under ``backend="npu_prefetch"``. Whoever
+    consumes a config settles it with :meth:`settled` (a written value always wins), so an
+    object and the same JSON mean the same everywhere.
+    """
+
+    enabled: bool | None = None
     prefetch_ratio: PrefetchRatios = field(default_factory=PrefetchRatios)
     max_prefetch_bytes: int = DEFAULT_MAX_PREFETCH_BYTES
     sequence_parallel: bool = False
     windows: tuple[str, ...] = DEFAULT_WINDOWS
 
     def __post_init__(self) -> None:
-        _expect_bool(self.enabled, f"{ROOT_KEY}.enabled")
+        if self.enabled is not None:
+            _expect_bool(self.enabled, f"{ROOT_KEY}.enabled")
         if not isinstance(self.prefetch_ratio, PrefetchRatios):
             raise ConfigError(
                 f"{ROOT_KEY}.prefetch_ratio",
@@ -262,33 +277,39 @@ class WeightPrefetchConfig:
         return cls.from_dict(parse_json(text, ROOT_KEY))
 
     @classmethod
-    def from_additional_config(cls, text: str | Mapping[str, Any]) -> WeightPrefetchConfig:
+    def from_additional_config(
+        cls, text: str | Mapping[str, Any], path: str = "additional_config"
+    ) -> WeightPrefetchConfig:
         """Build from a whole vllm-ascend ``--additional-config`` JSON string (or its dict).
 
         Keys other than ``weight_prefetch_config`` belong to vllm-ascend and are ignored; a key
-        that looks like a misspelling of ours is reported in a warning.
+        that looks like a misspelling of ours is reported in a warning naming the closest key.
+        Without the section, the result is the default config with ``enabled`` not written.
         """
-        obj = parse_json(text, "additional_config") if isinstance(text, str) else text
-        obj = _expect_object(obj, "additional_config")
+        obj = parse_json(text, path) if isinstance(text, str) else text
+        obj = _expect_object(obj, path)
         if ROOT_KEY not in obj:
             for key in obj:
-                if difflib.get_close_matches(key, [ROOT_KEY], n=1, cutoff=0.8):
+                close = difflib.get_close_matches(key.lower(), [ROOT_KEY], n=1, cutoff=0.75)
+                if close or "prefetch" in key.lower():
                     logger.warning(
-                        "additional_config has no %r but has %r: a misspelling? Weight prefetch "
-                        "stays at its defaults (disabled).",
-                        ROOT_KEY,
+                        "additional_config.%s is not a key fxprefetch knows: did you mean %r? "
+                        "Without it weight prefetch keeps its defaults.",
                         key,
+                        ROOT_KEY,
                     )
             return cls()
-        return cls.from_dict(obj[ROOT_KEY], ROOT_KEY)
+        return cls.from_dict(obj[ROOT_KEY], f"{path}.{ROOT_KEY}")
 
     # -- views ---------------------------------------------------------------------------------
     def ratio(self, role: str) -> float:
         return self.prefetch_ratio[role]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object; ``enabled`` is left out when it was not written."""
+        written = {"enabled": self.enabled} if self.enabled is not None else {}
         return {
-            "enabled": self.enabled,
+            **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
             "max_prefetch_bytes": self.max_prefetch_bytes,
             "sequence_parallel": self.sequence_parallel,
@@ -302,6 +323,10 @@ class WeightPrefetchConfig:
     def digest(self) -> str:
         """A stable short hash of the configuration, for compile-cache keys."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def settled(self, default_enabled: bool) -> WeightPrefetchConfig:
+        """This config with ``enabled`` written: ``default_enabled`` where it was not."""
+        return self if self.enabled is not None else self.with_enabled(default_enabled)
 
     def with_enabled(self, enabled: bool = True) -> WeightPrefetchConfig:
         return WeightPrefetchConfig(
@@ -334,6 +359,8 @@ def parse_json(text: str, path: str) -> Any:
         return json.loads(
             text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
         )
+    except RecursionError:
+        raise ConfigError(path, "JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"

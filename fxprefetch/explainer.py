@@ -18,9 +18,11 @@ from torch._inductor.decomposition import select_decomp_table
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.options import parse_options
-from fxprefetch.plan import PrefetchPlan
+from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
 from passes.graph_utils import placeholder_source_names
+from passes.roles import layer_index, match_role, owner_path
+from passes.rules import PrefetchRules, current_rules
 
 
 def explain(
@@ -32,14 +34,24 @@ def explain(
     """Plans of every graph ``model(*example_inputs, **example_kwargs)`` compiles to.
 
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
-    (``enabled`` defaults to true). Inputs may live on the meta device.
+    (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
+    plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
     """
     opts = parse_options({"weight_prefetch_config": config} if config is not None else None)
     plans: list[PrefetchPlan] = []
+    graph_inputs: set[int] = set()  # ids of every tensor some graph took as an input
+
+    rules = opts.rules if opts.rules is not None else current_rules()
 
     def backend(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        graph_inputs.update(id(t) for t in inputs if isinstance(t, torch.Tensor))
         planner = GraphPlanner(
-            opts.config, strict=True, record=False, source_names=placeholder_source_names(gm)
+            opts.config,
+            target="eager",
+            rules=rules,
+            strict=True,
+            record=False,
+            source_names=placeholder_source_names(gm),
         )
 
         def plan_only(aten_gm: torch.fx.GraphModule, _: Any) -> Callable[..., Any]:
@@ -55,10 +67,57 @@ def explain(
         plans.extend(planner.plans)
         return gm.forward  # the traced graph itself: cheap on meta tensors
 
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
-    finally:
-        torch._dynamo.reset()
+    # No dynamo reset: other compiled code in the process keeps its compiled graphs. A backend
+    # is part of dynamo's guards, so this backend's entries never serve anyone else; the
+    # limits are raised so that repeated explains of one model keep compiling.
+    limits = {"recompile_limit": 1 << 20, "accumulated_recompile_limit": 1 << 20}
+    with torch._dynamo.config.patch(limits), torch.no_grad():
+        torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
+    if isinstance(model, torch.nn.Module):
+        outside = outside_graphs_plan(model, graph_inputs, opts.config, rules)
+        if outside.records:
+            plans.append(outside)
     return plans
+
+
+def outside_graphs_plan(
+    model: torch.nn.Module,
+    graph_inputs: set[int],
+    config: WeightPrefetchConfig,
+    rules: PrefetchRules,
+) -> PrefetchPlan:
+    """Weights with a prefetch role that no compiled graph took as an input.
+
+    Their matmuls ran in eager code between graphs (a graph break, e.g. a data-dependent
+    loop over MoE experts), where no pass can see them; listing them keeps the plan whole.
+    """
+    records = []
+    for name, param in model.named_parameters():
+        if id(param) in graph_inputs or param.dim() < 2:
+            continue
+        owner = owner_path(name)
+        rule = match_role(owner, rules.role_rules)
+        if rule is None or rule.role is None:
+            continue
+        records.append(
+            LinearRecord(
+                node="-",
+                op="-",
+                module=owner,
+                weight=name,
+                layer=layer_index(owner),
+                role=rule.role,
+                weight_shape=tuple(param.shape),
+                dtype=str(param.dtype),
+                weight_bytes=param.numel() * param.element_size(),
+                ratio=config.ratio(rule.role),
+                skip_reason=SkipReason.OUTSIDE_GRAPHS,
+                note="a graph break: no compiled graph took this weight as an input",
+            )
+        )
+    return PrefetchPlan(
+        records=records,
+        graph="outside compiled graphs",
+        config_digest=config.digest,
+        enabled=bool(config.enabled),
+    )

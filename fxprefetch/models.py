@@ -163,6 +163,42 @@ def _transformers() -> Any:
     return transformers
 
 
+# config.json fields that must be positive integers when present
+_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+    "moe_intermediate_size",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+)
+
+
+def _check_config_fields(data: dict[str, Any], path: Path) -> None:
+    """Types a config.json must get right before transformers sees it."""
+    import torch
+
+    for name in _INT_FIELDS:
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelError(f"{path}: {name} must be an integer, got {value!r}")
+        if isinstance(value, int) and value < 0:
+            raise ModelError(f"{path}: {name} must not be negative, got {value}")
+    for name in ("torch_dtype", "dtype"):
+        value = data.get(name)
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ModelError(
+                f"{path}: {name} must name a torch dtype (e.g. 'bfloat16'), got {value!r}"
+            )
+
+
 def load_config(name_or_path: str, layers: int | None = None) -> Any:
     """A transformers config from a preset name or a local ``config.json`` path."""
     transformers = _transformers()
@@ -184,10 +220,21 @@ def load_config(name_or_path: str, layers: int | None = None) -> Any:
             raise ModelError(f"cannot read {path}: {exc}") from exc
         if not isinstance(data, dict) or "model_type" not in data:
             raise ModelError(f"{path}: not a Hugging Face config.json (no 'model_type')")
+        _check_config_fields(data, path)
         try:
             config = transformers.AutoConfig.for_model(**data)
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(f"{path}: unsupported model_type {data['model_type']!r}") from exc
+        causal = transformers.AutoModelForCausalLM._model_mapping
+        if type(config) not in causal:
+            raise ModelError(
+                f"{path}: model_type {data['model_type']!r} is not a causal language model "
+                "(transformers has no AutoModelForCausalLM class for it)"
+            )
+        if config.num_hidden_layers < 1:
+            raise ModelError(
+                f"{path}: num_hidden_layers must be at least 1, got {config.num_hidden_layers}"
+            )
     if layers is not None:
         if layers < 1:
             raise ModelError(f"--layers must be at least 1, got {layers}")
@@ -234,6 +281,11 @@ def example_inputs(model: torch.nn.Module, tokens: int = 8, batch: int = 1) -> d
     """Keyword inputs for one forward pass of ``model`` (a prefill of ``tokens`` tokens)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    if device.type == "meta":  # no memory: a meta model reads only the shape
+        return {
+            "input_ids": torch.empty(batch, tokens, dtype=torch.long, device="meta"),
+            "use_cache": False,
+        }
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
     return {"input_ids": ids.to(device), "use_cache": False}

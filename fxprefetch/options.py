@@ -8,9 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
+from passes.rules import PrefetchRules
 
 TARGETS = ("auto", "npu", "inductor", "eager")
-OPTION_KEYS = ("weight_prefetch_config", "additional_config", "target", "strict", "torchair_config")
+OPTION_KEYS = (
+    "weight_prefetch_config",
+    "additional_config",
+    "target",
+    "strict",
+    "torchair_config",
+    "rules",
+)
 
 
 @dataclass(frozen=True)
@@ -19,25 +27,16 @@ class BackendOptions:
     target: str = "auto"
     strict: bool = False
     torchair_config: Any = None
+    rules: PrefetchRules | None = None  # None: passes.rules.current_rules() at compile time
 
 
 def _config_from(value: Any, path: str) -> WeightPrefetchConfig:
     """A config from an object, dict or JSON string; ``enabled`` defaults to true here."""
-    if isinstance(value, WeightPrefetchConfig):
-        return value
     if isinstance(value, str):
         value = parse_json(value, path)
-    if isinstance(value, Mapping) and "enabled" not in value:
-        value = {**value, "enabled": True}
-    return WeightPrefetchConfig.from_dict(value, path)
-
-
-def _additional_config(value: Any, path: str) -> WeightPrefetchConfig:
-    obj = parse_json(value, path) if isinstance(value, str) else value
-    if not isinstance(obj, Mapping):
-        raise ConfigError(path, f"expected a JSON object or its string, got {type(obj).__name__}")
-    section = obj.get("weight_prefetch_config", {})
-    return _config_from(section, "additional_config.weight_prefetch_config")
+    if not isinstance(value, WeightPrefetchConfig):
+        value = WeightPrefetchConfig.from_dict(value, path)
+    return value.settled(default_enabled=True)
 
 
 def parse_options(options: Any) -> BackendOptions:
@@ -70,7 +69,10 @@ def parse_options(options: Any) -> BackendOptions:
             "options", "give either weight_prefetch_config or additional_config, not both"
         )
     if "additional_config" in options:
-        config = _additional_config(options["additional_config"], "options.additional_config")
+        config = WeightPrefetchConfig.from_additional_config(
+            options["additional_config"], "options.additional_config"
+        )
+        config = config.settled(default_enabled=True)
     elif "weight_prefetch_config" in options:
         config = _config_from(options["weight_prefetch_config"], "options.weight_prefetch_config")
     else:
@@ -91,4 +93,10 @@ def parse_options(options: Any) -> BackendOptions:
         raise ConfigError(
             "options.torchair_config", f"only used with target 'npu', but target is {target!r}"
         )
-    return BackendOptions(config, target, strict, torchair_config)
+    rules = options.get("rules")
+    if rules is not None and not isinstance(rules, PrefetchRules):
+        raise ConfigError(
+            "options.rules",
+            f"expected a passes.rules.PrefetchRules value, got {type(rules).__name__}",
+        )
+    return BackendOptions(config, target, strict, torchair_config, rules)

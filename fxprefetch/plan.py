@@ -5,6 +5,7 @@ For people (``.table()``) and for tools (``.to_json()``, schema in ``plan_schema
 
 from __future__ import annotations
 
+import enum
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -14,9 +15,10 @@ from typing import Any
 PLAN_SCHEMA_VERSION = 1
 
 
-class SkipReason:
-    """Why a linear got no prefetch. Plain strings, so plans serialize as they read."""
+class SkipReason(str, enum.Enum):
+    """Why a linear got no prefetch. A ``str``, so plans serialize as they read."""
 
+    NOT_A_WEIGHT = "not a weight"
     NO_ROLE = "no role"
     DISABLED = "prefetch disabled"
     ZERO_RATIO = "ratio is 0"
@@ -26,7 +28,12 @@ class SkipReason:
     SYMBOLIC_WEIGHT = "weight size is symbolic"
     EMPTY_WEIGHT = "weight is empty"
     UNSUPPORTED_WEIGHT = "weight is not a single parameter tensor"
+    INDEXED_WEIGHT = "expert picked by a tensor index at run time"
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
+    OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class LinearRecord:
     dependency_op: str | None = None
     prefetch_node: str | None = None
     skip_reason: str | None = None
+    # what the pass found about the operand: "graph input 'x'", "stored int8, converted by ..."
+    note: str | None = None
+    # collectives the window walk crossed to reach the vector work behind them
+    crossed: tuple[str, ...] = ()
     # positions in the graph the pass saw (node indices), for timelines
     position: int = -1
     dependency_position: int | None = None
@@ -65,6 +76,9 @@ class LinearRecord:
         d = asdict(self)
         d["weight_shape"] = list(self.weight_shape)
         d["window"] = list(self.window)
+        d["crossed"] = list(self.crossed)
+        if self.skip_reason is not None:
+            d["skip_reason"] = str(self.skip_reason)
         return d
 
 
@@ -104,10 +118,6 @@ class PrefetchPlan:
     def skipped(self) -> list[LinearRecord]:
         return [r for r in self.records if not r.prefetched]
 
-    @property
-    def modified(self) -> bool:
-        return bool(self.prefetched)
-
     def by_role(self, role: str) -> list[LinearRecord]:
         return [r for r in self.records if r.role == role]
 
@@ -119,7 +129,7 @@ class PrefetchPlan:
             bytes_prefetched=sum(r.prefetch_bytes for r in done),
             weight_bytes_prefetched=sum(r.weight_bytes for r in done),
             capped=sum(r.capped for r in done),
-            skipped=dict(Counter(r.skip_reason for r in self.skipped if r.skip_reason)),
+            skipped=dict(Counter(str(r.skip_reason) for r in self.skipped if r.skip_reason)),
             by_role=dict(Counter(r.role for r in done if r.role)),
         )
 
@@ -162,6 +172,7 @@ class PrefetchPlan:
                 **linear,
                 "weight_shape": tuple(linear["weight_shape"]),
                 "window": tuple(linear["window"]),
+                "crossed": tuple(linear["crossed"]),
             }
             records.append(LinearRecord(**fields_))
         return cls(
@@ -206,9 +217,14 @@ def _row(r: LinearRecord) -> tuple[str, ...]:
         _fmt_bytes(r.weight_bytes),
         _fmt_bytes(r.prefetch_bytes) if r.prefetched else "-",
         "yes" if r.capped else "",
-        f"{r.window_kind}: {window}" if r.prefetched else (r.skip_reason or ""),
+        f"{r.window_kind}: {window}" if r.prefetched else _reason(r),
         r.dependency or "",
     )
+
+
+def _reason(r: LinearRecord) -> str:
+    reason = str(r.skip_reason or "")
+    return f"{reason} ({r.note})" if r.note and r.skip_reason else reason
 
 
 def _fold_key(r: LinearRecord) -> tuple[Any, ...]:
@@ -232,7 +248,7 @@ def render_totals(plans: Sequence[PrefetchPlan]) -> str:
     """One line of totals over several graphs' plans."""
     records = [r for p in plans for r in p.records]
     done = [r for r in records if r.prefetched]
-    skipped = Counter(r.skip_reason for r in records if not r.prefetched and r.skip_reason)
+    skipped = Counter(str(r.skip_reason) for r in records if not r.prefetched and r.skip_reason)
     line = (
         f"totals: {len(records)} linears seen, {len(done)} prefetched "
         f"({_fmt_bytes(sum(r.prefetch_bytes for r in done))} of "

@@ -1,8 +1,9 @@
-"""Plans kept beside inductor's FX graph cache.
+"""Compile reports kept beside inductor's FX graph cache.
 
-On a cache hit inductor skips its post-grad passes, so our pass does not run and would leave
-no plan behind. The backend saves each graph's plans under a key of the dynamo graph, its
-input shapes and the pass's uuid, and loads them back when a compile produced none.
+On a cache hit inductor skips its post-grad passes, so our pipeline does not run and would
+leave no plan behind. The backend saves each graph's reports under a key of the dynamo
+graph, its input shapes and the pass's uuid, and loads them back when a compile produced
+none. A missing or unreadable entry is None: the backend then bypasses the graph cache.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fxprefetch.pipeline import CompileReport, PassResult
 from fxprefetch.plan import PrefetchPlan
 
 logger = logging.getLogger("fxprefetch")
@@ -39,23 +41,49 @@ def _store_dir() -> Path:
     return Path(cache_dir()) / "fxprefetch_plans"
 
 
-def save_plans(key: str, plans: Sequence[PrefetchPlan], elided: bool) -> None:
-    """``elided``: the compiled code left its hint-only prefetches out (counted at the call)."""
+def save_plans(key: str, reports: Sequence[CompileReport]) -> None:
+    """Store what the pipeline did to each graph (the plan and what each pass changed)."""
+    data = [
+        {
+            "target": r.target,
+            "results": [
+                {"name": x.name, "changed": x.changed, "plan": x.plan.to_dict() if x.plan else None}
+                for x in r.results
+            ],
+        }
+        for r in reports
+    ]
     try:
         directory = _store_dir()
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"elided": elided, "plans": [p.to_dict() for p in plans]}))
+        tmp.write_text(json.dumps({"reports": data}))
         tmp.replace(directory / f"{key}.json")
     except OSError as exc:  # a read-only cache must not break compilation
-        logger.debug("could not save prefetch plans: %s", exc)
+        logger.warning("could not save prefetch plans beside the inductor cache: %s", exc)
 
 
-def load_plans(key: str) -> tuple[list[PrefetchPlan], bool]:
-    """The plans stored under ``key`` and whether their prefetches were elided."""
+def load_plans(key: str) -> list[CompileReport] | None:
+    """The reports stored under ``key``; None when missing or unreadable."""
     try:
         data = json.loads((_store_dir() / f"{key}.json").read_text())
-        return [PrefetchPlan.from_dict(d) for d in data["plans"]], bool(data["elided"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reports = [
+            CompileReport(
+                r["target"],
+                tuple(
+                    PassResult(
+                        x["name"],
+                        int(x["changed"]),
+                        PrefetchPlan.from_dict(x["plan"]) if x["plan"] is not None else None,
+                    )
+                    for x in r["results"]
+                ),
+            )
+            for r in data["reports"]
+        ]
+        for report in reports:
+            report.plan  # noqa: B018 - every report has a plan, or the entry is unreadable
+        return reports
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
         logger.debug("no stored prefetch plans for %s: %s", key[:12], exc)
-        return [], False
+        return None

@@ -1,8 +1,9 @@
-"""Run the weight-prefetch pass on one compiled graph, safely, and keep its plan.
+"""Run the pipeline on one compiled graph, safely, and keep its plan.
 
 The backend builds one :class:`GraphPlanner` per dynamo graph. It maps the aten graph's
-placeholders back to parameter paths, runs the pass, and — prefetch being an optimization —
-on failure removes whatever it inserted and logs a warning (or raises in strict mode).
+placeholders back to parameter paths, runs the target's pipeline (:mod:`fxprefetch.pipeline`),
+and — prefetch being an optimization — on failure removes whatever it inserted and logs a
+warning (or raises in strict mode).
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from torch.fx import GraphModule
 
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
+from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
-from passes.weight_prefetch import run_weight_prefetch
 
 logger = logging.getLogger("fxprefetch")
 
@@ -58,55 +59,79 @@ def graph_kind(gm: GraphModule) -> str:
 
 
 class GraphPlanner:
-    """Applies the pass to the aten graph(s) of one dynamo graph."""
+    """Runs the target's pipeline on the aten graph(s) of one dynamo graph, safely.
+
+    Holds everything the passes read (config, rules, which devices have a native prefetch,
+    dynamo's sources), fixed when the backend is called: the same values make the compile
+    cache key. Its reports flow forward to the plan registry and the stats wrapping.
+    """
 
     def __init__(
         self,
         config: WeightPrefetchConfig,
         *,
+        target: str = "eager",
+        rules: PrefetchRules | None = None,
+        native_devices: frozenset[str] = frozenset(),
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
         record: bool = True,
-        recompile: bool = True,
     ) -> None:
         self.config = config
-        self.recompile = recompile  # False where the compiler regenerates code itself
+        self.target = target
+        self.rules = rules if rules is not None else current_rules()
+        self.native_devices = frozenset(native_devices)
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
         self.name = name or f"graph{next(_graph_ids)}"
-        self.plans: list[PrefetchPlan] = []  # what this planner produced
+        self.reports: list[CompileReport] = []  # what the pipeline did, per aten graph
 
-    def weight_names(self, gm: GraphModule) -> dict[str, str]:
+    @property
+    def plans(self) -> list[PrefetchPlan]:
+        return [r.plan for r in self.reports]
+
+    def weight_names(self, gm: GraphModule) -> dict[str, str] | None:
+        """Placeholder name -> parameter path for the placeholders that are weights.
+
+        None when the sources are unknown (the pass then treats every placeholder as a
+        possible weight). Under inductor's freezing the parameters became constants and only
+        the user inputs are left as placeholders: then no placeholder is a weight.
+        """
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        if len(placeholders) != len(self.source_names):
+        if not self.source_names:
+            return None
+        if len(placeholders) == len(self.source_names):
+            pairs = zip(placeholders, self.source_names, strict=True)
+            return {p.name: s for p, s in pairs if s}
+        if len(placeholders) == sum(s is None for s in self.source_names):
             return {}
-        return {p.name: s for p, s in zip(placeholders, self.source_names, strict=True) if s}
+        return None
 
-    def __call__(
-        self, gm: GraphModule, lower: Callable[[GraphModule], Any] | None = None
-    ) -> PrefetchPlan | None:
-        """Plan and insert prefetches, then ``lower`` them; a failure of either removes them."""
+    def context(self, gm: GraphModule, graph_name: str) -> PassContext:
+        return PassContext(
+            config=self.config,
+            rules=self.rules,
+            graph_name=graph_name,
+            weight_names=self.weight_names(gm),
+            native_devices=self.native_devices,
+        )
+
+    def __call__(self, gm: GraphModule) -> CompileReport | None:
+        """Run the pipeline on ``gm``; a failure removes every prefetch it inserted."""
         kind = graph_kind(gm)
         if kind == "backward":
             return None  # weights are prefetched for the forward computation only
+        graph_name = f"{self.name} ({kind})"
         try:
-            plan = run_weight_prefetch(
-                gm,
-                self.config,
-                weight_names=self.weight_names(gm),
-                graph_name=f"{self.name} ({kind})",
-                recompile=self.recompile,
-            )
-            if lower is not None:
-                lower(gm)
+            report = run_pipeline(gm, self.target, self.context(gm, graph_name))
         except Exception as exc:
             if self.strict:
                 raise PrefetchPassError(
                     f"weight-prefetch pass failed on {self.name}: {exc}"
                 ) from exc
-            removed = strip_prefetch(gm)
+            removed = strip_prefetch(gm, recompile=RECOMPILES.get(self.target, True))
             logger.warning(
                 "weight-prefetch pass failed on %s (%s: %s); compiling it without "
                 "prefetch%s. Pass options={'strict': True} to raise instead.",
@@ -116,21 +141,16 @@ class GraphPlanner:
                 f" (removed {removed} partial prefetches)" if removed else "",
             )
             plan = PrefetchPlan(
-                graph=f"{self.name} ({kind})",
+                graph=graph_name,
                 config_digest=self.config.digest,
-                enabled=self.config.enabled,
+                enabled=bool(self.config.enabled),
                 error=f"{type(exc).__name__}: {exc}",
             )
-        self._keep(plan)
-        return plan
+            report = CompileReport(self.target, (PassResult("plan_prefetches", 0, plan),))
+        self.keep(report)
+        return report
 
-    def _keep(self, plan: PrefetchPlan) -> None:
-        self.plans.append(plan)
+    def keep(self, report: CompileReport) -> None:
+        self.reports.append(report)
         if self.record:
-            _remember(plan)
-
-    def adopt(self, plans: list[PrefetchPlan]) -> None:
-        """Record plans made by an earlier compile of the same graph (a compile-cache hit)."""
-        for plan in plans:
-            plan.graph = f"{self.name} ({plan.graph.rsplit('(', 1)[-1]}"
-            self._keep(plan)
+            _remember(report.plan)

@@ -1,15 +1,29 @@
-"""Runtime counters of the prefetches that really executed.
+"""Runtime counters of prefetches: the ones that reached a kernel, and planned hints.
 
-The op's kernels call :func:`record` once per executed prefetch. Totals are plain integer
-additions (cheap enough to leave on); per-weight accounting costs a dict update and is only
-done inside :func:`collect_stats` with ``per_weight=True``.
+Two kinds of count, never mixed:
+
+- ``calls`` / ``bytes_*``: prefetches that reached the op's kernel (:func:`record`, called by
+  the kernels of :mod:`fxprefetch.ops`).
+- ``hints`` / ``hint_bytes``: prefetches the plan put in a graph whose compiled code left them
+  out, because on that device a prefetch is only a hint (inductor on the CPU). The compiled
+  graph is straight-line, so each graph call counts its planned hints once
+  (:func:`record_hints`); no kernel ran for them.
+
+Semantics:
+
+- :func:`stats` is process-wide (every thread) since the last :func:`reset_stats`, and
+  carries no per-weight data.
+- :func:`collect_stats` counts what the *current thread* runs inside its block. Nested blocks
+  each count exactly their own span; :func:`reset_stats` does not touch blocks; another
+  thread's prefetches never land in a block. ``per_weight=True`` adds counts per weight
+  tensor, named by the compiled graph's parameter paths (two tensors with one name stay
+  apart: the later ones get their address appended).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,155 +37,185 @@ class WeightStats:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    calls: int
-    bytes_requested: int
-    bytes_prefetched: int
+    calls: int = 0
+    bytes_requested: int = 0
+    bytes_prefetched: int = 0
+    hints: int = 0
 
 
 @dataclass(frozen=True)
 class PrefetchStats:
     """A snapshot of the counters.
 
-    ``bytes_requested`` sums the ``max_size`` arguments; ``bytes_prefetched`` sums what the op
-    actually covers after clamping to the tensor (``min(max_size, nbytes - offset)``).
+    ``bytes_requested`` sums the ``max_size`` arguments of kernel calls; ``bytes_prefetched``
+    sums what they cover after clamping to the tensor (``min(max_size, nbytes - offset)``).
+    ``hints`` / ``hint_bytes`` count planned hint-only prefetches per graph call.
     """
 
     calls: int = 0
     bytes_requested: int = 0
     bytes_prefetched: int = 0
+    hints: int = 0
+    hint_bytes: int = 0
     per_weight: Mapping[str, WeightStats] = field(default_factory=dict)
 
-    def __sub__(self, other: PrefetchStats) -> PrefetchStats:
+
+class _Tally:
+    """Counts of one scope (the process, or one ``collect_stats`` block)."""
+
+    __slots__ = ("calls", "hint_bytes", "hints", "per_weight", "prefetched", "requested")
+
+    def __init__(self, per_weight: bool = False) -> None:
+        self.calls = self.requested = self.prefetched = self.hints = self.hint_bytes = 0
+        # (data_ptr or name) -> [name, shape, dtype, calls, requested, prefetched, hints]
+        self.per_weight: dict[int | str, list] | None = {} if per_weight else None
+
+    def snapshot(self) -> PrefetchStats:
+        per_weight: dict[str, WeightStats] = {}
+        for key, (name, shape, dtype, calls, req, pre, hints) in (self.per_weight or {}).items():
+            label = name or (key if isinstance(key, str) else f"tensor@{key:#x}")
+            if label in per_weight:  # another tensor with the same name (another model)
+                label = f"{label} (tensor@{key:#x})" if isinstance(key, int) else f"{label}#2"
+            per_weight[label] = WeightStats(label, shape, dtype, calls, req, pre, hints)
         return PrefetchStats(
-            calls=self.calls - other.calls,
-            bytes_requested=self.bytes_requested - other.bytes_requested,
-            bytes_prefetched=self.bytes_prefetched - other.bytes_prefetched,
+            self.calls, self.requested, self.prefetched, self.hints, self.hint_bytes, per_weight
         )
 
 
-class _Counters:
+class _ThreadState(threading.local):
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.calls = 0
-        self.bytes_requested = 0
-        self.bytes_prefetched = 0
-        self.per_weight_depth = 0
-        # data_ptr (op kernels) or weight name (prefetches counted at the graph call) -> counts
-        self.per_weight: dict[int | str, list] = {}
+        self.blocks: list[_Tally] = []
+        self.per_weight_blocks = 0
+        self.names: list[Mapping[int, str]] = []  # data_ptr -> name, pushed per graph call
 
 
-_COUNTERS = _Counters()
-# data_ptr -> readable name, filled by the backend for the weights it plans prefetches on.
-_WEIGHT_NAMES: dict[int, str] = {}
+_PROCESS = _Tally()
+_LOCK = threading.Lock()
+_THREAD = _ThreadState()
 
 
-def name_weight(tensor: torch.Tensor, name: str) -> None:
-    """Give ``tensor`` a readable name in per-weight statistics."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-        return
-    with contextlib.suppress(RuntimeError):  # fake/functional tensors have no storage
-        _WEIGHT_NAMES[tensor.data_ptr()] = name
+def _weight_entry(tally: _Tally, key: int | str, name: str | None, shape, dtype) -> list:
+    assert tally.per_weight is not None
+    entry = tally.per_weight.get(key)
+    if entry is None:
+        entry = tally.per_weight[key] = [name, shape, dtype, 0, 0, 0, 0]
+    elif entry[0] is None and name is not None:
+        entry[0] = name
+    return entry
+
+
+def _name_of(data_ptr: int) -> str | None:
+    for names in reversed(_THREAD.names):
+        name = names.get(data_ptr)
+        if name is not None:
+            return name
+    return None
 
 
 def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
-    """Count one executed prefetch (called by the op's kernels)."""
-    c = _COUNTERS
-    with c.lock:
-        c.calls += 1
-        c.bytes_requested += requested
-        c.bytes_prefetched += prefetched
-        if c.per_weight_depth:
-            _count_weight(
-                weight.data_ptr(), tuple(weight.shape), str(weight.dtype), requested, prefetched
-            )
-
-
-def _count_weight(
-    key: int | str, shape: tuple[int, ...], dtype: str, requested: int, prefetched: int
-) -> None:
-    """Per-weight counts (caller holds the lock)."""
-    entry = _COUNTERS.per_weight.get(key)
-    if entry is None:
-        entry = _COUNTERS.per_weight[key] = [shape, dtype, 0, 0, 0]
-    entry[2] += 1
-    entry[3] += requested
-    entry[4] += prefetched
+    """Count one prefetch that reached a kernel (called by the op's kernels)."""
+    with _LOCK:
+        _PROCESS.calls += 1
+        _PROCESS.requested += requested
+        _PROCESS.prefetched += prefetched
+    blocks = _THREAD.blocks
+    if not blocks:
+        return
+    key = weight.data_ptr() if _THREAD.per_weight_blocks else 0
+    for block in blocks:
+        block.calls += 1
+        block.requested += requested
+        block.prefetched += prefetched
+        if block.per_weight is not None:
+            entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
+            entry[3] += 1
+            entry[4] += requested
+            entry[5] += prefetched
 
 
 @dataclass(frozen=True)
-class CountedPrefetch:
-    """A prefetch elided from compiled code and counted at the graph call instead."""
+class PlannedHint:
+    """A hint-only prefetch the compiled code left out, counted at each graph call."""
 
     weight: str  # the plan's name for the weight
     shape: tuple[int, ...]
     dtype: str
-    requested: int
-    prefetched: int
+    nbytes: int
+    arg_index: int | None  # which graph input holds the weight, when known
 
 
-def record_graph_call(
-    prefetches: tuple[CountedPrefetch, ...], requested: int, prefetched: int
-) -> None:
-    """Count every prefetch of one execution of a straight-line graph, in one update."""
-    c = _COUNTERS
-    with c.lock:
-        c.calls += len(prefetches)
-        c.bytes_requested += requested
-        c.bytes_prefetched += prefetched
-        if not c.per_weight_depth:
-            return
-        for p in prefetches:
-            _count_weight(p.weight, p.shape, p.dtype, p.requested, p.prefetched)
+def record_hints(hints: Sequence[PlannedHint], nbytes: int, args: Sequence[object]) -> None:
+    """Count the planned hints of one call of a straight-line graph, in one update."""
+    with _LOCK:
+        _PROCESS.hints += len(hints)
+        _PROCESS.hint_bytes += nbytes
+    for block in _THREAD.blocks:
+        block.hints += len(hints)
+        block.hint_bytes += nbytes
+        if block.per_weight is None:
+            continue
+        for hint in hints:
+            arg = args[hint.arg_index] if hint.arg_index is not None else None
+            key = arg.data_ptr() if isinstance(arg, torch.Tensor) else hint.weight
+            _weight_entry(block, key, hint.weight, hint.shape, hint.dtype)[6] += 1
+
+
+def per_weight_wanted() -> bool:
+    """Whether a block of the current thread collects per-weight counts (cheap)."""
+    return _THREAD.per_weight_blocks > 0
+
+
+@contextmanager
+def naming(names: Mapping[int, str]) -> Iterator[None]:
+    """Name weights by data pointer for the prefetches of one graph call."""
+    _THREAD.names.append(names)
+    try:
+        yield
+    finally:
+        _THREAD.names.pop()
 
 
 def stats() -> PrefetchStats:
-    """The counters since the last :func:`reset_stats`."""
-    c = _COUNTERS
-    with c.lock:
-        per_weight = {}
-        for key, (shape, dtype, calls, req, pre) in c.per_weight.items():
-            name = key if isinstance(key, str) else _WEIGHT_NAMES.get(key, f"tensor@{key:#x}")
-            per_weight[name] = WeightStats(name, shape, dtype, calls, req, pre)
-        return PrefetchStats(c.calls, c.bytes_requested, c.bytes_prefetched, per_weight)
+    """Process-wide counters since the last :func:`reset_stats` (no per-weight data)."""
+    with _LOCK:
+        return _PROCESS.snapshot()
 
 
 def reset_stats() -> None:
-    c = _COUNTERS
-    with c.lock:
-        c.calls = c.bytes_requested = c.bytes_prefetched = 0
-        c.per_weight.clear()
+    """Zero the process-wide counters; blocks in progress keep counting their own span."""
+    with _LOCK:
+        _PROCESS.calls = _PROCESS.requested = _PROCESS.prefetched = 0
+        _PROCESS.hints = _PROCESS.hint_bytes = 0
 
 
 class StatsRecorder:
     """What :func:`collect_stats` yields: the counters of its own ``with`` block."""
 
-    def __init__(self, start: PrefetchStats, per_weight: bool) -> None:
-        self._start = start
-        self._per_weight = per_weight
-        self._final: PrefetchStats | None = None
-
-    def _finish(self) -> None:
-        self._final = self.current()
+    def __init__(self, tally: _Tally) -> None:
+        self._tally = tally
 
     def current(self) -> PrefetchStats:
-        if self._final is not None:
-            return self._final
-        now = stats()
-        delta = now - self._start
-        per_weight = now.per_weight if self._per_weight else {}
-        return PrefetchStats(delta.calls, delta.bytes_requested, delta.bytes_prefetched, per_weight)
+        return self._tally.snapshot()
 
     @property
     def calls(self) -> int:
-        return self.current().calls
+        return self._tally.calls
 
     @property
     def bytes_requested(self) -> int:
-        return self.current().bytes_requested
+        return self._tally.requested
 
     @property
     def bytes_prefetched(self) -> int:
-        return self.current().bytes_prefetched
+        return self._tally.prefetched
+
+    @property
+    def hints(self) -> int:
+        return self._tally.hints
+
+    @property
+    def hint_bytes(self) -> int:
+        return self._tally.hint_bytes
 
     @property
     def per_weight(self) -> Mapping[str, WeightStats]:
@@ -180,23 +224,18 @@ class StatsRecorder:
 
 @contextmanager
 def collect_stats(per_weight: bool = False) -> Iterator[StatsRecorder]:
-    """Count the prefetches that run inside the block.
+    """Count the prefetches the current thread runs inside the block.
 
     >>> with fxprefetch.collect_stats(per_weight=True) as s:
     ...     compiled(x)
-    >>> s.calls, s.bytes_prefetched, s.per_weight
+    >>> s.calls, s.hints, s.bytes_prefetched, s.per_weight
     """
-    c = _COUNTERS
-    if per_weight:
-        with c.lock:
-            if c.per_weight_depth == 0:
-                c.per_weight.clear()
-            c.per_weight_depth += 1
-    recorder = StatsRecorder(stats(), per_weight)
+    tally = _Tally(per_weight)
+    state = _THREAD
+    state.blocks.append(tally)
+    state.per_weight_blocks += per_weight
     try:
-        yield recorder
+        yield StatsRecorder(tally)
     finally:
-        recorder._finish()
-        if per_weight:
-            with c.lock:
-                c.per_weight_depth -= 1
+        state.blocks.remove(tally)
+        state.per_weight_blocks -= per_weight

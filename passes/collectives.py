@@ -1,12 +1,17 @@
-"""Collective communication ops as they appear in aten graphs."""
+"""Collective communication ops as they appear in aten graphs (the default tables; the pass
+reads them from :class:`passes.rules.PrefetchRules`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch.fx import Node
 
 from passes.graph_utils import op_name
+
+if TYPE_CHECKING:
+    from passes.rules import PrefetchRules
 
 ALL_REDUCE = frozenset(
     {
@@ -45,15 +50,15 @@ OTHER = frozenset(
 COLLECTIVES = ALL_REDUCE | REDUCE_SCATTER | ALL_GATHER | WAIT | OTHER
 
 
-def is_collective(node: Node) -> bool:
-    return node.op == "call_function" and op_name(node) in COLLECTIVES
+def is_collective(node: Node, rules: PrefetchRules) -> bool:
+    return node.op == "call_function" and op_name(node) in rules.collective_ops
 
 
-def is_wait(node: Node) -> bool:
-    return node.op == "call_function" and op_name(node) in WAIT
+def is_wait(node: Node, rules: PrefetchRules) -> bool:
+    return node.op == "call_function" and op_name(node) in rules.wait_ops
 
 
-def has_sequence_parallel_collectives(nodes: Iterable[Node]) -> bool:
+def has_sequence_parallel_collectives(nodes: Iterable[Node], rules: PrefetchRules) -> bool:
     """Sequence parallelism: a reduce-scatter (after attention, before the post-attention
     norm) followed later in the graph by an all-gather (before the MLP)."""
     seen_reduce_scatter = False
@@ -61,8 +66,8 @@ def has_sequence_parallel_collectives(nodes: Iterable[Node]) -> bool:
         if node.op != "call_function":
             continue
         name = op_name(node)
-        if name in REDUCE_SCATTER:
+        if name in rules.reduce_scatter_ops:
             seen_reduce_scatter = True
-        elif name in ALL_GATHER and seen_reduce_scatter:
+        elif name in rules.all_gather_ops and seen_reduce_scatter:
             return True
     return False

@@ -1,29 +1,34 @@
 """Drop prefetches that are only hints on their device, for compiled code.
 
-On a device without a hardware prefetch (the CPU; see ``fxprefetch.ops.has_native_prefetch``)
-a prefetch does nothing but cost a call from compiled code into Python. An FX graph is
-straight-line, so every prefetch it holds runs exactly once per execution: the backend counts
-them at the graph call instead (``fxprefetch.runtime_stats.record_graph_call``), and the
-compiled code carries none. Measured in ``benchmarks/bench_decode_latency.py``.
+On a device without a hardware prefetch (the CPU, or any device not in the context's
+``native_devices``) a prefetch does nothing but cost a call from compiled code into Python.
+An FX graph is straight-line, so every prefetch it holds would run exactly once per
+execution: the backend counts them as planned hints at the graph call instead
+(``fxprefetch.runtime_stats.record_hints``), and the compiled code carries none. Measured in
+``benchmarks/bench_decode_latency.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch.fx import GraphModule
 
-from fxprefetch.ops import PREFETCH_OP, has_native_prefetch
+from fxprefetch.ops import PREFETCH_OP
 from passes.strip_prefetch import strip_prefetch
 
 
-def hint_only(gm: GraphModule) -> bool:
-    """True when no prefetch of ``gm`` targets a device with a hardware prefetch."""
+def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
+    """True when no prefetch of ``gm`` targets a device in ``native_devices``."""
     devices = set()
     for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
         val = node.args[0].meta.get("val")
         devices.add(val.device.type if val is not None else "unknown")
-    return bool(devices) and not any(has_native_prefetch(d) for d in devices)
+    return bool(devices) and not devices & set(native_devices)
 
 
-def elide_hint_prefetches(gm: GraphModule, recompile: bool = True) -> int:
+def elide_hint_prefetches(
+    gm: GraphModule, native_devices: Collection[str], recompile: bool = True
+) -> int:
     """Remove the prefetches of ``gm`` if they are all hint-only; returns how many."""
-    return strip_prefetch(gm, recompile) if hint_only(gm) else 0
+    return strip_prefetch(gm, recompile) if hint_only(gm, native_devices) else 0

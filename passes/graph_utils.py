@@ -34,8 +34,15 @@ def op_name(node: Node) -> str:
 
 
 def get_arg(node: Node, name: str) -> Any:
-    """The value bound to schema argument ``name`` of an OpOverload call (or None)."""
+    """The value bound to schema argument ``name`` of an op call (or None).
+
+    An ``OpOverloadPacket`` target (inductor's freezing passes emit some) reads its default
+    overload's schema.
+    """
     schema = getattr(node.target, "_schema", None)
+    if schema is None and isinstance(node.target, torch._ops.OpOverloadPacket):
+        default = getattr(node.target, "default", None)
+        schema = getattr(default, "_schema", None)
     if schema is None:
         return node.kwargs.get(name)
     for i, arg in enumerate(schema.arguments):

@@ -1,46 +1,51 @@
 """Which ops are linear layers, and which of their arguments is the weight.
 
-A table users extend with :func:`register_linear_op`. Ops are keyed by their qualified name
-(``namespace::op``) so torch_npu's ops are recognized whether or not torch_npu is installed.
+The default table; users extend it through :mod:`passes.rules`. Ops are keyed by their
+qualified name (``namespace::op``) so torch_npu's ops are recognized whether or not torch_npu
+is installed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
 class LinearOpSpec:
-    """``weight``: the schema argument holding the weight (a tensor, or a one-tensor list).
-    ``activations``: the arguments carrying activations, from which the vector window is sought.
+    """``weight``: the schema argument that usually holds the weight (a tensor, or a one-tensor
+    list). ``activations``: the arguments carrying activations, from which the vector window is
+    sought. ``swappable``: a plain matrix product, where the weight may stand in the first
+    activation argument instead (``W @ x.T``); the pass checks which operand is a weight.
+    ``prepacked``: the weight is in an opaque packed layout; the linear is recorded, not
+    prefetched.
     """
 
     weight: str
     activations: tuple[str, ...]
+    swappable: bool = False
+    prepacked: bool = False
 
 
-LINEAR_OPS: dict[str, LinearOpSpec] = {
-    "aten::mm": LinearOpSpec("mat2", ("self",)),
-    "aten::addmm": LinearOpSpec("mat2", ("mat1",)),
-    "aten::bmm": LinearOpSpec("mat2", ("self",)),
-    "aten::baddbmm": LinearOpSpec("batch2", ("batch1",)),
-    "aten::linear": LinearOpSpec("weight", ("input",)),
-    "aten::matmul": LinearOpSpec("other", ("self",)),
-    "aten::_grouped_mm": LinearOpSpec("mat2", ("self", "offs")),
-    "transformers::grouped_mm_fallback": LinearOpSpec("weight", ("input", "offs")),
-    "npu::npu_grouped_matmul": LinearOpSpec("weight", ("x", "group_list", "per_token_scale")),
-    "npu::npu_quant_matmul": LinearOpSpec("x2", ("x1", "pertoken_scale")),
-    "npu::npu_weight_quant_batchmatmul": LinearOpSpec("weight", ("x",)),
-    "npu::npu_mm_all_reduce_base": LinearOpSpec("x2", ("x1",)),
-}
-
-
-def register_linear_op(qualified_name: str, weight: str, activations: tuple[str, ...]) -> None:
-    """Teach the pass a new linear op, e.g. ``register_linear_op("myns::gemm", "w", ("x",))``."""
-    if "::" not in qualified_name:
-        raise ValueError(
-            f"expected a qualified op name like 'namespace::op', got {qualified_name!r}"
-        )
-    if not activations:
-        raise ValueError("a linear op needs at least one activation argument")
-    LINEAR_OPS[qualified_name] = LinearOpSpec(weight, tuple(activations))
+DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
+    {
+        "aten::mm": LinearOpSpec("mat2", ("self",), swappable=True),
+        "aten::addmm": LinearOpSpec("mat2", ("mat1",), swappable=True),
+        "aten::bmm": LinearOpSpec("mat2", ("self",), swappable=True),
+        "aten::baddbmm": LinearOpSpec("batch2", ("batch1",), swappable=True),
+        "aten::linear": LinearOpSpec("weight", ("input",)),
+        "aten::matmul": LinearOpSpec("other", ("self",), swappable=True),
+        "aten::_scaled_mm": LinearOpSpec("mat2", ("self", "scale_a"), swappable=True),
+        # inductor's CPU freezing prepacks weights (opaque layouts): recorded, never prefetched
+        "mkl::_mkl_linear": LinearOpSpec("MKL_W", ("X",), prepacked=True),
+        "mkldnn::_linear_pointwise": LinearOpSpec("W", ("X",), prepacked=True),
+        "aten::_grouped_mm": LinearOpSpec("mat2", ("self", "offs")),
+        "transformers::grouped_mm_fallback": LinearOpSpec("weight", ("input", "offs")),
+        "npu::npu_grouped_matmul": LinearOpSpec("weight", ("x", "group_list", "per_token_scale")),
+        "npu::npu_quant_matmul": LinearOpSpec("x2", ("x1", "pertoken_scale")),
+        "npu::npu_weight_quant_batchmatmul": LinearOpSpec("weight", ("x",)),
+        "npu::npu_mm_all_reduce_base": LinearOpSpec("x2", ("x1",)),
+    }
+)
+LINEAR_OPS = DEFAULT_LINEAR_OPS  # the defaults; the pass reads PrefetchRules.linear_table

@@ -29,7 +29,7 @@ def npu_prefetch_op() -> torch._ops.OpOverload:
         ) from exc
 
 
-def lower_prefetch_to_npu(gm: GraphModule) -> int:
+def lower_prefetch_to_npu(gm: GraphModule, recompile: bool = True) -> int:
     """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count.
 
     All or nothing: every node is checked before any is changed, so a refusal leaves the graph
@@ -48,5 +48,5 @@ def lower_prefetch_to_npu(gm: GraphModule) -> int:
     for node in nodes:
         node.target = target
     if nodes:
-        finalize(gm)
+        finalize(gm, recompile)
     return len(nodes)

@@ -1,6 +1,7 @@
 """Which ops are vector work (the work a prefetch can hide behind), and which are transparent.
 
-Classification order: the user/explicit tables, then torch's op tags (``pointwise``,
+Classification order: the tables of :class:`passes.rules.PrefetchRules` (these defaults plus
+user extensions), then torch's op tags (``pointwise``,
 ``reduction``), then "barrier" for everything else (matmuls, attention, convolutions,
 collectives, embeddings, unknown opaque ops).
 """
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import enum
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import Node
 
 from passes.collectives import COLLECTIVES
 from passes.graph_utils import fake_value, flatten_nodes, op_name
+
+if TYPE_CHECKING:
+    from passes.rules import PrefetchRules
 
 
 class NodeKind(enum.Enum):
@@ -25,133 +30,116 @@ class NodeKind(enum.Enum):
     IGNORE = "ignore"  # symbolic ints and other non-tensor values
 
 
-TRANSPARENT_OPS: set[str] = {
-    "getitem",
-    *(
-        f"aten::{name}"
-        for name in (
-            "view",
-            "_unsafe_view",
-            "reshape",
-            "permute",
-            "transpose",
-            "t",
-            "expand",
-            "unsqueeze",
-            "squeeze",
-            "slice",
-            "select",
-            "split",
-            "split_with_sizes",
-            "chunk",
-            "unbind",
-            "alias",
-            "detach",
-            "clone",
-            "contiguous",
-            "as_strided",
-            "narrow",
-            "unflatten",
-            "flatten",
-            "_reshape_alias",
-            "view_as",
-            "expand_as",
-            "lift_fresh_copy",
-            "movedim",
-        )
-    ),
-}
+DEFAULT_TRANSPARENT_OPS: frozenset[str] = frozenset(
+    {
+        "getitem",
+        *(
+            f"aten::{name}"
+            for name in (
+                "view",
+                "_unsafe_view",
+                "reshape",
+                "permute",
+                "transpose",
+                "t",
+                "expand",
+                "unsqueeze",
+                "squeeze",
+                "slice",
+                "select",
+                "split",
+                "split_with_sizes",
+                "chunk",
+                "unbind",
+                "alias",
+                "detach",
+                "clone",
+                "contiguous",
+                "as_strided",
+                "narrow",
+                "unflatten",
+                "flatten",
+                "_reshape_alias",
+                "view_as",
+                "expand_as",
+                "lift_fresh_copy",
+                "movedim",
+            )
+        ),
+    }
+)
 
-VECTOR_OPS: set[str] = {
-    # norms
-    "aten::rms_norm",
-    "aten::_fused_rms_norm",
-    "aten::layer_norm",
-    "aten::native_layer_norm",
-    "aten::group_norm",
-    "aten::native_group_norm",
-    "npu::npu_rms_norm",
-    "npu::npu_add_rms_norm",
-    "npu::npu_add_rms_norm_quant",
-    # activations, SwiGLU
-    "aten::silu",
-    "aten::gelu",
-    "aten::relu",
-    "aten::sigmoid",
-    "aten::tanh",
-    "npu::npu_swiglu",
-    "npu::npu_gelu",
-    "npu::npu_fast_gelu",
-    "npu::npu_dequant_swiglu_quant",
-    # quantize (decomposed round/clamp/div are pointwise-tagged)
-    "npu::npu_quantize",
-    "npu::npu_dynamic_quant",
-    "aten::quantize_per_tensor",
-    "aten::quantize_per_token",
-    # MoE gating and routing
-    "aten::softmax",
-    "aten::_softmax",
-    "aten::log_softmax",
-    "aten::_log_softmax",
-    "aten::topk",
-    "aten::sort",
-    "aten::argsort",
-    "aten::gather",
-    "aten::index",
-    "aten::index_select",
-    "aten::scatter",
-    "aten::scatter_add",
-    "aten::scatter_reduce",
-    "aten::index_put",
-    "aten::index_add",
-    "aten::histc",
-    "aten::bincount",
-    "aten::cumsum",
-    "aten::one_hot",
-    "aten::repeat_interleave",
-    "aten::masked_fill",
-    "aten::where",
-    "npu::npu_moe_gating_top_k",
-    "npu::npu_moe_gating_top_k_softmax",
-    "npu::npu_moe_init_routing",
-    "npu::npu_moe_init_routing_v2",
-    # casts, copies and rotary embedding
-    "aten::_to_copy",
-    "aten::to",
-    "aten::cat",
-    "aten::stack",
-    "aten::repeat",
-    "aten::copy",
-    "npu::npu_rotary_mul",
-    "npu::npu_apply_rotary_pos_emb",
-}
+DEFAULT_VECTOR_OPS: frozenset[str] = frozenset(
+    {
+        # norms
+        "aten::rms_norm",
+        "aten::_fused_rms_norm",
+        "aten::layer_norm",
+        "aten::native_layer_norm",
+        "aten::group_norm",
+        "aten::native_group_norm",
+        "npu::npu_rms_norm",
+        "npu::npu_add_rms_norm",
+        "npu::npu_add_rms_norm_quant",
+        # activations, SwiGLU
+        "aten::silu",
+        "aten::gelu",
+        "aten::relu",
+        "aten::sigmoid",
+        "aten::tanh",
+        "npu::npu_swiglu",
+        "npu::npu_gelu",
+        "npu::npu_fast_gelu",
+        "npu::npu_dequant_swiglu_quant",
+        # quantize (decomposed round/clamp/div are pointwise-tagged)
+        "npu::npu_quantize",
+        "npu::npu_dynamic_quant",
+        "aten::quantize_per_tensor",
+        "aten::quantize_per_token",
+        # MoE gating and routing
+        "aten::softmax",
+        "aten::_softmax",
+        "aten::log_softmax",
+        "aten::_log_softmax",
+        "aten::topk",
+        "aten::sort",
+        "aten::argsort",
+        "aten::gather",
+        "aten::index",
+        "aten::index_select",
+        "aten::scatter",
+        "aten::scatter_add",
+        "aten::scatter_reduce",
+        "aten::index_put",
+        "aten::index_add",
+        "aten::histc",
+        "aten::bincount",
+        "aten::cumsum",
+        "aten::one_hot",
+        "aten::repeat_interleave",
+        "aten::masked_fill",
+        "aten::where",
+        "npu::npu_moe_gating_top_k",
+        "npu::npu_moe_gating_top_k_softmax",
+        "npu::npu_moe_init_routing",
+        "npu::npu_moe_init_routing_v2",
+        # casts, copies and rotary embedding
+        "aten::_to_copy",
+        "aten::to",
+        "aten::cat",
+        "aten::stack",
+        "aten::repeat",
+        "aten::copy",
+        "npu::npu_rotary_mul",
+        "npu::npu_apply_rotary_pos_emb",
+    }
+)
 
 # Ops that must stop the walk whatever their tags say: collectives are communication, not
 # vector work (collective windows are handled separately, see passes/weight_prefetch.py).
-BARRIER_OPS: set[str] = {"aten::embedding", *COLLECTIVES}
+DEFAULT_BARRIER_OPS: frozenset[str] = frozenset({"aten::embedding", *COLLECTIVES})
 
 _VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
-
-
-def register_vector_op(qualified_name: str) -> None:
-    """Count ``qualified_name`` as vector work a prefetch may hide behind."""
-    BARRIER_OPS.discard(qualified_name)
-    TRANSPARENT_OPS.discard(qualified_name)
-    VECTOR_OPS.add(qualified_name)
-
-
-def register_transparent_op(qualified_name: str) -> None:
-    """Walk through ``qualified_name`` without counting it as work (a view or layout op)."""
-    BARRIER_OPS.discard(qualified_name)
-    VECTOR_OPS.discard(qualified_name)
-    TRANSPARENT_OPS.add(qualified_name)
-
-
-def register_barrier_op(qualified_name: str) -> None:
-    """Stop the walk at ``qualified_name`` even if its tags say pointwise."""
-    VECTOR_OPS.discard(qualified_name)
-    TRANSPARENT_OPS.discard(qualified_name)
-    BARRIER_OPS.add(qualified_name)
 
 
 def _is_tensorish(node: Node) -> bool:
@@ -163,8 +151,12 @@ def _is_tensorish(node: Node) -> bool:
     return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
-def classify(node: Node) -> NodeKind:
-    """The kind of one node for the vector-window walk."""
+def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
+    """The kind of one node for the vector-window walk, under ``rules`` (default: current)."""
+    if rules is None:
+        from passes.rules import current_rules
+
+        rules = current_rules()
     if node.op in ("placeholder", "get_attr"):
         return NodeKind.LEAF if _is_tensorish(node) else NodeKind.IGNORE
     if node.op != "call_function" or not _is_tensorish(node):
@@ -172,13 +164,13 @@ def classify(node: Node) -> NodeKind:
     if node.target is operator.getitem:
         return NodeKind.TRANSPARENT
     name = op_name(node)
-    if name in BARRIER_OPS:
+    if name in rules.barrier_ops:
         return NodeKind.BARRIER
-    if name in TRANSPARENT_OPS:
+    if name in rules.transparent_ops:
         return NodeKind.TRANSPARENT
     if not any(_is_tensorish(n) for n in flatten_nodes((node.args, node.kwargs))):
         return NodeKind.LEAF  # factories: full, iota, scalar_tensor, arange
-    if name in VECTOR_OPS:
+    if name in rules.vector_ops:
         return NodeKind.VECTOR
     tags = getattr(node.target, "tags", ())
     if any(tag in tags for tag in _VECTOR_TAGS):

@@ -15,296 +15,25 @@ size of the graph.
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
-import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
-from passes.collectives import has_sequence_parallel_collectives, is_collective, is_wait
-from passes.graph_utils import (
-    finalize,
-    flatten_nodes,
-    get_arg,
-    module_path,
-    op_name,
-    tensor_value,
-)
-from passes.linear_ops import LINEAR_OPS, LinearOpSpec
-from passes.roles import RoleRule, is_experts_path, layer_index, match_role, owner_path
-from passes.vector_ops import NodeKind, classify
+from passes.collectives import has_sequence_parallel_collectives
+from passes.graph_utils import finalize, op_name
+from passes.linears import LinearUse, find_linears
+from passes.roles import assign_roles, layer_index
+from passes.rules import PrefetchRules, current_rules
+from passes.sizing import prefetch_bytes
+from passes.windows import Window, find_window
 
 logger = logging.getLogger("fxprefetch")
 
 META_KEY = "fxprefetch"
-
-# Ops a weight may pass through between its parameter and the matmul: views of its storage
-# (transposes, reshapes, dtype views, expands), parts of it (one expert of a stacked weight),
-# and splits of fused weights (followed by ``getitem``). The bytes a matmul reads are those of
-# the view that reaches it, wherever in the stored tensor they lie.
-_WEIGHT_VIEWS = frozenset(
-    f"aten::{n}"
-    for n in (
-        "t",
-        "permute",
-        "transpose",
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "expand",
-        "unsqueeze",
-        "squeeze",
-        "alias",
-        "detach",
-        "_reshape_alias",
-        "as_strided",
-        "select",
-        "slice",
-        "narrow",
-        "split",
-        "split_with_sizes",
-        "chunk",
-        "unbind",
-        "tensor_split",
-    )
-)
-
-
-@dataclass
-class LinearUse:
-    """A linear node and the parameter it reads."""
-
-    node: Node
-    spec: LinearOpSpec
-    root: Node  # placeholder or get_attr holding the weight
-    offset: int  # bytes into root where the used part starts
-    nbytes: int | torch.SymInt  # bytes of the used part
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    weight_name: str
-    module: str | None
-    named: bool = False  # weight_name is a parameter path (not just a placeholder's name)
-    role: str | None = None
-    role_reason: str = ""
-
-
-@dataclass
-class Window:
-    dependency: Node  # the node the prefetch follows (a tensor-valued node)
-    vector_ops: list[Node] = field(default_factory=list)
-    collective: Node | None = None  # set when a collective window hides the prefetch
-
-    @property
-    def kind(self) -> str:
-        return "collective" if self.collective is not None else "vector"
-
-    def op_names(self) -> tuple[str, ...]:
-        ops = [op_name(n) for n in reversed(self.vector_ops)]
-        if self.collective is not None:
-            ops.insert(0, op_name(self.collective))
-        return tuple(ops)
-
-
-def _trace_weight(arg: Node) -> Node | None:
-    """The placeholder or ``get_attr`` a weight argument views; None when it is computed."""
-    node = arg
-    while node.op == "call_function":
-        if node.target is operator.getitem or op_name(node) in _WEIGHT_VIEWS:
-            first = node.args[0] if node.args else None
-            if not isinstance(first, Node):
-                return None
-            node = first
-        else:
-            return None
-    if node.op not in ("placeholder", "get_attr") or tensor_value(node) is None:
-        return None
-    return node
-
-
-def _known_int(value: int | torch.SymInt) -> int | None:
-    """``value`` when it is known without adding a guard (an int or a constant SymInt)."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.SymInt):
-        return value.node.maybe_as_int()
-    return None
-
-
-def _byte_range(root: torch.Tensor, used: torch.Tensor) -> tuple[int, int] | None:
-    """``(offset, nbytes)`` of the bytes of ``root`` that its view ``used`` spans.
-
-    Each storage offset counts in its own tensor's element size (a ``view(dtype)`` changes
-    it). None when a size, stride or offset is symbolic: reading it would add a guard.
-    """
-    values = [used.storage_offset(), root.storage_offset(), used.numel()]
-    values += list(used.shape) + list(used.stride())
-    known = [_known_int(v) for v in values]
-    if any(v is None for v in known):
-        return None
-    used_offset, root_offset, numel, *rest = known
-    sizes, strides = rest[: used.dim()], rest[used.dim() :]
-    offset = used_offset * used.element_size() - root_offset * root.element_size()
-    if numel == 0:
-        return offset, 0
-    span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
-    return offset, span * used.element_size()
-
-
-def find_linears(graph: Graph, weight_names: Mapping[str, str] | None = None) -> list[LinearUse]:
-    """Every linear-layer node of ``graph`` whose weight is a graph input or constant."""
-    weight_names = weight_names or {}
-    uses: list[LinearUse] = []
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        spec = LINEAR_OPS.get(op_name(node))
-        if spec is None:
-            continue
-        weight_arg = get_arg(node, spec.weight)
-        if isinstance(weight_arg, (list, tuple)):
-            if len(weight_arg) != 1:
-                continue
-            weight_arg = weight_arg[0]
-        if not isinstance(weight_arg, Node):
-            continue
-        root = _trace_weight(weight_arg)
-        if root is None:
-            continue
-        root_val = tensor_value(root)
-        used = tensor_value(weight_arg)
-        whole = root_val.numel() * root_val.element_size()
-        part = _byte_range(root_val, used) if used is not None else None
-        if part is None or part == (0, _known_int(whole)):
-            offset, nbytes, shape = 0, whole, tuple(root_val.shape)  # all of it, or unknown
-        else:
-            (offset, nbytes), shape = part, tuple(used.shape)
-        if root.op == "get_attr":
-            name = weight_names.get(root.name, str(root.target))
-        else:
-            name = weight_names.get(root.name, root.name)
-        uses.append(
-            LinearUse(
-                node=node,
-                spec=spec,
-                root=root,
-                offset=offset,
-                nbytes=nbytes,
-                shape=shape,
-                dtype=root_val.dtype,
-                weight_name=name,
-                module=module_path(node),
-                named=root.name in weight_names or root.op == "get_attr",
-            )
-        )
-    return uses
-
-
-def assign_roles(
-    uses: list[LinearUse],
-    weight_names: Mapping[str, str] | None = None,
-    extra_rules: tuple[RoleRule, ...] = (),
-) -> None:
-    """Set ``role`` on each use: by parameter path, then module path, then expert order."""
-    first_expert_weight: dict[str, Node] = {}
-    for use in uses:
-        candidates = []
-        if use.named:
-            candidates.append(owner_path(use.weight_name))
-        if use.module:
-            candidates.append(use.module)
-        rule = next((r for r in (match_role(p, extra_rules) for p in candidates) if r), None)
-        if rule is not None:
-            use.role, use.role_reason = rule.role, rule.why
-            continue
-        experts = next((p for p in candidates if is_experts_path(p)), None)
-        if experts is not None:
-            # Fused or grouped experts whose weight names are unknown: the first weight the
-            # experts module multiplies by is its gate/up projection.
-            first = first_expert_weight.setdefault(experts, use.root)
-            if first is use.root:
-                use.role, use.role_reason = "moe.gate_up", "first expert matmul"
-            else:
-                use.role_reason = "later expert matmul"
-            continue
-        use.role_reason = "no rule matched"
-
-
-def find_window(use: LinearUse, index: Mapping[Node, int]) -> Window | None:
-    """Walk back from the linear's activations in reverse graph order (see module docstring)."""
-    starts = [n for name in use.spec.activations for n in flatten_nodes(get_arg(use.node, name))]
-    heap: list[tuple[int, str, Node]] = []
-    seen: set[Node] = set()
-    via: dict[Node, Node] = {}
-
-    def push(node: Node, parent: Node | None) -> None:
-        if node not in seen and node in index:
-            seen.add(node)
-            if parent is not None:
-                via[node] = parent
-            heapq.heappush(heap, (-index[node], node.name, node))
-
-    for start in starts:
-        push(start, None)
-    vector_ops: list[Node] = []
-    leaf: Node | None = None
-    while heap:
-        _, _, node = heapq.heappop(heap)
-        kind = classify(node)
-        if kind is NodeKind.IGNORE:
-            continue
-        if kind is NodeKind.LEAF:
-            leaf = leaf or node
-            continue
-        if kind is NodeKind.BARRIER:
-            return Window(_tensor_of(node, via), vector_ops)
-        if kind is NodeKind.VECTOR:
-            vector_ops.append(node)
-        for inp in node.all_input_nodes:
-            push(inp, node)
-    if leaf is None:
-        return None
-    return Window(_tensor_of(leaf, via), vector_ops)
-
-
-def _tensor_of(node: Node, via: Mapping[Node, Node]) -> Node:
-    """A tensor-valued node standing for ``node`` (its ``getitem`` when it returns a tuple)."""
-    if tensor_value(node) is not None or "val" not in node.meta:
-        return node
-    child = via.get(node)
-    if child is not None and tensor_value(child) is not None:
-        return child
-    for user in node.users:
-        if tensor_value(user) is not None:
-            return user
-    return node
-
-
-def _collective_window(window: Window) -> Window:
-    """Start the prefetch at the input of the collective the window begins with."""
-    collective = window.dependency
-    if is_wait(collective):
-        inner = flatten_nodes(collective.args[:1])
-        if inner and is_collective(inner[0]):
-            collective = inner[0]
-    if not is_collective(collective):
-        return window
-    inputs = [n for n in flatten_nodes(collective.args[:1]) if tensor_value(n) is not None]
-    if not inputs:
-        return window
-    return Window(inputs[0], window.vector_ops, collective)
-
-
-def prefetch_bytes(ratio: float, weight_bytes: int, cap: int) -> tuple[int, bool]:
-    """``(min(int(ratio * weight_bytes), cap), capped)``: the guide's formula."""
-    wanted = math.floor(ratio * weight_bytes)
-    return min(wanted, cap), wanted > cap
 
 
 def _existing_prefetches(graph: Graph) -> set[str]:
@@ -321,27 +50,29 @@ def run_weight_prefetch(
     config: WeightPrefetchConfig,
     *,
     weight_names: Mapping[str, str] | None = None,
-    role_rules: tuple[RoleRule, ...] = (),
+    rules: PrefetchRules | None = None,
     graph_name: str = "graph",
     recompile: bool = True,
 ) -> PrefetchPlan:
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
 
-    ``weight_names`` maps placeholder names to parameter paths (the backend fills it from
-    dynamo's sources); without it, roles come from ``nn_module_stack``. ``recompile=False``
+    ``weight_names`` maps the placeholders that are parameters or buffers to their paths (the
+    backend fills it from dynamo's sources); None means unknown, and every placeholder may be
+    a weight. ``rules`` defaults to :func:`passes.rules.current_rules`. ``recompile=False``
     leaves regenerating ``gm.code`` to the caller (inductor does it after its passes).
     """
+    rules = rules if rules is not None else current_rules()
     graph = gm.graph
     index = {node: i for i, node in enumerate(graph.nodes)}
-    sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(index)
+    sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(index, rules)
     plan = PrefetchPlan(
         graph=graph_name,
         config_digest=config.digest,
-        enabled=config.enabled,
+        enabled=bool(config.enabled),
         sequence_parallel=sequence_parallel,
     )
-    uses = find_linears(graph, weight_names)
-    assign_roles(uses, weight_names, role_rules)
+    uses = find_linears(graph, weight_names, rules)
+    assign_roles(uses, rules)
     already = _existing_prefetches(graph)
     collective_windows = "collective" in config.windows
     windows: dict[tuple[Node, ...], Window | None] = {}
@@ -357,23 +88,18 @@ def run_weight_prefetch(
             "layer": layer_index(use.module or use.weight_name),
             "role": use.role,
             "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
-            "dtype": str(use.dtype),
+            "dtype": str(use.dtype) if use.dtype is not None else "-",
             "weight_bytes": use.nbytes if isinstance(use.nbytes, int) else -1,
             "offset": use.offset,
             "position": index[use.node],
+            "note": use.note,
         }
-        skip = _precheck(use, config, sequence_parallel, already)
+        skip = _precheck(use, config, rules, sequence_parallel, already)
         window = None
         if skip in (None, SkipReason.ZERO_RATIO, SkipReason.NEEDS_SEQUENCE_PARALLEL):
-            key = tuple(
-                n for a in use.spec.activations for n in flatten_nodes(get_arg(use.node, a))
-            )
-            if key not in windows:
-                found = find_window(use, index)
-                if found is not None and collective_windows:
-                    found = _collective_window(found)
-                windows[key] = found
-            window = windows[key]
+            if use.starts not in windows:
+                windows[use.starts] = find_window(use.starts, index, rules, collective_windows)
+            window = windows[use.starts]
             if window is not None:
                 base.update(
                     window=window.op_names(),
@@ -382,6 +108,7 @@ def run_weight_prefetch(
                     dependency_op=op_name(window.dependency),
                     dependency_position=index.get(window.dependency),
                     window_start=min((index[n] for n in window.vector_ops), default=None),
+                    crossed=tuple(op_name(n) for n in window.crossed),
                 )
             if skip is None and (
                 window is None or (not window.vector_ops and window.collective is None)
@@ -415,15 +142,21 @@ def _ratio(use: LinearUse, config: WeightPrefetchConfig) -> float | None:
 
 
 def _precheck(
-    use: LinearUse, config: WeightPrefetchConfig, sequence_parallel: bool, already: set[str]
-) -> str | None:
+    use: LinearUse,
+    config: WeightPrefetchConfig,
+    rules: PrefetchRules,
+    sequence_parallel: bool,
+    already: set[str],
+) -> SkipReason | None:
+    if use.skip is not None:
+        return use.skip
     if use.role is None:
         return SkipReason.NO_ROLE
     if not config.enabled:
         return SkipReason.DISABLED
     if config.ratio(use.role) == 0:
         return SkipReason.ZERO_RATIO
-    if use.role == "mlp.down" and not sequence_parallel:
+    if use.role in rules.sequence_parallel_roles and not sequence_parallel:
         return SkipReason.NEEDS_SEQUENCE_PARALLEL
     if use.node.name in already:
         return SkipReason.ALREADY_PREFETCHED

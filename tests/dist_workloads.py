@@ -107,6 +107,7 @@ def _summary(plan: fxprefetch.PrefetchPlan) -> dict[str, Any]:
             "prefetched": r.prefetched,
             "window_kind": r.window_kind,
             "window": list(r.window),
+            "crossed": list(r.crossed),
             "dependency_op": r.dependency_op,
             "skip_reason": r.skip_reason,
             "bytes": r.prefetch_bytes,
@@ -140,7 +141,8 @@ def tp_sp_workload(rank: int, world: int) -> dict[str, Any]:
         (plan,) = fxprefetch.last_plans()
         results[name] = {
             "max_error": (out - local_expected).abs().max().item(),
-            "calls_per_forward": ran.calls,
+            "calls_per_forward": ran.calls,  # prefetch kernels that ran
+            "hints_per_forward": ran.hints,  # planned hints of compiled code that left them out
             "sequence_parallel": plan.sequence_parallel,
             "roles": _summary(plan),
         }

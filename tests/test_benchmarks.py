@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 SCRIPTS = {
     "bench_pass_scaling.py": ("exponent", "compile_share"),
     "bench_compile_overhead.py": ("rows",),
-    "bench_decode_latency.py": ("ratio", "prefetches_per_step"),
+    "bench_decode_latency.py": ("ratio", "planned_hints_per_step"),
     "bench_memory.py": ("ratio",),
 }
 

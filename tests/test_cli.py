@@ -110,7 +110,8 @@ def test_config_json_file_and_table(tmp_path):
     out = proc.stdout
     assert "layer" in out and "role" in out and "window / skip reason" in out
     assert "0-2 (x3)" in out  # identical layers folded
-    assert "totals: 22 linears seen, 15 prefetched" in out
+    assert "totals: 28 linears seen, 15 prefetched" in out
+    assert "6 not a weight" in out  # the attention score and value matmuls
     assert "[2/3] tracing and planning" in proc.stderr  # progress
     assert f"{96 * 48 * 4 // 2 / 1024:.1f} KiB" in out  # gate_up at ratio 0.5
 
@@ -219,8 +220,67 @@ def test_demo_command_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "outputs match eager: yes" in proc.stdout
-    assert "prefetches executed in one forward: 10 of 10 planned" in proc.stdout
+    assert "prefetches planned per forward: 10" in proc.stdout
+    assert "reached the prefetch kernel: 10" in proc.stdout  # the eager target runs the op
+    assert "planned hints" not in proc.stdout
 
 
 def test_schema_file_is_shipped():
     assert Path(str(resources.files("fxprefetch").joinpath("plan_schema.json"))).is_file()
+
+
+# -- issue #11, defect 7: every user error exits 2 with one line ---------------------------------
+
+
+def _config_json(tmp_path, **fields):
+    data = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        **fields,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda t: ["plan", "--svg", str(t)], "is a directory"),
+        (
+            lambda t: ["plan", "--svg", str(t / "x.svg") if (t / "x.svg").mkdir() is None else ""],
+            "is a directory",
+        ),
+        (lambda t: ["plan", "--svg", str(t / "missing" / "t.svg")], "does not exist"),
+        (lambda t: ["plan", "--svg", "/proc/t.svg"], "--svg: cannot write"),
+        (lambda t: ["plan", "--png", str(t / "x.txt")], "--png: expected a file name ending"),
+        (
+            lambda t: ["plan", "--model", _config_json(t, model_type="vit")],
+            "is not a causal language model",
+        ),
+        (
+            lambda t: ["plan", "--model", _config_json(t, torch_dtype="float33")],
+            "torch_dtype must name a torch dtype",
+        ),
+        (
+            lambda t: ["plan", "--model", _config_json(t, hidden_size="64")],
+            "hidden_size must be an integer",
+        ),
+        (
+            lambda t: ["plan", "--model", _config_json(t, num_hidden_layers=0)],
+            "num_hidden_layers must be at least 1, got 0",
+        ),
+        (lambda t: ["plan", "--model", "llama-3-8b", "--tokens", "2000000000"], "at most 131072"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(make_args, message, tmp_path, capsys):
+    assert main(make_args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fxprefetch: error:"), err
+    assert message in err
+    assert "--layers" not in err

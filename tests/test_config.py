@@ -16,7 +16,9 @@ from fxprefetch.config import DEFAULT_MAX_PREFETCH_BYTES
 
 def test_defaults_are_the_guides():
     cfg = WeightPrefetchConfig()
-    assert cfg.enabled is False
+    # not written: off where vllm-ascend's additional_config says nothing (the guide's default)
+    assert cfg.enabled is None and cfg.settled(default_enabled=False).enabled is False
+    assert WeightPrefetchConfig.from_additional_config("{}").settled(False).enabled is False
     assert cfg.to_dict()["prefetch_ratio"] == {
         "attn": {"qkv": 1.0, "o": 1.0},
         "moe": {"gate_up": 0.8},
@@ -287,7 +289,9 @@ _valid = st.fixed_dictionaries(
         ),
         "max_prefetch_bytes": st.integers(1, 2**40),
         "sequence_parallel": st.booleans(),
-        "windows": st.sampled_from([["vector"], ["collective"], ["vector", "collective"]]),
+        "windows": st.sampled_from(
+            [["vector"], ["collective", "vector"], ["vector", "collective"]]
+        ),
     },
 )
 
@@ -322,3 +326,83 @@ def test_valid_configs_round_trip_with_their_values(value):
     for section, body in value.get("prefetch_ratio", {}).items():
         for name, ratio in body.items():
             assert math.isclose(cfg.ratio(f"{section}.{name}"), float(ratio))
+
+
+# -- issue #11, defect 6: config edges ----------------------------------------------------------
+
+
+def test_an_object_and_the_same_json_mean_the_same_under_the_backend():
+    from fxprefetch.options import parse_options
+
+    ratios = {"attn": {"qkv": 0.5}}
+    as_object = WeightPrefetchConfig.from_dict({"prefetch_ratio": ratios})
+    as_json = json.dumps({"prefetch_ratio": ratios})
+    for options in (as_object, {"weight_prefetch_config": as_object}):
+        assert parse_options(options).config == parse_options(as_json).config
+        assert parse_options(options).config.enabled is True
+    assert parse_options(WeightPrefetchConfig()).config == parse_options("{}").config
+    off = WeightPrefetchConfig(enabled=False)
+    assert parse_options(off).config == parse_options('{"enabled": false}').config
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"attn": {"qkv": -0.0}}, {"attn": {"qkv": 0.0}}),
+        ({"mlp": {"down": 1}}, {"mlp": {"down": 1.0}}),
+        ({"moe": {"gate_up": 0}}, {"moe": {"gate_up": 0.0}}),
+    ],
+)
+def test_equal_configs_have_equal_digests(a, b):
+    left = WeightPrefetchConfig.from_dict({"prefetch_ratio": a})
+    right = WeightPrefetchConfig.from_dict({"prefetch_ratio": b})
+    assert left == right and hash(left) == hash(right) and left.digest == right.digest
+    direct = WeightPrefetchConfig(prefetch_ratio=PrefetchRatios(attn_qkv=1, mlp_down=-0.0))
+    parsed = WeightPrefetchConfig.from_dict({"prefetch_ratio": {"mlp": {"down": 0.0}}})
+    assert direct.digest == parsed.digest
+
+
+def test_collective_windows_alone_are_rejected():
+    with pytest.raises(
+        ConfigError, match=r'windows: .*cannot stand alone.*\["vector", "collective"\]'
+    ):
+        WeightPrefetchConfig.from_dict({"windows": ["collective"]})
+    ok = WeightPrefetchConfig.from_dict({"windows": ["collective", "vector"]})
+    assert ok.windows == ("vector", "collective")
+
+
+@pytest.mark.parametrize(
+    "key", ["weight_prefetch_cfg", "weight_prefetch", "Weight_Prefetch_Config"]
+)
+def test_a_misspelled_section_in_additional_config_warns_with_the_closest_key(key, caplog):
+    from fxprefetch.options import parse_options
+
+    text = json.dumps({key: {"enabled": True}, "ascend_scheduler_config": {}})
+    with caplog.at_level("WARNING", logger="fxprefetch"):
+        config = WeightPrefetchConfig.from_additional_config(text)
+    assert config.settled(False).enabled is False
+    (record,) = caplog.records
+    assert key in record.getMessage() and "'weight_prefetch_config'" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fxprefetch"):
+        parse_options({"additional_config": text})  # the backend reads it with the same parser
+    assert len(caplog.records) == 1
+
+
+def test_other_vllm_ascend_keys_do_not_warn(caplog):
+    text = json.dumps({"torchair_graph_config": {}, "ascend_scheduler_config": {}})
+    with caplog.at_level("WARNING", logger="fxprefetch"):
+        WeightPrefetchConfig.from_additional_config(text)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("depth", [2000, 100000])
+def test_deeply_nested_json_is_a_config_error(depth):
+    text = "[" * depth + "]" * depth
+    with pytest.raises(ConfigError, match=r"nested too deeply|expected a JSON object"):
+        WeightPrefetchConfig.from_json(text)
+    nested = '{"enabled": true, "prefetch_ratio": ' + '{"a": ' * depth + "1" + "}" * depth + "}"
+    with pytest.raises(ConfigError):
+        WeightPrefetchConfig.from_json(nested)
+    with pytest.raises(ConfigError):
+        WeightPrefetchConfig.from_additional_config('{"x": ' + "[" * depth + "]" * depth + "}")

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fxprefetch
-from fxprefetch import ops
+from fxprefetch import ops, runtime_stats
 
 PREFETCH = torch.ops.fxprefetch.prefetch.default
 
@@ -75,20 +75,94 @@ def test_meta_kernel_checks_only():
     assert fxprefetch.stats().calls == 0
 
 
-def test_collect_stats_per_weight_uses_registered_names():
+def test_collect_stats_per_weight_names_from_the_graph_call():
     a, b = torch.zeros(8), torch.zeros(4, dtype=torch.float16)
-    fxprefetch.runtime_stats.name_weight(a, "layers.0.q_proj.weight")
     PREFETCH(a, None, 8)
     with fxprefetch.collect_stats(per_weight=True) as s:
-        PREFETCH(a, None, 16)
-        PREFETCH(a, None, 64)
+        with runtime_stats.naming({a.data_ptr(): "layers.0.q_proj.weight"}):
+            PREFETCH(a, None, 16)
+            PREFETCH(a, None, 64)
         PREFETCH(b, None, 4)
     assert s.calls == 3 and s.bytes_requested == 84 and s.bytes_prefetched == 16 + 32 + 4
     named = s.per_weight["layers.0.q_proj.weight"]
     assert (named.calls, named.bytes_prefetched, named.shape) == (2, 16 + 32, (8,))
     (other,) = (w for k, w in s.per_weight.items() if k != "layers.0.q_proj.weight")
     assert other.dtype == "torch.float16" and other.calls == 1
-    assert fxprefetch.stats().calls == 4  # totals count outside the block too
+    assert fxprefetch.stats().calls == 4  # process totals count outside the block too
+
+
+# -- issue #11, defect 5: stats semantics -------------------------------------------------------
+
+
+def test_nested_blocks_each_count_their_own_span():
+    a, b = torch.zeros(8), torch.zeros(8)
+    with fxprefetch.collect_stats(per_weight=True) as outer:
+        with runtime_stats.naming({a.data_ptr(): "a"}):
+            PREFETCH(a, None, 8)
+        with (
+            fxprefetch.collect_stats(per_weight=True) as inner,
+            runtime_stats.naming({b.data_ptr(): "b"}),
+        ):
+            PREFETCH(b, None, 8)
+        with runtime_stats.naming({a.data_ptr(): "a"}):
+            PREFETCH(a, None, 8)
+    assert inner.calls == 1 and set(inner.per_weight) == {"b"}
+    assert outer.calls == 3 and outer.per_weight["a"].calls == 2
+    assert outer.per_weight["b"].calls == 1
+
+
+def test_reset_inside_a_block_never_gives_negative_counts():
+    w = torch.zeros(8)
+    with fxprefetch.collect_stats() as s:
+        PREFETCH(w, None, 8)
+        fxprefetch.reset_stats()
+        PREFETCH(w, None, 8)
+    assert s.calls == 2 and s.bytes_requested == 16
+    assert fxprefetch.stats().calls == 1  # the process counters were reset in between
+
+
+def test_stats_outside_a_block_carry_no_per_weight_data():
+    w = torch.zeros(8)
+    with fxprefetch.collect_stats(per_weight=True) as s:
+        PREFETCH(w, None, 8)
+    assert len(s.per_weight) == 1
+    assert fxprefetch.stats().per_weight == {} and fxprefetch.stats().calls == 1
+
+
+def test_another_threads_prefetches_stay_out_of_the_block():
+    import threading
+
+    w = torch.zeros(8)
+    started, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.set()
+        release.wait(5)
+        for _ in range(5):
+            PREFETCH(w, None, 8)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    started.wait(5)
+    with fxprefetch.collect_stats() as mine:
+        release.set()
+        thread.join(5)
+        PREFETCH(w, None, 8)
+    assert mine.calls == 1
+    assert fxprefetch.stats().calls == 6  # process-wide: every thread
+
+
+def test_two_tensors_with_one_name_stay_apart():
+    a, b = torch.zeros(8), torch.zeros(8)
+    with fxprefetch.collect_stats(per_weight=True) as s:
+        with runtime_stats.naming({a.data_ptr(): "layers.0.q_proj.weight"}):
+            PREFETCH(a, None, 8)
+        with runtime_stats.naming({b.data_ptr(): "layers.0.q_proj.weight"}):
+            PREFETCH(b, None, 8)
+            PREFETCH(b, None, 8)
+    assert len(s.per_weight) == 2
+    assert sorted(w.calls for w in s.per_weight.values()) == [1, 2]
+    assert "layers.0.q_proj.weight" in s.per_weight
 
 
 def test_native_prefetch_is_called_for_its_device():

@@ -40,7 +40,7 @@ def test_accepted_forms(form):
 
 def test_explicit_disable_is_respected():
     assert not parse_options({"weight_prefetch_config": {"enabled": False}}).config.enabled
-    assert not parse_options(WeightPrefetchConfig()).config.enabled
+    assert not parse_options(WeightPrefetchConfig(enabled=False)).config.enabled
 
 
 @pytest.mark.parametrize(

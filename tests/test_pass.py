@@ -13,13 +13,15 @@ from torch import nn
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
 from passes import (
+    DEFAULT_RULES,
     add_role_rule,
     classify,
+    current_rules,
     register_linear_op,
     run_weight_prefetch,
     strip_prefetch,
 )
-from passes import roles as roles_module
+from passes.collectives import COLLECTIVES
 from passes.graph_utils import normalize_source_path, op_name
 from passes.roles import match_role
 
@@ -204,9 +206,53 @@ def test_mlp_down_follows_sequence_parallel_collectives_in_the_graph(collectives
     (down,) = plan.by_role("mlp.down")
     assert plan.sequence_parallel is collectives
     assert down.prefetched is collectives
-    if collectives:
-        (gate_up,) = plan.by_role("mlp.gate_up")
-        assert gate_up.dependency_op == "_c10d_functional::wait_tensor"  # not vector work
+
+
+def test_sequence_parallel_walk_crosses_the_all_gather_to_the_norm():
+    # issue #10 defect 6: the walk from gate_up met the all-gather and stopped ("no vector
+    # work"), although the norm lies right behind it
+    gm, names = fake_trace(SPBlock(True), torch.randn(8, 16))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (gate_up,) = plan.by_role("mlp.gate_up")
+    assert gate_up.prefetched, gate_up.skip_reason
+    assert gate_up.window_kind == "vector"
+    assert gate_up.crossed == ("_c10d_functional::all_gather_into_tensor",)
+    assert not any(op in COLLECTIVES for op in gate_up.window)  # not counted as vector work
+    assert "aten::var_mean" in gate_up.window  # the layer norm
+    # the prefetch starts before the norm: right after the reduce-scatter's wait
+    assert gate_up.dependency_op == "_c10d_functional::wait_tensor"
+    order = _order(gm)
+    pf = _node(gm, gate_up.prefetch_node)
+    norm = next(n for n in gm.graph.nodes if op_name(n) == "aten::var_mean")
+    gather = next(
+        n for n in gm.graph.nodes if op_name(n) == "_c10d_functional::all_gather_into_tensor"
+    )
+    scatter = next(
+        n for n in gm.graph.nodes if op_name(n) == "_c10d_functional::reduce_scatter_tensor"
+    )
+    assert order[scatter] < order[pf] < order[norm] < order[gather]
+
+
+def test_a_collective_with_no_vector_work_behind_it_ends_the_walk():
+    class GatherOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up_proj = nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            h = torch.ops._c10d_functional.wait_tensor(
+                torch.ops._c10d_functional.all_gather_into_tensor(x, 2, "0")
+            )
+            return self.up_proj(h)
+
+    gm, names = fake_trace(GatherOnly(), torch.randn(8, 16))
+    (up,) = run_weight_prefetch(gm, ON, weight_names=names).records
+    assert up.skip_reason == SkipReason.EMPTY_WINDOW and up.crossed == ()
+    assert up.dependency_op == "_c10d_functional::wait_tensor"
+    gm, names = fake_trace(GatherOnly(), torch.randn(8, 16))
+    cfg = WeightPrefetchConfig(enabled=True, windows=("vector", "collective"))
+    (up,) = run_weight_prefetch(gm, cfg, weight_names=names).records
+    assert up.prefetched and up.window_kind == "collective"
 
 
 def test_collective_window_starts_at_the_collective_input():
@@ -214,14 +260,17 @@ def test_collective_window_starts_at_the_collective_input():
     cfg = WeightPrefetchConfig(enabled=True, windows=("vector", "collective"))
     plan = run_weight_prefetch(gm, cfg, weight_names=names)
     (gate_up,) = plan.by_role("mlp.gate_up")
+    # behind the all-gather lies the norm, behind the norm the reduce-scatter: the window
+    # spans all three, and the prefetch goes with the reduce-scatter's input
     assert gate_up.window_kind == "collective"
-    assert gate_up.window[0] == "_c10d_functional::all_gather_into_tensor"
+    assert gate_up.window[0] == "_c10d_functional::reduce_scatter_tensor"
+    assert gate_up.crossed == ("_c10d_functional::all_gather_into_tensor",)
     pf = _node(gm, gate_up.prefetch_node)
-    gather = next(
-        n for n in gm.graph.nodes if op_name(n) == "_c10d_functional::all_gather_into_tensor"
+    scatter = next(
+        n for n in gm.graph.nodes if op_name(n) == "_c10d_functional::reduce_scatter_tensor"
     )
     order = _order(gm)
-    assert pf.args[1] is gather.args[0] and order[pf] < order[gather]
+    assert pf.args[1] is scatter.args[0] and order[pf] < order[scatter]
 
 
 def test_second_run_adds_nothing(dense):
@@ -425,23 +474,30 @@ def test_default_role_rules(path, role):
 def test_user_role_rule_wins(dense):
     _, _, gm, names = _fresh(dense)
     add_role_rule(r"\.lm_head$|^lm_head$", "mlp.gate_up", "tied head")
-    try:
-        plan = run_weight_prefetch(gm, ON, weight_names=names)
-    finally:
-        roles_module.clear_user_rules()
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
     head = next(r for r in plan if r.weight == "lm_head.weight")
     assert head.role == "mlp.gate_up" and head.prefetched
     with pytest.raises(ValueError, match="unknown role"):
         add_role_rule("x", "mlp.up")
 
 
-def test_user_linear_op(monkeypatch):
+def test_rules_passed_as_a_value_are_the_only_rules_read(dense):
+    _, _, gm, names = _fresh(dense)
+    rules = DEFAULT_RULES.with_role_rule(r"(^|\.)lm_head$", "mlp.gate_up", "tied head")
+    assert rules.digest != DEFAULT_RULES.digest and current_rules() == DEFAULT_RULES
+    plan = run_weight_prefetch(gm, ON, weight_names=names, rules=rules)
+    assert next(r for r in plan if r.weight == "lm_head.weight").prefetched
+    # the value is frozen, hashable and survives pickling (vLLM ships it to workers)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(rules))
+    assert again == rules and hash(again) == hash(rules) and again.digest == rules.digest
+
+
+def test_user_linear_op():
     lib = torch.library.Library("fxtest", "FRAGMENT")
     lib.define("gemm(Tensor act, Tensor w) -> Tensor")
     lib.impl("gemm", lambda a, w: a @ w.t(), "CompositeExplicitAutograd")
-    from passes import linear_ops
-
-    monkeypatch.setattr(linear_ops, "LINEAR_OPS", dict(linear_ops.LINEAR_OPS))
 
     class M(nn.Module):
         def __init__(self):
@@ -454,9 +510,6 @@ def test_user_linear_op(monkeypatch):
     gm, names = fake_trace(M(), torch.randn(2, 8))
     assert not run_weight_prefetch(gm, ON, weight_names=names).records
     register_linear_op("fxtest::gemm", "w", ("act",))
-    import passes.weight_prefetch as wp
-
-    monkeypatch.setattr(wp, "LINEAR_OPS", linear_ops.LINEAR_OPS)
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     (rec,) = plan.records
     assert rec.role == "attn.o" and rec.prefetched and rec.window == ("aten::relu",)
@@ -491,23 +544,23 @@ def test_source_paths_normalize(raw, path):
 
 def test_walk_is_linear_in_graph_size(monkeypatch):
     """Classify calls grow with the layer count, not with its square (the residual stream)."""
-    import passes.weight_prefetch as wp
+    import passes.windows as windows_module
 
     counts = {}
     for layers in (2, 8):
         model = SynthModel(SynthSpec(layers=layers, hidden=16, intermediate=32)).eval()
         gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))
         calls = 0
-        real = wp.classify
+        real = windows_module.classify
 
-        def counting(node, real=real):
+        def counting(node, rules, real=real):
             nonlocal calls
             calls += 1
-            return real(node)
+            return real(node, rules)
 
-        monkeypatch.setattr(wp, "classify", counting)
+        monkeypatch.setattr(windows_module, "classify", counting)
         run_weight_prefetch(gm, ON, weight_names=names)
-        monkeypatch.setattr(wp, "classify", real)
+        monkeypatch.setattr(windows_module, "classify", real)
         counts[layers] = calls
     assert counts[8] <= 4.5 * counts[2], counts
 
@@ -556,8 +609,9 @@ def test_vllm_collectives_are_barriers_and_mean_sequence_parallel():
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     assert plan.sequence_parallel
     (gate_up,) = plan.by_role("mlp.gate_up")
-    assert gate_up.dependency_op == "vllm::all_gather"
-    assert gate_up.skip_reason == SkipReason.EMPTY_WINDOW
+    # the walk crosses vLLM's all-gather to the norm behind it, and stops at the scatter
+    assert gate_up.prefetched and gate_up.crossed == ("vllm::all_gather",)
+    assert gate_up.dependency_op == "vllm::reduce_scatter"
     (down,) = plan.by_role("mlp.down")
     assert down.prefetched
 
@@ -571,7 +625,7 @@ def test_all_gather_before_reduce_scatter_is_not_sequence_parallel():
 
     _vllm_collectives()
     gm, _ = fake_trace(Backwards(), torch.randn(4, 4))
-    assert not has_sequence_parallel_collectives(gm.graph.nodes)
+    assert not has_sequence_parallel_collectives(gm.graph.nodes, DEFAULT_RULES)
 
 
 class RowParallelO(nn.Module):
@@ -631,7 +685,7 @@ def test_frozen_get_attr_weights_of_any_dtype(dtype):
         node.meta["val"] = val
     gm = torch.fx.GraphModule(root, g)
     plan = run_weight_prefetch(
-        gm, ON, weight_names={}, role_rules=(roles_module.RoleRule(r"^w$", "mlp.gate_up"),)
+        gm, ON, weight_names={}, rules=DEFAULT_RULES.with_role_rule(r"^w$", "mlp.gate_up")
     )
     (rec,) = plan.prefetched
     itemsize = torch.tensor([], dtype=dtype).element_size()

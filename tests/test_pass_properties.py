@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
-from passes import run_weight_prefetch, strip_prefetch
+from passes import LINEAR_OPS, run_weight_prefetch, strip_prefetch
+from passes.graph_utils import op_name
 from passes.weight_prefetch import META_KEY, prefetch_bytes
 
 from synthetic import SynthModel, SynthSpec, expected_roles
@@ -29,6 +30,7 @@ specs = st.builds(
     naming=st.sampled_from(["vllm", "hf"]),
     bias=st.booleans(),
     act_quant=st.booleans(),
+    sdpa=st.booleans(),
 )
 ratios = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
 configs = st.builds(
@@ -69,7 +71,14 @@ def test_pass_invariants(spec, config, seed):
     before_code = gm.code
     reference = run_graph(original, model, names, ids)
 
+    matmuls = [n.name for n in gm.graph.nodes if op_name(n) in LINEAR_OPS]
     plan = run_weight_prefetch(gm, config, weight_names=names)
+
+    # every matmul-class node has exactly one record; those of explicit attention (scores,
+    # values) read no weight and say so
+    assert sorted(r.node for r in plan) == sorted(matmuls)
+    not_weights = [r for r in plan if r.skip_reason == SkipReason.NOT_A_WEIGHT]
+    assert len(not_weights) == (0 if spec.sdpa else 2 * spec.layers)
 
     # the graph lints and computes exactly what it computed before
     gm.graph.lint()
@@ -78,7 +87,7 @@ def test_pass_invariants(spec, config, seed):
 
     # every linear is in the plan with the role its name gives it
     roles = expected_roles(spec)
-    assert {r.weight: r.role for r in plan} == roles
+    assert {r.weight: r.role for r in plan if r not in not_weights} == roles
 
     nodes = _prefetch_nodes(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -104,6 +113,8 @@ def test_pass_invariants(spec, config, seed):
         assert "val" in node.meta and node.meta["val"] is None
     # what was skipped was skipped for a reason the config or graph gives
     for r in plan.skipped:
+        if r in not_weights:
+            continue
         if r.role is None:
             assert r.skip_reason == SkipReason.NO_ROLE
         elif config.ratio(r.role) == 0:

@@ -350,7 +350,9 @@ def test_aclgraph_fx_optimization_runs_our_pass(torchair):
 
     gm, names = fake_trace(synth(layers=2), torch.randint(0, 64, (1, 4)))
     sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]
-    planner = GraphPlanner(WeightPrefetchConfig(enabled=True), source_names=sources, record=False)
+    planner = GraphPlanner(
+        WeightPrefetchConfig(enabled=True), target="npu", source_names=sources, record=False
+    )
     cfg = configure_torchair(planner, run_eagerly_config(torchair), mode="reduce-overhead")
     _optimize_fx(gm, cfg, GraphTransformObserver(gm, [], cfg))
     lowered = [n for n in gm.graph.nodes if str(n.target) == NPU_PREFETCH]
@@ -400,12 +402,12 @@ def test_a_prefetch_without_dependency_never_reaches_the_converter(torchair, ge,
 
 
 def test_a_failing_pass_falls_back_with_real_torchair(torchair, ge, monkeypatch, caplog):
-    import fxprefetch.planner as planner_module
+    import fxprefetch.pipeline as pipeline_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("synthetic pass failure")
 
-    monkeypatch.setattr(planner_module, "run_weight_prefetch", broken)
+    monkeypatch.setattr(pipeline_module, "run_weight_prefetch", broken)
     cfg = run_eagerly_config(torchair)
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         out, expected = compile_and_run(synth(), {"torchair_config": cfg})

@@ -17,7 +17,7 @@ def compile_eager(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], planner: GraphPlanner
 ) -> Callable[..., Any]:
     def compiler(aten_gm: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable[..., Any]:
-        planner(aten_gm)
+        planner(aten_gm)  # the eager pipeline: plan only
         return make_boxed_func(aten_gm.forward)
 
     backend = aot_autograd(

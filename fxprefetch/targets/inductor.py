@@ -1,10 +1,11 @@
-"""Inductor lowering: the pass runs as inductor's ``post_grad_custom_post_pass``."""
+"""Inductor adapter: the inductor pipeline runs as inductor's ``post_grad_custom_post_pass``."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,16 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fxprefetch.ops import native_prefetch_devices
+from fxprefetch.pipeline import CompileReport
 from fxprefetch.plan_store import load_plans, plan_key, save_plans
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.runtime_stats import CountedPrefetch, record_graph_call
-from passes.elide_hints import elide_hint_prefetches
-from passes.relax_dependencies import relax_prefetch_dependencies
 
 try:  # torch >= 2.9
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
 except ImportError:  # pragma: no cover - older torch
     CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
+
+logger = logging.getLogger("fxprefetch")
 
 _HERE = Path(__file__).resolve()
 _SOURCE_ROOTS = (_HERE.parents[1], _HERE.parents[2] / "passes")
@@ -48,16 +48,16 @@ def _as_list(user_pass: Any) -> list[Callable[..., None]]:
 
 
 class PrefetchGraphPass(CustomGraphPass):
-    """Runs the user's own post-grad pass(es) first, then the weight-prefetch pass.
+    """Runs the user's own post-grad pass(es) first, then the inductor pipeline.
 
-    ``uuid()`` covers the config digest, the pass source, the weight names and the user's
-    pass, so inductor's FX graph cache never serves a graph compiled for another config.
+    ``uuid()`` covers the config digest, the rules digest, the pass source, the weight
+    names, the devices with a native prefetch and the user's pass, so inductor's FX graph
+    cache never serves a graph compiled under another config or other rules.
     """
 
     def __init__(self, planner: GraphPlanner, user_pass: Any = None) -> None:
         self.planner = planner
         self.user_passes = _as_list(user_pass)
-        self.elided = False  # prefetches were hint-only and left out of the compiled code
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
         gm = graph.owning_module
@@ -67,18 +67,15 @@ class PrefetchGraphPass(CustomGraphPass):
             else:
                 user_pass(graph)
         self.planner(gm)
-        # lowering for inductor (it recompiles after its post-grad passes)
-        relax_prefetch_dependencies(gm, recompile=False)
-        if elide_hint_prefetches(gm, recompile=False):
-            self.elided = True
 
     def uuid(self) -> str | None:
         parts = [
             self.planner.config.digest,
+            self.planner.rules.digest,
             source_digest(),
             json.dumps(self.planner.source_names),
             str(self.planner.strict),
-            ",".join(sorted(native_prefetch_devices())),  # decides which prefetches are elided
+            ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
@@ -91,47 +88,50 @@ class PrefetchGraphPass(CustomGraphPass):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+_NO_GRAPH_CACHE = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
+
+
 def compile_inductor(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     planner: GraphPlanner,
     mode: str | None = None,
 ) -> Callable[..., Any]:
+    """``compile_fx`` with the inductor pipeline as its ``post_grad_custom_post_pass``.
+
+    Plans are stored beside inductor's FX graph cache under the pass's key, and restored on a
+    cache hit (the pass does not run then). When a hit finds them missing (deleted,
+    truncated, or never there with a remote cache), the graph is compiled again with the FX
+    graph cache bypassed, so the pass runs and the plans exist again: never silently empty.
+    """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    planner.recompile = False  # inductor's post_grad_passes recompile after custom passes
     graph_pass = PrefetchGraphPass(planner, inductor_config.post_grad_custom_post_pass)
     patches["post_grad_custom_post_pass"] = graph_pass
     uuid = graph_pass.uuid()
     key = plan_key(gm, example_inputs, uuid) if uuid is not None else None
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    elided = graph_pass.elided
-    if key is not None:
-        if planner.plans:
-            save_plans(key, planner.plans, elided)
-        else:  # served from inductor's cache: the pass did not run this time
-            plans, elided = load_plans(key)
-            planner.adopt(plans)
-    return count_on_call(compiled, planner) if elided else compiled
+    if not planner.reports:  # served from inductor's cache: the pass did not run this time
+        stored = load_plans(key) if key is not None else None
+        if stored is not None:
+            for report in stored:
+                planner.keep(_renamed(report, planner.name))
+            return compiled
+        logger.info(
+            "%s: inductor's cache served a graph whose prefetch plans are missing; "
+            "compiling it again without the FX graph cache",
+            planner.name,
+        )
+        compiled = compile_fx(gm, example_inputs, config_patches={**patches, **_NO_GRAPH_CACHE})
+    if key is not None and planner.reports:
+        save_plans(key, planner.reports)
+    return compiled
 
 
-def count_on_call(compiled: Callable[..., Any], planner: GraphPlanner) -> Callable[..., Any]:
-    """Wrap a compiled graph whose hint-only prefetches were elided: each call counts them."""
-    counted = tuple(
-        CountedPrefetch(r.weight, r.weight_shape, r.dtype, r.prefetch_bytes, r.prefetch_bytes)
-        for plan in planner.plans
-        if not plan.graph.endswith("(backward)")
-        for r in plan.prefetched
-    )
-    requested = sum(p.requested for p in counted)
-    boxed = getattr(compiled, "_boxed_call", False)
-
-    def run(*args: Any) -> Any:
-        record_graph_call(counted, requested, requested)
-        return compiled(*args)
-
-    if boxed:
-        run._boxed_call = True  # type: ignore[attr-defined]
-    return run
+def _renamed(report: CompileReport, name: str) -> CompileReport:
+    """A stored report under this compile's graph name."""
+    plan = report.plan
+    plan.graph = f"{name} ({plan.graph.rsplit('(', 1)[-1]}"
+    return report

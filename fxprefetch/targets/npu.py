@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from fxprefetch.planner import GraphPlanner
-from passes.lower_npu import lower_prefetch_to_npu
 
 logger = logging.getLogger("fxprefetch")
 
@@ -98,14 +97,14 @@ def private_copy(compiler_config: Any) -> Any:
 def make_post_pass(
     planner: GraphPlanner, user_pass: Callable[..., Any] | None
 ) -> Callable[..., None]:
-    """torchair's ``post_grad_custom_post_pass``: the user's pass, ours, then the lowering."""
+    """torchair's ``post_grad_custom_post_pass``: the user's pass, then our npu pipeline."""
 
     def post_grad_custom_post_pass(
         gm: torch.fx.GraphModule, example_inputs: Any, config: Any
     ) -> None:
         if user_pass is not None:
             user_pass(gm, example_inputs, config)
-        planner(gm, lower=lower_prefetch_to_npu)
+        planner(gm)  # the npu pipeline: plan, then lower to npu_prefetch
 
     post_grad_custom_post_pass.fxprefetch = True  # type: ignore[attr-defined]
     return post_grad_custom_post_pass
@@ -121,9 +120,7 @@ def configure_torchair(
     """
     torchair = import_torchair()
     cfg = (
-        private_copy(compiler_config)
-        if compiler_config is not None
-        else torchair.CompilerConfig()
+        private_copy(compiler_config) if compiler_config is not None else torchair.CompilerConfig()
     )
     if mode is not None:
         cfg.mode = mode

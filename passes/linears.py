@@ -1,0 +1,168 @@
+"""Every linear node of a graph, and the stored weight it reads (or why it reads none).
+
+Only parameters, buffers and constants are weights: ``weight_names`` (from dynamo's sources)
+names the placeholders that are. A weight may stand in either operand of a plain matmul;
+the op table says which slot is usual, and both are checked. What lies between the stored
+tensor and the matmul is traced by :mod:`passes.weight_trace`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from fxprefetch.plan import SkipReason
+from passes.graph_utils import flatten_nodes, get_arg, module_path, op_name, tensor_value
+from passes.linear_ops import LinearOpSpec
+from passes.rules import PrefetchRules
+from passes.weight_trace import WeightTrace, stored_bytes, trace_operand
+
+
+@dataclass
+class LinearUse:
+    """A linear node, and the stored weight it reads (``root`` is None when it reads none)."""
+
+    node: Node
+    spec: LinearOpSpec
+    starts: tuple[Node, ...]  # activation operands: where the window walk starts
+    root: Node | None  # placeholder or get_attr holding the weight
+    offset: int  # bytes into root where the used part starts
+    nbytes: int | torch.SymInt  # stored bytes of the used part
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # the stored dtype
+    weight_name: str
+    module: str | None
+    named: bool = False  # weight_name is a parameter path (not just a placeholder's name)
+    role: str | None = None
+    role_reason: str = ""
+    skip: SkipReason | None = None  # the operand cannot be prefetched (see ``note``)
+    note: str | None = None
+
+
+def _is_weight(root: Node, weight_names: Mapping[str, str] | None) -> bool:
+    """Parameters, buffers and constants are weights; user inputs are not.
+
+    ``weight_names`` (from dynamo's sources) names the placeholders that are parameters or
+    buffers; None means the provenance is unknown and every placeholder may be a weight.
+    """
+    if root.op == "get_attr":
+        return True
+    return weight_names is None or root.name in weight_names
+
+
+def _describe(operand: Node | None, trace: WeightTrace | None) -> str:
+    if trace is None or operand is None:
+        return "no tensor operand"
+    if trace.root is not None:
+        return f"user input {trace.root.name}"
+    return f"computed by {trace.computed_by}"
+
+
+def _operands(node: Node, spec: LinearOpSpec) -> list[tuple[str, Node]]:
+    """The (argument name, node) pairs that may hold the weight, the usual slot first."""
+    names = [spec.weight] + ([spec.activations[0]] if spec.swappable else [])
+    found = []
+    for name in names:
+        value = get_arg(node, name)
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, Node):
+            found.append((name, value))
+    return found
+
+
+def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] | None):
+    module = module_path(node)
+    starts = tuple(n for a in spec.activations for n in flatten_nodes(get_arg(node, a)))
+    empty = dict(
+        node=node,
+        spec=spec,
+        starts=starts,
+        root=None,
+        offset=0,
+        nbytes=0,
+        shape=(),
+        dtype=None,
+        module=module,
+    )
+    weight_arg = get_arg(node, spec.weight)
+    if isinstance(weight_arg, (list, tuple)) and len(weight_arg) != 1:
+        return LinearUse(
+            **empty,
+            weight_name=f"{len(weight_arg)} tensors",
+            skip=SkipReason.UNSUPPORTED_WEIGHT,
+            note="a list of weights (one per group)",
+        )
+    first: tuple[Node, WeightTrace] | None = None
+    for slot, operand in _operands(node, spec):
+        trace = trace_operand(operand)
+        first = first or (operand, trace)
+        if trace.root is None or not _is_weight(trace.root, weight_names):
+            continue
+        if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
+            starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
+        return _weight_use(node, spec, starts, trace, weight_names, module)
+    operand, trace = first if first is not None else (None, None)
+    return LinearUse(
+        **empty,
+        weight_name=operand.name if operand is not None else "-",
+        skip=SkipReason.NOT_A_WEIGHT,
+        note=_describe(operand, trace),
+    )
+
+
+def _weight_use(
+    node: Node,
+    spec: LinearOpSpec,
+    starts: tuple[Node, ...],
+    trace: WeightTrace,
+    weight_names: Mapping[str, str] | None,
+    module: str | None,
+) -> LinearUse:
+    root = trace.root
+    assert root is not None
+    names = weight_names or {}
+    name = names.get(root.name, str(root.target) if root.op == "get_attr" else root.name)
+    offset, nbytes, shape = stored_bytes(trace)
+    dtype = tensor_value(root).dtype
+    notes = []
+    skip = None
+    if trace.converted_by:
+        ops = ", ".join(n.split("::")[-1] for n in trace.converted_by)
+        notes.append(f"stored {str(dtype).replace('torch.', '')}, converted by {ops}")
+    if trace.indexed_by is not None:
+        skip = SkipReason.INDEXED_WEIGHT
+        notes.append(f"{trace.indexed_by.split('::')[-1]} picks the part at run time")
+    if spec.prepacked:
+        skip = SkipReason.UNSUPPORTED_WEIGHT
+        notes.append("prepacked by inductor freezing (opaque layout)")
+    return LinearUse(
+        node=node,
+        spec=spec,
+        starts=starts,
+        root=root,
+        offset=offset,
+        nbytes=nbytes,
+        shape=shape,
+        dtype=dtype,
+        weight_name=name,
+        module=module,
+        named=root.name in names or root.op == "get_attr",
+        skip=skip,
+        note="; ".join(notes) or None,
+    )
+
+
+def find_linears(
+    graph: Graph, weight_names: Mapping[str, str] | None, rules: PrefetchRules
+) -> list[LinearUse]:
+    """One use per linear-op node of ``graph``: its weight, or why it reads none."""
+    table = rules.linear_table
+    return [
+        _linear_use(node, spec, weight_names)
+        for node in graph.nodes
+        if node.op == "call_function" and (spec := table.get(op_name(node))) is not None
+    ]

@@ -1,0 +1,188 @@
+"""Which stored tensor a matmul operand reads, and which of its bytes.
+
+A weight reaches a matmul through views of its storage (transposes, reshapes, dtype views,
+slices, one part of a split fused weight), and sometimes through a conversion (a cast, a
+dequantize ``w.to(dt) * scale``) or a tensor index (one expert of a stacked weight). The
+prefetch must name the *stored* bytes, the ones HBM delivers: :func:`trace_operand` walks
+back from the operand to the placeholder or ``get_attr`` that holds them and returns what
+lies between.
+
+Whether that root is a weight at all (a parameter, buffer or constant, not a user input)
+is decided by the caller, which knows dynamo's sources.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from passes.graph_utils import op_name, tensor_value
+
+# Ops that only view the storage of their first argument: the bytes read are the view's.
+WEIGHT_VIEWS = frozenset(
+    f"aten::{n}"
+    for n in (
+        "t",
+        "permute",
+        "transpose",
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "_reshape_alias",
+        "as_strided",
+        "select",
+        "slice",
+        "narrow",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "tensor_split",
+    )
+)
+
+# Ops that read all of their first argument and produce a converted copy (casts, layout copies).
+WEIGHT_CASTS = frozenset(
+    {
+        "prims::convert_element_type",
+        "aten::_to_copy",
+        "aten::to",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::_autocast_to_reduced_precision",
+        "aten::_autocast_to_full_precision",
+    }
+)
+
+# Elementwise ops of a dequantize: ``(w.to(dt) - zero_point) * scale``. The weight is the
+# operand as large as the result; the others (scales, zero points) broadcast.
+WEIGHT_DEQUANTIZE = frozenset(
+    f"aten::{n}" for n in ("mul", "div", "sub", "add", "neg", "reciprocal")
+)
+
+# Ops that pick parts of their first argument with a tensor of indices known only at run time.
+WEIGHT_INDEX = frozenset({"aten::index", "aten::index_select", "aten::_unsafe_index"})
+
+
+@dataclass(frozen=True)
+class WeightTrace:
+    """What a matmul operand reads.
+
+    ``root``: the placeholder or ``get_attr`` holding the stored tensor, or None when the
+    operand is computed (``computed_by`` names the op). ``stored``: the view of ``root`` whose
+    bytes are read. ``converted_by``: casts or dequantize ops between the stored bytes and the
+    matmul. ``indexed_by``: the tensor-index op that picks a part at run time, if any.
+    """
+
+    root: Node | None
+    stored: Node | None = None
+    converted_by: tuple[str, ...] = ()
+    indexed_by: str | None = None
+    computed_by: str | None = None
+
+
+def _dequantized_operand(node: Node) -> Node | None:
+    """The operand of an elementwise dequantize step that is as large as its result."""
+    out = tensor_value(node)
+    if out is None:
+        return None
+    full = [
+        a
+        for a in node.args
+        if isinstance(a, Node)
+        and (v := tensor_value(a)) is not None
+        and v.dim() == out.dim()
+        and v.shape == out.shape
+    ]
+    return full[0] if len(full) == 1 else None
+
+
+def trace_operand(operand: Node) -> WeightTrace:
+    """Walk from a matmul operand back to the tensor it reads (see the module docstring)."""
+    node = operand
+    stored = operand  # the last node from which down to the root there are only views
+    converted: list[str] = []
+    indexed: str | None = None
+    while node.op == "call_function":
+        name = op_name(node)
+        first = node.args[0] if node.args else None
+        if node.target is operator.getitem or name in WEIGHT_VIEWS:
+            nxt = first
+        elif name in WEIGHT_CASTS:
+            converted.append(name)
+            nxt = first
+        elif name in WEIGHT_DEQUANTIZE:
+            converted.append(name)
+            nxt = _dequantized_operand(node)
+        elif name in WEIGHT_INDEX:
+            indexed = indexed or name
+            nxt = first
+        else:
+            return WeightTrace(None, computed_by=name)
+        if not isinstance(nxt, Node):
+            return WeightTrace(None, computed_by=name)
+        if not (node.target is operator.getitem or name in WEIGHT_VIEWS):
+            stored = nxt  # the bytes read are those of this op's input, whatever comes after
+        node = nxt
+    if node.op not in ("placeholder", "get_attr") or tensor_value(node) is None:
+        return WeightTrace(None, computed_by=op_name(node))
+    return WeightTrace(node, stored, tuple(reversed(converted)), indexed)
+
+
+def known_int(value: int | torch.SymInt) -> int | None:
+    """``value`` when it is known without adding a guard (an int or a constant SymInt)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int()
+    return None
+
+
+def byte_range(root: torch.Tensor, used: torch.Tensor) -> tuple[int, int] | None:
+    """``(offset, nbytes)`` of the bytes of ``root`` that its view ``used`` spans.
+
+    Each storage offset counts in its own tensor's element size (a ``view(dtype)`` changes
+    it). None when a size, stride or offset is symbolic: reading it would add a guard.
+    """
+    values = [used.storage_offset(), root.storage_offset(), used.numel()]
+    values += list(used.shape) + list(used.stride())
+    known = [known_int(v) for v in values]
+    if any(v is None for v in known):
+        return None
+    used_offset, root_offset, numel, *rest = known
+    sizes, strides = rest[: used.dim()], rest[used.dim() :]
+    offset = used_offset * used.element_size() - root_offset * root.element_size()
+    if numel == 0:
+        return offset, 0
+    span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
+    return offset, span * used.element_size()
+
+
+def stored_bytes(trace: WeightTrace) -> tuple[int, int | torch.SymInt, tuple[int, ...]]:
+    """``(offset, nbytes, shape)`` of the stored bytes a traced operand reads.
+
+    The whole stored tensor when the part is symbolic, picked at run time, or all of it.
+    """
+    assert trace.root is not None and trace.stored is not None
+    root = tensor_value(trace.root)
+    used = tensor_value(trace.stored)
+    assert root is not None
+    whole = root.numel() * root.element_size()
+    part = None
+    if used is not None and trace.indexed_by is None:
+        try:
+            part = byte_range(root, used)
+        except (RuntimeError, NotImplementedError):  # opaque layouts (prepacked weights)
+            part = None
+    if part is None or part == (0, known_int(whole)):
+        return 0, whole, tuple(root.shape)
+    (offset, nbytes), shape = part, tuple(used.shape)
+    return offset, nbytes, shape

@@ -1,0 +1,151 @@
+"""The window a prefetch hides behind: the vector work before a linear, and its dependency.
+
+Walk back from the linear's activations in reverse graph order: vector ancestors form the
+window, views are transparent, the first other ancestor is the dependency (see the README's
+table). The walk crosses a collective when vector work lies behind it. It stops at the
+dependency, so the pass is linear in the size of the graph.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch.fx import Node
+
+from passes.collectives import is_collective, is_wait
+from passes.graph_utils import flatten_nodes, get_arg, op_name, tensor_value
+from passes.rules import PrefetchRules
+from passes.vector_ops import NodeKind, classify
+
+
+@dataclass
+class Window:
+    dependency: Node  # the node the prefetch follows (a tensor-valued node)
+    vector_ops: list[Node] = field(default_factory=list)
+    collective: Node | None = None  # set when a collective window hides the prefetch
+    crossed: tuple[Node, ...] = ()  # collectives walked through to reach vector work
+
+    @property
+    def kind(self) -> str:
+        return "collective" if self.collective is not None else "vector"
+
+    def op_names(self) -> tuple[str, ...]:
+        ops = [op_name(n) for n in reversed(self.vector_ops)]
+        if self.collective is not None:
+            ops.insert(0, op_name(self.collective))
+        return tuple(ops)
+
+
+def _walk(starts: Sequence[Node], index: Mapping[Node, int], rules: PrefetchRules) -> Window | None:
+    """Walk back from ``starts`` in reverse graph order to the first barrier or leaf."""
+    heap: list[tuple[int, str, Node]] = []
+    seen: set[Node] = set()
+    via: dict[Node, Node] = {}
+
+    def push(node: Node, parent: Node | None) -> None:
+        if node not in seen and node in index:
+            seen.add(node)
+            if parent is not None:
+                via[node] = parent
+            heapq.heappush(heap, (-index[node], node.name, node))
+
+    for start in starts:
+        push(start, None)
+    vector_ops: list[Node] = []
+    leaf: Node | None = None
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        kind = classify(node, rules)
+        if kind is NodeKind.IGNORE:
+            continue
+        if kind is NodeKind.LEAF:
+            leaf = leaf or node
+            continue
+        if kind is NodeKind.BARRIER:
+            return Window(_tensor_of(node, via), vector_ops)
+        if kind is NodeKind.VECTOR:
+            vector_ops.append(node)
+        for inp in node.all_input_nodes:
+            push(inp, node)
+    if leaf is None:
+        return None
+    return Window(_tensor_of(leaf, via), vector_ops)
+
+
+def find_window(
+    starts: Sequence[Node],
+    index: Mapping[Node, int],
+    rules: PrefetchRules,
+    collective_windows: bool = False,
+) -> Window | None:
+    """The vector work before the linear's activations, and the node the prefetch follows.
+
+    The walk crosses a collective when vector work lies behind it (sequence parallelism puts
+    an all-gather between the norm and qkv): the window is that vector work, and the prefetch
+    starts before it, overlapping the norm and the collective. A collective with nothing but
+    a barrier behind it ends the walk, unless collective windows are on.
+    """
+    window = _walk(starts, index, rules)
+    crossed: list[Node] = []
+    while window is not None:
+        collective = _collective_at(window.dependency, rules)
+        if collective is None or collective in crossed:
+            break
+        behind = _walk(_collective_inputs(collective), index, rules)
+        if behind is None or not behind.vector_ops:
+            break
+        crossed.append(collective)
+        window = Window(behind.dependency, window.vector_ops + behind.vector_ops)
+    if window is None:
+        return None
+    window.crossed = tuple(crossed)
+    if collective_windows:
+        window = _collective_window(window, rules)
+    return window
+
+
+def _tensor_of(node: Node, via: Mapping[Node, Node]) -> Node:
+    """A tensor-valued node standing for ``node`` (its ``getitem`` when it returns a tuple)."""
+    if tensor_value(node) is not None or "val" not in node.meta:
+        return node
+    child = via.get(node)
+    if child is not None and tensor_value(child) is not None:
+        return child
+    for user in node.users:
+        if tensor_value(user) is not None:
+            return user
+    return node
+
+
+_COLLECTIVE_INPUTS = ("input", "self", "tensor", "input_tensor", "inp")
+
+
+def _collective_at(node: Node, rules: PrefetchRules) -> Node | None:
+    """The collective ``node`` is, or waits on; None for any other node."""
+    if is_wait(node, rules):
+        inner = flatten_nodes(node.args[:1])
+        if inner and is_collective(inner[0], rules):
+            return inner[0]
+    return node if is_collective(node, rules) else None
+
+
+def _collective_inputs(collective: Node) -> list[Node]:
+    """The tensors a collective sends (its ``input``; the first argument when unnamed)."""
+    for name in _COLLECTIVE_INPUTS:
+        value = get_arg(collective, name)
+        if value is not None:
+            return [n for n in flatten_nodes(value) if tensor_value(n) is not None]
+    return [n for n in flatten_nodes(collective.args[:1]) if tensor_value(n) is not None]
+
+
+def _collective_window(window: Window, rules: PrefetchRules) -> Window:
+    """Start the prefetch at the input of the collective the window begins with."""
+    collective = _collective_at(window.dependency, rules)
+    if collective is None:
+        return window
+    inputs = _collective_inputs(collective)
+    if not inputs:
+        return window
+    return Window(inputs[0], window.vector_ops, collective, window.crossed)

@@ -1,0 +1,194 @@
+"""One visible pipeline, rules in the cache key, plans that survive every cache path (#11)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fxprefetch
+from fxprefetch import WeightPrefetchConfig
+from fxprefetch.pipeline import PIPELINES, PassContext, run_pipeline
+from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets.inductor import PrefetchGraphPass
+from passes import DEFAULT_RULES, add_role_rule
+
+from synthetic import SynthModel, SynthSpec
+from tracing import fake_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Plain(nn.Module):
+    """A norm, then a linear whose name no default rule knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(32)
+        self.proj = nn.Linear(32, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+@pytest.fixture
+def warm_cache(tmp_path, monkeypatch):
+    """Inductor's FX graph cache on, in a directory of this test's own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False):
+        yield tmp_path
+    torch._dynamo.reset()
+
+
+def _compile_and_run(model, x):
+    torch._dynamo.reset()
+    fxprefetch.clear_plans()
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad(), fxprefetch.collect_stats() as ran:
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    return fxprefetch.last_plans(), ran
+
+
+def _hits() -> int:
+    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+
+
+@pytest.mark.compile
+def test_a_rule_added_after_a_warm_compile_is_honoured(warm_cache):
+    model, x = Plain().eval(), torch.randn(4, 32)
+    (plan,), _ = _compile_and_run(model, x)
+    assert plan.records[0].role is None and not plan.prefetched
+    add_role_rule(r"(^|\.)proj$", "mlp.gate_up", "test rule")
+    (plan,), ran = _compile_and_run(model, x)
+    (record,) = plan.records
+    assert record.role == "mlp.gate_up" and record.prefetched
+    assert ran.hints == 1  # the compiled graph was made under the new rules, not served stale
+
+
+def test_the_cache_key_covers_the_rules():
+    config = WeightPrefetchConfig(enabled=True)
+    a = PrefetchGraphPass(GraphPlanner(config, target="inductor", rules=DEFAULT_RULES))
+    other = DEFAULT_RULES.with_op_kind("aten::cat", "barrier")
+    b = PrefetchGraphPass(GraphPlanner(config, target="inductor", rules=other))
+    native = GraphPlanner(
+        config, target="inductor", rules=DEFAULT_RULES, native_devices=frozenset({"cpu"})
+    )
+    assert len({a.uuid(), b.uuid(), PrefetchGraphPass(native).uuid()}) == 3
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_lost_plans_are_rebuilt_beside_a_warm_cache(warm_cache, damage):
+    model, x = SynthModel(SynthSpec(layers=1)).eval(), torch.randint(0, 64, (1, 4))
+    (first,), ran = _compile_and_run(model, x)
+    assert len(first.prefetched) == 2 and ran.hints == 2
+    stored = list((warm_cache / "fxprefetch_plans").glob("*.json"))
+    assert len(stored) == 1
+    for path in stored:
+        if damage == "delete":
+            path.unlink()
+        else:
+            path.write_text(path.read_text()[:40])
+    (again,), ran = _compile_and_run(model, x)
+    assert len(again.prefetched) == 2 and ran.hints == 2  # not silently empty
+    assert [r.prefetch_bytes for r in again.prefetched] == [
+        r.prefetch_bytes for r in first.prefetched
+    ]
+    before = _hits()
+    (third,), ran = _compile_and_run(model, x)  # plans are back: a plain cache hit again
+    assert _hits() == before + 1 and len(third.prefetched) == 2 and ran.hints == 2
+
+
+@pytest.mark.compile
+def test_explain_leaves_other_compiled_code_alone(fresh_dynamo):
+    counter = CompileCounterWithBackend("eager")
+
+    @torch.compile(backend=counter)
+    def other(x):
+        return torch.sin(x) + 1
+
+    other(torch.randn(4))
+    model = SynthModel(SynthSpec(layers=1)).eval()
+    ids = torch.randint(0, 64, (1, 4))
+    for _ in range(2):  # explaining twice plans twice
+        (plan,) = fxprefetch.explain(model, ids)
+        assert len(plan.prefetched) == 2
+    other(torch.randn(4))
+    assert counter.frame_count == 1  # no recompile: dynamo was not reset
+
+
+def test_each_target_lists_its_passes_in_order():
+    names = {target: [p.__name__ for p in passes] for target, passes in PIPELINES.items()}
+    assert names == {
+        "npu": ["plan_prefetches", "lower_to_npu_prefetch"],
+        "inductor": ["plan_prefetches", "relax_dependencies", "elide_hints"],
+        "eager": ["plan_prefetches"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("native", "kept"), [(frozenset(), 0), (frozenset({"cpu"}), 4)], ids=["hints", "native"]
+)
+def test_the_report_says_what_each_pass_changed(native, kept):
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    ctx = PassContext(
+        config=WeightPrefetchConfig(enabled=True),
+        rules=DEFAULT_RULES,
+        graph_name="g",
+        weight_names=names,
+        native_devices=native,
+    )
+    report = run_pipeline(gm, "inductor", ctx)
+    changes = {r.name: r.changed for r in report.results}
+    assert changes == {
+        "plan_prefetches": 4,
+        "relax_dependencies": 4,
+        "elide_hint_prefetches": 4 - kept,
+    }
+    assert report.hints_elided is (kept == 0) and len(report.plan.prefetched) == 4
+    prefetches = gm.graph.find_nodes(op="call_function", target=fxprefetch.ops.PREFETCH_OP)
+    assert len(prefetches) == kept
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_passes_depend_only_on_the_core():
+    """config -> pass -> plan -> lowering: passes/ imports no runtime, target or backend."""
+    core = {"fxprefetch.config", "fxprefetch.ops", "fxprefetch.plan"}
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        ours = {m for m in _imports(path) if m.split(".")[0] == "fxprefetch"}
+        assert ours <= core, f"{path.name} imports {sorted(ours - core)}"
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        names = {
+            alias.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        # the op's schema only: no kernel registry ("which devices have a native prefetch"
+        # comes in the pass context)
+        assert not names & {"has_native_prefetch", "native_prefetch_devices"}, path.name
+
+
+def test_no_back_channels_between_compile_and_runtime():
+    # the backend names no weight in a runtime registry; counting wraps the compiled graph
+    assert "fxprefetch.runtime_stats" not in _imports(ROOT / "fxprefetch" / "backend.py")
+    assert not hasattr(fxprefetch.runtime_stats, "name_weight")
+    # no side flags: what lowering did is in the report, and the pipeline decides recompiles
+    planner = GraphPlanner(WeightPrefetchConfig(enabled=True), target="inductor")
+    graph_pass = PrefetchGraphPass(planner)
+    assert not hasattr(graph_pass, "elided") and not hasattr(planner, "recompile")
