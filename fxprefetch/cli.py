@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="llama-tiny",
         help="a preset name or the path of a Hugging Face config.json",
     )
+    plan.add_argument(
+        "--from-dir",
+        metavar="DIR",
+        help="render the plans written to DIR (FXPREFETCH_PLAN_DIR) instead of building a model",
+    )
     group = plan.add_mutually_exclusive_group()
     group.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
     group.add_argument("--additional-config", help="vllm-ascend --additional-config JSON")
@@ -166,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_plan_dir(args: argparse.Namespace) -> int:
+    """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
+    from fxprefetch.plan import render_table, render_totals
+    from fxprefetch.plan_store import read_plan_dir
+
+    try:
+        plans = read_plan_dir(args.from_dir)
+    except ValueError as exc:
+        raise CliError(f"--from-dir: {exc}") from None
+    if not plans:
+        raise CliError(f"--from-dir: no plan files (plan-*.json) in {args.from_dir}")
+    if args.format == "json":
+        text = json.dumps({"plans": [p.to_dict() for p in plans]}, indent=2)
+    else:
+        text = render_table(plans, fold=not args.no_fold) + "\n" + render_totals(plans)
+    _emit(text, args.output)
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
+    if args.from_dir is not None:
+        return run_plan_dir(args)
     from fxprefetch.explainer import explain
     from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options

@@ -31,6 +31,7 @@ class SkipReason(str, enum.Enum):
     INDEXED_WEIGHT = "expert picked by a tensor index at run time"
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
+    HIDDEN_WEIGHTS = "weights hidden inside an opaque op (vLLM fused MoE)"
 
     def __str__(self) -> str:
         return self.value

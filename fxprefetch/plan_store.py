@@ -87,3 +87,37 @@ def load_plans(key: str) -> list[CompileReport] | None:
     except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
         logger.debug("no stored prefetch plans for %s: %s", key[:12], exc)
         return None
+
+
+PLAN_DIR_ENV = "FXPREFETCH_PLAN_DIR"
+
+
+def write_plan_file(plan: PrefetchPlan, directory: str | os.PathLike[str]) -> Path:
+    """Write one graph's plan as JSON (``plan_schema.json``'s ``plan``), one file per graph."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in plan.graph).strip("_")
+    path = folder / f"plan-{os.getpid()}-{stem}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = folder / f"plan-{os.getpid()}-{stem}-{n}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(plan.to_json())
+    tmp.replace(path)
+    return path
+
+
+def read_plan_dir(directory: str | os.PathLike[str]) -> list[PrefetchPlan]:
+    """Every plan written to ``directory``, oldest first; ValueError names a bad file."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    files = sorted(folder.glob("plan-*.json"), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    plans = []
+    for path in files:
+        try:
+            plans.append(PrefetchPlan.from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a plan file ({exc})") from None
+    return plans

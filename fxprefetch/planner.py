@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from torch.fx import GraphModule
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
+from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
 
@@ -42,6 +44,12 @@ def clear_plans() -> None:
 def _remember(plan: PrefetchPlan) -> None:
     with _plans_lock:
         _plans.append(plan)
+    directory = os.environ.get(PLAN_DIR_ENV)
+    if directory:
+        try:
+            write_plan_file(plan, directory)
+        except OSError as exc:
+            logger.warning("%s=%s: cannot write the plan: %s", PLAN_DIR_ENV, directory, exc)
 
 
 class PrefetchPassError(RuntimeError):

@@ -17,11 +17,20 @@ _SUBSCRIPT = re.compile(
 _GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]*)['\"]\)")
 
 
+_FUNCTIONALIZED = ("auto_functionalized", "auto_functionalized_v2")
+
+
 def op_name(node: Node) -> str:
-    """A stable name for what a node calls: ``aten::mm``, ``npu::npu_prefetch``, ``getitem``."""
+    """A stable name for what a node calls: ``aten::mm``, ``npu::npu_prefetch``, ``getitem``.
+
+    A mutating op wrapped by functionalization (``auto_functionalized(op, ...)``) is named
+    after the op it wraps.
+    """
     if node.op != "call_function":
         return node.op
     target = node.target
+    if getattr(target, "__name__", None) in _FUNCTIONALIZED and node.args:
+        target = node.args[0]
     schema = getattr(target, "_schema", None)
     if schema is not None:
         return schema.name
@@ -43,7 +52,7 @@ def get_arg(node: Node, name: str) -> Any:
     if schema is None and isinstance(node.target, torch._ops.OpOverloadPacket):
         default = getattr(node.target, "default", None)
         schema = getattr(default, "_schema", None)
-    if schema is None:
+    if schema is None:  # e.g. auto_functionalized, which passes the op's arguments by name
         return node.kwargs.get(name)
     for i, arg in enumerate(schema.arguments):
         if arg.name == name:
@@ -54,11 +63,13 @@ def get_arg(node: Node, name: str) -> Any:
 
 
 def flatten_nodes(value: Any) -> list[Node]:
-    """Nodes inside an argument (a Node, or a list/tuple of them)."""
+    """Nodes inside an argument (a Node, or a list, tuple or dict of them)."""
     if isinstance(value, Node):
         return [value]
     if isinstance(value, (list, tuple)):
         return [n for v in value for n in flatten_nodes(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in flatten_nodes(v)]
     return []
 
 

@@ -19,13 +19,15 @@ class LinearOpSpec:
     sought. ``swappable``: a plain matrix product, where the weight may stand in the first
     activation argument instead (``W @ x.T``); the pass checks which operand is a weight.
     ``prepacked``: the weight is in an opaque packed layout; the linear is recorded, not
-    prefetched.
+    prefetched. ``hidden``: an op that runs matmuls on weights it looks up itself (vLLM's
+    fused MoE): recorded as such, with ``weight`` naming the role it would play.
     """
 
     weight: str
     activations: tuple[str, ...]
     swappable: bool = False
     prepacked: bool = False
+    hidden: bool = False
 
 
 DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
@@ -46,6 +48,15 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         "npu::npu_quant_matmul": LinearOpSpec("x2", ("x1", "pertoken_scale")),
         "npu::npu_weight_quant_batchmatmul": LinearOpSpec("weight", ("x",)),
         "npu::npu_mm_all_reduce_base": LinearOpSpec("x2", ("x1",)),
+        "npu::npu_mm_reduce_scatter_base": LinearOpSpec("x2", ("self",)),
+        # vLLM
+        "_C::cutlass_scaled_mm": LinearOpSpec("b", ("a", "a_scales")),
+        "vllm::cuda_flashinfer_bf16_gemm": LinearOpSpec("weight", ("x",)),
+        "vllm::rocm_unquantized_gemm": LinearOpSpec("weight", ("x",)),
+        "vllm::unquantized_gemm": LinearOpSpec("weight", ("x",)),  # vllm-ascend
+        # vLLM's fused MoE looks its expert weights up by layer name: no FX pass sees them
+        "vllm::moe_forward": LinearOpSpec("moe.gate_up", ("hidden_states",), hidden=True),
+        "vllm::moe_forward_shared": LinearOpSpec("moe.gate_up", ("hidden_states",), hidden=True),
     }
 )
 LINEAR_OPS = DEFAULT_LINEAR_OPS  # the defaults; the pass reads PrefetchRules.linear_table

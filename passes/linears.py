@@ -88,6 +88,14 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
         dtype=None,
         module=module,
     )
+    if spec.hidden:
+        return LinearUse(
+            **empty,
+            weight_name="-",
+            role=spec.weight,
+            skip=SkipReason.HIDDEN_WEIGHTS,
+            note=f"{op_name(node)} looks its expert weights up by layer name",
+        )
     weight_arg = get_arg(node, spec.weight)
     if isinstance(weight_arg, (list, tuple)) and len(weight_arg) != 1:
         return LinearUse(
@@ -104,7 +112,7 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
             continue
         if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
             starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
-        return _weight_use(node, spec, starts, trace, weight_names, module)
+        return _weight_use(node, spec, starts, trace, weight_names, _linear_module(node, operand))
     operand, trace = first if first is not None else (None, None)
     return LinearUse(
         **empty,
@@ -112,6 +120,20 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
         skip=SkipReason.NOT_A_WEIGHT,
         note=_describe(operand, trace),
     )
+
+
+def _linear_module(node: Node, operand: Node) -> str | None:
+    """The module the linear ran in: that of the view of its weight, where there is one.
+
+    Inductor's pattern matcher may replace a matmul and an add with one ``addmm`` that takes
+    its metadata from the add (in the next norm's module); the view of the weight (``t``,
+    ``permute``) keeps the module whose forward multiplied by it.
+    """
+    if operand.op == "call_function":
+        found = module_path(operand)
+        if found:
+            return found
+    return module_path(node)
 
 
 def _weight_use(

@@ -132,12 +132,57 @@ DEFAULT_VECTOR_OPS: frozenset[str] = frozenset(
         "aten::copy",
         "npu::npu_rotary_mul",
         "npu::npu_apply_rotary_pos_emb",
+        # vLLM's custom ops (mutating ones appear inside auto_functionalized)
+        "_C::rms_norm",
+        "_C::fused_add_rms_norm",
+        "_C::gemma_rms_norm",
+        "_C::fused_add_gemma_rms_norm",
+        "_C::rms_norm_static_fp8_quant",
+        "_C::fused_add_rms_norm_static_fp8_quant",
+        "_C::rms_norm_dynamic_per_token_quant",
+        "_C::rms_norm_per_block_quant",
+        "_C::silu_and_mul",
+        "_C::silu_and_mul_quant",
+        "_C::silu_and_mul_nvfp4_quant",
+        "_C::silu_and_mul_per_block_quant",
+        "_C::silu_and_mul_with_clamp",
+        "_C::static_scaled_fp8_quant",
+        "_C::dynamic_scaled_fp8_quant",
+        "_C::dynamic_per_token_scaled_fp8_quant",
+        "_C::per_token_group_fp8_quant",
+        "_C::per_token_group_fp8_quant_packed",
+        "_C::scaled_fp4_quant",
+        "vllm_ir::rms_norm",
+        "vllm_ir::fused_add_rms_norm",
+        # vllm-ascend's
+        "npu::npu_add_rms_norm_cast",
+        "npu::npu_add_rms_norm_dynamic_quant",
+        "npu::npu_add_rms_norm_dynamic_mx_quant",
+        "npu::npu_dynamic_mx_quant",
+        "_C_ascend::npu_add_rms_norm_bias",
+        "_C_ascend::npu_swiglu_group_quant",
+        "_C_ascend::npu_dequant_swiglu_quant",
+        "_C_ascend::moe_gating_top_k",
+        "vllm::quantize",
+        "vllm::muls_add",
     }
 )
 
 # Ops that must stop the walk whatever their tags say: collectives are communication, not
 # vector work (collective windows are handled separately, see passes/weight_prefetch.py).
-DEFAULT_BARRIER_OPS: frozenset[str] = frozenset({"aten::embedding", *COLLECTIVES})
+DEFAULT_BARRIER_OPS: frozenset[str] = frozenset(
+    {
+        "aten::embedding",
+        *COLLECTIVES,
+        # vLLM: attention, KV-cache writes and fused MoE are opaque to the walk
+        "vllm::unified_attention_with_output",
+        "vllm::unified_mla_attention_with_output",
+        "vllm::unified_kv_cache_update",
+        "vllm::unified_mla_kv_cache_update",
+        "vllm::moe_forward",
+        "vllm::moe_forward_shared",
+    }
+)
 
 _VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
 

@@ -1,0 +1,188 @@
+"""Weight prefetch inside vLLM and vllm-ascend (``pip install 'fxprefetch[vllm]'``).
+
+Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
+``additional_config`` with fxprefetch's validation:
+
+- the flag vllm-ascend users already type, ``--additional-config
+  '{"weight_prefetch_config": {"enabled": true}}'``: the ``vllm.general_plugins`` entry point
+  :func:`register` hooks the end of ``VllmConfig.__post_init__`` (the narrowest point that sees
+  both ``additional_config`` and the compilation config). There it validates the section, so a
+  bad config stops the engine at start-up with our ``ConfigError``, and, when enabled, puts
+  :data:`weight_prefetch_pass` under the platform's pass key.
+- the explicit route, ``--compilation-config '{"inductor_passes": {"<pass_key>":
+  "fxprefetch.vllm_plugin.weight_prefetch_pass"}}'``, with ``post_grad_custom_post_pass`` on
+  CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend. vLLM resolves the name as
+  ``__import__(module).__dict__[name]``, which looks in the *top-level* package: importing
+  this module therefore also binds ``fxprefetch.weight_prefetch_pass``.
+
+The pass is a ``VllmInductorPass``: it runs inside vLLM's pass manager (after the fusion
+passes, before its clean-up) on CUDA and vllm-ascend, and as inductor's post-grad pass on the
+CPU. It accepts a ``Graph`` or a ``GraphModule``, holds no ``OpOverload`` (it pickles: vLLM
+ships it to workers), and its ``uuid()`` covers the config, the rules and our source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from torch.fx import Graph, GraphModule
+
+from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
+from fxprefetch.planner import GraphPlanner
+from passes.rules import PrefetchRules, current_rules
+
+logger = logging.getLogger("fxprefetch")
+
+try:
+    from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+except ImportError:  # vLLM absent: the pass still works as a plain post-grad callable
+    VllmInductorPass = object  # type: ignore[assignment,misc]
+
+
+def _additional_config(vllm_config: Any) -> Mapping[str, Any]:
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
+    return additional if isinstance(additional, Mapping) else {}
+
+
+def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchConfig:
+    """The ``weight_prefetch_config`` of a ``VllmConfig`` (validated; ``ConfigError``)."""
+    config = WeightPrefetchConfig.from_additional_config(_additional_config(vllm_config))
+    return config.settled(default_enabled)
+
+
+def _current_vllm_config() -> Any:
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return None
+    return get_current_vllm_config_or_none()
+
+
+def _device_target() -> tuple[str, frozenset[str]]:
+    """The pipeline for vLLM's device: ``npu`` lowers to npu_prefetch; else inductor's."""
+    try:
+        from vllm.platforms import current_platform
+
+        device = str(current_platform.device_type)
+    except ImportError:
+        device = "cpu"
+    from fxprefetch.ops import native_prefetch_devices
+
+    return ("npu" if device == "npu" else "inductor"), frozenset(native_prefetch_devices())
+
+
+def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
+    """Placeholders AOT autograd knows as parameters or buffers (static inputs), if any."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None) if context is not None else None
+    static = getattr(metadata, "static_input_indices", None)
+    if not static:
+        return None
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
+
+
+class _VllmGraphPlanner(GraphPlanner):
+    """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
+
+    def weight_names(self, gm: GraphModule) -> dict[str, str] | None:
+        return _static_input_names(gm)
+
+
+class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
+    """fxprefetch's planning pass and device lowering, as a vLLM inductor pass."""
+
+    def __init__(self, rules: PrefetchRules | None = None) -> None:
+        # VllmInductorPass.__init__ wants a VllmConfig, which does not exist yet when vLLM
+        # resolves ``inductor_passes``; the config is read when the pass runs instead.
+        self.pass_name = type(self).__name__
+        self.rules = rules
+
+    def config(self) -> WeightPrefetchConfig:
+        return config_from_vllm(_current_vllm_config(), default_enabled=True)
+
+    def __call__(self, graph: Graph | GraphModule) -> None:
+        gm = graph if isinstance(graph, GraphModule) else graph.owning_module
+        if gm is None:
+            raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
+        target, native = _device_target()
+        planner = _VllmGraphPlanner(
+            self.config(),
+            target=target,
+            rules=self.rules if self.rules is not None else current_rules(),
+            native_devices=native,
+        )
+        planner(gm)
+
+    def uuid(self) -> str:
+        from fxprefetch.targets.inductor import source_digest
+
+        rules = self.rules if self.rules is not None else current_rules()
+        parts = [self.config().digest, rules.digest, source_digest(), _device_target()[0]]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pass_name": self.pass_name, "rules": self.rules}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+weight_prefetch_pass = WeightPrefetchPass()
+# vLLM resolves "fxprefetch.vllm_plugin.weight_prefetch_pass" in the top-level package.
+sys.modules["fxprefetch"].weight_prefetch_pass = weight_prefetch_pass  # type: ignore[attr-defined]
+
+
+def install(vllm_config: Any) -> bool:
+    """Validate ``weight_prefetch_config`` and, if enabled, add the pass; True if added.
+
+    Without the section (or with ``enabled`` false or not written) nothing changes.
+    """
+    additional = _additional_config(vllm_config)
+    config = WeightPrefetchConfig.from_additional_config(additional).settled(False)
+    if not config.enabled:
+        return False
+    from vllm.platforms import current_platform
+
+    key = current_platform.pass_key
+    passes = vllm_config.compilation_config.inductor_compile_config
+    present = passes.get(key)
+    if isinstance(present, WeightPrefetchPass):
+        return False
+    if present is not None:
+        logger.warning(
+            "%s: %s already holds %r; fxprefetch's weight prefetch is not added",
+            ROOT_KEY,
+            key,
+            present,
+        )
+        return False
+    passes[key] = weight_prefetch_pass
+    logger.info("%s: weight prefetch pass added under %s (%s)", ROOT_KEY, key, config.digest)
+    return True
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point. Idempotent: vLLM calls it in every process."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.__post_init__
+    if getattr(original, "_fxprefetch", False):
+        return
+
+    def post_init_with_prefetch(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        install(self)
+
+    post_init_with_prefetch._fxprefetch = True  # type: ignore[attr-defined]
+    post_init_with_prefetch.__wrapped__ = original  # type: ignore[attr-defined]
+    VllmConfig.__post_init__ = post_init_with_prefetch
+
+
+__all__ = ["WeightPrefetchPass", "config_from_vllm", "install", "register", "weight_prefetch_pass"]

@@ -1,0 +1,75 @@
+"""vLLM's op names in the pass's rules, on graphs traced here (no vLLM needed).
+
+STAND-INS: ``_C::rms_norm`` and ``vllm::moe_forward`` are defined with vLLM 0.32's exact
+schemas (read from its registered ops) and trivial kernels, so the graphs hold the same nodes
+vLLM's do: the mutating norm inside ``auto_functionalized``, the fused MoE as one opaque op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxprefetch import SkipReason
+
+
+@pytest.fixture(scope="module")
+def vllm_standin_ops():
+    if hasattr(torch.ops._C, "rms_norm"):
+        pytest.skip("vLLM's own _C ops are loaded in this process")
+    c = torch.library.Library("_C", "FRAGMENT")
+    c.define("rms_norm(Tensor(a!) out, Tensor input, Tensor? weight, float epsilon) -> ()")
+
+    def rms_norm(out, x, weight, eps):
+        out.copy_(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight)
+
+    c.impl("rms_norm", rms_norm, "CompositeExplicitAutograd")
+    v = torch.library.Library("vllm", "FRAGMENT")
+    v.define(
+        "moe_forward(Tensor(a0!) hidden_states, Tensor router_logits, "
+        "Tensor? shared_experts_input, Tensor? input_ids, str layer_name, "
+        "SymInt hidden_dim_unpadded) -> Tensor"
+    )
+    v.impl("moe_forward", lambda h, *rest: h.clone(), "CompositeExplicitAutograd")
+    yield
+    del c, v
+
+
+class VllmLayer(nn.Module):
+    """vLLM's shapes: a mutating RMSNorm custom op, qkv, and a fused MoE call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.ones(16))
+        self.qkv_proj = nn.Linear(16, 48, bias=False)
+        self.gate = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x, self.norm_weight, 1e-6)
+        q = self.qkv_proj(out)
+        logits = self.gate(out)
+        moe = torch.ops.vllm.moe_forward(out.clone(), logits, None, None, "layers.0.mlp", 16)
+        return q.sum() + moe.sum()
+
+
+@pytest.mark.compile
+def test_a_functionalized_vllm_norm_is_vector_work_and_fused_moe_is_reported(
+    vllm_standin_ops, fresh_dynamo
+):
+    import fxprefetch
+
+    model = VllmLayer()
+    x = torch.randn(4, 16)
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    (plan,) = fxprefetch.last_plans()
+    (qkv,) = plan.by_role("attn.qkv")
+    # the norm reached the pass inside auto_functionalized, and counts as vector work
+    assert qkv.prefetched and "_C::rms_norm" in qkv.window, qkv
+    hidden = [r for r in plan.records if r.op == "vllm::moe_forward"]
+    assert len(hidden) == 1
+    assert hidden[0].skip_reason == SkipReason.HIDDEN_WEIGHTS and hidden[0].role == "moe.gate_up"
+    assert "by layer name" in hidden[0].note

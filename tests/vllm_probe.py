@@ -1,0 +1,199 @@
+"""Run inside the vLLM environment (tests/vllm_env.py) by tests/test_vllm.py; prints JSON.
+
+``units``: fxprefetch's vLLM pass against vLLM's real classes (``CompilationConfig``,
+``PostGradPassManager``, ``VllmConfig``, the plugin loader), plus vllm-ascend's
+``GraphFusionPassManager`` contract as a labelled stand-in (vllm-ascend needs CANN).
+
+``serve MODE``: a tiny Llama (random weights, ``load_format="dummy"``) served by the real
+vLLM engine, greedy decoding from fixed token ids. MODE is ``baseline`` (no flag), ``flag``
+(``additional_config`` only), ``explicit`` (``inductor_passes``) or ``bad`` (a bad ratio).
+vLLM on the CPU prepacks linear weights into oneDNN handles, so no weight is in the graph;
+as on GPUs and NPUs, its ``torch.nn.functional.linear`` fallback keeps them there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+PROMPTS = [[1, 17, 42, 99, 7, 3], [1, 200, 5, 64]]
+PASS_NAME = "fxprefetch.vllm_plugin.weight_prefetch_pass"
+
+
+def units() -> dict:
+    import torch
+    from vllm.compilation.passes.inductor_pass import CallableInductorPass, InductorPass
+    from vllm.compilation.passes.pass_manager import PostGradPassManager
+    from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+    from vllm.config import CompilationConfig, VllmConfig
+    from vllm.plugins import load_general_plugins
+
+    import fxprefetch
+    from fxprefetch import ConfigError
+    from fxprefetch.vllm_plugin import WeightPrefetchPass, weight_prefetch_pass
+
+    out: dict = {}
+    # the explicit route: vLLM resolves the qualname to our VllmInductorPass, not a wrapper
+    cc = CompilationConfig(inductor_passes={"post_grad_custom_post_pass": PASS_NAME})
+    resolved = cc.inductor_compile_config["post_grad_custom_post_pass"]
+    out["resolved_is_ours"] = resolved is weight_prefetch_pass
+    out["resolved_wrapped"] = isinstance(resolved, CallableInductorPass)
+    out["is_vllm_inductor_pass"] = isinstance(resolved, VllmInductorPass)
+    out["top_level_binding"] = fxprefetch.weight_prefetch_pass is weight_prefetch_pass
+    # vLLM's pass manager accepts it
+    manager = PostGradPassManager()
+    manager.add(resolved)
+    out["manager_holds_it"] = manager.passes == [resolved]
+    out["is_inductor_pass"] = isinstance(resolved, InductorPass)
+    # it pickles (vLLM ships VllmConfig to workers) and deep-copies
+    again = pickle.loads(pickle.dumps(resolved))
+    out["pickles"] = isinstance(again, WeightPrefetchPass)
+    # the plugin: loaded by vLLM's own loader, twice (idempotent)
+    load_general_plugins()
+    load_general_plugins()
+    post_init = VllmConfig.__post_init__
+    out["plugin_wrapped_once"] = getattr(post_init, "_fxprefetch", False) and not getattr(
+        post_init.__wrapped__, "_fxprefetch", False
+    )
+    plain = VllmConfig()
+    out["no_flag_no_pass"] = "post_grad_custom_post_pass" not in (
+        plain.compilation_config.inductor_compile_config
+    )
+    on = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": True}})
+    out["flag_adds_pass"] = (
+        on.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
+        is weight_prefetch_pass
+    )
+    off = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": False}})
+    out["disabled_no_pass"] = "post_grad_custom_post_pass" not in (
+        off.compilation_config.inductor_compile_config
+    )
+    try:
+        VllmConfig(
+            additional_config={"weight_prefetch_config": {"prefetch_ratio": {"mlp": {"down": 2}}}}
+        )
+        out["bad_ratio_error"] = None
+    except (ConfigError, ValueError) as exc:  # pydantic wraps it, with our message
+        out["bad_ratio_error"] = str(exc)
+    out["pickles_in_vllm_config"] = pickle.loads(pickle.dumps(on)) is not None
+    # uuid: stable, and covers additional_config
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(on):
+        first = weight_prefetch_pass.uuid()
+    with set_current_vllm_config(on):
+        second = weight_prefetch_pass.uuid()
+    half = VllmConfig(
+        additional_config={"weight_prefetch_config": {"prefetch_ratio": {"attn": {"qkv": 0.5}}}}
+    )
+    with set_current_vllm_config(half):
+        third = weight_prefetch_pass.uuid()
+    out["uuid_stable"] = first == second
+    out["uuid_covers_config"] = first != third
+    out["vllm_ascend"] = ascend_contract(torch)
+    return out
+
+
+class GraphFusionPassManagerStandIn:
+    """STAND-IN for vllm-ascend's ``GraphFusionPassManager`` (vllm-ascend needs CANN): its
+    ``add`` asserts a ``VllmInductorPass``, and it calls each pass with a ``GraphModule``."""
+
+    def __init__(self) -> None:
+        self.passes: list = []
+
+    def add(self, pass_) -> None:
+        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
+
+        assert isinstance(pass_, VllmInductorPass)
+        self.passes.append(pass_)
+
+    def __call__(self, gm) -> None:
+        for pass_ in self.passes:
+            pass_(gm)
+
+
+def ascend_contract(torch) -> dict:
+    import fxprefetch
+    from fxprefetch.vllm_plugin import weight_prefetch_pass
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import SynthModel, SynthSpec
+    from tracing import export_aten
+
+    # an exported graph: module paths from nn_module_stack, no parameter names (like vLLM's)
+    gm, _ = export_aten(SynthModel(SynthSpec(layers=1)).eval(), torch.randint(0, 64, (1, 4)))
+    manager = GraphFusionPassManagerStandIn()
+    manager.add(weight_prefetch_pass)  # "graph_fusion_manager" holds our pass
+    fxprefetch.clear_plans()
+    manager(gm)
+    (plan,) = fxprefetch.last_plans()
+    return {"accepted": True, "prefetched": len(plan.prefetched)}
+
+
+def serve(mode: str) -> dict:
+    import vllm._custom_ops as custom_ops
+    import vllm.model_executor.layers.utils as layer_utils
+    from vllm import LLM, SamplingParams
+
+    # keep weights as graph inputs (torch.nn.functional.linear), as on GPUs and NPUs
+    custom_ops._supports_onednn = False
+    layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
+
+    folder = Path(tempfile.mkdtemp(prefix="fxprefetch-llama-"))
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    kwargs: dict = {
+        "model": str(folder),
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "dtype": "float32",
+        "max_model_len": 128,
+        "max_num_seqs": 4,
+        "seed": 0,
+        "enforce_eager": False,
+        "gpu_memory_utilization": 0.1,  # on the CPU: the share of memory kept for the KV cache
+    }
+    if mode == "flag":
+        kwargs["additional_config"] = {"weight_prefetch_config": {"enabled": True}}
+    elif mode == "explicit":
+        kwargs["compilation_config"] = {
+            "inductor_passes": {"post_grad_custom_post_pass": PASS_NAME}
+        }
+    elif mode == "bad":
+        kwargs["additional_config"] = {
+            "weight_prefetch_config": {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 1.5}}}
+        }
+    try:
+        llm = LLM(**kwargs)
+    except Exception as exc:  # the bad config must stop the engine here, with our message
+        return {"startup_error": f"{type(exc).__name__}: {exc}"}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+
+
+if __name__ == "__main__":
+    result = units() if sys.argv[1] == "units" else serve(sys.argv[2])
+    print("FXPREFETCH_RESULT " + json.dumps(result))
