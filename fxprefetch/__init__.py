@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 logging.getLogger("fxprefetch").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
