@@ -6,6 +6,7 @@ Registered through the ``torch_dynamo_backends`` entry point (see pyproject), so
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
-from fxprefetch.ops import native_prefetch_devices
+from fxprefetch.ops import native_join_devices, native_prefetch_devices
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.planner import GraphPlanner
 from passes.graph_utils import placeholder_source_names
@@ -32,13 +33,24 @@ def resolve_target(target: str) -> str:
     return "npu" if npu_available() else "inductor"
 
 
+@functools.cache
+def _native_cuda_prefetch() -> bool:
+    """Register the CUDA L2 prefetch once, where CUDA, Triton and sm_80+ are present."""
+    from fxprefetch.cuda_prefetch import register
+
+    return register()
+
+
 def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) -> GraphPlanner:
     """Everything the passes read, fixed now: it also makes the compile-cache key."""
+    if target == "inductor" and torch.cuda.is_available():
+        _native_cuda_prefetch()
     return GraphPlanner(
         opts.config,
         target=target,
         rules=opts.rules if opts.rules is not None else current_rules(),
         native_devices=frozenset(native_prefetch_devices()),
+        join_devices=frozenset(native_join_devices()),
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )
@@ -54,6 +66,7 @@ def npu_prefetch(
     opts = parse_options(options)
     target = resolve_target(opts.target)
     planner = _planner_for(gm, opts, target)
+    mode = mode or opts.mode  # torch.compile refuses mode= beside options=
     logger.debug(
         "npu_prefetch: compiling %s for target %s (config %s)",
         planner.name,

@@ -135,3 +135,39 @@ def _device_kernel(
 _lib.impl("prefetch", _cpu_kernel, "CPU")
 for _key in ("CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch", _device_kernel, _key)
+
+
+# -- join: where a device's native prefetch runs on a side stream ------------------------------
+JOIN_SCHEMA = "prefetch_join(Tensor weight) -> ()"
+_lib.define(JOIN_SCHEMA, tags=())
+JOIN_OP = torch.ops.fxprefetch.prefetch_join.default
+has_side_effect(JOIN_OP)
+has_side_effect(torch.ops.fxprefetch.prefetch_join)
+
+# device type -> "wait for this device's prefetches" (the compute stream waits for the side one)
+_NATIVE_JOIN: dict[str, Callable[[torch.Tensor], None]] = {}
+
+
+def register_native_join(device_type: str, fn: Callable[[torch.Tensor], None]) -> None:
+    """Route ``prefetch_join`` on ``device_type`` tensors to ``fn(weight)``."""
+    _NATIVE_JOIN[device_type] = fn
+
+
+def native_join_devices() -> set[str]:
+    """Device types whose native prefetch must be joined before the linear reads the weight."""
+    return set(_NATIVE_JOIN)
+
+
+@torch.library.register_fake("fxprefetch::prefetch_join", lib=_lib)
+def _join_fake(weight: torch.Tensor) -> None:
+    return None
+
+
+def _join_kernel(weight: torch.Tensor) -> None:
+    native = _NATIVE_JOIN.get(weight.device.type)
+    if native is not None:
+        native(weight)
+
+
+for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch_join", _join_kernel, _key)

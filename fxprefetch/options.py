@@ -18,7 +18,9 @@ OPTION_KEYS = (
     "strict",
     "torchair_config",
     "rules",
+    "mode",
 )
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class BackendOptions:
     strict: bool = False
     torchair_config: Any = None
     rules: PrefetchRules | None = None  # None: passes.rules.current_rules() at compile time
+    mode: str | None = None  # torch.compile's mode, for callers that also pass options
 
 
 def _config_from(value: Any, path: str) -> WeightPrefetchConfig:
@@ -99,4 +102,8 @@ def parse_options(options: Any) -> BackendOptions:
             "options.rules",
             f"expected a passes.rules.PrefetchRules value, got {type(rules).__name__}",
         )
-    return BackendOptions(config, target, strict, torchair_config, rules)
+    mode = options.get("mode")
+    if mode is not None and mode not in MODES:
+        hint = did_you_mean(mode, MODES) if isinstance(mode, str) else ""
+        raise ConfigError("options.mode", f"expected one of {list(MODES)}, got {mode!r}{hint}")
+    return BackendOptions(config, target, strict, torchair_config, rules, mode)

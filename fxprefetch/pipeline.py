@@ -3,7 +3,8 @@
 ::
 
     npu:      plan_prefetches -> lower_to_npu_prefetch                    -> clean-up
-    inductor: plan_prefetches -> relax_dependencies -> elide_hint_prefetches -> clean-up
+    inductor: plan_prefetches -> relax_dependencies -> elide_hint_prefetches
+              -> insert_prefetch_joins                                       -> clean-up
     eager:    plan_prefetches                                             -> clean-up
 
 Every pass has one signature, ``(gm, ctx) -> PassResult``: it takes the graph and a
@@ -24,6 +25,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.plan import PrefetchPlan
 from passes.elide_hints import elide_hint_prefetches
 from passes.lower_npu import lower_prefetch_to_npu
+from passes.prefetch_joins import insert_prefetch_joins
 from passes.relax_dependencies import relax_prefetch_dependencies
 from passes.rules import PrefetchRules
 from passes.weight_prefetch import run_weight_prefetch
@@ -40,6 +42,7 @@ class PassContext:
     graph_name: str
     weight_names: Mapping[str, str] | None = None  # placeholders that are parameters/buffers
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
+    join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,15 @@ def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult("elide_hint_prefetches", removed)
 
 
+def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
+    return PassResult(
+        "insert_prefetch_joins", insert_prefetch_joins(gm, ctx.join_devices, recompile=False)
+    )
+
+
 PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
     "npu": (plan_prefetches, lower_to_npu_prefetch),
-    "inductor": (plan_prefetches, relax_dependencies, elide_hints),
+    "inductor": (plan_prefetches, relax_dependencies, elide_hints, insert_joins),
     "eager": (plan_prefetches,),
 }
 # inductor regenerates the code after its post-grad passes; the others run gm.forward

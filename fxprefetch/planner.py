@@ -81,6 +81,7 @@ class GraphPlanner:
         target: str = "eager",
         rules: PrefetchRules | None = None,
         native_devices: frozenset[str] = frozenset(),
+        join_devices: frozenset[str] = frozenset(),
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -90,6 +91,7 @@ class GraphPlanner:
         self.target = target
         self.rules = rules if rules is not None else current_rules()
         self.native_devices = frozenset(native_devices)
+        self.join_devices = frozenset(join_devices)
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -124,6 +126,7 @@ class GraphPlanner:
             graph_name=graph_name,
             weight_names=self.weight_names(gm),
             native_devices=self.native_devices,
+            join_devices=self.join_devices,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

@@ -195,3 +195,16 @@ def expected_roles(s: SynthSpec) -> dict[str, str | None]:
             roles |= {f"{p}.mlp.{n}.weight": "mlp.gate_up" for n in names}
             roles[f"{p}.mlp.down_proj.weight"] = "mlp.down"
     return roles
+
+
+class TwoGraphs(nn.Module):
+    """Two one-layer models with a graph break between them: two compiled graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = SynthModel(SynthSpec(layers=1)), SynthModel(SynthSpec(layers=1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.a(ids).argmax(-1)
+        torch._dynamo.graph_break()
+        return self.b(x)

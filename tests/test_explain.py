@@ -9,7 +9,7 @@ import fxprefetch
 from fxprefetch.explainer import explain
 from fxprefetch.models import build_model, example_inputs
 
-from synthetic import SynthModel, SynthSpec
+from synthetic import TwoGraphs
 
 pytest.importorskip("transformers")
 
@@ -39,16 +39,6 @@ def test_explain_on_meta_device_matches_the_backend():
 
 
 def test_explain_takes_a_config_and_sees_graph_breaks():
-    class TwoGraphs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = SynthModel(SynthSpec(layers=1)), SynthModel(SynthSpec(layers=1))
-
-        def forward(self, ids):
-            x = self.a(ids).argmax(-1)
-            torch._dynamo.graph_break()
-            return self.b(x)
-
     plans = fxprefetch.explain(
         TwoGraphs(), torch.randint(0, 64, (1, 4)), config={"prefetch_ratio": {"attn": {"qkv": 0.5}}}
     )

@@ -52,6 +52,8 @@ def test_explicit_disable_is_respected():
         ({"target": "inductr"}, "options.target", "'inductor'"),
         ({"target": 3}, "options.target", "expected one of"),
         ({"strict": "yes"}, "options.strict", "boolean"),
+        ({"mode": "reduce-overhed"}, "options.mode", "'reduce-overhead'"),
+        ({"rules": {"linear_ops": []}}, "options.rules", "PrefetchRules"),
         ({"weight_prefetch_config": {}, "additional_config": "{}"}, "options", "not both"),
         (
             {"weight_prefetch_config": {"enable": True}},

@@ -126,7 +126,7 @@ def test_each_target_lists_its_passes_in_order():
     names = {target: [p.__name__ for p in passes] for target, passes in PIPELINES.items()}
     assert names == {
         "npu": ["plan_prefetches", "lower_to_npu_prefetch"],
-        "inductor": ["plan_prefetches", "relax_dependencies", "elide_hints"],
+        "inductor": ["plan_prefetches", "relax_dependencies", "elide_hints", "insert_joins"],
         "eager": ["plan_prefetches"],
     }
 
@@ -149,6 +149,7 @@ def test_the_report_says_what_each_pass_changed(native, kept):
         "plan_prefetches": 4,
         "relax_dependencies": 4,
         "elide_hint_prefetches": 4 - kept,
+        "insert_prefetch_joins": 0,  # no side-stream device in this context
     }
     assert report.hints_elided is (kept == 0) and len(report.plan.prefetched) == 4
     prefetches = gm.graph.find_nodes(op="call_function", target=fxprefetch.ops.PREFETCH_OP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -10,7 +11,7 @@ from fxprefetch import PrefetchPlan, WeightPrefetchConfig
 from fxprefetch.plan import render_table, render_totals
 from passes import run_weight_prefetch
 
-from synthetic import SynthModel, SynthSpec
+from synthetic import SynthModel, SynthSpec, TwoGraphs
 from tracing import fake_trace
 
 
@@ -48,3 +49,31 @@ def test_table_rows_fold_and_totals():
     assert plan.summary_line() in folded
     totals = render_totals([plan, plan])
     assert totals.startswith("totals: 26 linears seen, 12 prefetched")
+
+
+def test_plans_are_written_to_fxprefetch_plan_dir_and_follow_the_schema(
+    tmp_path, monkeypatch, fresh_dynamo, caplog
+):
+    import jsonschema
+
+    import fxprefetch
+    from fxprefetch.plan_store import read_plan_dir
+
+    schema = json.loads((Path(fxprefetch.__file__).parent / "plan_schema.json").read_text())
+    plan_schema = {**schema["$defs"]["plan"], "$defs": schema["$defs"]}
+    monkeypatch.setenv("FXPREFETCH_PLAN_DIR", str(tmp_path / "plans"))
+
+    model = TwoGraphs().eval()
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "eager"})
+    with caplog.at_level("INFO", logger="fxprefetch"), torch.no_grad():
+        compiled(torch.randint(0, 64, (1, 4)))
+    files = sorted((tmp_path / "plans").glob("plan-*.json"))
+    assert len(files) == 2 == len(fxprefetch.last_plans())  # one file per graph
+    for path in files:
+        jsonschema.validate(json.loads(path.read_text()), plan_schema)
+    written = read_plan_dir(tmp_path / "plans")
+    assert sorted(p.to_json() for p in written) == sorted(
+        p.to_json() for p in fxprefetch.last_plans()
+    )
+    for plan in written:  # each plan's summary line is logged at INFO
+        assert plan.summary_line() in caplog.text

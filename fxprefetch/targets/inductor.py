@@ -76,6 +76,7 @@ class PrefetchGraphPass(CustomGraphPass):
             json.dumps(self.planner.source_names),
             str(self.planner.strict),
             ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
+            ",".join(sorted(self.planner.join_devices)),  # decides where joins go
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)

@@ -1,0 +1,289 @@
+"""What an L2 prefetch buys on an NVIDIA GPU: a micro-benchmark and Llama-3-8B-shaped layers.
+
+(a) Micro: a window kernel keeps HBM idle for W µs, then a cuBLAS GEMV (bf16, M = 1 and 16)
+reads a cold weight. Arms: ``none``; ``same`` (prefetch on the compute stream); ``side``
+(fork to a side stream, prefetch, join before the GEMV); ``fork`` (the same fork/join around
+an empty kernel: the fork's own cost); ``hot`` (the weight already in L2: the upper bound).
+Cold weights rotate over R copies with R x size >= 4 x L2 (no zero-filled flush buffer,
+whose dirty write-back would disturb the next kernel). Every arm is one CUDA graph of R
+steps, arms interleaved, medians of per-step times.
+
+(b) Layers: decode steps of Llama-3-8B-shaped layers (bf16, random weights, batch 1 and 16,
+``mode="reduce-overhead"``), ``backend="npu_prefetch"`` against plain inductor, the ratio of
+medians, with the prefetch cap swept.
+
+Prints tables and writes JSON. Without a CUDA GPU it exits with one line. ``--smoke`` runs
+a small subset in under 2 minutes. Runs from the source tree: ``PYTHONPATH=. python
+benchmarks/bench_gpu_prefetch.py``. Needs torch with CUDA and Triton (sm_80+).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from the source tree
+
+from common import parser, table, write
+
+MB = 1 << 20
+
+
+# -- (a) micro-benchmark ------------------------------------------------------------------------
+
+
+def _sleep_cycles_per_us() -> float:
+    """Calibrate ``torch.cuda._sleep`` (a spin kernel: HBM idle) in a CUDA graph."""
+    cycles = 1_000_000
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.cuda._sleep(cycles)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)  # µs
+    return cycles / statistics.median(times)
+
+
+def _arm_graph(arm, weights, x, window_cycles, size, side, prefetch):
+    """One CUDA graph: for each weight copy, [fork, prefetch] window [join] GEMV."""
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
+        for w in weights:
+            current = torch.cuda.current_stream()
+            if arm == "same":
+                prefetch(w, size, current)
+            elif arm in ("side", "fork"):
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    if arm == "side":
+                        prefetch(w, size, side)
+                    else:
+                        torch.cuda._sleep(1)  # an empty kernel: the fork/join cost alone
+            if window_cycles:
+                torch.cuda._sleep(window_cycles)
+            if arm in ("side", "fork"):
+                current.wait_stream(side)
+            out = F.linear(x, w)
+    return graph, out
+
+
+def _replay_us(graph, steps) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
+def micro(smoke: bool) -> list[dict[str, Any]]:
+    from fxprefetch.cuda_prefetch import clamp_range, constexprs, grid_size, kernel
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    l2 = props.L2_cache_size
+    bulk = torch.cuda.get_device_capability(device)[0] >= 9
+    side = torch.cuda.Stream()
+
+    def prefetch(w, size, stream):
+        start, nbytes = clamp_range(w.data_ptr(), w.nbytes, size, 0)
+        with torch.cuda.stream(stream):
+            kernel()[(grid_size(nbytes, bulk),)](start, nbytes, **constexprs(bulk))
+
+    per_us = _sleep_cycles_per_us()
+    windows = [0, 4] if smoke else [0, 1, 2, 4, 8]
+    sizes = [8 * MB] if smoke else [2 * MB, 4 * MB, 8 * MB, 16 * MB, 32 * MB]
+    batches = [1] if smoke else [1, 16]
+    repeats = 5 if smoke else 21
+    k = 4096
+    weight_mb = 32
+    copies = max(2, -(-4 * l2 // (weight_mb * MB)))
+    weights = [
+        torch.randn(weight_mb * MB // (2 * k), k, device=device, dtype=torch.bfloat16)
+        for _ in range(copies)
+    ]
+    rows = []
+    for m in batches:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        for window_us in windows:
+            cycles = int(window_us * per_us)
+            for size in sizes:
+                graphs = {
+                    arm: _arm_graph(arm, weights, x, cycles, size, side, prefetch)[0]
+                    for arm in ("none", "same", "side", "fork")
+                }
+                graphs["hot"] = _arm_graph(
+                    "none", [weights[0]] * copies, x, cycles, size, side, prefetch
+                )[0]
+                times: dict[str, list[float]] = {arm: [] for arm in graphs}
+                for _ in range(repeats):  # interleaved
+                    for arm, graph in graphs.items():
+                        times[arm].append(_replay_us(graph, copies))
+                med = {arm: statistics.median(v) for arm, v in times.items()}
+                rows.append({"m": m, "window_us": window_us, "prefetch_mb": size // MB, **med})
+    return rows
+
+
+# -- (b) Llama-3-8B-shaped decode layers -------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (
+            x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+        ).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Llama-3-8B shapes with vLLM's fused names (qkv_proj, gate_up_proj): 436 MB in bf16."""
+
+    def __init__(self, hidden=4096, inter=14336, heads=32, kv_heads=8, past=512) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, hidden // heads
+        self.input_layernorm = RMSNorm(hidden)
+        self.post_attention_layernorm = RMSNorm(hidden)
+        self.self_attn = nn.ModuleDict(
+            {
+                "qkv_proj": nn.Linear(hidden, (heads + 2 * kv_heads) * self.dim, bias=False),
+                "o_proj": nn.Linear(hidden, hidden, bias=False),
+            }
+        )
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_up_proj": nn.Linear(hidden, 2 * inter, bias=False),
+                "down_proj": nn.Linear(inter, hidden, bias=False),
+            }
+        )
+        self.past = past
+
+    def forward(self, x, k_cache, v_cache):
+        b = x.shape[0]
+        q, k, v = self.self_attn["qkv_proj"](self.input_layernorm(x)).split(
+            [self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], -1
+        )
+        q = q.view(b, 1, self.heads, self.dim).transpose(1, 2)
+        k = torch.cat([k_cache, k.view(b, 1, self.kv_heads, self.dim).transpose(1, 2)], 2)
+        v = torch.cat([v_cache, v.view(b, 1, self.kv_heads, self.dim).transpose(1, 2)], 2)
+        attn = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        x = x + self.self_attn["o_proj"](attn.transpose(1, 2).reshape(b, -1))
+        gate, up = self.mlp["gate_up_proj"](self.post_attention_layernorm(x)).chunk(2, -1)
+        return x + self.mlp["down_proj"](F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer() for _ in range(layers))
+
+    def forward(self, x, caches):
+        for layer, (k, v) in zip(self.layers, caches, strict=True):
+            x = layer(x, k, v)
+        return x
+
+
+def layers(smoke: bool) -> list[dict[str, Any]]:
+    device = torch.device("cuda")
+    n_layers = 2 if smoke else 4
+    torch.manual_seed(0)
+    model = Decoder(n_layers).to(device=device, dtype=torch.bfloat16).eval()
+    rows = []
+    caps = [8 * MB] if smoke else [4 * MB, 8 * MB, 16 * MB, 32 * MB]
+    for batch in [1] if smoke else [1, 16]:
+        x = torch.randn(batch, 4096, device=device, dtype=torch.bfloat16)
+        caches = [
+            (
+                torch.randn(batch, 8, 512, 128, device=device, dtype=torch.bfloat16),
+                torch.randn(batch, 8, 512, 128, device=device, dtype=torch.bfloat16),
+            )
+            for _ in range(n_layers)
+        ]
+        variants = {"inductor": torch.compile(model, backend="inductor", mode="reduce-overhead")}
+        for cap in caps:
+            torch._dynamo.reset()
+            options = {
+                "target": "inductor",
+                "mode": "reduce-overhead",  # torch.compile refuses mode= beside options=
+                "weight_prefetch_config": {"max_prefetch_bytes": cap},
+            }
+            variants[f"prefetch {cap // MB} MB"] = torch.compile(
+                model, backend="npu_prefetch", options=options
+            )
+        steps = 20 if smoke else 100
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        with torch.no_grad():
+            for fn in variants.values():
+                for _ in range(3):  # compile, warm up, capture
+                    fn(x, caches)
+            for _ in range(5 if smoke else 15):
+                for name, fn in variants.items():
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(steps):
+                        fn(x, caches)
+                    end.record()
+                    end.synchronize()
+                    times[name].append(start.elapsed_time(end) * 1e3 / steps)
+        base = statistics.median(times["inductor"])
+        for name, values in times.items():
+            med = statistics.median(values)
+            rows.append({"batch": batch, "variant": name, "median_us": med, "ratio": base / med})
+    return rows
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu_prefetch: no CUDA GPU here; nothing to measure")
+        return
+    from fxprefetch.cuda_prefetch import register
+
+    if not register():
+        print("bench_gpu_prefetch: needs Triton and an sm_80+ GPU; nothing to measure")
+        return
+    name = torch.cuda.get_device_name()
+    micro_rows = micro(args.smoke)
+    print(f"(a) micro-benchmark on {name}: µs per window + GEMV step (medians)")
+    print(
+        table(
+            ["M", "W µs", "prefetch MB", "none", "same", "side", "fork", "hot", "saved µs"],
+            [
+                [r["m"], r["window_us"], r["prefetch_mb"], r["none"], r["same"], r["side"],
+                 r["fork"], r["hot"], r["none"] - r["side"]]
+                for r in micro_rows
+            ],
+        )
+    )  # fmt: skip
+    layer_rows = layers(args.smoke)
+    print(f"\n(b) Llama-3-8B-shaped decode layers on {name} (speed-up = inductor / variant)")
+    print(
+        table(
+            ["batch", "variant", "median µs/step", "speed-up"],
+            [[r["batch"], r["variant"], r["median_us"], r["ratio"]] for r in layer_rows],
+        )
+    )
+    write(
+        "gpu_prefetch",
+        {"gpu": name, "micro": micro_rows, "layers": layer_rows, "smoke": args.smoke},
+        args.output,
+    )
+
+
+if __name__ == "__main__":
+    main()

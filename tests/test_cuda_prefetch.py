@@ -1,0 +1,182 @@
+"""The native CUDA L2 prefetch (issue #14): machine code, ranges and fork/join placement here,
+behaviour on a GPU where one is present (those tests skip without CUDA)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxprefetch import WeightPrefetchConfig
+from fxprefetch.cuda_prefetch import ALIGN, clamp_range, compile_for, register
+from fxprefetch.ops import JOIN_OP, PREFETCH_OP
+from fxprefetch.pipeline import PassContext, run_pipeline
+from passes import DEFAULT_RULES
+from passes.vector_ops import NodeKind, classify
+
+from synthetic import SynthModel, SynthSpec
+from tracing import fake_trace
+
+triton = pytest.importorskip("triton")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _sass(kernel) -> str:
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run(
+            [str(nvdisasm), f.name], capture_output=True, text=True, timeout=120, check=True
+        )
+    finally:
+        os.unlink(f.name)
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    ("capability", "ptx", "sass"),
+    [
+        (90, "cp.async.bulk.prefetch.L2.global", "UBLKPF.L2"),
+        (80, "prefetch.global.L2::evict_last", "CCTL.E.PML2"),
+    ],
+)
+def test_the_kernel_compiles_to_the_l2_prefetch_instruction(capability, ptx, sass):
+    kernel = compile_for(capability)  # no GPU needed: Triton ships ptxas
+    assert ptx in kernel.asm["ptx"]
+    machine = _sass(kernel)
+    assert sass in machine
+    if capability == 90:
+        assert "sm_90a" in kernel.asm["ptx"]  # the bulk prefetch needs the arch-specific target
+
+
+@given(
+    address=st.integers(0, 1 << 40),
+    nbytes=st.integers(1, 1 << 30),
+    max_size=st.integers(1, 1 << 30),
+    data=st.data(),
+)
+def test_ranges_are_clamped_and_aligned(address, nbytes, max_size, data):
+    offset = data.draw(st.integers(0, nbytes - 1))
+    start, size = clamp_range(address, nbytes, max_size, offset)
+    wanted_end = address + offset + min(max_size, nbytes - offset)
+    assert start % ALIGN == 0 and size % ALIGN == 0 and size >= 0
+    assert start >= address + offset and start + size <= max(wanted_end, start)
+    assert wanted_end - (start + size) < 2 * ALIGN or size == 0  # lose < 16 B at each end
+
+
+@pytest.mark.parametrize("bad", [(0, 0), (16, 16), (16, -1)])
+def test_bad_ranges_are_refused(bad):
+    max_size, offset = bad
+    with pytest.raises(ValueError, match="bad range"):
+        clamp_range(0, 16, max_size, offset)
+
+
+def test_without_cuda_nothing_is_registered():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert register() is False
+    from fxprefetch import ops
+
+    assert "cuda" not in ops.native_prefetch_devices() and not ops.native_join_devices()
+
+
+def _pipeline(join_devices):
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    ctx = PassContext(
+        config=WeightPrefetchConfig(enabled=True),
+        rules=DEFAULT_RULES,
+        graph_name="g",
+        weight_names=names,
+        native_devices=frozenset(join_devices),  # a native prefetch: kept in the code
+        join_devices=frozenset(join_devices),
+    )
+    return gm, run_pipeline(gm, "inductor", ctx)
+
+
+def test_joins_close_every_fork_after_the_window_and_before_the_linear():
+    # the placement logic is device-independent: treat the CPU as a side-stream device
+    gm, report = _pipeline({"cpu"})
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    forks = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
+    joins = list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
+    assert report.changed("insert_prefetch_joins") == len(joins) == len(forks) == 4
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for record in report.plan.prefetched:
+        fork = by_name[record.prefetch_node]
+        linear = by_name[record.node]
+        (join,) = [j for j in joins if j.args[0] is fork.args[0]]
+        # fork ... window ... join, then the linear
+        assert order[fork] < order[join] < order[linear]
+        window_ops = [
+            n
+            for n in gm.graph.nodes
+            if order[fork] < order[n] < order[linear]
+            and classify(n, DEFAULT_RULES) is NodeKind.VECTOR
+        ]
+        assert window_ops and all(order[n] < order[join] for n in window_ops)
+        assert next(iter(linear.all_input_nodes)) is not join  # the join is not a data input
+
+
+def test_no_join_without_a_side_stream_device():
+    gm, report = _pipeline(set())
+    assert report.changed("insert_prefetch_joins") == 0
+    assert not list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
+    assert report.hints_elided  # the CPU: hints, left out
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+
+def _layer():
+    torch.manual_seed(0)
+    return SynthModel(SynthSpec(layers=2, hidden=256, intermediate=512)).cuda().eval()
+
+
+@needs_gpu
+@pytest.mark.compile
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_outputs_equal_plain_inductor_and_capture_works(mode, fresh_dynamo):
+    import fxprefetch
+
+    model = _layer()
+    ids = torch.randint(0, 64, (1, 8), device="cuda")
+    options = {"target": "inductor", "mode": mode or "default"}
+    ours = torch.compile(model, backend="npu_prefetch", options=options)
+    plain = torch.compile(model, backend="inductor", mode=mode)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, capture, replay
+            out = ours(ids)
+        expected = plain(ids)
+        with fxprefetch.collect_stats() as ran:
+            ours(ids)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+    (plan, *_) = fxprefetch.last_plans()
+    assert len(plan.prefetched) == 4
+    if mode is None:
+        assert ran.calls == 4  # the op's CUDA kernel ran (not a hint)
+
+
+@needs_gpu
+@pytest.mark.compile
+def test_generated_code_orders_fork_window_join_gemm(fresh_dynamo):
+    from torch._inductor.utils import run_and_get_code
+
+    model = _layer()
+    ids = torch.randint(0, 64, (1, 8), device="cuda")
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad():
+        _, (code, *_) = run_and_get_code(compiled, ids)
+    lines = code.splitlines()
+    fork = next(i for i, line in enumerate(lines) if "fxprefetch.prefetch.default(" in line)
+    join = next(i for i, line in enumerate(lines) if "fxprefetch.prefetch_join.default(" in line)
+    gemm = next(i for i, line in enumerate(lines) if i > join and ("mm(" in line))
+    kernels = [i for i, line in enumerate(lines) if fork < i < join and ".run(" in line]
+    assert fork < join < gemm and kernels, "\n".join(lines[fork : gemm + 1])
