@@ -61,42 +61,34 @@ def kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def l2_prefetch(address, size, chunk: tl.constexpr, lanes: tl.constexpr, bulk: tl.constexpr):
+    def l2_prefetch(address, size, chunk: tl.constexpr, lanes: tl.constexpr, asm: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         lane = tl.arange(0, lanes).to(tl.int64)
         per_lane: tl.constexpr = chunk // lanes
         first = pid * chunk + lane * per_lane
         left = tl.minimum(size - first, per_lane)
         left = tl.where(left > 0, left, 0).to(tl.int32)
-        where = address + first
-        if bulk:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r",
-                [where, left],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-                "@p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-                "=r,l,r",
-                [where, left],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
+        tl.inline_asm_elementwise(
+            asm, "=r,l,r", [address + first, left], dtype=tl.int32, is_pure=False, pack=1
+        )
 
     return l2_prefetch
 
 
+# One lane's instruction, skipped where its share of the range is empty: $1 address, $2 size.
+_BULK_ASM = (
+    "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+)
+_LINE_ASM = (
+    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }"
+)
+
+
 def constexprs(bulk: bool) -> dict[str, Any]:
     if bulk:
-        return {"chunk": BULK_CHUNK, "lanes": BULK_LANES, "bulk": True}
-    return {"chunk": LINE_CHUNK, "lanes": LINE_CHUNK // LINE, "bulk": False}
+        return {"chunk": BULK_CHUNK, "lanes": BULK_LANES, "asm": _BULK_ASM}
+    return {"chunk": LINE_CHUNK, "lanes": LINE_CHUNK // LINE, "asm": _LINE_ASM}
 
 
 def compile_for(capability: int) -> Any:

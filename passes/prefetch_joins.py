@@ -15,8 +15,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.ops import JOIN_OP, PREFETCH_OP
 from passes.graph_utils import finalize, tensor_value
-
-META_KEY = "fxprefetch"
+from passes.weight_prefetch import META_KEY
 
 
 def insert_prefetch_joins(
