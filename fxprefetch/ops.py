@@ -138,7 +138,10 @@ for _key in ("CUDA", "XPU", "PrivateUse1"):
 
 
 # -- join: where a device's native prefetch runs on a side stream ------------------------------
-JOIN_SCHEMA = "prefetch_join(Tensor weight) -> ()"
+# ``after``: the linear's other inputs. Inductor emits a pointwise kernel lazily, where its
+# buffer is first needed, so the tail of a window is computed when the linear's input is
+# realized; the join reads those inputs so that it is emitted after that tail, not before.
+JOIN_SCHEMA = "prefetch_join(Tensor weight, Tensor[] after) -> ()"
 _lib.define(JOIN_SCHEMA, tags=())
 JOIN_OP = torch.ops.fxprefetch.prefetch_join.default
 has_side_effect(JOIN_OP)
@@ -159,11 +162,11 @@ def native_join_devices() -> set[str]:
 
 
 @torch.library.register_fake("fxprefetch::prefetch_join", lib=_lib)
-def _join_fake(weight: torch.Tensor) -> None:
+def _join_fake(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
     return None
 
 
-def _join_kernel(weight: torch.Tensor) -> None:
+def _join_kernel(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
     native = _NATIVE_JOIN.get(weight.device.type)
     if native is not None:
         native(weight)

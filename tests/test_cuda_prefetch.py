@@ -20,6 +20,7 @@ from fxprefetch.pipeline import PassContext, run_pipeline
 from passes import DEFAULT_RULES
 from passes.vector_ops import NodeKind, classify
 
+from emitted_order import check_fork_window_join_gemm, emitted_events
 from synthetic import SynthModel, SynthSpec
 from tracing import fake_trace
 
@@ -121,7 +122,10 @@ def test_joins_close_every_fork_after_the_window_and_before_the_linear():
             and classify(n, DEFAULT_RULES) is NodeKind.VECTOR
         ]
         assert window_ops and all(order[n] < order[join] for n in window_ops)
-        assert next(iter(linear.all_input_nodes)) is not join  # the join is not a data input
+        assert join not in linear.all_input_nodes  # the join is not a data input
+        # it reads the linear's activation (emitted after the window's tail), not the weight
+        (activation,) = join.args[1]
+        assert activation in linear.all_input_nodes and fork.args[0] not in join.args[1]
 
 
 def test_no_join_without_a_side_stream_device():
@@ -174,9 +178,75 @@ def test_generated_code_orders_fork_window_join_gemm(fresh_dynamo):
     compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
     with torch.no_grad():
         _, (code, *_) = run_and_get_code(compiled, ids)
-    lines = code.splitlines()
-    fork = next(i for i, line in enumerate(lines) if "fxprefetch.prefetch.default(" in line)
-    join = next(i for i, line in enumerate(lines) if "fxprefetch.prefetch_join.default(" in line)
-    gemm = next(i for i, line in enumerate(lines) if i > join and ("mm(" in line))
-    kernels = [i for i, line in enumerate(lines) if fork < i < join and ".run(" in line]
-    assert fork < join < gemm and kernels, "\n".join(lines[fork : gemm + 1])
+    assert check_fork_window_join_gemm(emitted_events(code)) == 4, code
+
+
+# -- inductor's real scheduler, on the CPU -------------------------------------------------------
+# The scheduler is device-independent: with the CPU standing in as a side-stream device (its
+# native prefetch and join record what they are called with), the code inductor emits must
+# already keep fork -> vector kernels -> join -> GEMM, and every call must close each fork.
+
+
+@pytest.fixture
+def cpu_side_stream(monkeypatch):
+    from fxprefetch import ops
+
+    events: list[tuple[str, int]] = []
+    monkeypatch.setitem(
+        ops._NATIVE_PREFETCH, "cpu", lambda w, *_: events.append(("fork", w.data_ptr()))
+    )
+    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda w: events.append(("join", w.data_ptr())))
+    return events
+
+
+def _balanced(events: list[tuple[str, int]]) -> None:
+    """Each join closes an open fork of its weight, and no fork is open when the call ends."""
+    open_forks: list[int] = []
+    for kind, ptr in events:
+        if kind == "fork":
+            assert ptr not in open_forks, f"{ptr:#x} forked twice"
+            open_forks.append(ptr)
+        else:
+            assert ptr in open_forks, f"join of {ptr:#x} without a fork"
+            open_forks.remove(ptr)
+    assert not open_forks
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(
+            lambda: SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128)), id="dense"
+        ),
+        pytest.param(
+            lambda: SynthModel(SynthSpec(layers=2, fused=False, naming="hf", act_quant=True)),
+            id="split-actquant",
+        ),
+        pytest.param(lambda: _tiny("llama-tiny"), id="llama-tiny"),
+    ],
+)
+def test_inductor_emits_fork_window_join_gemm_on_the_cpu(build, cpu_side_stream, fresh_dynamo):
+    from torch._inductor.utils import run_and_get_code
+
+    import fxprefetch
+
+    model = build()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, ids)
+        expected = model(ids)
+    got = out.logits if hasattr(out, "logits") else out
+    torch.testing.assert_close(got, expected.logits if hasattr(expected, "logits") else expected)
+    (plan,) = fxprefetch.last_plans()
+    forks = check_fork_window_join_gemm(emitted_events(code))
+    assert forks == len(plan.prefetched) > 0
+    assert [k for k, _ in cpu_side_stream].count("fork") == forks  # all ran, in order
+    _balanced(cpu_side_stream)
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    from fxprefetch.models import build_model
+
+    return build_model(name, layers=2)
