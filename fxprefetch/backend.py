@@ -82,9 +82,11 @@ def npu_prefetch(
 
         compiled = compile_eager(gm, example_inputs, planner)
     else:
-        from fxprefetch.targets.inductor import compile_inductor
+        from fxprefetch.targets.inductor import compile_inductor, uses_cudagraphs
 
         compiled = compile_inductor(gm, example_inputs, planner, mode)
+        # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
+        return with_counting(compiled, planner, replayed=uses_cudagraphs(mode))
     return with_counting(compiled, planner)
 
 

@@ -4,7 +4,10 @@ Built from the planner's reports when the backend returns the compiled graph (da
 forward; nothing is registered at compile time):
 
 - where the compiled code left its hint-only prefetches out, each call counts the planned
-  hints (``runtime_stats.record_hints``);
+  hints (``runtime_stats.record_planned(..., ran=False)``);
+- where the compiled graph is replayed as a CUDA graph, the op's Python body does not run at
+  replay, so each call that returns counts the prefetches its code holds, and the op kernels
+  count nothing during the call (they still run during warm-up and capture);
 - while a ``collect_stats(per_weight=True)`` block is open in the calling thread, each call
   names the weights it was given, so per-weight counts carry parameter paths.
 """
@@ -12,6 +15,7 @@ forward; nothing is registered at compile time):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,43 +24,60 @@ from fxprefetch import runtime_stats
 from fxprefetch.planner import GraphPlanner
 
 
-def planned_hints(planner: GraphPlanner) -> tuple[runtime_stats.PlannedHint, ...]:
-    """The prefetches of every graph whose compiled code carries none of them."""
+def planned_prefetches(
+    planner: GraphPlanner, elided: bool
+) -> tuple[runtime_stats.PlannedPrefetch, ...]:
+    """The prefetches of the graphs whose compiled code left them out (``elided``), or of
+    those whose code holds them."""
     index = {name: i for i, name in enumerate(planner.source_names) if name}
     return tuple(
-        runtime_stats.PlannedHint(
-            r.weight, r.weight_shape, r.dtype, r.prefetch_bytes, index.get(r.weight)
+        runtime_stats.PlannedPrefetch(
+            r.weight,
+            r.weight_shape,
+            r.dtype,
+            r.prefetch_bytes,
+            min(r.prefetch_bytes, r.weight_bytes - r.offset),
+            index.get(r.weight),
         )
         for report in planner.reports
-        if report.hints_elided
+        if report.hints_elided == elided
         for r in report.plan.prefetched
     )
 
 
-def with_counting(compiled: Callable[..., Any], planner: GraphPlanner) -> Callable[..., Any]:
-    """Wrap ``compiled`` (boxed or not) so that its calls count as described above."""
-    hints = planned_hints(planner)
-    hint_bytes = sum(h.nbytes for h in hints)
+def with_counting(
+    compiled: Callable[..., Any], planner: GraphPlanner, replayed: bool = False
+) -> Callable[..., Any]:
+    """Wrap ``compiled`` (boxed or not) so that its calls count as described above;
+    ``replayed``: the compiled graph may run as a CUDA-graph replay."""
+    hints = planned_prefetches(planner, elided=True)
+    ran = planned_prefetches(planner, elided=False) if replayed else ()
     names = [(i, n) for i, n in enumerate(planner.source_names) if n]
     boxed = getattr(compiled, "_boxed_call", False)
-    if not hints and not names:
+    if not hints and not ran and not names:
         return compiled
 
     def run(*args: Any) -> Any:
-        # boxed calling convention: one list of inputs (dynamo may also call it unboxed)
+        # boxed calling convention: one list of inputs, which the call clears (dynamo may
+        # also call it unboxed); read what counting needs from the inputs before the call
         boxed_call = len(args) == 1 and isinstance(args[0], list)
         inputs: Sequence[Any] = args[0] if boxed_call else args
-        if hints:
-            runtime_stats.record_hints(hints, hint_bytes, inputs)
+        ptrs: dict[int, int] | None = None
+        naming = nullcontext()
         if names and runtime_stats.per_weight_wanted():
-            by_ptr = {
-                inputs[i].data_ptr(): name
-                for i, name in names
+            ptrs = {
+                i: inputs[i].data_ptr()
+                for i, _ in names
                 if i < len(inputs) and isinstance(inputs[i], torch.Tensor)
             }
-            with runtime_stats.naming(by_ptr):
-                return compiled(*args)
-        return compiled(*args)
+            naming = runtime_stats.naming({ptrs[i]: name for i, name in names if i in ptrs})
+        with naming, runtime_stats.counted_per_call() if ran else nullcontext():
+            out = compiled(*args)
+        if hints:
+            runtime_stats.record_planned(hints, ptrs, ran=False)
+        if ran:
+            runtime_stats.record_planned(ran, ptrs, ran=True)
+        return out
 
     if boxed:
         run._boxed_call = True  # type: ignore[attr-defined]

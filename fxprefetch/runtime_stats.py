@@ -2,12 +2,15 @@
 
 Two kinds of count, never mixed:
 
-- ``calls`` / ``bytes_*``: prefetches that reached the op's kernel (:func:`record`, called by
-  the kernels of :mod:`fxprefetch.ops`).
+- ``calls`` / ``bytes_*``: prefetches that ran. Counted by the op's kernels
+  (:func:`record`), except in graphs replayed as CUDA graphs, where the op's Python body runs
+  only while the graph is captured: those count their compiled prefetches once per graph call
+  that returns (:func:`record_planned`), and their op kernels count nothing meanwhile
+  (:func:`counted_per_call`).
 - ``hints`` / ``hint_bytes``: prefetches the plan put in a graph whose compiled code left them
   out, because on that device a prefetch is only a hint (inductor on the CPU). The compiled
   graph is straight-line, so each graph call counts its planned hints once
-  (:func:`record_hints`); no kernel ran for them.
+  (:func:`record_planned` with ``ran=False``); no kernel ran for them.
 
 Semantics:
 
@@ -87,6 +90,7 @@ class _ThreadState(threading.local):
         self.blocks: list[_Tally] = []
         self.per_weight_blocks = 0
         self.names: list[Mapping[int, str]] = []  # data_ptr -> name, pushed per graph call
+        self.per_call = 0  # inside graph calls that count their own prefetches
 
 
 _PROCESS = _Tally()
@@ -114,6 +118,8 @@ def _name_of(data_ptr: int) -> str | None:
 
 def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
     """Count one prefetch that reached a kernel (called by the op's kernels)."""
+    if _THREAD.per_call:
+        return  # the enclosing graph call counts it (see record_planned)
     with _LOCK:
         _PROCESS.calls += 1
         _PROCESS.requested += requested
@@ -134,30 +140,62 @@ def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
 
 
 @dataclass(frozen=True)
-class PlannedHint:
-    """A hint-only prefetch the compiled code left out, counted at each graph call."""
+class PlannedPrefetch:
+    """A prefetch of a compiled graph, counted at each call of that graph."""
 
     weight: str  # the plan's name for the weight
     shape: tuple[int, ...]
     dtype: str
-    nbytes: int
+    requested: int  # the op's max_size
+    nbytes: int  # what it covers: min(max_size, weight bytes - offset)
     arg_index: int | None  # which graph input holds the weight, when known
 
 
-def record_hints(hints: Sequence[PlannedHint], nbytes: int, args: Sequence[object]) -> None:
-    """Count the planned hints of one call of a straight-line graph, in one update."""
+def record_planned(
+    prefetches: Sequence[PlannedPrefetch], ptrs: Mapping[int, int] | None, ran: bool
+) -> None:
+    """Count the prefetches of one call of a straight-line graph, in one update: as calls
+    that ran (``ran``: a CUDA-graph replay) or as planned hints the code left out.
+    ``ptrs``: graph input index -> data pointer, to key per-weight counts by tensor."""
+    count = len(prefetches)
+    requested = sum(p.requested for p in prefetches)
+    nbytes = sum(p.nbytes for p in prefetches)
     with _LOCK:
-        _PROCESS.hints += len(hints)
-        _PROCESS.hint_bytes += nbytes
+        _count(_PROCESS, count, requested, nbytes, ran)
     for block in _THREAD.blocks:
-        block.hints += len(hints)
-        block.hint_bytes += nbytes
+        _count(block, count, requested, nbytes, ran)
         if block.per_weight is None:
             continue
-        for hint in hints:
-            arg = args[hint.arg_index] if hint.arg_index is not None else None
-            key = arg.data_ptr() if isinstance(arg, torch.Tensor) else hint.weight
-            _weight_entry(block, key, hint.weight, hint.shape, hint.dtype)[6] += 1
+        for p in prefetches:
+            ptr = ptrs.get(p.arg_index) if ptrs and p.arg_index is not None else None
+            key = ptr if ptr is not None else p.weight
+            entry = _weight_entry(block, key, p.weight, p.shape, p.dtype)
+            if ran:
+                entry[3] += 1
+                entry[4] += p.requested
+                entry[5] += p.nbytes
+            else:
+                entry[6] += 1
+
+
+def _count(tally: _Tally, count: int, requested: int, nbytes: int, ran: bool) -> None:
+    if ran:
+        tally.calls += count
+        tally.requested += requested
+        tally.prefetched += nbytes
+    else:
+        tally.hints += count
+        tally.hint_bytes += nbytes
+
+
+@contextmanager
+def counted_per_call() -> Iterator[None]:
+    """Within: the op kernels of the current thread count nothing (the graph call does)."""
+    _THREAD.per_call += 1
+    try:
+        yield
+    finally:
+        _THREAD.per_call -= 1
 
 
 def per_weight_wanted() -> bool:

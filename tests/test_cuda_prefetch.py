@@ -143,6 +143,16 @@ def _layer():
     return SynthModel(SynthSpec(layers=2, hidden=256, intermediate=512)).cuda().eval()
 
 
+def _prefetch_kernels_run(fn) -> int:
+    """How many L2 prefetch kernels the GPU ran during ``fn()`` (CUDA-graph replays too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if "l2_prefetch" in e.name)
+
+
 @needs_gpu
 @pytest.mark.compile
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
@@ -156,16 +166,38 @@ def test_outputs_equal_plain_inductor_and_capture_works(mode, fresh_dynamo):
     plain = torch.compile(model, backend="inductor", mode=mode)
     with torch.no_grad():
         for _ in range(3):  # warm-up, capture, replay
-            out = ours(ids)
-        expected = plain(ids)
+            out = ours(ids).clone()  # a replay overwrites the outputs of the previous one
+        expected = plain(ids).clone()
         with fxprefetch.collect_stats() as ran:
-            ours(ids)
-    torch.cuda.synchronize()
+            kernels = _prefetch_kernels_run(lambda: ours(ids))
     torch.testing.assert_close(out, expected)
     (plan, *_) = fxprefetch.last_plans()
     assert len(plan.prefetched) == 4
-    if mode is None:
-        assert ran.calls == 4  # the op's CUDA kernel ran (not a hint)
+    assert kernels == 4  # the prefetch kernels really ran (in the replay too)
+    assert ran.calls == 4  # counted once per graph call, replayed or not
+
+
+@needs_gpu
+def test_eager_single_calls_and_a_hand_captured_fork_join():
+    import fxprefetch
+
+    assert register()
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)  # 32 MiB
+    prefetch, join = torch.ops.fxprefetch.prefetch, torch.ops.fxprefetch.prefetch_join
+    with fxprefetch.collect_stats() as s:
+        kernels = _prefetch_kernels_run(lambda: (prefetch(weight, None, 8 << 20), join(weight, [])))
+        prefetch(weight, None, 1 << 30)  # clamped to the tensor; no join: the next fork waits
+        torch.cuda.synchronize()
+    assert kernels == 1
+    assert s.calls == 2 and s.bytes_prefetched == (8 << 20) + weight.nbytes
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a fork must rejoin inside the capture
+        prefetch(weight, None, 4 << 20)
+        total = weight.float().sum()
+        join(weight, [])
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(total, weight.float().sum())
 
 
 @needs_gpu

@@ -92,6 +92,14 @@ class PrefetchGraphPass(CustomGraphPass):
 _NO_GRAPH_CACHE = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
 
 
+def uses_cudagraphs(mode: str | None) -> bool:
+    """Whether inductor may replay the compiled graph as a CUDA graph under ``mode``."""
+    from torch._inductor import config as inductor_config
+
+    options = torch._inductor.list_mode_options(mode) if mode else {}
+    return bool(options.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
+
 def compile_inductor(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],

@@ -1,0 +1,131 @@
+"""Counting per graph call where the op's Python body does not run at replay (CUDA graphs).
+
+A CUDA-graph replay runs the captured prefetch kernels but no Python, so the graph call
+counts the prefetches its code holds, once per call that returns; the op kernels count
+nothing during such a call (they run at warm-up and capture), so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprefetch
+from fxprefetch import WeightPrefetchConfig, ops
+from fxprefetch.counting import with_counting
+from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets.inductor import uses_cudagraphs
+from passes import DEFAULT_RULES
+
+from synthetic import SynthModel, SynthSpec
+from tracing import fake_trace
+
+
+def _planner(native: frozenset[str]) -> tuple[GraphPlanner, list[str]]:
+    """A planner that ran on a fake-traced 2-layer model: 4 prefetches."""
+    model = SynthModel(SynthSpec(layers=2)).eval()
+    gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))
+    sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]
+    planner = GraphPlanner(
+        WeightPrefetchConfig(enabled=True),
+        target="inductor",
+        rules=DEFAULT_RULES,
+        native_devices=native,
+        source_names=sources,
+        record=False,
+    )
+    planner(gm)
+    return planner, sources
+
+
+def _inputs(sources: list[str | None]) -> list[torch.Tensor]:
+    model = dict(SynthModel(SynthSpec(layers=2)).named_parameters())
+    return [model[s] if s else torch.zeros(1, 4, dtype=torch.long) for s in sources]
+
+
+def test_a_replayed_graph_counts_its_prefetches_per_call():
+    planner, sources = _planner(frozenset({"cpu"}))
+    (report,) = planner.reports
+    planned = report.plan.prefetched
+    assert len(planned) == 4 and not report.hints_elided  # native: kept in the code
+    inputs = _inputs(sources)
+
+    def replay(*args):  # a CUDA-graph replay: no prefetch op body runs
+        return "out"
+
+    counted = with_counting(replay, planner, replayed=True)
+    with fxprefetch.collect_stats(per_weight=True) as s:
+        assert counted(*inputs) == "out"
+        counted(*inputs)
+    assert s.calls == 2 * 4 and s.hints == 0
+    assert s.bytes_requested == 2 * sum(r.prefetch_bytes for r in planned)
+    per_weight = {name: w.calls for name, w in s.per_weight.items()}
+    assert per_weight == {r.weight: 2 for r in planned}  # named by the graph's parameters
+    assert fxprefetch.stats().calls == 8
+
+
+def test_op_bodies_inside_a_counted_call_are_not_counted_twice():
+    planner, sources = _planner(frozenset({"cpu"}))
+    inputs = _inputs(sources)
+    weight = inputs[sources.index("layers.0.self_attn.qkv_proj.weight")]
+
+    def warm_up(*args):  # warm-up or capture: the compiled code runs the op bodies
+        for _ in range(4):
+            PREFETCH_OP(weight, None, 64)
+
+    counted = with_counting(warm_up, planner, replayed=True)
+    with fxprefetch.collect_stats() as s:
+        counted(*inputs)
+    assert s.calls == 4  # the graph call's count, not 4 + 4
+    with fxprefetch.collect_stats() as s:
+        PREFETCH_OP(weight, None, 64)  # outside a graph call the op counts itself
+    assert s.calls == 1
+
+
+def test_a_call_that_raises_counts_nothing():
+    planner, sources = _planner(frozenset({"cpu"}))
+
+    def fails(*args):
+        raise RuntimeError("boom")
+
+    counted = with_counting(fails, planner, replayed=True)
+    with fxprefetch.collect_stats() as s, pytest.raises(RuntimeError, match="boom"):
+        counted(*_inputs(sources))
+    assert s.calls == 0
+
+
+def test_graphs_not_replayed_leave_counting_to_the_op():
+    planner, sources = _planner(frozenset({"cpu"}))
+    assert with_counting(len, planner, replayed=False) is not None
+    with fxprefetch.collect_stats() as s:
+        with_counting(lambda *a: None, planner, replayed=False)(*_inputs(sources))
+    assert s.calls == 0  # no op ran, and none is assumed to
+
+
+def test_cudagraph_modes():
+    assert uses_cudagraphs("reduce-overhead") and uses_cudagraphs("max-autotune")
+    assert not uses_cudagraphs("default") and not uses_cudagraphs(None)
+    assert not uses_cudagraphs("max-autotune-no-cudagraphs")
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_counts_equal_the_prefetches_that_ran(mode, monkeypatch, fresh_dynamo):
+    """On the CPU, inductor skips CUDA graphs and runs the op bodies: under reduce-overhead the
+    graph call counts, in default mode the op does; both equal the native prefetches run."""
+    ran: list[int] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda w, *_: ran.append(w.data_ptr()))
+    model = SynthModel(SynthSpec(layers=2)).eval()
+    ids = torch.randint(0, 64, (1, 4))
+    options = {"target": "inductor", "mode": mode}
+    compiled = torch.compile(model, backend="npu_prefetch", options=options)
+    with torch.no_grad(), fxprefetch.collect_stats(per_weight=True) as s:
+        for _ in range(3):
+            out = compiled(ids)
+    torch.testing.assert_close(out, model(ids))
+    (plan,) = fxprefetch.last_plans()
+    assert len(plan.prefetched) == 4
+    assert s.calls == len(ran) == 3 * 4
+    assert {w.calls for w in s.per_weight.values()} == {3}
+    assert set(s.per_weight) == {r.weight for r in plan.prefetched}
