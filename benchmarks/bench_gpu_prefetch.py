@@ -19,8 +19,10 @@ benchmarks/bench_gpu_prefetch.py``. Needs torch with CUDA and Triton (sm_80+).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +90,25 @@ def _replay_us(graph, steps) -> float:
     return start.elapsed_time(end) * 1e3 / steps
 
 
-def micro(smoke: bool) -> list[dict[str, Any]]:
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/µs (read + write), median of a CUDA graph."""
+    src = torch.empty(512 * MB, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dst.copy_(src)
+    us = statistics.median(_replay_us(graph, 1) for _ in range(5))
+    return 2 * src.nbytes / us
+
+
+def micro_goal(row: dict[str, Any], bytes_per_us: float) -> tuple[float, float]:
+    """``(saved µs, bound µs)``: the side-stream arm's saving, and min(W, size / bandwidth)."""
+    bound = min(row["window_us"], row["prefetch_mb"] * MB / bytes_per_us)
+    return row["none"] - row["side"], bound
+
+
+def micro(smoke: bool) -> tuple[list[dict[str, Any]], float]:
     from fxprefetch.cuda_prefetch import clamp_range, constexprs, grid_size, kernel
 
     device = torch.device("cuda")
@@ -103,6 +123,7 @@ def micro(smoke: bool) -> list[dict[str, Any]]:
             kernel()[(grid_size(nbytes, bulk),)](start, nbytes, **constexprs(bulk))
 
     per_us = _sleep_cycles_per_us()
+    bytes_per_us = copy_bandwidth(device)
     windows = [0, 4] if smoke else [0, 1, 2, 4, 8]
     sizes = [8 * MB] if smoke else [2 * MB, 4 * MB, 8 * MB, 16 * MB, 32 * MB]
     batches = [1] if smoke else [1, 16]
@@ -117,6 +138,9 @@ def micro(smoke: bool) -> list[dict[str, Any]]:
     rows = []
     for m in batches:
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        F.linear(x, weights[0])  # cuBLAS handles and workspaces exist before any capture
+        prefetch(weights[0], sizes[0], side)
+        torch.cuda.synchronize()
         for window_us in windows:
             cycles = int(window_us * per_us)
             for size in sizes:
@@ -132,8 +156,10 @@ def micro(smoke: bool) -> list[dict[str, Any]]:
                     for arm, graph in graphs.items():
                         times[arm].append(_replay_us(graph, copies))
                 med = {arm: statistics.median(v) for arm, v in times.items()}
-                rows.append({"m": m, "window_us": window_us, "prefetch_mb": size // MB, **med})
-    return rows
+                row = {"m": m, "window_us": window_us, "prefetch_mb": size // MB, **med}
+                row["saved_us"], row["bound_us"] = micro_goal(row, bytes_per_us)
+                rows.append(row)
+    return rows, bytes_per_us
 
 
 # -- (b) Llama-3-8B-shaped decode layers -------------------------------------------------------
@@ -150,10 +176,13 @@ class RMSNorm(nn.Module):
         ).to(x.dtype)
 
 
+LLAMA3_8B = {"hidden": 4096, "inter": 14336, "heads": 32, "kv_heads": 8, "past": 512}
+
+
 class DecoderLayer(nn.Module):
     """Llama-3-8B shapes with vLLM's fused names (qkv_proj, gate_up_proj): 436 MB in bf16."""
 
-    def __init__(self, hidden=4096, inter=14336, heads=32, kv_heads=8, past=512) -> None:
+    def __init__(self, hidden: int, inter: int, heads: int, kv_heads: int, past: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.dim = heads, kv_heads, hidden // heads
         self.input_layernorm = RMSNorm(hidden)
@@ -170,7 +199,6 @@ class DecoderLayer(nn.Module):
                 "down_proj": nn.Linear(inter, hidden, bias=False),
             }
         )
-        self.past = past
 
     def forward(self, x, k_cache, v_cache):
         b = x.shape[0]
@@ -187,9 +215,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, shapes: dict[str, int]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer() for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderLayer(**shapes) for _ in range(layers))
 
     def forward(self, x, caches):
         for layer, (k, v) in zip(self.layers, caches, strict=True):
@@ -197,58 +225,117 @@ class Decoder(nn.Module):
         return x
 
 
-def layers(smoke: bool) -> list[dict[str, Any]]:
-    device = torch.device("cuda")
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_us(fn, steps: int, device: torch.device) -> float:
+    """Mean µs per call over ``steps`` calls (CUDA events on a GPU, a clock elsewhere)."""
+    if device.type != "cuda":
+        start_s = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - start_s) * 1e6 / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
+def layers(
+    smoke: bool,
+    *,
+    device: str = "cuda",
+    shapes: dict[str, int] = LLAMA3_8B,
+    dtype: torch.dtype = torch.bfloat16,
+    mode: str = "reduce-overhead",
+    caps: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Decode steps of the prefetch backend against plain inductor, per batch and cap."""
+    import fxprefetch
+
+    dev = torch.device(device)
     n_layers = 2 if smoke else 4
     torch.manual_seed(0)
-    model = Decoder(n_layers).to(device=device, dtype=torch.bfloat16).eval()
+    model = Decoder(n_layers, shapes).to(device=dev, dtype=dtype).eval()
+    caps = caps or ([8 * MB] if smoke else [4 * MB, 8 * MB, 16 * MB, 32 * MB])
+    kv, dim = shapes["kv_heads"], shapes["hidden"] // shapes["heads"]
     rows = []
-    caps = [8 * MB] if smoke else [4 * MB, 8 * MB, 16 * MB, 32 * MB]
     for batch in [1] if smoke else [1, 16]:
-        x = torch.randn(batch, 4096, device=device, dtype=torch.bfloat16)
+        torch._dynamo.reset()  # a fresh cache per batch: no recompile limit, no dynamic batch
+        fxprefetch.clear_plans()
+        x = torch.randn(batch, shapes["hidden"], device=dev, dtype=dtype)
         caches = [
-            (
-                torch.randn(batch, 8, 512, 128, device=device, dtype=torch.bfloat16),
-                torch.randn(batch, 8, 512, 128, device=device, dtype=torch.bfloat16),
+            tuple(
+                torch.randn(batch, kv, shapes["past"], dim, device=dev, dtype=dtype) for _ in "kv"
             )
             for _ in range(n_layers)
         ]
-        variants = {"inductor": torch.compile(model, backend="inductor", mode="reduce-overhead")}
+        variants = {"inductor": torch.compile(model, backend="inductor", mode=mode)}
         for cap in caps:
-            torch._dynamo.reset()
             options = {
                 "target": "inductor",
-                "mode": "reduce-overhead",  # torch.compile refuses mode= beside options=
+                "mode": mode,  # torch.compile refuses mode= beside options=
                 "weight_prefetch_config": {"max_prefetch_bytes": cap},
             }
-            variants[f"prefetch {cap // MB} MB"] = torch.compile(
+            variants[f"prefetch {cap / MB:g} MB"] = torch.compile(
                 model, backend="npu_prefetch", options=options
             )
         steps = 20 if smoke else 100
         times: dict[str, list[float]] = {name: [] for name in variants}
+        per_step: dict[str, tuple[int, int]] = {}
         with torch.no_grad():
-            for fn in variants.values():
+            for name, fn in variants.items():
                 for _ in range(3):  # compile, warm up, capture
                     fn(x, caches)
+                with fxprefetch.collect_stats() as ran:
+                    fn(x, caches)
+                _sync(dev)
+                per_step[name] = (ran.calls, ran.bytes_prefetched)
             for _ in range(5 if smoke else 15):
                 for name, fn in variants.items():
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(steps):
-                        fn(x, caches)
-                    end.record()
-                    end.synchronize()
-                    times[name].append(start.elapsed_time(end) * 1e3 / steps)
+                    times[name].append(_step_us(functools.partial(fn, x, caches), steps, dev))
         base = statistics.median(times["inductor"])
         for name, values in times.items():
             med = statistics.median(values)
-            rows.append({"batch": batch, "variant": name, "median_us": med, "ratio": base / med})
+            calls, nbytes = per_step[name]
+            rows.append(
+                {
+                    "batch": batch,
+                    "variant": name,
+                    "median_us": med,
+                    "ratio": base / med,
+                    "prefetches_per_step": calls,
+                    "prefetch_mb_per_step": nbytes / MB,
+                }
+            )
     return rows
 
 
+GOALS = {"micro_saving_share_min": 0.7, "micro_window_us_min": 4, "layer_speedup_batch1_min": 1.04}
+
+
+def goals_met(micro_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]]) -> dict:
+    """The issue's two goals, read from the rows (None where the rows cannot tell)."""
+    long_windows = [r for r in micro_rows if r["window_us"] >= GOALS["micro_window_us_min"]]
+    shares = [r["saved_us"] / r["bound_us"] for r in long_windows if r["bound_us"] > 0]
+    batch1 = [r["ratio"] for r in layer_rows if r["batch"] == 1 and r["variant"] != "inductor"]
+    return {
+        "micro_worst_saving_share": min(shares) if shares else None,
+        "micro": min(shares) >= GOALS["micro_saving_share_min"] if shares else None,
+        "layer_best_speedup_batch1": max(batch1) if batch1 else None,
+        "layers": max(batch1) >= GOALS["layer_speedup_batch1_min"] if batch1 else None,
+    }
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["micro", "layers"], help="run one part")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu_prefetch: no CUDA GPU here; nothing to measure")
         return
@@ -258,29 +345,61 @@ def main() -> None:
         print("bench_gpu_prefetch: needs Triton and an sm_80+ GPU; nothing to measure")
         return
     name = torch.cuda.get_device_name()
-    micro_rows = micro(args.smoke)
-    print(f"(a) micro-benchmark on {name}: µs per window + GEMV step (medians)")
-    print(
-        table(
-            ["M", "W µs", "prefetch MB", "none", "same", "side", "fork", "hot", "saved µs"],
-            [
-                [r["m"], r["window_us"], r["prefetch_mb"], r["none"], r["same"], r["side"],
-                 r["fork"], r["hot"], r["none"] - r["side"]]
-                for r in micro_rows
-            ],
+    props = torch.cuda.get_device_properties(0)
+    print(f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}")
+    micro_rows: list[dict[str, Any]] = []
+    bytes_per_us = None
+    if args.only != "layers":
+        micro_rows, bytes_per_us = micro(args.smoke)
+        print(
+            f"(a) micro-benchmark: µs per window + GEMV step (medians); copy bandwidth "
+            f"{bytes_per_us / 1e6:.2f} TB/s; bound = min(W, size / bandwidth)"
         )
-    )  # fmt: skip
-    layer_rows = layers(args.smoke)
-    print(f"\n(b) Llama-3-8B-shaped decode layers on {name} (speed-up = inductor / variant)")
+        print(
+            table(
+                ["M", "W µs", "prefetch MB", "none", "same", "side", "fork", "hot",
+                 "saved µs", "bound µs", "saved/bound"],
+                [
+                    [r["m"], r["window_us"], r["prefetch_mb"], r["none"], r["same"], r["side"],
+                     r["fork"], r["hot"], r["saved_us"], r["bound_us"],
+                     r["saved_us"] / r["bound_us"] if r["bound_us"] else float("nan")]
+                    for r in micro_rows
+                ],
+            )
+        )  # fmt: skip
+    layer_rows: list[dict[str, Any]] = []
+    if args.only != "micro":
+        layer_rows = layers(args.smoke)
+        print("\n(b) Llama-3-8B-shaped decode layers (speed-up = inductor / variant)")
+        print(
+            table(
+                ["batch", "variant", "median µs/step", "speed-up", "prefetches/step", "MB/step"],
+                [
+                    [r["batch"], r["variant"], r["median_us"], r["ratio"],
+                     r["prefetches_per_step"], r["prefetch_mb_per_step"]]
+                    for r in layer_rows
+                ],
+            )
+        )  # fmt: skip
+    met = goals_met(micro_rows, layer_rows)
     print(
-        table(
-            ["batch", "variant", "median µs/step", "speed-up"],
-            [[r["batch"], r["variant"], r["median_us"], r["ratio"]] for r in layer_rows],
-        )
+        f"\ngoal: micro saving >= {GOALS['micro_saving_share_min']:.0%} of the bound for W >= "
+        f"{GOALS['micro_window_us_min']} µs: {met['micro']} (worst "
+        f"{met['micro_worst_saving_share']}); layers >= {GOALS['layer_speedup_batch1_min']}x "
+        f"at batch 1 (H100): {met['layers']} (best {met['layer_best_speedup_batch1']})"
     )
     write(
         "gpu_prefetch",
-        {"gpu": name, "micro": micro_rows, "layers": layer_rows, "smoke": args.smoke},
+        {
+            "gpu": name,
+            "l2_bytes": props.L2_cache_size,
+            "copy_bytes_per_us": bytes_per_us,
+            "micro": micro_rows,
+            "layers": layer_rows,
+            "smoke": args.smoke,
+            "goals": GOALS,
+            "goals_met": met,
+        },
         args.output,
     )
 

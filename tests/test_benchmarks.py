@@ -39,3 +39,82 @@ def test_benchmark_smoke(script, tmp_path):
     assert data["environment"]["torch"] and data["goals"]
     for key in SCRIPTS[script]:
         assert key in data
+
+
+# -- bench_gpu_prefetch.py: its GPU numbers need a GPU; its plumbing is checked here ----------
+
+
+@pytest.fixture
+def gpu_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gpu_prefetch
+
+    return bench_gpu_prefetch
+
+
+def test_gpu_bench_without_a_gpu_says_so_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_gpu_prefetch.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout.strip().splitlines() == [
+        "bench_gpu_prefetch: no CUDA GPU here; nothing to measure"
+    ]
+
+
+def test_gpu_bench_layer_part_runs_and_counts_prefetches_on_the_cpu(
+    gpu_bench, monkeypatch, fresh_dynamo
+):
+    """The layer part with tiny shapes on the CPU (a native CPU prefetch keeps the prefetches
+    in the code): every variant compiles and runs, each prefetch variant runs 2 prefetches
+    per layer per step (qkv, gate/up), capped at the variant's cap."""
+    import torch
+
+    from fxprefetch import ops
+
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
+    shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
+    cap = 4096  # below every qkv / gate_up weight (>= 64 x 128 x 4 bytes)
+    rows = gpu_bench.layers(
+        True, device="cpu", shapes=shapes, dtype=torch.float32, mode="default", caps=[cap]
+    )
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"inductor", f"prefetch {cap / gpu_bench.MB:g} MB"}
+    ours = by_variant[f"prefetch {cap / gpu_bench.MB:g} MB"]
+    assert (
+        ours["prefetches_per_step"] == 2 * 2 and by_variant["inductor"]["prefetches_per_step"] == 0
+    )
+    assert ours["prefetch_mb_per_step"] * gpu_bench.MB == 4 * cap
+    assert all(r["median_us"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_gpu_bench_goals_read_from_rows(gpu_bench):
+    mb = gpu_bench.MB
+    row = {"window_us": 4, "prefetch_mb": 8, "none": 30.0, "side": 27.0}
+    saved, bound = gpu_bench.micro_goal(row, bytes_per_us=4 * mb)  # 8 MB / 4 MB per µs = 2 µs
+    assert (saved, bound) == (3.0, 2.0)
+    micro = [
+        {**row, "saved_us": 1.5, "bound_us": 2.0},
+        {"window_us": 1, "saved_us": 0, "bound_us": 1},
+    ]
+    layers = [
+        {"batch": 1, "variant": "inductor", "ratio": 1.0},
+        {"batch": 1, "variant": "prefetch 8 MB", "ratio": 1.05},
+        {"batch": 16, "variant": "prefetch 8 MB", "ratio": 0.9},
+    ]
+    met = gpu_bench.goals_met(micro, layers)
+    assert met == {
+        "micro_worst_saving_share": 0.75,
+        "micro": True,
+        "layer_best_speedup_batch1": 1.05,
+        "layers": True,
+    }
+    assert gpu_bench.goals_met([], [])["layers"] is None
