@@ -253,16 +253,17 @@ def layers(
     shapes: dict[str, int] = LLAMA3_8B,
     dtype: torch.dtype = torch.bfloat16,
     mode: str = "reduce-overhead",
-    caps: list[int] | None = None,
+    caps: list[int | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode steps of the prefetch backend against plain inductor, per batch and cap."""
+    """Decode steps of the prefetch backend against plain inductor, per batch and cap
+    (``None``: no ``max_prefetch_bytes`` written, the device's default cap)."""
     import fxprefetch
 
     dev = torch.device(device)
     n_layers = 2 if smoke else 4
     torch.manual_seed(0)
     model = Decoder(n_layers, shapes).to(device=dev, dtype=dtype).eval()
-    caps = caps or ([8 * MB] if smoke else [4 * MB, 8 * MB, 16 * MB, 32 * MB])
+    caps = caps or ([None] if smoke else [None, 4 * MB, 8 * MB, 16 * MB, 32 * MB])
     kv, dim = shapes["kv_heads"], shapes["hidden"] // shapes["heads"]
     rows = []
     for batch in [1] if smoke else [1, 16]:
@@ -280,11 +281,10 @@ def layers(
             options = {
                 "target": "inductor",
                 "mode": mode,  # torch.compile refuses mode= beside options=
-                "weight_prefetch_config": {"max_prefetch_bytes": cap},
+                "weight_prefetch_config": {} if cap is None else {"max_prefetch_bytes": cap},
             }
-            variants[f"prefetch {cap / MB:g} MB"] = torch.compile(
-                model, backend="npu_prefetch", options=options
-            )
+            name = "prefetch, default cap" if cap is None else f"prefetch {cap / MB:g} MB"
+            variants[name] = torch.compile(model, backend="npu_prefetch", options=options)
         steps = 20 if smoke else 100
         times: dict[str, list[float]] = {name: [] for name in variants}
         per_step: dict[str, tuple[int, int]] = {}
@@ -346,7 +346,12 @@ def main() -> None:
         return
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
-    print(f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}")
+    from fxprefetch.cuda_prefetch import default_cap
+
+    print(
+        f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}, "
+        f"default cap {default_cap() / MB:g} MB"
+    )
     micro_rows: list[dict[str, Any]] = []
     bytes_per_us = None
     if args.only != "layers":
@@ -393,6 +398,7 @@ def main() -> None:
         {
             "gpu": name,
             "l2_bytes": props.L2_cache_size,
+            "default_cap_bytes": default_cap(),
             "copy_bytes_per_us": bytes_per_us,
             "micro": micro_rows,
             "layers": layer_rows,

@@ -41,16 +41,25 @@ def _native_cuda_prefetch() -> bool:
     return register()
 
 
+def _device_caps(target: str) -> dict[str, int]:
+    """Byte caps for devices whose prefetch has its own physics (CUDA: window x bandwidth)."""
+    if target == "inductor" and torch.cuda.is_available() and _native_cuda_prefetch():
+        from fxprefetch.cuda_prefetch import default_cap
+
+        return {"cuda": default_cap()}
+    return {}
+
+
 def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) -> GraphPlanner:
     """Everything the passes read, fixed now: it also makes the compile-cache key."""
-    if target == "inductor" and torch.cuda.is_available():
-        _native_cuda_prefetch()
+    device_caps = _device_caps(target)
     return GraphPlanner(
         opts.config,
         target=target,
         rules=opts.rules if opts.rules is not None else current_rules(),
         native_devices=frozenset(native_prefetch_devices()),
         join_devices=frozenset(native_join_devices()),
+        device_caps=device_caps,
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )

@@ -7,9 +7,10 @@ The JSON shape is the one vllm-ascend users already write::
                         "moe": {"gate_up": 0.8},
                         "mlp": {"gate_up": 1.0, "down": 1.0}}}
 
-plus three fields of ours: ``max_prefetch_bytes`` (the 18 MiB L2 cap), ``sequence_parallel``
-and ``windows``. Every rule rejects bad input with a :class:`ConfigError` that names the JSON
-path; nothing is dropped silently.
+plus three fields of ours: ``max_prefetch_bytes`` (the L2 cap: left unwritten, the device's
+own, 18 MiB on Ascend as the guide says), ``sequence_parallel`` and ``windows``. Every rule
+rejects bad input with a :class:`ConfigError` that names the JSON path; nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class WeightPrefetchConfig:
 
     enabled: bool | None = None
     prefetch_ratio: PrefetchRatios = field(default_factory=PrefetchRatios)
-    max_prefetch_bytes: int = DEFAULT_MAX_PREFETCH_BYTES
+    max_prefetch_bytes: int | None = None  # None: the device's cap (see ``cap``)
     sequence_parallel: bool = False
     windows: tuple[str, ...] = DEFAULT_WINDOWS
 
@@ -241,7 +242,8 @@ class WeightPrefetchConfig:
                 f"{ROOT_KEY}.prefetch_ratio",
                 f"expected PrefetchRatios, got {type(self.prefetch_ratio).__name__}",
             )
-        _expect_positive_int(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
+        if self.max_prefetch_bytes is not None:
+            _expect_positive_int(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
         _expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
         object.__setattr__(self, "windows", _expect_windows(self.windows, f"{ROOT_KEY}.windows"))
 
@@ -305,13 +307,23 @@ class WeightPrefetchConfig:
     def ratio(self, role: str) -> float:
         return self.prefetch_ratio[role]
 
+    def cap(self, device_cap: int | None = None) -> int:
+        """The byte cap of one prefetch: the written ``max_prefetch_bytes``, else the device's
+        own (``device_cap``: the CUDA lowering derives one from its bandwidth), else the
+        guide's 18 MiB."""
+        if self.max_prefetch_bytes is not None:
+            return self.max_prefetch_bytes
+        return device_cap if device_cap is not None else DEFAULT_MAX_PREFETCH_BYTES
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object; ``enabled`` is left out when it was not written."""
-        written = {"enabled": self.enabled} if self.enabled is not None else {}
+        """The JSON object; ``enabled`` and ``max_prefetch_bytes`` are left out when they were
+        not written."""
+        written: dict[str, Any] = {"enabled": self.enabled} if self.enabled is not None else {}
+        if self.max_prefetch_bytes is not None:
+            written["max_prefetch_bytes"] = self.max_prefetch_bytes
         return {
             **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
-            "max_prefetch_bytes": self.max_prefetch_bytes,
             "sequence_parallel": self.sequence_parallel,
             "windows": list(self.windows),
         }

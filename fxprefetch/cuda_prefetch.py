@@ -35,6 +35,38 @@ BULK_CHUNK = 1 << 20  # bytes per program on sm_90+ (LANES lanes of BULK_CHUNK /
 BULK_LANES = 8  # UBLKPF takes uniform registers: lanes run one after another
 LINE_CHUNK = 1 << 16  # bytes per program on sm_80 (one lane per 128-byte line)
 
+# The default cap: a prefetch hides at most window x bandwidth bytes. A norm or activation
+# window before a decode linear lasts about 2.5 µs; at H100's 3.35 TB/s that is 8 MiB (the
+# Ascend guide's 18 MiB would run far past the window). benchmarks/bench_gpu_prefetch.py
+# sweeps the cap to check it.
+WINDOW_US = 2.5
+FALLBACK_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, where the device does not report its memory
+MiB = 1 << 20
+
+
+def peak_bandwidth(props: Any) -> float:
+    """Peak HBM bandwidth in bytes/s from the device's memory clock (kHz, double data rate)
+    and bus width (bits); the H100 figure where torch does not report them."""
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz <= 0 or bus_bits <= 0:
+        return FALLBACK_BYTES_PER_S
+    return clock_khz * 1e3 * 2 * bus_bits / 8
+
+
+def cap_for(bytes_per_s: float, l2_bytes: int) -> int:
+    """``WINDOW_US`` of bandwidth in whole MiB (at least 1), and at most a quarter of L2."""
+    window_bytes = max(1, round(WINDOW_US * 1e-6 * bytes_per_s / MiB)) * MiB
+    return min(window_bytes, max(MiB, l2_bytes // 4 // MiB * MiB))
+
+
+def default_cap(device: torch.device | int | None = None) -> int:
+    """The byte cap of a CUDA prefetch where the config writes no ``max_prefetch_bytes``."""
+    props = torch.cuda.get_device_properties(
+        device if device is not None else torch.cuda.current_device()
+    )
+    return cap_for(peak_bandwidth(props), props.L2_cache_size)
+
 
 def clamp_range(address: int, nbytes: int, max_size: int, offset: int) -> tuple[int, int]:
     """``(start, size)`` to prefetch: ``min(max_size, nbytes - offset)`` bytes from

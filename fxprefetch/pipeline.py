@@ -43,6 +43,7 @@ class PassContext:
     weight_names: Mapping[str, str] | None = None  # placeholders that are parameters/buffers
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
     join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
+    device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         weight_names=ctx.weight_names,
         rules=ctx.rules,
         graph_name=ctx.graph_name,
+        device_caps=ctx.device_caps,
         recompile=False,
     )
     return PassResult("plan_prefetches", len(plan.prefetched), plan)

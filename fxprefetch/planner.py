@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch.fx import GraphModule
 
@@ -82,6 +82,7 @@ class GraphPlanner:
         rules: PrefetchRules | None = None,
         native_devices: frozenset[str] = frozenset(),
         join_devices: frozenset[str] = frozenset(),
+        device_caps: Mapping[str, int] | None = None,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -92,6 +93,7 @@ class GraphPlanner:
         self.rules = rules if rules is not None else current_rules()
         self.native_devices = frozenset(native_devices)
         self.join_devices = frozenset(join_devices)
+        self.device_caps = dict(sorted((device_caps or {}).items()))
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -127,6 +129,7 @@ class GraphPlanner:
             weight_names=self.weight_names(gm),
             native_devices=self.native_devices,
             join_devices=self.join_devices,
+            device_caps=self.device_caps,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

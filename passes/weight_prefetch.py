@@ -24,7 +24,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from passes.collectives import has_sequence_parallel_collectives
-from passes.graph_utils import finalize, op_name
+from passes.graph_utils import finalize, op_name, tensor_value
 from passes.linears import LinearUse, find_linears
 from passes.roles import assign_roles, layer_index
 from passes.rules import PrefetchRules, current_rules
@@ -52,6 +52,7 @@ def run_weight_prefetch(
     weight_names: Mapping[str, str] | None = None,
     rules: PrefetchRules | None = None,
     graph_name: str = "graph",
+    device_caps: Mapping[str, int] | None = None,
     recompile: bool = True,
 ) -> PrefetchPlan:
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
@@ -60,6 +61,8 @@ def run_weight_prefetch(
     backend fills it from dynamo's sources); None means unknown, and every placeholder may be
     a weight. ``rules`` defaults to :func:`passes.rules.current_rules`. ``recompile=False``
     leaves regenerating ``gm.code`` to the caller (inductor does it after its passes).
+    ``device_caps``: device type -> byte cap, for weights on that device when the config
+    writes no ``max_prefetch_bytes``.
     """
     rules = rules if rules is not None else current_rules()
     graph = gm.graph
@@ -118,7 +121,8 @@ def run_weight_prefetch(
             records.append(LinearRecord(**base, ratio=_ratio(use, config), skip_reason=skip))
             continue
         ratio = config.ratio(use.role)
-        size, capped = prefetch_bytes(ratio, use.nbytes, config.max_prefetch_bytes)
+        cap = config.cap((device_caps or {}).get(_device_type(use.root)))
+        size, capped = prefetch_bytes(ratio, use.nbytes, cap)
         if size <= 0:
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=SkipReason.ZERO_BYTES))
             continue
@@ -197,3 +201,8 @@ def _insert_prefetch(
             node.meta[key] = use.node.meta[key]
     last_at_anchor[base] = node
     return node
+
+
+def _device_type(root: Node | None) -> str | None:
+    value = tensor_value(root) if root is not None else None
+    return value.device.type if value is not None else None

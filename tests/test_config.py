@@ -24,7 +24,12 @@ def test_defaults_are_the_guides():
         "moe": {"gate_up": 0.8},
         "mlp": {"gate_up": 1.0, "down": 1.0},
     }
-    assert cfg.max_prefetch_bytes == DEFAULT_MAX_PREFETCH_BYTES == 18 * 1024 * 1024
+    # the cap, not written: the device's own where it has one, else the guide's 18 MiB
+    assert cfg.max_prefetch_bytes is None and "max_prefetch_bytes" not in cfg.to_dict()
+    assert cfg.cap() == DEFAULT_MAX_PREFETCH_BYTES == 18 * 1024 * 1024
+    assert cfg.cap(device_cap=8 << 20) == 8 << 20
+    written = WeightPrefetchConfig.from_dict({"max_prefetch_bytes": 4096})
+    assert written.cap(device_cap=8 << 20) == 4096  # a written cap always wins
     assert cfg.sequence_parallel is False
     assert cfg.windows == ("vector",)
 

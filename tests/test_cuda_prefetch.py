@@ -282,3 +282,38 @@ def _tiny(name: str) -> torch.nn.Module:
     from fxprefetch.models import build_model
 
     return build_model(name, layers=2)
+
+
+# -- the default cap: window x bandwidth, not the Ascend 18 MiB ---------------------------------
+
+
+def _props(clock_khz, bus_bits, l2_mb):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        memory_clock_rate=clock_khz, memory_bus_width=bus_bits, L2_cache_size=l2_mb * 10**6
+    )
+
+
+@pytest.mark.parametrize(
+    ("gpu", "props", "tb_per_s", "cap_mib"),
+    [
+        ("H100 SXM", _props(2_619_000, 5120, 50), 3.35, 8),
+        ("H200", _props(3_125_000, 6144, 60), 4.8, 11),
+        ("A100 40GB", _props(1_215_000, 5120, 40), 1.56, 4),
+        ("unreported", _props(0, 0, 50), 3.35, 8),  # torch without the fields: H100's figure
+    ],
+)
+def test_default_cap_is_window_times_bandwidth(gpu, props, tb_per_s, cap_mib):
+    from fxprefetch.cuda_prefetch import cap_for, peak_bandwidth
+
+    bandwidth = peak_bandwidth(props)
+    assert bandwidth / 1e12 == pytest.approx(tb_per_s, rel=0.01), gpu
+    assert cap_for(bandwidth, props.L2_cache_size) == cap_mib << 20, gpu
+
+
+def test_default_cap_stays_within_a_quarter_of_l2():
+    from fxprefetch.cuda_prefetch import cap_for
+
+    assert cap_for(20e12, 40 * 10**6) == 9 << 20  # 40 MB / 4 in whole MiB
+    assert cap_for(1e9, 50 * 10**6) == 1 << 20  # at least 1 MiB

@@ -78,7 +78,11 @@ def test_the_cache_key_covers_the_rules():
     native = GraphPlanner(
         config, target="inductor", rules=DEFAULT_RULES, native_devices=frozenset({"cpu"})
     )
-    assert len({a.uuid(), b.uuid(), PrefetchGraphPass(native).uuid()}) == 3
+    capped = GraphPlanner(
+        config, target="inductor", rules=DEFAULT_RULES, device_caps={"cuda": 8 << 20}
+    )
+    uuids = {a.uuid(), b.uuid(), PrefetchGraphPass(native).uuid(), PrefetchGraphPass(capped).uuid()}
+    assert len(uuids) == 4
 
 
 @pytest.mark.compile
@@ -193,3 +197,25 @@ def test_no_back_channels_between_compile_and_runtime():
     planner = GraphPlanner(WeightPrefetchConfig(enabled=True), target="inductor")
     graph_pass = PrefetchGraphPass(planner)
     assert not hasattr(graph_pass, "elided") and not hasattr(planner, "recompile")
+
+
+@pytest.mark.parametrize(
+    ("written", "device_cap", "cap"),
+    [(None, None, 18 << 20), (None, 1000, 1000), (500, 1000, 500)],
+    ids=["guide", "device", "written-wins"],
+)
+def test_the_device_cap_applies_where_the_config_writes_none(written, device_cap, cap):
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    config = WeightPrefetchConfig(enabled=True, max_prefetch_bytes=written)
+    ctx = PassContext(
+        config=config,
+        rules=DEFAULT_RULES,
+        graph_name="g",
+        weight_names=names,
+        device_caps={"cpu": device_cap} if device_cap is not None else None,
+    )
+    plan = run_pipeline(gm, "eager", ctx).plan
+    assert len(plan.prefetched) == 4
+    for r in plan.prefetched:  # weights of 12 KiB and 16 KiB: only the small caps bite
+        assert r.prefetch_bytes == min(r.weight_bytes, cap)
+        assert r.capped is (r.weight_bytes > cap)

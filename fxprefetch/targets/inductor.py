@@ -77,6 +77,7 @@ class PrefetchGraphPass(CustomGraphPass):
             str(self.planner.strict),
             ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
             ",".join(sorted(self.planner.join_devices)),  # decides where joins go
+            json.dumps(self.planner.device_caps),  # decides sizes the config leaves open
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
