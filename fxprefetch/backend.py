@@ -6,7 +6,6 @@ Registered through the ``torch_dynamo_backends`` entry point (see pyproject), so
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
-from fxprefetch.ops import native_join_devices, native_prefetch_devices
+from fxprefetch.devices import device_setup
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.planner import GraphPlanner
 from passes.graph_utils import placeholder_source_names
@@ -33,33 +32,16 @@ def resolve_target(target: str) -> str:
     return "npu" if npu_available() else "inductor"
 
 
-@functools.cache
-def _native_cuda_prefetch() -> bool:
-    """Register the CUDA L2 prefetch once, where CUDA, Triton and sm_80+ are present."""
-    from fxprefetch.cuda_prefetch import register
-
-    return register()
-
-
-def _device_caps(target: str) -> dict[str, int]:
-    """Byte caps for devices whose prefetch has its own physics (CUDA: window x bandwidth)."""
-    if target == "inductor" and torch.cuda.is_available() and _native_cuda_prefetch():
-        from fxprefetch.cuda_prefetch import default_cap
-
-        return {"cuda": default_cap()}
-    return {}
-
-
 def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) -> GraphPlanner:
     """Everything the passes read, fixed now: it also makes the compile-cache key."""
-    device_caps = _device_caps(target)
+    devices = device_setup(target)
     return GraphPlanner(
         opts.config,
         target=target,
         rules=opts.rules if opts.rules is not None else current_rules(),
-        native_devices=frozenset(native_prefetch_devices()),
-        join_devices=frozenset(native_join_devices()),
-        device_caps=device_caps,
+        native_devices=devices.native,
+        join_devices=devices.joins,
+        device_caps=devices.caps,
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )

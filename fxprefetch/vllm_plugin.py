@@ -24,6 +24,7 @@ ships it to workers), and its ``uuid()`` covers the config, the rules and our so
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any
 from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
+from fxprefetch.devices import device_setup
 from fxprefetch.planner import GraphPlanner
 from passes.rules import PrefetchRules, current_rules
 
@@ -62,7 +64,7 @@ def _current_vllm_config() -> Any:
     return get_current_vllm_config_or_none()
 
 
-def _device_target() -> tuple[str, frozenset[str]]:
+def _device_target() -> str:
     """The pipeline for vLLM's device: ``npu`` lowers to npu_prefetch; else inductor's."""
     try:
         from vllm.platforms import current_platform
@@ -70,9 +72,7 @@ def _device_target() -> tuple[str, frozenset[str]]:
         device = str(current_platform.device_type)
     except ImportError:
         device = "cpu"
-    from fxprefetch.ops import native_prefetch_devices
-
-    return ("npu" if device == "npu" else "inductor"), frozenset(native_prefetch_devices())
+    return "npu" if device == "npu" else "inductor"
 
 
 def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
@@ -111,12 +111,15 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         gm = graph if isinstance(graph, GraphModule) else graph.owning_module
         if gm is None:
             raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
-        target, native = _device_target()
+        target = _device_target()
+        devices = device_setup(target)  # CUDA: the native prefetch, joined, with its cap
         planner = _VllmGraphPlanner(
             self.config(),
             target=target,
             rules=self.rules if self.rules is not None else current_rules(),
-            native_devices=native,
+            native_devices=devices.native,
+            join_devices=devices.joins,
+            device_caps=devices.caps,
         )
         planner(gm)
 
@@ -124,7 +127,17 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         from fxprefetch.targets.inductor import source_digest
 
         rules = self.rules if self.rules is not None else current_rules()
-        parts = [self.config().digest, rules.digest, source_digest(), _device_target()[0]]
+        target = _device_target()
+        devices = device_setup(target)
+        parts = [
+            self.config().digest,
+            rules.digest,
+            source_digest(),
+            target,
+            ",".join(sorted(devices.native)),
+            ",".join(sorted(devices.joins)),
+            json.dumps(dict(devices.caps), sort_keys=True),
+        ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -73,3 +73,29 @@ def test_a_functionalized_vllm_norm_is_vector_work_and_fused_moe_is_reported(
     assert len(hidden) == 1
     assert hidden[0].skip_reason == SkipReason.HIDDEN_WEIGHTS and hidden[0].role == "moe.gate_up"
     assert "by layer name" in hidden[0].note
+
+
+def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch):
+    """Where a device's prefetch runs on a side stream (CUDA; the CPU stands in here), vLLM's
+    pass closes every fork before its linear, as the backend does: vLLM captures CUDA graphs,
+    and an unjoined fork would break the capture. The pass's uuid covers that setup."""
+    from fxprefetch import ops, vllm_plugin
+    from fxprefetch.ops import JOIN_OP, PREFETCH_OP
+    from fxprefetch.vllm_plugin import WeightPrefetchPass
+
+    from synthetic import SynthModel, SynthSpec
+    from tracing import fake_trace
+
+    vllm_pass = WeightPrefetchPass()
+    plain_uuid = vllm_pass.uuid()
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
+    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda weight: None)
+    assert vllm_pass.uuid() != plain_uuid
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    # what AOT's static inputs tell the pass inside vLLM's compile: these are the weights
+    monkeypatch.setattr(vllm_plugin, "_static_input_names", lambda gm: names)
+    vllm_pass(gm.graph)
+    forks = gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)
+    joins = gm.graph.find_nodes(op="call_function", target=JOIN_OP)
+    assert len(forks) == len(joins) == 4
+    assert {j.args[0] for j in joins} == {f.args[0] for f in forks}
