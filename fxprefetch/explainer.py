@@ -16,7 +16,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
+from fxprefetch.backend import resolve_target
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices import device_setup
 from fxprefetch.options import parse_options
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
@@ -42,6 +44,8 @@ def explain(
     graph_inputs: set[int] = set()  # ids of every tensor some graph took as an input
 
     rules = opts.rules if opts.rules is not None else current_rules()
+    # the byte caps a compile for this target would use (CUDA: window x bandwidth)
+    device_caps = device_setup(resolve_target(opts.target)).caps
 
     def backend(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         graph_inputs.update(id(t) for t in inputs if isinstance(t, torch.Tensor))
@@ -49,6 +53,7 @@ def explain(
             opts.config,
             target="eager",
             rules=rules,
+            device_caps=device_caps,
             strict=True,
             record=False,
             source_names=placeholder_source_names(gm),

@@ -46,3 +46,18 @@ def test_explain_takes_a_config_and_sees_graph_breaks():
     for plan in plans:
         (qkv,) = plan.by_role("attn.qkv")
         assert qkv.prefetch_bytes == 96 * 32 * 4 // 2
+
+
+def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
+    """On a GPU a compile caps at window x bandwidth; explain must show the same bytes.
+    (The CPU stands in for the device here, with a 1000-byte cap.)"""
+    from fxprefetch import explainer
+    from fxprefetch.devices import DeviceSetup
+
+    monkeypatch.setattr(explainer, "device_setup", lambda target: DeviceSetup(caps={"cpu": 1000}))
+    (plan, *_) = fxprefetch.explain(TwoGraphs(), torch.randint(0, 64, (1, 4)))
+    assert plan.prefetched and all(r.prefetch_bytes == 1000 and r.capped for r in plan.prefetched)
+    (plan, *_) = fxprefetch.explain(
+        TwoGraphs(), torch.randint(0, 64, (1, 4)), config={"max_prefetch_bytes": 512}
+    )
+    assert all(r.prefetch_bytes == 512 for r in plan.prefetched)  # a written cap wins
