@@ -13,16 +13,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxprefetch import WeightPrefetchConfig
 from fxprefetch.cuda_prefetch import ALIGN, clamp_range, compile_for, register
 from fxprefetch.ops import JOIN_OP, PREFETCH_OP
-from fxprefetch.pipeline import PassContext, run_pipeline
 from passes import DEFAULT_RULES
 from passes.vector_ops import NodeKind, classify
 
 from emitted_order import check_fork_window_join_gemm, emitted_events
 from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from tracing import run_synth_pipeline
 
 triton = pytest.importorskip("triton")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,16 +87,9 @@ def test_without_cuda_nothing_is_registered():
 
 
 def _pipeline(join_devices):
-    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
-    ctx = PassContext(
-        config=WeightPrefetchConfig(enabled=True),
-        rules=DEFAULT_RULES,
-        graph_name="g",
-        weight_names=names,
-        native_devices=frozenset(join_devices),  # a native prefetch: kept in the code
-        join_devices=frozenset(join_devices),
-    )
-    return gm, run_pipeline(gm, "inductor", ctx)
+    # a native prefetch (kept in the code) that runs on a side stream
+    devices = frozenset(join_devices)
+    return run_synth_pipeline("inductor", native_devices=devices, join_devices=devices)
 
 
 def test_joins_close_every_fork_after_the_window_and_before_the_linear():

@@ -12,13 +12,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.pipeline import PIPELINES, PassContext, run_pipeline
+from fxprefetch.pipeline import PIPELINES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import PrefetchGraphPass
 from passes import DEFAULT_RULES, add_role_rule
 
 from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from tracing import run_synth_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,15 +139,7 @@ def test_each_target_lists_its_passes_in_order():
     ("native", "kept"), [(frozenset(), 0), (frozenset({"cpu"}), 4)], ids=["hints", "native"]
 )
 def test_the_report_says_what_each_pass_changed(native, kept):
-    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
-    ctx = PassContext(
-        config=WeightPrefetchConfig(enabled=True),
-        rules=DEFAULT_RULES,
-        graph_name="g",
-        weight_names=names,
-        native_devices=native,
-    )
-    report = run_pipeline(gm, "inductor", ctx)
+    gm, report = run_synth_pipeline("inductor", native_devices=native)
     changes = {r.name: r.changed for r in report.results}
     assert changes == {
         "plan_prefetches": 4,
@@ -205,16 +197,10 @@ def test_no_back_channels_between_compile_and_runtime():
     ids=["guide", "device", "written-wins"],
 )
 def test_the_device_cap_applies_where_the_config_writes_none(written, device_cap, cap):
-    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
     config = WeightPrefetchConfig(enabled=True, max_prefetch_bytes=written)
-    ctx = PassContext(
-        config=config,
-        rules=DEFAULT_RULES,
-        graph_name="g",
-        weight_names=names,
-        device_caps={"cpu": device_cap} if device_cap is not None else None,
-    )
-    plan = run_pipeline(gm, "eager", ctx).plan
+    caps = {"cpu": device_cap} if device_cap is not None else None
+    _, report = run_synth_pipeline("eager", config, device_caps=caps)
+    plan = report.plan
     assert len(plan.prefetched) == 4
     for r in plan.prefetched:  # weights of 12 KiB and 16 KiB: only the small caps bite
         assert r.prefetch_bytes == min(r.weight_bytes, cap)

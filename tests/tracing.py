@@ -74,3 +74,26 @@ def fake_trace(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule
     )(state, *args)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     return gm, {p.name: path for p, path in zip(placeholders, state, strict=False)}
+
+
+def run_synth_pipeline(target: str, config: object = None, **context: object) -> tuple:
+    """Fake-trace a 2-layer ``SynthModel`` and run ``target``'s pipeline on it.
+
+    ``context`` sets :class:`PassContext` fields (``native_devices``, ``device_caps``...);
+    returns the graph and the :class:`CompileReport`.
+    """
+    from fxprefetch import WeightPrefetchConfig
+    from fxprefetch.pipeline import PassContext, run_pipeline
+    from passes import DEFAULT_RULES
+
+    from synthetic import SynthModel, SynthSpec
+
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    ctx = PassContext(
+        config=config if config is not None else WeightPrefetchConfig(enabled=True),
+        rules=DEFAULT_RULES,
+        graph_name="g",
+        weight_names=names,
+        **context,
+    )
+    return gm, run_pipeline(gm, target, ctx)
