@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2  # 2: span_bytes
 
 
 class SkipReason(str, enum.Enum):
@@ -31,7 +31,7 @@ class SkipReason(str, enum.Enum):
     INDEXED_WEIGHT = "expert picked by a tensor index at run time"
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
-    HIDDEN_WEIGHTS = "weights hidden inside an opaque op (vLLM fused MoE)"
+    HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
 
     def __str__(self) -> str:
         return self.value
@@ -53,6 +53,9 @@ class LinearRecord:
     ratio: float | None = None
     prefetch_bytes: int = 0
     offset: int = 0
+    # bytes from offset to the last byte the matmul reads: what the prefetch's contiguous
+    # range covers, more than weight_bytes for a strided part (a column slice); None: equal
+    span_bytes: int | None = None
     capped: bool = False
     window: tuple[str, ...] = ()
     window_kind: str | None = None
@@ -68,6 +71,10 @@ class LinearRecord:
     position: int = -1
     dependency_position: int | None = None
     window_start: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.span_bytes is None:
+            object.__setattr__(self, "span_bytes", self.weight_bytes)
 
     @property
     def prefetched(self) -> bool:
@@ -215,12 +222,20 @@ def _row(r: LinearRecord) -> tuple[str, ...]:
         _display_path(r),
         r.role or "-",
         "x".join(map(str, r.weight_shape)) + f" {r.dtype.replace('torch.', '')}",
-        _fmt_bytes(r.weight_bytes),
+        _fmt_weight_bytes(r),
         _fmt_bytes(r.prefetch_bytes) if r.prefetched else "-",
         "yes" if r.capped else "",
         f"{r.window_kind}: {window}" if r.prefetched else _reason(r),
         r.dependency or "",
     )
+
+
+def _fmt_weight_bytes(r: LinearRecord) -> str:
+    """The bytes read, and the span a contiguous prefetch covers where it is larger."""
+    read = _fmt_bytes(r.weight_bytes)
+    if r.span_bytes is not None and r.span_bytes != r.weight_bytes:
+        return f"{read} (span {_fmt_bytes(r.span_bytes)})"
+    return read
 
 
 def _reason(r: LinearRecord) -> str:

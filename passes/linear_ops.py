@@ -2,14 +2,19 @@
 
 The default table; users extend it through :mod:`passes.rules`. Ops are keyed by their
 qualified name (``namespace::op``) so torch_npu's ops are recognized whether or not torch_npu
-is installed.
+is installed. A spec may hold only under a condition (``only_if``): a convolution is a linear
+when it is one matmul over the channels (a pointwise kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+
+from torch.fx import Node
+
+from passes.graph_utils import get_arg, op_name, tensor_value
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,10 @@ class LinearOpSpec:
     activation argument instead (``W @ x.T``); the pass checks which operand is a weight.
     ``prepacked``: the weight is in an opaque packed layout; the linear is recorded, not
     prefetched. ``hidden``: an op that runs matmuls on weights it looks up itself (vLLM's
-    fused MoE): recorded as such, with ``weight`` naming the role it would play.
+    fused MoE, PyTorch's fused transformer layers): recorded as such, with ``weight`` naming
+    the role it would play ("" for none) and ``note`` saying what the op hides.
+    ``only_if``: the name of a condition in :data:`LINEAR_CONDITIONS` a node of the op must
+    meet to be a linear (other nodes of the op are not linears).
     """
 
     weight: str
@@ -28,7 +36,45 @@ class LinearOpSpec:
     swappable: bool = False
     prepacked: bool = False
     hidden: bool = False
+    note: str = ""
+    only_if: str | None = None
 
+
+def _ints(value: object) -> list[int] | None:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return None  # symbolic or missing
+
+
+def is_pointwise_conv(node: Node) -> bool:
+    """A convolution that is a linear over the channels: a kernel 1 wide in every spatial
+    dimension, stride 1, no padding, one group, not transposed (``Conv1d(k=1)``)."""
+    weight = get_arg(node, "weight")
+    value = tensor_value(weight) if isinstance(weight, Node) else None
+    if value is None or value.dim() < 3:
+        return False
+    kernel = _ints(list(value.shape[2:]))
+    stride, padding = _ints(get_arg(node, "stride")), _ints(get_arg(node, "padding"))
+    return (
+        kernel is not None
+        and all(k == 1 for k in kernel)
+        and stride is not None
+        and all(s == 1 for s in stride)
+        and padding is not None
+        and all(p == 0 for p in padding)
+        and get_arg(node, "groups") == 1
+        and get_arg(node, "transposed") is False
+    )
+
+
+LINEAR_CONDITIONS: Mapping[str, Callable[[Node], bool]] = MappingProxyType(
+    {"pointwise_conv": is_pointwise_conv}
+)
+
+
+_MOE = "looks its expert weights up by layer name"
 
 DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
     {
@@ -39,6 +85,14 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         "aten::linear": LinearOpSpec("weight", ("input",)),
         "aten::matmul": LinearOpSpec("other", ("self",), swappable=True),
         "aten::_scaled_mm": LinearOpSpec("mat2", ("self", "scale_a"), swappable=True),
+        "aten::_int_mm": LinearOpSpec("mat2", ("self",), swappable=True),
+        # CPU int8 weight-only (torchao, gpt-fast): mat2 is the int8 weight, scales per row
+        "aten::_weight_int8pack_mm": LinearOpSpec("mat2", ("self",)),
+        # int4 weight-only (torchao, gpt-fast): mat2 is packed, and all of it is read
+        "aten::_weight_int4pack_mm": LinearOpSpec("mat2", ("self",)),
+        "aten::_weight_int4pack_mm_for_cpu": LinearOpSpec("mat2", ("self",)),
+        "aten::_weight_int4pack_mm_with_scales_and_zeros": LinearOpSpec("mat2", ("self",)),
+        "aten::convolution": LinearOpSpec("weight", ("input",), only_if="pointwise_conv"),
         # inductor's CPU freezing prepacks weights (opaque layouts): recorded, never prefetched
         "mkl::_mkl_linear": LinearOpSpec("MKL_W", ("X",), prepacked=True),
         "mkldnn::_linear_pointwise": LinearOpSpec("W", ("X",), prepacked=True),
@@ -55,8 +109,33 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         "vllm::rocm_unquantized_gemm": LinearOpSpec("weight", ("x",)),
         "vllm::unquantized_gemm": LinearOpSpec("weight", ("x",)),  # vllm-ascend
         # vLLM's fused MoE looks its expert weights up by layer name: no FX pass sees them
-        "vllm::moe_forward": LinearOpSpec("moe.gate_up", ("hidden_states",), hidden=True),
-        "vllm::moe_forward_shared": LinearOpSpec("moe.gate_up", ("hidden_states",), hidden=True),
+        "vllm::moe_forward": LinearOpSpec(
+            "moe.gate_up", ("hidden_states",), hidden=True, note=_MOE
+        ),
+        "vllm::moe_forward_shared": LinearOpSpec(
+            "moe.gate_up", ("hidden_states",), hidden=True, note=_MOE
+        ),
+        # nn.TransformerEncoderLayer / MultiheadAttention fast paths (eval, no grad): every
+        # matmul of the layer runs inside one op, with no vector work between for a prefetch
+        "aten::_transformer_encoder_layer_fwd": LinearOpSpec(
+            "", ("src",), hidden=True, note="runs the encoder layer's matmuls inside one op"
+        ),
+        "aten::_native_multi_head_attention": LinearOpSpec(
+            "",
+            ("query", "key", "value"),
+            hidden=True,
+            note="runs the attention's matmuls inside one op",
+        ),
     }
 )
 LINEAR_OPS = DEFAULT_LINEAR_OPS  # the defaults; the pass reads PrefetchRules.linear_table
+
+
+def linear_spec(node: Node, table: Mapping[str, LinearOpSpec]) -> LinearOpSpec | None:
+    """The spec of ``node`` when it is a linear under ``table``, else None."""
+    if node.op != "call_function":
+        return None
+    spec = table.get(op_name(node))
+    if spec is None or (spec.only_if is not None and not LINEAR_CONDITIONS[spec.only_if](node)):
+        return None
+    return spec

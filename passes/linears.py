@@ -16,7 +16,7 @@ from torch.fx import Graph, Node
 
 from fxprefetch.plan import SkipReason
 from passes.graph_utils import flatten_nodes, get_arg, module_path, op_name, tensor_value
-from passes.linear_ops import LinearOpSpec
+from passes.linear_ops import LinearOpSpec, linear_spec
 from passes.rules import PrefetchRules
 from passes.weight_trace import WeightTrace, stored_bytes, trace_operand
 
@@ -30,8 +30,8 @@ class LinearUse:
     starts: tuple[Node, ...]  # activation operands: where the window walk starts
     root: Node | None  # placeholder or get_attr holding the weight
     offset: int  # bytes into root where the used part starts
-    nbytes: int | torch.SymInt  # stored bytes of the used part
-    shape: tuple[int, ...]
+    nbytes: int | torch.SymInt  # stored bytes of the used part (what the matmul reads)
+    shape: tuple[int, ...]  # of the used part, in the stored tensor's orientation
     dtype: torch.dtype | None  # the stored dtype
     weight_name: str
     module: str | None
@@ -40,6 +40,12 @@ class LinearUse:
     role_reason: str = ""
     skip: SkipReason | None = None  # the operand cannot be prefetched (see ``note``)
     note: str | None = None
+    span: int | torch.SymInt | None = None  # bytes from offset to the last read (None: nbytes)
+
+    @property
+    def span_bytes(self) -> int | torch.SymInt:
+        """What a contiguous prefetch of the whole part covers (see ``StoredPart.span``)."""
+        return self.nbytes if self.span is None else self.span
 
 
 def _is_weight(root: Node, weight_names: Mapping[str, str] | None) -> bool:
@@ -92,9 +98,9 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
         return LinearUse(
             **empty,
             weight_name="-",
-            role=spec.weight,
+            role=spec.weight or None,
             skip=SkipReason.HIDDEN_WEIGHTS,
-            note=f"{op_name(node)} looks its expert weights up by layer name",
+            note=_hidden_note(node, spec, weight_names),
         )
     weight_arg = get_arg(node, spec.weight)
     if isinstance(weight_arg, (list, tuple)) and len(weight_arg) != 1:
@@ -120,6 +126,22 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
         skip=SkipReason.NOT_A_WEIGHT,
         note=_describe(operand, trace),
     )
+
+
+def _hidden_note(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] | None) -> str:
+    """``<op> <what it hides>``, and the weight matrices it takes as arguments, if any."""
+    names = []
+    activations = {n for a in spec.activations for n in flatten_nodes(get_arg(node, a))}
+    for operand in flatten_nodes(list(node.args) + list(node.kwargs.values())):
+        if operand in activations:
+            continue
+        root = trace_operand(operand).root
+        value = tensor_value(root) if root is not None else None
+        if value is not None and value.dim() >= 2 and _is_weight(root, weight_names):
+            default = str(root.target) if root.op == "get_attr" else root.name
+            names.append((weight_names or {}).get(root.name, default))
+    note = f"{op_name(node)} {spec.note}"
+    return f"{note}: {', '.join(dict.fromkeys(names))}" if names else note
 
 
 def _linear_module(node: Node, operand: Node) -> str | None:
@@ -148,7 +170,7 @@ def _weight_use(
     assert root is not None
     names = weight_names or {}
     name = names.get(root.name, str(root.target) if root.op == "get_attr" else root.name)
-    offset, nbytes, shape = stored_bytes(trace)
+    part = stored_bytes(trace)
     dtype = tensor_value(root).dtype
     notes = []
     skip = None
@@ -166,15 +188,16 @@ def _weight_use(
         spec=spec,
         starts=starts,
         root=root,
-        offset=offset,
-        nbytes=nbytes,
-        shape=shape,
+        offset=part.offset,
+        nbytes=part.nbytes,
+        shape=part.shape,
         dtype=dtype,
         weight_name=name,
         module=module,
         named=root.name in names or root.op == "get_attr",
         skip=skip,
         note="; ".join(notes) or None,
+        span=part.span,
     )
 
 
@@ -186,5 +209,5 @@ def find_linears(
     return [
         _linear_use(node, spec, weight_names)
         for node in graph.nodes
-        if node.op == "call_function" and (spec := table.get(op_name(node))) is not None
+        if (spec := linear_spec(node, table)) is not None
     ]

@@ -34,7 +34,7 @@ class RoleRule:
         return re.search(self.pattern, path) is not None
 
 
-_ATTN = r"\w*(?i:attn|attention)\w*"  # self_attn, attention, self_attention, SelfAttention
+_ATTN = r"\w*(?i:attn|attention|mha)\w*"  # self_attn, attention, SelfAttention, multihead_attn
 _MLP = r"\w*(?i:mlp|ffn|feed_forward|DenseReluDense)\w*"  # mlp, feed_forward, shared_mlp
 
 # The naming schemes of the main model families (see the README's role table). Paths are
@@ -58,6 +58,12 @@ DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
         "attn.qkv",
         "attention input projection",
     ),
+    # nn.MultiheadAttention holds its input projection itself (its out_proj is a child)
+    RoleRule(
+        r"(?:^|\.)(?:in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight)$",
+        "attn.qkv",
+        "MultiheadAttention input projection",
+    ),
     RoleRule(r"(?:^|\.)o_proj$", "attn.o", "attention output projection"),
     # out_proj / dense / c_proj / wo mean "output of the block": the parent decides which
     RoleRule(
@@ -72,12 +78,14 @@ DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
     ),
     RoleRule(
         r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|fc_in|c_fc|dense_h_to_4h"
-        r"|wi|wi_0|wi_1)$",
+        r"|wi|wi_0|wi_1|linear1)$",
         "mlp.gate_up",
         "dense MLP gate/up projection",
     ),
     RoleRule(
-        r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h)$", "mlp.down", "dense MLP down projection"
+        r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h|linear2)$",
+        "mlp.down",
+        "dense MLP down projection",
     ),
     RoleRule(r"(?:^|\.)(?:gate|router)$", None, "MoE router"),
     RoleRule(r"(?:^|\.)(?:lm_head|embed_tokens|wte|output)$", None, "head or embedding"),

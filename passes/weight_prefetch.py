@@ -93,6 +93,7 @@ def run_weight_prefetch(
             "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
             "dtype": str(use.dtype) if use.dtype is not None else "-",
             "weight_bytes": use.nbytes if isinstance(use.nbytes, int) else -1,
+            "span_bytes": use.span_bytes if isinstance(use.span_bytes, int) else -1,
             "offset": use.offset,
             "position": index[use.node],
             "note": use.note,
@@ -122,7 +123,7 @@ def run_weight_prefetch(
             continue
         ratio = config.ratio(use.role)
         cap = config.cap((device_caps or {}).get(_device_type(use.root)))
-        size, capped = prefetch_bytes(ratio, use.nbytes, cap)
+        size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
         if size <= 0:
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=SkipReason.ZERO_BYTES))
             continue

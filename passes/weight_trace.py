@@ -13,6 +13,7 @@ is decided by the caller, which knows dynamo's sources.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -146,11 +147,30 @@ def known_int(value: int | torch.SymInt) -> int | None:
     return None
 
 
-def byte_range(root: torch.Tensor, used: torch.Tensor) -> tuple[int, int] | None:
-    """``(offset, nbytes)`` of the bytes of ``root`` that its view ``used`` spans.
+@dataclass(frozen=True)
+class StoredPart:
+    """The bytes of a stored tensor a matmul reads.
+
+    ``offset``: bytes into the stored tensor where the part starts. ``nbytes``: the bytes the
+    matmul reads. ``span``: the bytes from ``offset`` to the last one read, which a contiguous
+    prefetch of the part covers (more than ``nbytes`` for a strided part, a column slice).
+    ``shape``: the part in the stored tensor's own orientation (a row slice ``W[8:]`` of a
+    64x16 weight is 56x16, however the matmul transposes it).
+    """
+
+    offset: int
+    nbytes: int | torch.SymInt
+    span: int | torch.SymInt
+    shape: tuple[int, ...]
+
+
+def byte_range(root: torch.Tensor, used: torch.Tensor) -> StoredPart | None:
+    """The part of ``root`` that its view ``used`` reads.
 
     Each storage offset counts in its own tensor's element size (a ``view(dtype)`` changes
-    it). None when a size, stride or offset is symbolic: reading it would add a guard.
+    it). The part's shape lists the view's dimensions in storage order (largest stride
+    first), without broadcast (stride 0) and size-1 dimensions. None when a size, stride or
+    offset is symbolic: reading it would add a guard.
     """
     values = [used.storage_offset(), root.storage_offset(), used.numel()]
     values += list(used.shape) + list(used.stride())
@@ -161,13 +181,23 @@ def byte_range(root: torch.Tensor, used: torch.Tensor) -> tuple[int, int] | None
     sizes, strides = rest[: used.dim()], rest[used.dim() :]
     offset = used_offset * used.element_size() - root_offset * root.element_size()
     if numel == 0:
-        return offset, 0
+        return StoredPart(offset, 0, 0, tuple(sizes))
+    dims = sorted(
+        (
+            (stride, size)
+            for size, stride in zip(sizes, strides, strict=True)
+            if size != 1 and stride
+        ),
+        key=lambda d: -d[0],
+    )
+    shape = tuple(size for _, size in dims) or (1,)
     span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
-    return offset, span * used.element_size()
+    read = min(math.prod(shape), span)  # overlapping strides (as_strided) read each byte once
+    return StoredPart(offset, read * used.element_size(), span * used.element_size(), shape)
 
 
-def stored_bytes(trace: WeightTrace) -> tuple[int, int | torch.SymInt, tuple[int, ...]]:
-    """``(offset, nbytes, shape)`` of the stored bytes a traced operand reads.
+def stored_bytes(trace: WeightTrace) -> StoredPart:
+    """The part of the stored tensor a traced operand reads.
 
     The whole stored tensor when the part is symbolic, picked at run time, or all of it.
     """
@@ -182,7 +212,7 @@ def stored_bytes(trace: WeightTrace) -> tuple[int, int | torch.SymInt, tuple[int
             part = byte_range(root, used)
         except (RuntimeError, NotImplementedError):  # opaque layouts (prepacked weights)
             part = None
-    if part is None or part == (0, known_int(whole)):
-        return 0, whole, tuple(root.shape)
-    (offset, nbytes), shape = part, tuple(used.shape)
-    return offset, nbytes, shape
+    size = known_int(whole)
+    if part is None or (part.offset, part.nbytes, part.span) == (0, size, size):
+        return StoredPart(0, whole, whole, tuple(root.shape))
+    return part

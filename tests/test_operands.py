@@ -294,3 +294,177 @@ def test_hf_moe_eager_experts_are_listed_outside_compiled_graphs():
     assert record.role == "moe.gate_up" and record.skip_reason == SkipReason.OUTSIDE_GRAPHS
     # everything the graphs did read has a record of its own
     assert sum(len(p.records) for p in plans[:-1]) >= 5  # q, k, v, o, router, lm_head
+
+
+# -- issue 19: every matmul in the plan ---------------------------------------------------------
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class Int8WeightOnly(nn.Module):
+    """CPU int8 weight-only linears, as torchao and gpt-fast produce: an int8 weight (N, K)
+    and per-row scales (``_weight_int8pack_mm``), or int8 x int8 (``_int_mm``)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.register_buffer("weight", torch.randint(-128, 128, (32, 16), dtype=torch.int8))
+        self.register_buffer("scales", torch.rand(32) / 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "int8pack":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        q = (x * 16).round().clamp(-128, 127).to(torch.int8)
+        return torch._int_mm(q, self.weight.t()).float()
+
+
+class Block(nn.Module):
+    """A norm, then ``up_proj``."""
+
+    def __init__(self, up_proj: nn.Module) -> None:
+        super().__init__()
+        self.up_proj = up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(_norm(x))
+
+
+def _run(gm, model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    return gm(dict(model.named_parameters()) | dict(model.named_buffers()), *inputs)
+
+
+@pytest.mark.parametrize(
+    ("op", "name"), [("int8pack", "aten::_weight_int8pack_mm"), ("int_mm", "aten::_int_mm")]
+)
+def test_int8_weight_only_matmuls_prefetch_the_int8_weight(op, name):
+    model = Block(Int8WeightOnly(op))
+    x = torch.randn(32, 16)
+    gm, names = fake_trace(model, x)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (record,) = plan.records
+    assert record.op == name and record.weight == "up_proj.weight"
+    assert record.role == "mlp.gate_up" and record.prefetched, record.skip_reason
+    # the int8 weight in its own (N, K) layout, all of it; the scales are not the weight
+    assert (record.dtype, record.weight_shape) == ("torch.int8", (32, 16))
+    assert (record.offset, record.weight_bytes, record.prefetch_bytes) == (0, 32 * 16, 32 * 16)
+    (prefetch,) = gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)
+    assert names[prefetch.args[0].name] == "up_proj.weight" and prefetch.args[2] == 32 * 16
+    torch.testing.assert_close(_run(gm, model, x), model(x))
+
+
+class Int4WeightOnly(nn.Module):
+    """int4 weight-only on the CPU: a packed uint8 weight (N, K / 2), scales and zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 2)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", torch.rand(2, 32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, sz = self.weight, self.scales_and_zeros
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32, sz)
+
+
+def test_int4_weight_only_matmul_prefetches_the_packed_weight():
+    model = Block(Int4WeightOnly())
+    x = torch.randn(4, 64)
+    gm, names = fake_trace(model, x)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (record,) = plan.records
+    assert record.op == "aten::_weight_int4pack_mm_for_cpu"
+    assert (record.weight, record.dtype, record.weight_shape) == (
+        "up_proj.weight",
+        "torch.uint8",
+        (32, 32),
+    )
+    assert record.prefetched and record.prefetch_bytes == record.weight_bytes == 32 * 32
+    assert record.role == "mlp.gate_up"
+    torch.testing.assert_close(_run(gm, model, x), model(x))
+
+
+class Convs(nn.Module):
+    """Pointwise convolutions used as linears, and convolutions that are not linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_proj = nn.Conv1d(16, 32, 1)  # a linear over the channels
+        self.o_proj = nn.Conv2d(32, 16, 1, bias=False)  # 1x1 in 2-D: a linear too
+        self.mix = nn.Conv1d(16, 16, 3, padding=1)  # not linears: a wider kernel,
+        self.strided = nn.Conv1d(16, 16, 1, stride=2)  # a stride,
+        self.grouped = nn.Conv1d(16, 16, 1, groups=2)  # groups,
+        self.padded = nn.Conv1d(16, 16, 1, padding=1)  # padding
+        self.transposed = nn.ConvTranspose1d(16, 16, 1)  # a transposed convolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x.relu()).relu()
+        h = self.o_proj(h.unsqueeze(-1)).squeeze(-1)
+        h = self.mix(h.relu())
+        return self.transposed(self.padded(self.grouped(self.strided(h))))
+
+
+def test_a_pointwise_convolution_is_a_linear_and_other_convolutions_are_not():
+    model = Convs()
+    x = torch.randn(2, 16, 8)
+    gm, names = fake_trace(model, x)
+    convs = [n for n in gm.graph.nodes if op_name(n) == "aten::convolution"]
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    assert len(convs) == 7
+    assert [(r.node, r.weight) for r in plan.records] == [
+        (convs[0].name, "up_proj.weight"),
+        (convs[1].name, "o_proj.weight"),
+    ]
+    up, o = plan.records
+    assert (up.weight_shape, up.weight_bytes, up.offset) == ((32, 16, 1), 32 * 16 * 4, 0)
+    assert (o.weight_shape, o.weight_bytes) == ((16, 32, 1, 1), 16 * 32 * 4)
+    assert up.role == "mlp.gate_up" and up.prefetched and up.prefetch_bytes == 32 * 16 * 4
+    assert o.role == "attn.o" and o.prefetched and o.window == ("aten::relu",)
+    torch.testing.assert_close(_run(gm, model, x), model(x))
+
+
+class NativeAttention(nn.Module):
+    """What ``nn.MultiheadAttention``'s fast path calls in eval mode without grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn
+        x = _norm(x)
+        return torch._native_multi_head_attention(
+            x, x, x, 32, 4, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight,
+            a.out_proj.bias, need_weights=False,
+        )[0]  # fmt: skip
+
+
+def test_native_multi_head_attention_is_listed_with_hidden_weights():
+    model = NativeAttention().eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        gm, names = fake_trace(model, x)
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (record,) = plan.records
+    assert record.op == "aten::_native_multi_head_attention"
+    assert record.skip_reason == SkipReason.HIDDEN_WEIGHTS and record.role is None
+    assert record.note == (
+        "aten::_native_multi_head_attention runs the attention's matmuls inside one op: "
+        "self_attn.in_proj_weight, self_attn.out_proj.weight"
+    )
+    assert not plan.prefetched
+
+
+@pytest.mark.compile
+def test_transformer_encoder_layer_fast_path_is_listed_with_hidden_weights(fresh_dynamo):
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    (plan,) = compile_eager(layer, torch.randn(2, 5, 32))
+    (record,) = plan.records  # the plan was silently empty
+    assert record.op == "aten::_transformer_encoder_layer_fwd"
+    assert record.skip_reason == SkipReason.HIDDEN_WEIGHTS and not record.prefetched
+    assert record.note == (
+        "aten::_transformer_encoder_layer_fwd runs the encoder layer's matmuls inside one op: "
+        "self_attn.in_proj_weight, self_attn.out_proj.weight, linear1.weight, linear2.weight"
+    )

@@ -77,3 +77,53 @@ def test_plans_are_written_to_fxprefetch_plan_dir_and_follow_the_schema(
     )
     for plan in written:  # each plan's summary line is logged at INFO
         assert plan.summary_line() in caplog.text
+
+
+class ColumnSlice(torch.nn.Module):
+    """An up projection that reads the first 16 of 32 columns of a 64 x 32 weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_proj = torch.nn.Linear(32, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.relu(), self.up_proj.weight[:, :16])
+
+
+def _schema() -> dict:
+    import fxprefetch
+
+    return json.loads((Path(fxprefetch.__file__).parent / "plan_schema.json").read_text())
+
+
+def test_a_strided_part_shows_the_bytes_read_and_the_span_prefetched():
+    import jsonschema
+
+    gm, names = fake_trace(ColumnSlice(), torch.randn(2, 16))
+    plan = run_weight_prefetch(gm, WeightPrefetchConfig(enabled=True), weight_names=names)
+    (record,) = plan.records
+    # the part in the weight's own orientation; the matmul reads 64 x 16 x 4 bytes, and the
+    # one contiguous prefetch covers rows 0..63 up to column 15: 63 x 32 + 16 elements
+    assert record.weight_shape == (64, 16)
+    assert (record.weight_bytes, record.span_bytes, record.prefetch_bytes) == (4096, 8128, 8128)
+    row = next(line for line in plan.table().splitlines() if "up_proj" in line)
+    assert "64x16 float32  4.0 KiB (span 7.9 KiB)  7.9 KiB" in row
+    data = json.loads(plan.to_json())
+    (linear,) = data["linears"]
+    assert (linear["weight_bytes"], linear["span_bytes"]) == (4096, 8128)
+    schema = _schema()
+    jsonschema.validate(data, {**schema["$defs"]["plan"], "$defs": schema["$defs"]})
+    assert PrefetchPlan.from_dict(data).to_dict() == data
+    # a contiguous part shows its bytes once
+    assert "(span" not in _plan().table()
+
+
+def test_the_schema_lists_every_record_field_at_the_plan_version():
+    import dataclasses
+
+    from fxprefetch.plan import PLAN_SCHEMA_VERSION, LinearRecord
+
+    schema = _schema()["$defs"]
+    fields = {f.name for f in dataclasses.fields(LinearRecord)}
+    assert set(schema["linear"]["required"]) == set(schema["linear"]["properties"]) == fields
+    assert schema["plan"]["properties"]["schema_version"] == {"const": PLAN_SCHEMA_VERSION}

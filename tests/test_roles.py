@@ -338,3 +338,40 @@ def test_a_shared_weight_takes_the_role_of_the_linear_that_reads_it(fresh_dynamo
     assert by_module["o_proj"].weight == "q_proj.weight"  # read from q_proj, sized as attn.o
     assert by_module["o_proj"].prefetch_bytes == 16 * 16 * 4 // 4
     assert by_module["q_proj"].prefetch_bytes == 16 * 16 * 4
+
+
+def test_pytorch_transformer_layers_get_their_roles():
+    """``nn.Transformer``'s real module tree: MultiheadAttention holds ``in_proj_weight``
+    itself (attn.qkv) and its ``out_proj`` as a child (attn.o); linear1/linear2 are the MLP."""
+    model = nn.Transformer(32, 4, 1, 1, 64, batch_first=True)
+    roles = {
+        name: (rule.role if (rule := match_role(owner_path(name))) else None)
+        for name, param in model.named_parameters()
+        if param.dim() == 2
+    }
+    for prefix in ("encoder.layers.0.", "decoder.layers.0."):
+        for attn in ("self_attn", "multihead_attn") if "decoder" in prefix else ("self_attn",):
+            assert roles.pop(f"{prefix}{attn}.in_proj_weight") == QKV
+            assert roles.pop(f"{prefix}{attn}.out_proj.weight") == OUT
+        assert roles.pop(f"{prefix}linear1.weight") == UP
+        assert roles.pop(f"{prefix}linear2.weight") == DOWN
+    assert roles == {}
+    # separate q/k/v projections (kdim, vdim) and a module named "mha"
+    mha = nn.MultiheadAttention(32, 4, kdim=16, vdim=16)
+    for name, _ in mha.named_parameters(prefix="mha"):
+        if name.endswith("weight"):
+            assert match_role(owner_path(name)).role == (OUT if "out_proj" in name else QKV)
+
+
+def test_multihead_attention_through_the_pass():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    gm, names = fake_trace(layer, torch.randn(2, 5, 32))  # with grad: no fused fast path
+    plan = run_weight_prefetch(gm, WeightPrefetchConfig(enabled=True), weight_names=names)
+    assert {r.weight: r.role for r in plan.records} == {
+        "self_attn.in_proj_weight": QKV,
+        "self_attn.out_proj.weight": OUT,
+        "linear1.weight": UP,
+        "linear2.weight": DOWN,
+    }
+    qkv = next(r for r in plan.records if r.role == QKV)
+    assert qkv.weight_shape == (96, 32) and qkv.weight_bytes == 96 * 32 * 4

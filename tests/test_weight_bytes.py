@@ -77,6 +77,38 @@ def test_an_fp32_parameter_viewed_as_bf16(fresh_dynamo):
     assert record.offset + record.prefetch_bytes <= stored.numel() * stored.element_size()
 
 
+def _read_elements(weight: torch.Tensor, view) -> torch.Tensor:
+    """Indices of the stored elements that ``view(weight)`` reads."""
+    index = torch.arange(weight.numel()).view(weight.shape)
+    return view(index).reshape(-1).unique()
+
+
+@pytest.mark.parametrize(
+    ("shape", "view", "part"),
+    [
+        ((64, 16), lambda w: w[8:].t(), (56, 16)),  # row slice: contiguous
+        ((64, 32), lambda w: w[:, :16].t(), (64, 16)),  # column slice: strided
+        ((64, 32), lambda w: w[:, 16:].t(), (64, 16)),  # column slice with an offset
+        ((64, 16), lambda w: w[::2].t(), (32, 16)),  # every other row
+        ((16, 64), lambda w: w[:, 8:40], (16, 32)),  # columns, not transposed
+    ],
+    ids=["rows", "columns", "columns-offset", "strided-rows", "columns-untransposed"],
+)
+def test_a_slice_shows_its_own_orientation_and_the_bytes_read_and_spanned(
+    shape, view, part, fresh_dynamo
+):
+    weight = torch.randn(shape)
+    model = Mlp(weight, view)
+    (record,) = compile_eager(model, torch.randn(2, 16)).records
+    read = _read_elements(weight, view)
+    assert record.weight_shape == part  # the weight's orientation, not the transposed view
+    assert record.weight_bytes == read.numel() * 4 == part[0] * part[1] * 4
+    # the prefetch is one contiguous range: from the first element read to the last
+    first, last = int(read.min()), int(read.max())
+    assert (record.offset, record.span_bytes) == (first * 4, (last - first + 1) * 4)
+    assert record.prefetched and record.prefetch_bytes == record.span_bytes
+
+
 class FusedQkv(nn.Module):
     """One stored qkv weight, split three ways (``chunk``/``split``/``unbind``)."""
 
