@@ -15,6 +15,8 @@ import torch
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
 from fxprefetch.devices import device_setup
+from fxprefetch.dynamo_registry import entry_point_value
+from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.planner import GraphPlanner
 from passes.graph_utils import placeholder_source_names
@@ -101,3 +103,16 @@ def torchair_backend(
         return with_counting(compile_npu(gm, example_inputs, planner, compiler_config), planner)
 
     return backend
+
+
+# Served by __getattr__, so that dynamo's lazy entry-point loading is safe from many threads
+# at once (fxprefetch/dynamo_registry.py); registered with dynamo on import.
+_npu_prefetch = npu_prefetch
+del npu_prefetch
+register_with_dynamo(_npu_prefetch)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "npu_prefetch":
+        return entry_point_value(_npu_prefetch)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,9 +59,11 @@ def _json_arg(value: str | None, what: str) -> str | None:
     if not path.is_file():
         raise CliError(f"{what}: neither JSON nor a readable file: {value!r}")
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"{what}: cannot read {value}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{what}: {value} is not UTF-8 text (JSON expected): {exc}") from None
 
 
 def _config_option(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -75,6 +77,9 @@ def _config_option(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 MAX_TOKENS = 1 << 17  # 128 Ki tokens: beyond any context length, and a bounded input
+DEFAULT_MODEL, DEFAULT_TOKENS = "llama-tiny", 16
+# what `plan --from-dir` uses: any other plan option given beside it is a usage error
+FROM_DIR_OPTIONS = frozenset({"command", "from_dir", "format", "output", "no_fold", "quiet"})
 
 
 def _token_count(text: str) -> int:
@@ -136,10 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(f"  {n:18} {p.description}" for n, p in PRESETS.items()),
     )
-    plan.add_argument(
+    plan.add_argument(  # default None: --from-dir must see whether it was given
         "--model",
-        default="llama-tiny",
-        help="a preset name or the path of a Hugging Face config.json",
+        help=f"a preset name or the path of a Hugging Face config.json (default: {DEFAULT_MODEL})",
     )
     plan.add_argument(
         "--from-dir",
@@ -157,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--tokens",
         type=_token_count,
-        default=16,
-        help=f"tokens per forward (at most {MAX_TOKENS})",
+        help=f"tokens per forward (default {DEFAULT_TOKENS}, at most {MAX_TOKENS})",
     )
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.add_argument("--output", help="write the table or JSON to this file")
@@ -176,6 +179,16 @@ def run_plan_dir(args: argparse.Namespace) -> int:
     from fxprefetch.plan import render_table, render_totals
     from fxprefetch.plan_store import read_plan_dir
 
+    unusable = [
+        "--" + name.replace("_", "-")
+        for name, value in vars(args).items()
+        if name not in FROM_DIR_OPTIONS and value not in (None, False)
+    ]
+    if unusable:
+        raise CliError(
+            f"--from-dir renders plans already written and cannot use {', '.join(unusable)} "
+            "(with --from-dir: --format, --output, --no-fold, --quiet)"
+        )
     try:
         plans = read_plan_dir(args.from_dir)
     except ValueError as exc:
@@ -193,6 +206,8 @@ def run_plan_dir(args: argparse.Namespace) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     if args.from_dir is not None:
         return run_plan_dir(args)
+    args.model = DEFAULT_MODEL if args.model is None else args.model
+    args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
     from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options
@@ -305,19 +320,23 @@ def _emit(text: str, output: str | None) -> None:
         raise CliError(f"--output: cannot write {output}: {exc}") from None
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         return run_plan(args) if args.command == "plan" else run_demo(args)
     except (CliError, ConfigError) as exc:
-        print(f"fxprefetch: error: {exc}", file=sys.stderr)
+        print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
         from fxprefetch.models import ModelError
 
         if isinstance(exc, ModelError):
-            print(f"fxprefetch: error: {exc}", file=sys.stderr)
+            print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
         if os.environ.get("FXPREFETCH_DEBUG"):
             raise

@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
 from fxprefetch.backend import resolve_target
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import device_setup
+from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
@@ -72,12 +74,13 @@ def explain(
         plans.extend(planner.plans)
         return gm.forward  # the traced graph itself: cheap on meta tensors
 
-    # No dynamo reset: other compiled code in the process keeps its compiled graphs. A backend
-    # is part of dynamo's guards, so this backend's entries never serve anyone else; the
-    # limits are raised so that repeated explains of one model keep compiling.
+    if isinstance(model, OptimizedModule):  # torch.compile(m): explain m itself
+        model = model._orig_mod
+    # No dynamo reset, and no entry left behind (fxprefetch/isolated_compile.py): other
+    # compiled code keeps its graphs, and later compiles of this model their recompile budget.
     limits = {"recompile_limit": 1 << 20, "accumulated_recompile_limit": 1 << 20}
     with torch._dynamo.config.patch(limits), torch.no_grad():
-        torch.compile(model, backend=backend)(*example_inputs, **example_kwargs)
+        compile_and_run(model, backend, example_inputs, example_kwargs)
     if isinstance(model, torch.nn.Module):
         outside = outside_graphs_plan(model, graph_inputs, opts.config, rules)
         if outside.records:

@@ -179,8 +179,18 @@ _INT_FIELDS = (
 )
 
 
+# of those, the ones a model cannot be built with at 0 (they divide, or size every layer)
+_POSITIVE_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+)
+
+
 def _check_config_fields(data: dict[str, Any], path: Path) -> None:
-    """Types a config.json must get right before transformers sees it."""
+    """Types and values a config.json must get right before transformers sees it."""
     import torch
 
     for name in _INT_FIELDS:
@@ -189,6 +199,14 @@ def _check_config_fields(data: dict[str, Any], path: Path) -> None:
             raise ModelError(f"{path}: {name} must be an integer, got {value!r}")
         if isinstance(value, int) and value < 0:
             raise ModelError(f"{path}: {name} must not be negative, got {value}")
+        if name in _POSITIVE_FIELDS and value == 0:
+            raise ModelError(f"{path}: {name} must be at least 1, got 0")
+    heads, kv_heads = data.get("num_attention_heads"), data.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ModelError(
+            f"{path}: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
     for name in ("torch_dtype", "dtype"):
         value = data.get(name)
         if value is None or value == "auto":
@@ -215,16 +233,19 @@ def load_config(name_or_path: str, layers: int | None = None) -> Any:
                 f"({', '.join(PRESETS)}) or a path to a config.json"
             )
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
             raise ModelError(f"cannot read {path}: {exc}") from exc
         if not isinstance(data, dict) or "model_type" not in data:
             raise ModelError(f"{path}: not a Hugging Face config.json (no 'model_type')")
         _check_config_fields(data, path)
+        if data["model_type"] not in transformers.CONFIG_MAPPING:
+            raise ModelError(f"{path}: unsupported model_type {data['model_type']!r}")
         try:
             config = transformers.AutoConfig.for_model(**data)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelError(f"{path}: unsupported model_type {data['model_type']!r}") from exc
+        except Exception as exc:  # transformers' validation, e.g. heads that do not divide
+            cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+            raise ModelError(f"{path}: {cause}") from exc
         causal = transformers.AutoModelForCausalLM._model_mapping
         if type(config) not in causal:
             raise ModelError(

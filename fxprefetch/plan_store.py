@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from fxprefetch.pipeline import CompileReport, PassResult
-from fxprefetch.plan import PrefetchPlan
+from fxprefetch.plan import PrefetchPlan, SkipReason
+from fxprefetch.schema_check import plan_schema, schema_errors
 
 logger = logging.getLogger("fxprefetch")
 
@@ -116,8 +117,27 @@ def read_plan_dir(directory: str | os.PathLike[str]) -> list[PrefetchPlan]:
     files = sorted(folder.glob("plan-*.json"), key=lambda f: (f.stat().st_mtime_ns, f.name))
     plans = []
     for path in files:
-        try:
-            plans.append(PrefetchPlan.from_dict(json.loads(path.read_text())))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a plan file ({exc})") from None
+        try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            data = json.loads(path.read_text())
+            check_plan_data(data)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a plan file: {exc}") from None
+        plans.append(PrefetchPlan.from_dict(data))
     return plans
+
+
+def check_plan_data(data: Any) -> None:
+    """ValueError naming what is wrong, unless ``data`` is a ``plan`` of ``plan_schema.json``
+    whose skip reasons are ones fxprefetch writes."""
+    errors = schema_errors(data, {"$ref": "#/$defs/plan"}, plan_schema())
+    if not errors:
+        known = {str(reason) for reason in SkipReason}
+        errors = [
+            f"linears[{i}].skip_reason: expected a reason fxprefetch gives "
+            f"(e.g. {str(SkipReason.NO_ROLE)!r}), got {linear['skip_reason']!r}"
+            for i, linear in enumerate(data["linears"])
+            if linear["skip_reason"] is not None and linear["skip_reason"] not in known
+        ]
+    if errors:
+        more = f" (and {len(errors) - 2} more)" if len(errors) > 2 else ""
+        raise ValueError("; ".join(errors[:2]) + more)

@@ -259,3 +259,36 @@ def test_entry_point_works_without_importing_fxprefetch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip().endswith("True")
+
+
+def test_first_use_from_8_threads_at_once():
+    """torch loads entry-point backends lazily and without a lock: 8 threads making their
+    first compile with "npu_prefetch" at once all loaded it, and 7 failed with
+    ``AssertionError: duplicate name: npu_prefetch``."""
+    code = textwrap.dedent("""
+        import sys, threading, torch
+        assert "fxprefetch" not in sys.modules
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+        x = torch.randn(2, 8)
+        start, results = threading.Barrier(8), [None] * 8
+
+        def work(i):
+            start.wait()
+            try:
+                f = torch.compile(m, backend="npu_prefetch", options={"target": "eager"})
+                torch.testing.assert_close(f(x), m(x))
+                results[i] = "ok"
+            except Exception as exc:
+                results[i] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(results)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == str(["ok"] * 8)

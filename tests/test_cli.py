@@ -12,6 +12,7 @@ import pytest
 
 from fxprefetch.cli import main
 from fxprefetch.models import PRESETS
+from fxprefetch.schema_check import schema_errors
 
 pytest.importorskip("transformers")
 jsonschema = pytest.importorskip("jsonschema")
@@ -52,6 +53,7 @@ def _json(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     jsonschema.validate(data, SCHEMA)
+    assert schema_errors(data, SCHEMA) == []  # the validator fxprefetch ships agrees
     return data
 
 
@@ -248,6 +250,12 @@ def _config_json(tmp_path, **fields):
     return str(path)
 
 
+def _latin1(tmp_path, name="config.bin"):
+    path = tmp_path / name
+    path.write_bytes('{"note": "caf\u00e9"}'.encode("latin-1"))
+    return str(path)
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
@@ -276,6 +284,25 @@ def _config_json(tmp_path, **fields):
             "num_hidden_layers must be at least 1, got 0",
         ),
         (lambda t: ["plan", "--model", "llama-3-8b", "--tokens", "2000000000"], "at most 131072"),
+        # issue #19, part 5
+        (
+            lambda t: ["plan", "--model", _config_json(t, hidden_size=0)],
+            "hidden_size must be at least 1, got 0",
+        ),
+        (
+            lambda t: ["plan", "--model", _config_json(t, num_attention_heads=5)],
+            "num_attention_heads (5) must be a multiple of num_key_value_heads (2)",
+        ),
+        (
+            lambda t: [
+                "plan",
+                "--model",
+                _config_json(t, num_attention_heads=5, num_key_value_heads=5),
+            ],
+            "hidden size (64) is not a multiple of the number of attention heads (5)",
+        ),
+        (lambda t: ["plan", "--config", _latin1(t)], "is not UTF-8 text"),
+        (lambda t: ["plan", "--model", _latin1(t, "config.json")], "cannot read"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(make_args, message, tmp_path, capsys):
@@ -284,3 +311,130 @@ def test_user_errors_exit_2_with_one_line(make_args, message, tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("fxprefetch: error:"), err
     assert message in err
     assert "--layers" not in err
+
+
+# -- issue #19, part 5: --from-dir validates plan files and takes only the options it uses -------
+
+
+def _plan_data() -> dict:
+    from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
+
+    qkv = LinearRecord(
+        node="mm",
+        op="aten::mm",
+        module="layers.0.self_attn.qkv_proj",
+        weight="layers.0.self_attn.qkv_proj.weight",
+        layer=0,
+        role="attn.qkv",
+        weight_shape=(96, 32),
+        dtype="torch.float32",
+        weight_bytes=12288,
+        ratio=1.0,
+        prefetch_bytes=12288,
+        window=("aten::rsqrt", "aten::mul"),
+        window_kind="vector",
+        dependency="embedding",
+        dependency_op="aten::embedding",
+        prefetch_node="prefetch_default",
+    )
+    head = LinearRecord(
+        node="mm_1",
+        op="aten::mm",
+        module="lm_head",
+        weight="lm_head.weight",
+        layer=None,
+        role=None,
+        weight_shape=(64, 32),
+        dtype="torch.float32",
+        weight_bytes=8192,
+        skip_reason=SkipReason.NO_ROLE,
+    )
+    return PrefetchPlan([qkv, head], graph="graph0 (inference)").to_dict()
+
+
+def _set(path: tuple, value):
+    def mutate(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return data
+
+    return mutate
+
+
+BAD_PLANS = {
+    "a list": (lambda d: [], "the top level: expected object, got []"),
+    "null": (lambda d: None, "the top level: expected object, got null"),
+    "string bytes": (
+        _set(("linears", 0, "weight_bytes"), "12288"),
+        'linears[0].weight_bytes: expected integer, got "12288"',
+    ),
+    "negative bytes": (
+        _set(("linears", 0, "weight_bytes"), -4),
+        "linears[0].weight_bytes: expected at least -1, got -4",
+    ),
+    "capped yes": (
+        _set(("linears", 0, "capped"), "yes"),
+        'linears[0].capped: expected boolean, got "yes"',
+    ),
+    "unknown field": (_set(("linears", 1, "speed"), 3), "linears[1]: unknown field 'speed'"),
+    "bogus skip reason": (
+        _set(("linears", 1, "skip_reason"), "felt like it"),
+        "linears[1].skip_reason: expected a reason fxprefetch gives",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS))
+def test_from_dir_rejects_what_is_not_a_plan(case, tmp_path, capsys):
+    mutate, message = BAD_PLANS[case]
+    (tmp_path / "plan-1-graph0.json").write_text(json.dumps(mutate(_plan_data())))
+    assert main(["plan", "--from-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fxprefetch: error: --from-dir: "), err
+    assert "plan-1-graph0.json: not a plan file: " + message in err
+
+
+def test_from_dir_renders_a_valid_plan(tmp_path, capsys):
+    (tmp_path / "plan-1-graph0.json").write_text(json.dumps(_plan_data()))
+    assert main(["plan", "--from-dir", str(tmp_path), "--no-fold", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "self_attn.qkv_proj" in out and "totals: 2 linears seen, 1 prefetched" in out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--svg", "t.svg"],
+        ["--png", "t.png"],
+        ["--config", "{}"],
+        ["--model", "llama-tiny"],
+        ["--layers", "2"],
+        ["--tokens", "8"],
+        ["--additional-config", "{}"],
+    ],
+)
+def test_from_dir_refuses_options_it_cannot_use(extra, tmp_path, capsys):
+    (tmp_path / "plan-1-graph0.json").write_text(json.dumps(_plan_data()))
+    assert main(["plan", "--from-dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot use {extra[0]} " in err, err
+    assert "(with --from-dir: --format, --output, --no-fold, --quiet)" in err
+
+
+def test_schema_check_agrees_with_jsonschema():
+    """fxprefetch validates plan files without jsonschema (a test dependency only)."""
+    from fxprefetch.schema_check import SchemaError, schema_errors
+
+    plan_schema = {"$ref": "#/$defs/plan"}
+    validator = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], **plan_schema})
+    assert schema_errors(_plan_data(), plan_schema, SCHEMA) == []
+    assert validator.is_valid(_plan_data())
+    for case, (mutate, _) in BAD_PLANS.items():
+        data = mutate(_plan_data())
+        ours = schema_errors(data, plan_schema, SCHEMA)
+        # a skip reason is any string to the schema; fxprefetch checks it against SkipReason
+        assert bool(ours) == (not validator.is_valid(data)) == (case != "bogus skip reason")
+    with pytest.raises(SchemaError, match="'pattern' is not supported"):
+        schema_errors("x", {"pattern": "^a"})

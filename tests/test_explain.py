@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import fxprefetch
 from fxprefetch.explainer import explain
 from fxprefetch.models import build_model, example_inputs
 
-from synthetic import TwoGraphs
+from synthetic import SynthModel, SynthSpec, TwoGraphs
 
 pytest.importorskip("transformers")
 
@@ -61,3 +62,68 @@ def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
         TwoGraphs(), torch.randint(0, 64, (1, 4)), config={"max_prefetch_bytes": 512}
     )
     assert all(r.prefetch_bytes == 512 for r in plan.prefetched)  # a written cap wins
+
+
+# -- issue #19, part 4: explain() leaves the process alone --------------------------------------
+
+
+class _BrokenQkv(nn.Module):
+    """A norm and a qkv projection, twice, with a graph break between: two small graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv_proj = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.qkv_proj(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x)
+        torch._dynamo.graph_break()
+        return self.qkv_proj(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x)
+
+
+@pytest.mark.compile
+def test_explain_leaves_no_compiled_entries_behind():
+    """Dynamo allows 8 entries per code object: 10 explains of a model (with a graph break,
+    so its own code runs as dynamo frames) leave none, and keep what the user compiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+    from torch._dynamo.testing import CompileCounter
+
+    def user_fn(x):
+        return torch.sin(x) + 1
+
+    counter = CompileCounter()
+    compiled_fn = torch.compile(user_fn, backend=counter)
+    compiled_fn(torch.randn(3))
+    (user_entry,) = cache_entries(user_fn)
+
+    model, x = _BrokenQkv().eval(), torch.randn(2, 16)
+    for _ in range(10):
+        assert [len(p.prefetched) for p in fxprefetch.explain(model, x)] == [1, 1]
+    left_behind = cache_entries(_BrokenQkv.forward)
+
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert [len(p.prefetched) for p in fxprefetch.last_plans()] == [1, 1]  # no eager fallback
+    assert fxprefetch.stats().calls == 2
+    assert left_behind == []
+
+    compiled_fn(torch.randn(3))
+    assert counter.frame_count == 1 and cache_entries(user_fn) == [user_entry]
+
+
+@pytest.mark.compile
+def test_explain_of_a_module_compiled_in_place_traces_its_forward():
+    """``m.compile()`` sends ``m(...)`` to the user's compiled code: explain traces m's own
+    forward (no graph break, nothing outside the graphs) and compiles nothing for real."""
+    model, ids = SynthModel(SynthSpec(layers=1)).eval(), torch.randint(0, 64, (1, 4))
+    (expected,) = fxprefetch.explain(model, ids)
+    model.compile(backend="npu_prefetch", options={"target": "eager"})
+    (plan,) = fxprefetch.explain(model, ids)
+    assert plan.graph.endswith("(inference)") and len(plan.prefetched) == 2
+    assert [(r.weight, r.prefetch_bytes, r.skip_reason) for r in plan] == [
+        (r.weight, r.prefetch_bytes, r.skip_reason) for r in expected
+    ]
+    assert fxprefetch.last_plans() == []  # the user's backend never ran
+    with torch.no_grad():
+        model(ids)
+    assert len(fxprefetch.last_plans()) == 1  # and it still compiles when the user calls m
