@@ -282,7 +282,15 @@ def _warn_once(message: str, *args: Any) -> None:
 
 def at_start_up(vllm_config: Any) -> str:
     """At the end of ``VllmConfig.__post_init__`` (modes final): settle the built-in in this
-    process, warn once where no graph will run our pass, and log the owner."""
+    process, warn once where no graph will run our pass, and log the owner. Never raises."""
+    try:
+        return _at_start_up(vllm_config)
+    except Exception as exc:  # never break vLLM's start-up over this
+        logger.warning("%s: cannot settle who prefetches weights: %s", ROOT_KEY, exc)
+        return OWNER_NONE
+
+
+def _at_start_up(vllm_config: Any) -> str:
     ascend_config = None
     if _builtin_ascend_config() is not None:
         module = sys.modules["vllm_ascend.ascend_config"]
