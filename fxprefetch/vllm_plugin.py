@@ -57,6 +57,10 @@ def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchC
 
 
 def _current_vllm_config() -> Any:
+    from fxprefetch.vllm_ascend import compiling_vllm_config
+
+    if (compiling := compiling_vllm_config()) is not None:
+        return compiling  # the platform's compiler is compiling for it (vllm-ascend)
     try:
         from vllm.config import get_current_vllm_config_or_none
     except ImportError:
@@ -104,24 +108,27 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         self.pass_name = type(self).__name__
         self.rules = rules
 
-    def config(self) -> WeightPrefetchConfig:
-        return config_from_vllm(_current_vllm_config(), default_enabled=True)
+    def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
+        return config_from_vllm(vllm_config or _current_vllm_config(), default_enabled=True)
 
-    def __call__(self, graph: Graph | GraphModule) -> None:
-        gm = graph if isinstance(graph, GraphModule) else graph.owning_module
-        if gm is None:
-            raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
-        target = _device_target()
+    def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
+        """The planner for one graph: ``target`` defaults to vLLM's device's pipeline."""
+        target = target or _device_target()
         devices = device_setup(target)  # CUDA: the native prefetch, joined, with its cap
-        planner = _VllmGraphPlanner(
-            self.config(),
+        return _VllmGraphPlanner(
+            self.config(vllm_config),
             target=target,
             rules=self.rules if self.rules is not None else current_rules(),
             native_devices=devices.native,
             join_devices=devices.joins,
             device_caps=devices.caps,
         )
-        planner(gm)
+
+    def __call__(self, graph: Graph | GraphModule) -> None:
+        gm = graph if isinstance(graph, GraphModule) else graph.owning_module
+        if gm is None:
+            raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
+        self.planner()(gm)
 
     def uuid(self) -> str:
         from fxprefetch.targets.inductor import source_digest
@@ -185,6 +192,9 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point. Idempotent: vLLM calls it in every process."""
     from vllm.config import VllmConfig
 
+    from fxprefetch import vllm_ascend
+
+    vllm_ascend.register()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
     original = VllmConfig.__post_init__
     if getattr(original, "_fxprefetch", False):
         return
@@ -192,6 +202,7 @@ def register() -> None:
     def post_init_with_prefetch(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         install(self)
+        vllm_ascend.at_start_up(self)  # graph mode: who prefetches; no graph: warn once
 
     post_init_with_prefetch._fxprefetch = True  # type: ignore[attr-defined]
     post_init_with_prefetch.__wrapped__ = original  # type: ignore[attr-defined]

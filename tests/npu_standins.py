@@ -203,3 +203,81 @@ def install_op_standins() -> None:
         elif name in _KERNELS:
             _lib.impl(name, _KERNELS[name], "CompositeExplicitAutograd")
     torch.fx.node.has_side_effect(torch.ops.npu.npu_prefetch.default)  # as torch_npu does
+
+
+# -- meta kernels npugraph_ex's pattern passes trace (shapes as torch_npu 2.13.0's
+#    op_plugin/meta/_meta_registrations.py, with the default int8 quantized dtype) -------------
+
+
+def _quantize_meta(self, scales, zero_points, dtype, axis=1, div_mode=True):
+    return torch.empty_like(self, dtype=torch.int8)
+
+
+def _add_rms_norm_quant_meta(x1, x2, gamma, scales1, zero_points1=None, *args, **kwargs):
+    int8 = x1.new_empty(x1.shape, dtype=torch.int8)
+    return int8, torch.empty_like(int8), x1.new_empty(x1.shape)
+
+
+def _add_rms_norm_dynamic_quant_meta(
+    x1, x2, gamma, *, smooth_scale1=None, smooth_scale2=None, **kw
+):
+    two = smooth_scale1 is not None and smooth_scale2 is not None
+    rows = x1.shape[:-1]
+    return (
+        x1.new_empty(x1.shape, dtype=torch.int8),
+        x1.new_empty(x1.shape if two else (0,), dtype=torch.int8),
+        x1.new_empty(x1.shape),
+        x1.new_empty(rows, dtype=torch.float32),
+        x1.new_empty(rows if two else (0,), dtype=torch.float32),
+    )
+
+
+def _add_rms_norm_cast_meta(x1, x2, gamma, epsilon=1e-6):
+    rstd = [x1.size(i) if i < x1.dim() - gamma.dim() else 1 for i in range(x1.dim())]
+    fp32 = x1.new_empty(x1.shape, dtype=torch.float32)
+    return (
+        fp32,
+        x1.new_empty(x1.shape),
+        x1.new_empty(rstd, dtype=torch.float32),
+        x1.new_empty(x1.shape),
+    )
+
+
+def _transpose_batchmatmul_meta(input, weight, *, scale=None, perm_x1=None, perm_x2=None, **kw):
+    perm_x1, perm_x2 = perm_x1 or [0, 1, 2], perm_x2 or [0, 1, 2]
+    m, batch = input.size(perm_x1.index(1)), input.size(perm_x1.index(0))
+    n = weight.size(perm_x2.index(2))
+    if scale is not None:
+        return input.new_empty((m, 1, batch * n), dtype=torch.int8)
+    return input.new_empty((m, batch, n))
+
+
+def _dtype_cast_meta(self, dtype):
+    return self.new_empty(self.shape, dtype=dtype)
+
+
+META_STANDINS = {
+    "npu_quantize": _quantize_meta,
+    "npu_add_rms_norm_quant": _add_rms_norm_quant_meta,
+    "npu_add_rms_norm_dynamic_quant": _add_rms_norm_dynamic_quant_meta,
+    "npu_add_rms_norm_cast": _add_rms_norm_cast_meta,
+    "npu_transpose_batchmatmul": _transpose_batchmatmul_meta,
+    "_npu_dtype_cast": _dtype_cast_meta,
+}
+_meta_lib: torch.library.Library | None = None
+
+
+def _has_meta(name: str) -> bool:
+    op = getattr(torch.ops.npu, name).default
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta")
+
+
+def install_meta_standins() -> None:
+    """Meta kernels for :data:`META_STANDINS` where none is registered (schemas must exist)."""
+    global _meta_lib  # noqa: PLW0603 - registered once per process
+    if _meta_lib is not None:
+        return
+    _meta_lib = torch.library.Library("npu", "IMPL", "Meta")
+    for name, kernel in META_STANDINS.items():
+        if not _has_meta(name):
+            _meta_lib.impl(name, kernel)
