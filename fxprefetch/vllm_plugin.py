@@ -33,7 +33,7 @@ from typing import Any
 from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
-from fxprefetch.devices import device_setup
+from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.planner import GraphPlanner
 from passes.rules import PrefetchRules, current_rules
 
@@ -88,6 +88,27 @@ def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
     return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
 
 
+def vllm_uses_cudagraphs(vllm_config: Any) -> bool:
+    """Whether vLLM replays its compiled graphs as CUDA graphs: ``cudagraph_mode`` other than
+    NONE (vLLM >= 0.10), else ``use_cudagraph``; never under ``enforce_eager``."""
+    if vllm_config is None:
+        return False
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enforce_eager", False):
+        return False
+    compilation = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(compilation, "cudagraph_mode", None)
+    if mode is not None:
+        return getattr(mode, "name", str(mode)).upper() != "NONE"
+    return bool(getattr(compilation, "use_cudagraph", False))
+
+
+def _device_setup(target: str) -> DeviceSetup:
+    """The devices' setup for vLLM's graphs: the native prefetch where vLLM replays them as
+    CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
+    return device_setup(target, cudagraphs=vllm_uses_cudagraphs(_current_vllm_config()))
+
+
 class _VllmGraphPlanner(GraphPlanner):
     """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
 
@@ -112,7 +133,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         if gm is None:
             raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
         target = _device_target()
-        devices = device_setup(target)  # CUDA: the native prefetch, joined, with its cap
+        devices = _device_setup(target)  # CUDA: the native prefetch, joined, with its cap
         planner = _VllmGraphPlanner(
             self.config(),
             target=target,
@@ -120,6 +141,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             native_devices=devices.native,
             join_devices=devices.joins,
             device_caps=devices.caps,
+            native_l2=devices.l2,
+            cache_hint=devices.cache_hint,
+            lowering=devices.lowering,
         )
         planner(gm)
 
@@ -128,7 +152,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
 
         rules = self.rules if self.rules is not None else current_rules()
         target = _device_target()
-        devices = device_setup(target)
+        devices = _device_setup(target)
         parts = [
             self.config().digest,
             rules.digest,
@@ -137,6 +161,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             ",".join(sorted(devices.native)),
             ",".join(sorted(devices.joins)),
             json.dumps(dict(devices.caps), sort_keys=True),
+            ",".join(sorted(devices.l2)),
+            devices.cache_hint,
+            json.dumps(dict(devices.lowering), sort_keys=True),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
