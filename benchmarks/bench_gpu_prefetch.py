@@ -109,18 +109,17 @@ def micro_goal(row: dict[str, Any], bytes_per_us: float) -> tuple[float, float]:
 
 
 def micro(smoke: bool) -> tuple[list[dict[str, Any]], float]:
-    from fxprefetch.cuda_prefetch import clamp_range, constexprs, grid_size, kernel
+    from fxprefetch.cuda_prefetch import clamp_range, launch_prefetch
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     l2 = props.L2_cache_size
-    bulk = torch.cuda.get_device_capability(device)[0] >= 9
     side = torch.cuda.Stream()
 
     def prefetch(w, size, stream):
         start, nbytes = clamp_range(w.data_ptr(), w.nbytes, size, 0)
         with torch.cuda.stream(stream):
-            kernel()[(grid_size(nbytes, bulk),)](start, nbytes, **constexprs(bulk))
+            launch_prefetch(start, nbytes, device)
 
     per_us = _sleep_cycles_per_us()
     bytes_per_us = copy_bandwidth(device)

@@ -34,9 +34,18 @@ def resolve_target(target: str) -> str:
     return "npu" if npu_available() else "inductor"
 
 
-def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) -> GraphPlanner:
-    """Everything the passes read, fixed now: it also makes the compile-cache key."""
-    devices = device_setup(target)
+def _planner_for(
+    gm: torch.fx.GraphModule, opts: BackendOptions, target: str, cudagraphs: bool = False
+) -> GraphPlanner:
+    """Everything the passes read, fixed now: it also makes the compile-cache key.
+    ``cudagraphs``: the compiled graph is replayed as a CUDA graph."""
+    devices = device_setup(
+        target,
+        cudagraphs=cudagraphs,
+        native_prefetch=opts.native_prefetch,
+        cuda_lowering=opts.cuda_lowering,
+        cache_hint=opts.cache_hint,
+    )
     return GraphPlanner(
         opts.config,
         target=target,
@@ -44,6 +53,9 @@ def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) ->
         native_devices=devices.native,
         join_devices=devices.joins,
         device_caps=devices.caps,
+        native_l2=devices.l2,
+        cache_hint=devices.cache_hint,
+        lowering=devices.lowering,
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )
@@ -58,8 +70,13 @@ def npu_prefetch(
     """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
     opts = parse_options(options)
     target = resolve_target(opts.target)
-    planner = _planner_for(gm, opts, target)
     mode = mode or opts.mode  # torch.compile refuses mode= beside options=
+    cudagraphs = False
+    if target == "inductor":
+        from fxprefetch.targets.inductor import uses_cudagraphs
+
+        cudagraphs = uses_cudagraphs(mode)
+    planner = _planner_for(gm, opts, target, cudagraphs)
     logger.debug(
         "npu_prefetch: compiling %s for target %s (config %s)",
         planner.name,
@@ -75,11 +92,11 @@ def npu_prefetch(
 
         compiled = compile_eager(gm, example_inputs, planner)
     else:
-        from fxprefetch.targets.inductor import compile_inductor, uses_cudagraphs
+        from fxprefetch.targets.inductor import compile_inductor
 
         compiled = compile_inductor(gm, example_inputs, planner, mode)
         # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
-        return with_counting(compiled, planner, replayed=uses_cudagraphs(mode))
+        return with_counting(compiled, planner, replayed=cudagraphs)
     return with_counting(compiled, planner)
 
 

@@ -1,6 +1,20 @@
 """What the devices of this process offer the pipeline: native prefetches, side-stream joins
 and byte caps. One answer for every entry point (the backend, the vLLM pass), fixed when a
-planner is made, so it also enters the compile-cache key."""
+planner is made, so it also enters the compile-cache key.
+
+Where a native prefetch pays (``native_prefetch``):
+
+- ``"auto"`` (default): native where the compiled graph is replayed as a CUDA graph
+  (inductor's ``reduce-overhead``, vLLM's CUDA graphs). Elsewhere each prefetch and join is
+  a host call into Python (about 25-40 µs each on a GPU, more than a decode window hides):
+  there prefetches stay hints, left out of the compiled code like on the CPU.
+- ``"always"`` / ``"never"``: native, or hints, whatever the mode.
+
+``cuda_lowering``: ``"side_stream"`` (default: a fork onto a side stream, joined before the
+linear) or ``"compute_stream"`` (a fire-and-forget kernel on the compute stream, no join);
+``cache_hint``: the L2 hint of the prefetch instruction (``"none"`` or ``"evict_last"``).
+``benchmarks/probe_gpu_kernel.py`` measures both choices.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprefetch.ops import native_join_devices, native_prefetch_devices
+from fxprefetch.ops import native_l2_devices, native_prefetch_devices
+
+NATIVE_POLICIES = ("auto", "always", "never")
+CUDA_LOWERINGS = ("side_stream", "compute_stream")
+CACHE_HINTS = ("none", "evict_last")
 
 
 @dataclass(frozen=True)
@@ -18,6 +36,9 @@ class DeviceSetup:
     native: frozenset[str] = frozenset()  # device types whose prefetch reaches hardware
     joins: frozenset[str] = frozenset()  # ... from a side stream that must be joined
     caps: Mapping[str, int] = field(default_factory=dict)  # byte caps where none is written
+    l2: frozenset[str] = frozenset()  # native devices lowered to fxprefetch.prefetch_native
+    cache_hint: str = "none"
+    lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
 
 
 @functools.cache
@@ -28,12 +49,39 @@ def _native_cuda_prefetch() -> bool:
     return register()
 
 
-def device_setup(target: str) -> DeviceSetup:
+def device_setup(
+    target: str,
+    *,
+    cudagraphs: bool = False,
+    native_prefetch: str = "auto",
+    cuda_lowering: str = "side_stream",
+    cache_hint: str = "none",
+) -> DeviceSetup:
     """The setup for ``target``: the inductor target turns on the CUDA prefetch where the
-    machine has one, with its window x bandwidth cap."""
+    machine has one (with its window x bandwidth cap) and where it pays (see the module
+    docstring); ``cudagraphs``: the compiled graph is replayed as a CUDA graph."""
     caps: dict[str, int] = {}
     if target == "inductor" and torch.cuda.is_available() and _native_cuda_prefetch():
         from fxprefetch.cuda_prefetch import default_cap
 
         caps["cuda"] = default_cap()
-    return DeviceSetup(frozenset(native_prefetch_devices()), frozenset(native_join_devices()), caps)
+    native = set(native_prefetch_devices())
+    l2 = native_l2_devices() & native if target == "inductor" else set()
+    use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
+    why = f"native_prefetch {native_prefetch!r}" + (
+        f", {'' if cudagraphs else 'no '}CUDA graphs" if native_prefetch == "auto" else ""
+    )
+    stream = "side stream, joined" if cuda_lowering == "side_stream" else "compute stream"
+    lowering = {}
+    for device in sorted(l2):
+        if use:
+            hint = f"cache hint {cache_hint}"
+            lowering[device] = f"native L2 prefetch on the {stream}, {hint} ({why})"
+        else:
+            lowering[device] = f"hints ({why})"
+            native.discard(device)
+    l2 = l2 & native
+    joins = l2 if cuda_lowering == "side_stream" else set()
+    return DeviceSetup(
+        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering
+    )

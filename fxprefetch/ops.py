@@ -14,11 +14,17 @@ Kernels:
 
 The op returns nothing, so it is registered with :func:`torch.fx.node.has_side_effect`:
 FX dead-code elimination, AOT autograd and inductor's scheduler all keep it.
+
+Where a device registers a native L2 prefetch (:func:`register_native_l2`: CUDA), the
+inductor pipeline lowers ``prefetch`` to ``prefetch_native`` (side stream or compute
+stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``; both carry
+an ``order`` list that pins their place in inductor's schedule (``passes/native_prefetch.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.fx.node import has_side_effect
@@ -137,40 +143,104 @@ for _key in ("CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch", _device_kernel, _key)
 
 
-# -- join: where a device's native prefetch runs on a side stream ------------------------------
-# ``after``: the linear's other inputs. Inductor emits a pointwise kernel lazily, where its
-# buffer is first needed, so the tail of a window is computed when the linear's input is
-# realized; the join reads those inputs so that it is emitted after that tail, not before.
-JOIN_SCHEMA = "prefetch_join(Tensor weight, Tensor[] after) -> ()"
+# -- the native L2 prefetch as the inductor pipeline lowers it -------------------------------
+# ``prefetch_native`` replaces ``prefetch`` where a device registers a native L2 prefetch
+# (CUDA). ``stream``: "side" forks onto a side stream that a ``prefetch_join`` closes, or
+# "compute" runs on the current stream with no join. ``order``: tensors the op is declared to
+# mutate, so that inductor's scheduler must keep it after their producers and before their
+# later readers; the op itself writes nothing. ``passes/native_prefetch.py`` fills it.
+NATIVE_SCHEMA = (
+    "prefetch_native(Tensor weight, Tensor(a!)[] order, int max_size, int offset, "
+    "str stream, str cache_hint) -> ()"
+)
+_lib.define(NATIVE_SCHEMA, tags=())
+NATIVE_OP = torch.ops.fxprefetch.prefetch_native.default
+has_side_effect(NATIVE_OP)
+has_side_effect(torch.ops.fxprefetch.prefetch_native)
+
+# ``prefetch_join``: the current stream waits for the side stream of the fork(s) before it.
+# ``order`` as above: the fork's token (so the join follows its fork) and the linear's
+# activation (so the join follows the window's lazily computed tail, and the GEMM the join).
+JOIN_SCHEMA = "prefetch_join(Tensor weight, Tensor(a!)[] order) -> ()"
 _lib.define(JOIN_SCHEMA, tags=())
 JOIN_OP = torch.ops.fxprefetch.prefetch_join.default
 has_side_effect(JOIN_OP)
 has_side_effect(torch.ops.fxprefetch.prefetch_join)
 
-# device type -> "wait for this device's prefetches" (the compute stream waits for the side one)
-_NATIVE_JOIN: dict[str, Callable[[torch.Tensor], None]] = {}
+
+@dataclass(frozen=True)
+class NativeL2:
+    """A device's native L2 prefetch: ``prefetch(weight, max_size, offset, stream,
+    cache_hint)``, ``join(weight)``, and ``prepare(device)`` (run at compile time, before any
+    CUDA-graph capture, for each device a graph prefetches on)."""
+
+    prefetch: Callable[[torch.Tensor, int, int, str, str], None]
+    join: Callable[[torch.Tensor], None]
+    prepare: Callable[[torch.device], None]
 
 
-def register_native_join(device_type: str, fn: Callable[[torch.Tensor], None]) -> None:
-    """Route ``prefetch_join`` on ``device_type`` tensors to ``fn(weight)``."""
-    _NATIVE_JOIN[device_type] = fn
+_NATIVE_L2: dict[str, NativeL2] = {}
 
 
-def native_join_devices() -> set[str]:
-    """Device types whose native prefetch must be joined before the linear reads the weight."""
-    return set(_NATIVE_JOIN)
+def register_native_l2(
+    device_type: str,
+    prefetch: Callable[[torch.Tensor, int, int, str, str], None],
+    join: Callable[[torch.Tensor], None],
+    prepare: Callable[[torch.device], None] = lambda device: None,
+) -> None:
+    """Lower prefetches on ``device_type`` to ``prefetch_native`` and route it to ``prefetch``."""
+    _NATIVE_L2[device_type] = NativeL2(prefetch, join, prepare)
+
+
+def native_l2_devices() -> set[str]:
+    """Device types whose prefetches the inductor pipeline lowers to ``prefetch_native``."""
+    return set(_NATIVE_L2)
+
+
+def prepare_native(device: torch.device) -> None:
+    """Ready ``device``'s native prefetch (kernel compiled, side stream made)."""
+    native = _NATIVE_L2.get(device.type)
+    if native is not None:
+        native.prepare(device)
+
+
+@torch.library.register_fake("fxprefetch::prefetch_native", lib=_lib)
+def _native_fake(
+    weight: torch.Tensor,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+) -> None:
+    check_prefetch_args(weight, max_size, offset)
+
+
+def _native_kernel(
+    weight: torch.Tensor,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+) -> None:
+    runtime_stats.record(weight, max_size, _checked_size(weight, max_size, offset))
+    native = _NATIVE_L2.get(weight.device.type)
+    if native is not None:
+        native.prefetch(weight, max_size, offset, stream, cache_hint)
 
 
 @torch.library.register_fake("fxprefetch::prefetch_join", lib=_lib)
-def _join_fake(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
+def _join_fake(weight: torch.Tensor, order: list[torch.Tensor]) -> None:
     return None
 
 
-def _join_kernel(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
-    native = _NATIVE_JOIN.get(weight.device.type)
+def _join_kernel(weight: torch.Tensor, order: list[torch.Tensor]) -> None:
+    native = _NATIVE_L2.get(weight.device.type)
     if native is not None:
-        native(weight)
+        native.join(weight)
 
 
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch_native", _native_kernel, _key)
     _lib.impl("prefetch_join", _join_kernel, _key)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
+from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
 from passes.rules import PrefetchRules
 
 TARGETS = ("auto", "npu", "inductor", "eager")
@@ -19,6 +20,9 @@ OPTION_KEYS = (
     "torchair_config",
     "rules",
     "mode",
+    "native_prefetch",
+    "cuda_lowering",
+    "cache_hint",
 )
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -31,6 +35,19 @@ class BackendOptions:
     torchair_config: Any = None
     rules: PrefetchRules | None = None  # None: passes.rules.current_rules() at compile time
     mode: str | None = None  # torch.compile's mode, for callers that also pass options
+    native_prefetch: str = "auto"  # native prefetch where CUDA graphs replay, else hints
+    cuda_lowering: str = "side_stream"  # or "compute_stream" (no fork/join)
+    cache_hint: str = "none"  # or "evict_last"
+
+
+def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    """``options[key]`` (default: the first choice), one of ``choices``."""
+    value = options.get(key, choices[0])
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        shown = json.dumps(value) if isinstance(value, str) else repr(value)
+        raise ConfigError(f"options.{key}", f"expected one of {list(choices)}, got {shown}{hint}")
+    return value
 
 
 def _config_from(value: Any, path: str) -> WeightPrefetchConfig:
@@ -106,4 +123,14 @@ def parse_options(options: Any) -> BackendOptions:
     if mode is not None and mode not in MODES:
         hint = did_you_mean(mode, MODES) if isinstance(mode, str) else ""
         raise ConfigError("options.mode", f"expected one of {list(MODES)}, got {mode!r}{hint}")
-    return BackendOptions(config, target, strict, torchair_config, rules, mode)
+    return BackendOptions(
+        config,
+        target,
+        strict,
+        torchair_config,
+        rules,
+        mode,
+        _choice(options, "native_prefetch", NATIVE_POLICIES),
+        _choice(options, "cuda_lowering", CUDA_LOWERINGS),
+        _choice(options, "cache_hint", CACHE_HINTS),
+    )

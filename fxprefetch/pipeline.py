@@ -3,8 +3,8 @@
 ::
 
     npu:      plan_prefetches -> lower_to_npu_prefetch                    -> clean-up
-    inductor: plan_prefetches -> relax_dependencies -> elide_hint_prefetches
-              -> insert_prefetch_joins                                       -> clean-up
+    inductor: plan_prefetches -> lower_native_prefetches -> relax_dependencies
+              -> elide_hint_prefetches -> insert_prefetch_joins              -> clean-up
     eager:    plan_prefetches                                             -> clean-up
 
 Every pass has one signature, ``(gm, ctx) -> PassResult``: it takes the graph and a
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.ops import NATIVE_OP, prepare_native
 from fxprefetch.plan import PrefetchPlan
 from passes.elide_hints import elide_hint_prefetches
 from passes.lower_npu import lower_prefetch_to_npu
+from passes.native_prefetch import lower_native_prefetches, partition_points
 from passes.prefetch_joins import insert_prefetch_joins
 from passes.relax_dependencies import relax_prefetch_dependencies
 from passes.rules import PrefetchRules
@@ -44,6 +46,9 @@ class PassContext:
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
     join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
     device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
+    native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
+    cache_hint: str = "none"  # the L2 cache hint of prefetch_native
+    lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,19 @@ def lower_to_npu_prefetch(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult("lower_to_npu_prefetch", lower_prefetch_to_npu(gm, recompile=False))
 
 
+def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
+    devices = ctx.native_l2 & ctx.native_devices
+    joins = {d for d in ctx.join_devices if d in devices and not partition_points(gm, d)}
+    lowered = lower_native_prefetches(gm, devices, joins, ctx.cache_hint, recompile=False)
+    used = {
+        n.args[0].meta["val"].device
+        for n in gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
+    }
+    for device in sorted(used, key=str):  # kernels compiled, streams made: before any capture
+        prepare_native(device)
+    return PassResult("lower_native_prefetches", lowered)
+
+
 def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult("relax_dependencies", relax_prefetch_dependencies(gm, recompile=False))
 
@@ -86,14 +104,12 @@ def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
-    return PassResult(
-        "insert_prefetch_joins", insert_prefetch_joins(gm, ctx.join_devices, recompile=False)
-    )
+    return PassResult("insert_prefetch_joins", insert_prefetch_joins(gm, recompile=False))
 
 
 PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
     "npu": (plan_prefetches, lower_to_npu_prefetch),
-    "inductor": (plan_prefetches, relax_dependencies, elide_hints, insert_joins),
+    "inductor": (plan_prefetches, lower_native, relax_dependencies, elide_hints, insert_joins),
     "eager": (plan_prefetches,),
 }
 # inductor regenerates the code after its post-grad passes; the others run gm.forward
@@ -129,4 +145,33 @@ def run_pipeline(gm: GraphModule, target: str, ctx: PassContext) -> CompileRepor
         gm.graph.lint()
         if RECOMPILES[target]:
             gm.recompile()
-    return CompileReport(target, results)
+    report = CompileReport(target, results)
+    report.plan.lowering = describe_lowering(report, ctx)
+    return report
+
+
+def describe_lowering(report: CompileReport, ctx: PassContext) -> str | None:
+    """What the plan's prefetches became in the compiled code, for the plan."""
+    if not report.plan.prefetched:
+        return None
+    if report.target == "npu":
+        return "npu_prefetch"
+    if report.target == "eager":
+        return "fxprefetch.prefetch, run eagerly"
+    notes = dict(ctx.lowering or {})
+    if report.changed("lower_native_prefetches"):
+        devices = sorted(ctx.native_l2 & ctx.native_devices)
+        if report.changed("insert_prefetch_joins") == 0 and ctx.join_devices & set(devices):
+            notes = {
+                d: f"{notes.get(d, '')}; on the compute stream instead: inductor partitions "
+                "this graph for CUDA graphs at nodes between which a fork and its join could "
+                "fall"
+                for d in devices
+            }
+    elif report.hints_elided:
+        return "hints, left out of the compiled code" + "".join(
+            f"; {device}: {note}" for device, note in sorted(notes.items())
+        )
+    else:
+        devices = sorted(ctx.native_devices)
+    return "; ".join(f"{d}: {notes.get(d, 'fxprefetch.prefetch')}" for d in devices) or None

@@ -111,6 +111,7 @@ class PrefetchPlan:
     enabled: bool = True
     sequence_parallel: bool = False
     error: str | None = None  # set when the pass failed and the graph was compiled without it
+    lowering: str | None = None  # what the prefetches became in the compiled code (per device)
 
     def __iter__(self) -> Iterator[LinearRecord]:
         return iter(self.records)
@@ -162,6 +163,7 @@ class PrefetchPlan:
             "enabled": self.enabled,
             "sequence_parallel": self.sequence_parallel,
             "error": self.error,
+            "lowering": self.lowering,
             "summary": asdict(self.summary()),
             "linears": [r.to_dict() for r in self.records],
         }
@@ -190,6 +192,7 @@ class PrefetchPlan:
             enabled=data["enabled"],
             sequence_parallel=data["sequence_parallel"],
             error=data["error"],
+            lowering=data.get("lowering"),
         )
 
     def table(self, fold: bool = False) -> str:
@@ -320,5 +323,8 @@ def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     lines.append("")
-    lines.extend(p.summary_line() for p in plans)
+    for p in plans:
+        lines.append(p.summary_line())
+        if p.lowering:
+            lines.append(f"  lowering: {p.lowering}")
     return "\n".join(lines)

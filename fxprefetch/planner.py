@@ -83,6 +83,9 @@ class GraphPlanner:
         native_devices: frozenset[str] = frozenset(),
         join_devices: frozenset[str] = frozenset(),
         device_caps: Mapping[str, int] | None = None,
+        native_l2: frozenset[str] = frozenset(),
+        cache_hint: str = "none",
+        lowering: Mapping[str, str] | None = None,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -94,6 +97,9 @@ class GraphPlanner:
         self.native_devices = frozenset(native_devices)
         self.join_devices = frozenset(join_devices)
         self.device_caps = dict(sorted((device_caps or {}).items()))
+        self.native_l2 = frozenset(native_l2)  # lowered to fxprefetch.prefetch_native
+        self.cache_hint = cache_hint
+        self.lowering = dict(sorted((lowering or {}).items()))  # device -> what it uses, why
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -130,6 +136,9 @@ class GraphPlanner:
             native_devices=self.native_devices,
             join_devices=self.join_devices,
             device_caps=self.device_caps,
+            native_l2=self.native_l2,
+            cache_hint=self.cache_hint,
+            lowering=self.lowering,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

@@ -33,7 +33,7 @@ from typing import Any
 from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
-from fxprefetch.devices import device_setup
+from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.planner import GraphPlanner
 from passes.rules import PrefetchRules, current_rules
 
@@ -92,6 +92,28 @@ def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
     return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
 
 
+def vllm_uses_cudagraphs(vllm_config: Any) -> bool:
+    """Whether vLLM replays its compiled graphs as CUDA graphs: ``cudagraph_mode`` other than
+    NONE (vLLM >= 0.10), else ``use_cudagraph``; never under ``enforce_eager``."""
+    if vllm_config is None:
+        return False
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enforce_eager", False):
+        return False
+    compilation = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(compilation, "cudagraph_mode", None)
+    if mode is not None:
+        return getattr(mode, "name", str(mode)).upper() != "NONE"
+    return bool(getattr(compilation, "use_cudagraph", False))
+
+
+def _device_setup(target: str, vllm_config: Any = None) -> DeviceSetup:
+    """The devices' setup for vLLM's graphs: the native prefetch where vLLM replays them as
+    CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
+    vllm_config = vllm_config or _current_vllm_config()
+    return device_setup(target, cudagraphs=vllm_uses_cudagraphs(vllm_config))
+
+
 class _VllmGraphPlanner(GraphPlanner):
     """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
 
@@ -114,7 +136,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
         """The planner for one graph: ``target`` defaults to vLLM's device's pipeline."""
         target = target or _device_target()
-        devices = device_setup(target)  # CUDA: the native prefetch, joined, with its cap
+        devices = _device_setup(target, vllm_config)  # CUDA: native prefetch where replayed
         return _VllmGraphPlanner(
             self.config(vllm_config),
             target=target,
@@ -122,6 +144,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             native_devices=devices.native,
             join_devices=devices.joins,
             device_caps=devices.caps,
+            native_l2=devices.l2,
+            cache_hint=devices.cache_hint,
+            lowering=devices.lowering,
         )
 
     def __call__(self, graph: Graph | GraphModule) -> None:
@@ -135,7 +160,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
 
         rules = self.rules if self.rules is not None else current_rules()
         target = _device_target()
-        devices = device_setup(target)
+        devices = _device_setup(target)
         parts = [
             self.config().digest,
             rules.digest,
@@ -144,6 +169,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             ",".join(sorted(devices.native)),
             ",".join(sorted(devices.joins)),
             json.dumps(dict(devices.caps), sort_keys=True),
+            ",".join(sorted(devices.l2)),
+            devices.cache_hint,
+            json.dumps(dict(devices.lowering), sort_keys=True),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 

@@ -14,12 +14,15 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
 from passes.strip_prefetch import strip_prefetch
 
 
 def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
-    """True when no prefetch of ``gm`` targets a device in ``native_devices``."""
+    """True when no prefetch of ``gm`` targets a device in ``native_devices`` (and none was
+    lowered to a native prefetch already)."""
+    if gm.graph.find_nodes(op="call_function", target=NATIVE_OP):
+        return False
     devices = set()
     for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
         val = node.args[0].meta.get("val")

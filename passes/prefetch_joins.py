@@ -1,25 +1,26 @@
 """Join each side-stream prefetch before the linear that reads its weight.
 
-Where a device's native prefetch runs on a side stream (CUDA), the prefetch node forks: the
-side stream waits for the compute stream at the prefetch's position, right after its
-dependency. ``fxprefetch.prefetch_join(weight, after)`` makes the compute stream wait for the
-side stream; this pass puts one right before each such prefetch's linear, so every fork
-rejoins inside the graph (CUDA-graph capture needs it).
+A ``fxprefetch.prefetch_native`` node on the side stream forks: the side stream waits for
+the compute stream there. ``fxprefetch.prefetch_join(weight, order)`` makes the compute
+stream wait for the side stream; this pass puts one right before the linear of **each**
+such node (a weight read by two linears has two forks and gets two joins), so every fork
+rejoins inside the graph, as CUDA-graph capture needs.
 
-``after`` lists the linear's other inputs. Inductor computes a pointwise tail of the window
-lazily, where the linear realizes its input; a join that reads that input is emitted after the
-tail, so the whole window runs between fork and join (``tests/test_cuda_prefetch.py`` reads
-the emitted code).
+``order`` holds what the join is declared to mutate (it writes nothing), so that inductor's
+scheduler keeps, whatever order it picks:
+
+- the fork's token (``passes/native_prefetch.py``): the join after its own fork;
+- the linear's activation inputs that the graph computes: the join after the window's
+  lazily computed tail, and the GEMM, which reads them, after the join.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from torch.fx import GraphModule, Node
 
-from fxprefetch.ops import JOIN_OP, PREFETCH_OP
+from fxprefetch.ops import JOIN_OP, NATIVE_OP
 from passes.graph_utils import finalize, tensor_value
+from passes.native_prefetch import graph_owned
 from passes.weight_prefetch import META_KEY
 
 
@@ -42,26 +43,27 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
     ]
 
 
-def insert_prefetch_joins(
-    gm: GraphModule, join_devices: Collection[str], recompile: bool = True
-) -> int:
-    """Insert a join before the linear of every prefetch on a device in ``join_devices``."""
+def insert_prefetch_joins(gm: GraphModule, recompile: bool = True) -> int:
+    """Insert a join before the linear of every side-stream ``prefetch_native`` node."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    joined = {n.args[0] for n in gm.graph.find_nodes(op="call_function", target=JOIN_OP)}
+    joined = {
+        (n.meta.get(META_KEY) or {}).get("joins")
+        for n in gm.graph.find_nodes(op="call_function", target=JOIN_OP)
+    }
     count = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)):
-        weight = node.args[0]
-        value = tensor_value(weight)
-        if value is None or value.device.type not in join_devices or weight in joined:
+    for node in list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP)):
+        weight, order, *_, stream, _hint = node.args
+        if stream != "side" or node.name in joined:
             continue
         linear = by_name.get((node.meta.get(META_KEY) or {}).get("linear", ""))
         if linear is None:
             raise ValueError(f"{node.name}: a side-stream prefetch needs its linear to join")
+        token = order[0]
+        after = [n for n in activation_inputs(linear, weight) if graph_owned(n)]
         with gm.graph.inserting_before(linear):
-            join = gm.graph.call_function(JOIN_OP, (weight, activation_inputs(linear, weight)))
+            join = gm.graph.call_function(JOIN_OP, (weight, [token, *after]))
         join.meta["val"] = None
         join.meta[META_KEY] = {"joins": node.name, "linear": linear.name}
-        joined.add(weight)
         count += 1
     if count:
         finalize(gm, recompile)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from passes.collectives import has_sequence_parallel_collectives
 from passes.graph_utils import finalize, op_name, tensor_value
@@ -38,7 +38,9 @@ META_KEY = "fxprefetch"
 
 def _existing_prefetches(graph: Graph) -> set[str]:
     done: set[str] = set()
-    for node in graph.find_nodes(op="call_function", target=PREFETCH_OP):
+    nodes = [*graph.find_nodes(op="call_function", target=PREFETCH_OP)]
+    nodes += graph.find_nodes(op="call_function", target=NATIVE_OP)  # lowered already
+    for node in nodes:
         meta = node.meta.get(META_KEY) or {}
         if "linear" in meta:
             done.add(meta["linear"])

@@ -4,6 +4,7 @@ behaviour on a GPU where one is present (those tests skip without CUDA)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,8 +14,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxprefetch.cuda_prefetch import ALIGN, clamp_range, compile_for, register
-from fxprefetch.ops import JOIN_OP, PREFETCH_OP
+from fxprefetch.cuda_prefetch import (
+    ALIGN,
+    MAX_BULK,
+    clamp_range,
+    compile_for,
+    launch_params,
+    register,
+    tensor_range,
+)
+from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
 from passes import DEFAULT_RULES
 from passes.vector_ops import NodeKind, classify
 
@@ -40,19 +49,84 @@ def _sass(kernel) -> str:
 
 
 @pytest.mark.parametrize(
-    ("capability", "ptx", "sass"),
+    ("capability", "cache_hint", "ptx", "sass"),
     [
-        (90, "cp.async.bulk.prefetch.L2.global", "UBLKPF.L2"),
-        (80, "prefetch.global.L2::evict_last", "CCTL.E.PML2"),
+        (90, "none", "cp.async.bulk.prefetch.L2.global [", "UBLKPF.L2 [UR"),
+        (90, "evict_last", "cp.async.bulk.prefetch.L2.global.L2::cache_hint", "UBLKPF.L2"),
+        (80, "none", "prefetch.global.L2 [", "CCTL.E.PF2"),
+        (80, "evict_last", "prefetch.global.L2::evict_last", "CCTL.E.PML2"),
     ],
 )
-def test_the_kernel_compiles_to_the_l2_prefetch_instruction(capability, ptx, sass):
-    kernel = compile_for(capability)  # no GPU needed: Triton ships ptxas
+def test_the_kernel_compiles_to_the_l2_prefetch_instruction(capability, cache_hint, ptx, sass):
+    kernel = compile_for(capability, cache_hint=cache_hint)  # no GPU needed: Triton ships ptxas
     assert ptx in kernel.asm["ptx"]
     machine = _sass(kernel)
     assert sass in machine
     if capability == 90:
         assert "sm_90a" in kernel.asm["ptx"]  # the bulk prefetch needs the arch-specific target
+        # the size operand keeps 16 bits of size >> 4: the reason for MAX_BULK
+        assert "SHF.R.U32.HI" in machine and MAX_BULK == 0xFFFF << 4
+    if cache_hint == "evict_last" and capability == 90:
+        assert "createpolicy.fractional.L2::evict_last" in kernel.asm["ptx"]
+
+
+_PREFETCH_PTX = re.compile(r"cp\.async\.bulk\.prefetch\.L2|prefetch\.global\.L2")
+
+
+@pytest.mark.parametrize(("capability", "num_warps"), [(90, None), (90, 4), (80, None), (80, 1)])
+def test_each_range_is_issued_by_exactly_one_thread(capability, num_warps):
+    """From the compiled code: a program's threads (``.reqntid``) times the prefetch
+    instructions each thread's code holds (each runs once per loop step, one range each)
+    equals the ranges (lanes) a program covers: no thread repeats another's range. (Triton's
+    default 4 warps over 8 lanes gave 128 threads for 8 ranges: each issued 16 times.)"""
+    kernel = compile_for(capability, num_warps=num_warps)
+    ptx = kernel.asm["ptx"]
+    body = ptx[ptx.index(".entry") :]
+    (threads,) = map(int, re.findall(r"\.reqntid (\d+)", body))
+    instructions = len(_PREFETCH_PTX.findall(body))
+    launch = launch_params(1 << 20, capability >= 90, 132, num_warps)
+    assert threads == kernel.metadata.num_warps * 32 == launch.num_warps * 32
+    assert instructions * threads == launch.lanes  # one instruction per lane's range
+    assert f"{launch.lanes - 1}" in body  # lane = tid & (lanes - 1): every thread its own lane
+
+
+@given(
+    size=st.integers(1, 1 << 32).map(lambda n: n * ALIGN),
+    bulk=st.booleans(),
+    sms=st.integers(1, 160),
+    warps=st.sampled_from([None, 1, 2, 4, 8]),
+    per_program=st.sampled_from([None, 16, 4096, 1 << 20, 8 << 20]),
+)
+def test_launch_covers_the_range_on_at_most_one_program_per_sm(size, bulk, sms, warps, per_program):
+    launch = launch_params(size, bulk, sms, warps, per_program)
+    unit = ALIGN if bulk else 128
+    lanes = launch.grid * launch.lanes
+    assert launch.per_lane % unit == 0 and lanes * launch.per_lane >= size  # all covered
+    assert launch.steps == (1 if bulk else launch.per_lane // 128)
+    if bulk:
+        assert launch.per_lane <= MAX_BULK  # what one UBLKPF can encode
+    needed = -(-size // (launch.lanes * MAX_BULK)) if bulk else 1
+    assert launch.grid <= max(sms, needed)
+    chunk = per_program or (64 << 10)
+    if size >= sms * chunk:
+        assert launch.grid >= sms  # the whole GPU, not one SM per MiB
+    else:
+        assert launch.grid == -(-size // chunk)
+
+
+def test_ranges_end_where_the_storage_ends():
+    """An expanded view reports numel x itemsize bytes, far more than its storage holds."""
+    base = torch.zeros(4, 1)  # 16 bytes
+    view = base.expand(4, 1000)
+    assert view.nbytes == 16000
+    start, size = tensor_range(view, 1 << 20, 0)
+    storage = base.untyped_storage()
+    assert start >= storage.data_ptr()
+    assert start + size <= storage.data_ptr() + storage.nbytes()
+    strided = torch.zeros(64, 64)[8:, ::2]  # starts 8 rows in, spans to the storage's end
+    start, size = tensor_range(strided, 1 << 20, 0)
+    end = strided.untyped_storage().data_ptr() + strided.untyped_storage().nbytes()
+    assert start == strided.data_ptr() and start + size <= end
 
 
 @given(
@@ -83,28 +157,53 @@ def test_without_cuda_nothing_is_registered():
     assert register() is False
     from fxprefetch import ops
 
-    assert "cuda" not in ops.native_prefetch_devices() and not ops.native_join_devices()
+    assert "cuda" not in ops.native_prefetch_devices() and "cuda" not in ops.native_l2_devices()
 
 
-def _pipeline(join_devices):
-    # a native prefetch (kept in the code) that runs on a side stream
-    devices = frozenset(join_devices)
-    return run_synth_pipeline("inductor", native_devices=devices, join_devices=devices)
+# -- lowering and joins on FX graphs (the CPU stands in as a native, side-stream device) --------
+
+
+def _pipeline(join_devices, model=None, native_l2=frozenset({"cpu"})):
+    devices = frozenset({"cpu"})
+    return run_synth_pipeline(
+        "inductor",
+        native_devices=devices,
+        join_devices=frozenset(join_devices),
+        native_l2=native_l2,
+        model=model,
+    )
+
+
+def _forks_and_joins(gm):
+    forks = list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP))
+    joins = list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
+    return forks, joins
+
+
+def _check_pairs(gm, forks, joins):
+    """One join per fork node, each mutating its own fork's token and nothing else's."""
+    assert len(joins) == len(forks)
+    tokens = [f.args[1][0] for f in forks]
+    assert len(set(tokens)) == len(tokens)
+    for join in joins:
+        (token,) = [t for t in join.args[1] if t in tokens]
+        (fork,) = [f for f in forks if f.args[1][0] is token]
+        assert join.meta["fxprefetch"]["joins"] == fork.name
+        assert [u for u in token.users if u.target is JOIN_OP] == [join]
 
 
 def test_joins_close_every_fork_after_the_window_and_before_the_linear():
-    # the placement logic is device-independent: treat the CPU as a side-stream device
     gm, report = _pipeline({"cpu"})
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    forks = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
-    joins = list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
+    forks, joins = _forks_and_joins(gm)
+    assert not list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     assert report.changed("insert_prefetch_joins") == len(joins) == len(forks) == 4
+    _check_pairs(gm, forks, joins)
     by_name = {n.name: n for n in gm.graph.nodes}
     for record in report.plan.prefetched:
         fork = by_name[record.prefetch_node]
         linear = by_name[record.node]
-        (join,) = [j for j in joins if j.args[0] is fork.args[0]]
-        # fork ... window ... join, then the linear
+        (join,) = [j for j in joins if j.meta["fxprefetch"]["joins"] == fork.name]
         assert order[fork] < order[join] < order[linear]
         window_ops = [
             n
@@ -114,16 +213,128 @@ def test_joins_close_every_fork_after_the_window_and_before_the_linear():
         ]
         assert window_ops and all(order[n] < order[join] for n in window_ops)
         assert join not in linear.all_input_nodes  # the join is not a data input
-        # it reads the linear's activation (emitted after the window's tail), not the weight
-        (activation,) = join.args[1]
+        # the fork "mutates" its dependency, so every window op reading it follows the fork;
+        # the join "mutates" the linear's activation, so the linear follows the join
+        _token, *dependency = fork.args[1]
+        assert [n.name for n in dependency] == [record.dependency]
+        (activation,) = join.args[1][1:]
         assert activation in linear.all_input_nodes and fork.args[0] not in join.args[1]
+        assert fork.args[4:] == ("side", "none")
 
 
-def test_no_join_without_a_side_stream_device():
-    gm, report = _pipeline(set())
-    assert report.changed("insert_prefetch_joins") == 0
-    assert not list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
-    assert report.hints_elided  # the CPU: hints, left out
+def test_a_weight_read_by_two_linears_gets_a_join_per_prefetch():
+    """One layer used twice: 4 prefetches of 2 weights, and 4 joins (one per fork), not 2."""
+    model = SynthModel(SynthSpec(layers=2))
+    model.layers[1] = model.layers[0]
+    gm, report = _pipeline({"cpu"}, model=model)
+    forks, joins = _forks_and_joins(gm)
+    assert len(forks) == len(report.plan.prefetched) == 4
+    assert len({f.args[0] for f in forks}) == 2
+    _check_pairs(gm, forks, joins)
+
+
+def test_the_compute_stream_lowering_has_no_joins_and_no_tokens():
+    gm, report = _pipeline(set())  # native, but not on a side stream
+    forks, joins = _forks_and_joins(gm)
+    assert len(forks) == 4 and not joins
+    assert all(f.args[4] == "compute" and len(f.args[1]) == 1 for f in forks)  # dependency only
+    assert report.plan.lowering == "cpu: fxprefetch.prefetch"  # no lowering note in the context
+
+
+def test_a_graph_inductor_may_partition_is_lowered_without_forks():
+    """Inductor's graph partitioning (CUDA graphs) splits at nodes it cannot capture; a fork
+    and its join on both sides would break the captures. Such a graph gets no fork at all."""
+    from torch._inductor import config
+
+    with config.patch({"triton.cudagraphs": True, "custom_should_partition_ops": ["aten::rsqrt"]}):
+        gm, report = _pipeline({"cpu"})
+    forks, joins = _forks_and_joins(gm)
+    assert len(forks) == 4 and not joins
+    assert {f.args[4] for f in forks} == {"compute"}
+    assert "inductor partitions this graph" in report.plan.lowering
+    with config.patch({"triton.cudagraphs": True}):  # nothing to partition at: side stream
+        gm, _ = _pipeline({"cpu"})
+    forks, joins = _forks_and_joins(gm)
+    assert len(joins) == len(forks) == 4
+
+
+def test_no_native_lowering_where_the_device_has_none():
+    gm, _ = _pipeline(set(), native_l2=frozenset())
+    forks, joins = _forks_and_joins(gm)
+    assert not forks and not joins
+    assert len(list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))) == 4
+
+
+def test_strip_removes_forks_joins_and_tokens():
+    from passes.strip_prefetch import strip_prefetch
+
+    gm, _ = _pipeline({"cpu"})
+    before = len(gm.graph.nodes)
+    assert strip_prefetch(gm) == 4
+    assert len(gm.graph.nodes) == before - 3 * 4  # fork, join and token per prefetch
+    gm.graph.lint()
+
+
+# -- the runtime fork/join (CUDA stream calls recorded, on the CPU) ------------------------------
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """cuda_prefetch's stream calls on recorded stand-ins: fork/join logic without a GPU."""
+    import contextlib
+
+    from fxprefetch import cuda_prefetch
+
+    log: list[str] = []
+    monkeypatch.setattr(cuda_prefetch, "_SIDE", cuda_prefetch._SideStreams())
+    monkeypatch.setattr(cuda_prefetch._SideStreams, "get", lambda self, i: _Stream("side", log))
+    monkeypatch.setattr(cuda_prefetch, "_index", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream("main", log))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(
+        cuda_prefetch, "launch_prefetch", lambda start, size, *a, **k: log.append(f"{size} B")
+    )
+    return log
+
+
+def test_an_empty_range_still_forks_and_a_join_needs_a_fork(fake_streams):
+    from fxprefetch import cuda_prefetch
+
+    cuda_prefetch.join(torch.zeros(4))  # no fork open: waiting would be illegal in a capture
+    assert fake_streams == []
+    tiny = torch.zeros(3, dtype=torch.uint8)[1:]  # 2 bytes: nothing aligned to prefetch
+    cuda_prefetch.fork(tiny, 1 << 20)
+    cuda_prefetch.join(tiny)
+    assert fake_streams == ["side waits main", "0 B", "main waits side"]
+    weight = torch.zeros(64, 64)
+    cuda_prefetch.fork(weight, 4096)
+    cuda_prefetch.fork(weight, 4096)  # a weight read by two linears: two forks, two joins
+    cuda_prefetch.join(weight)
+    cuda_prefetch.join(weight)
+    cuda_prefetch.join(weight)  # a third join has no fork: nothing
+    assert fake_streams[3:] == ["side waits main", "4096 B"] * 2 + ["main waits side"] * 2
+
+
+def test_side_streams_are_per_thread():
+    import threading
+
+    from fxprefetch import cuda_prefetch
+
+    seen = []
+    state = cuda_prefetch._SideStreams()
+    state.open[0] = 1
+    thread = threading.Thread(target=lambda: seen.append(dict(state.open)))
+    thread.start()
+    thread.join()
+    assert seen == [{}] and state.open == {0: 1}  # another thread sees its own, empty state
 
 
 # -- on a GPU ----------------------------------------------------------------------------------
@@ -146,15 +357,16 @@ def _prefetch_kernels_run(fn) -> int:
 
 @needs_gpu
 @pytest.mark.compile
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_outputs_equal_plain_inductor_and_capture_works(mode, fresh_dynamo):
+@pytest.mark.parametrize("lowering", ["side_stream", "compute_stream"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_outputs_equal_plain_inductor_and_capture_works(mode, lowering, fresh_dynamo):
     import fxprefetch
 
     model = _layer()
     ids = torch.randint(0, 64, (1, 8), device="cuda")
-    options = {"target": "inductor", "mode": mode or "default"}
+    options = {"target": "inductor", "mode": mode, "cuda_lowering": lowering}
     ours = torch.compile(model, backend="npu_prefetch", options=options)
-    plain = torch.compile(model, backend="inductor", mode=mode)
+    plain = torch.compile(model, backend="inductor", mode=None if mode == "default" else mode)
     with torch.no_grad():
         for _ in range(3):  # warm-up, capture, replay
             out = ours(ids).clone()  # a replay overwrites the outputs of the previous one
@@ -164,8 +376,29 @@ def test_outputs_equal_plain_inductor_and_capture_works(mode, fresh_dynamo):
     torch.testing.assert_close(out, expected)
     (plan, *_) = fxprefetch.last_plans()
     assert len(plan.prefetched) == 4
-    assert kernels == 4  # the prefetch kernels really ran (in the replay too)
-    assert ran.calls == 4  # counted once per graph call, replayed or not
+    if mode == "default":  # "auto": no CUDA graphs, so hints, left out of the code
+        assert kernels == 0 and ran.calls == 0 and ran.hints == 4
+        assert plan.lowering.startswith("hints")
+    else:
+        assert kernels == 4  # the prefetch kernels really ran, in the replay
+        assert ran.calls == 4  # counted once per graph call
+        assert "native L2 prefetch" in plan.lowering
+
+
+@needs_gpu
+@pytest.mark.compile
+def test_native_prefetch_always_runs_kernels_in_default_mode(fresh_dynamo):
+    import fxprefetch
+
+    model = _layer()
+    ids = torch.randint(0, 64, (1, 8), device="cuda")
+    options = {"target": "inductor", "native_prefetch": "always", "cache_hint": "evict_last"}
+    ours = torch.compile(model, backend="npu_prefetch", options=options)
+    with torch.no_grad():
+        ours(ids)
+        with fxprefetch.collect_stats() as ran:
+            kernels = _prefetch_kernels_run(lambda: ours(ids))
+    assert kernels == ran.calls == 4
 
 
 @needs_gpu
@@ -174,21 +407,28 @@ def test_eager_single_calls_and_a_hand_captured_fork_join():
 
     assert register()
     weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)  # 32 MiB
-    prefetch, join = torch.ops.fxprefetch.prefetch, torch.ops.fxprefetch.prefetch_join
+    prefetch, native = torch.ops.fxprefetch.prefetch, torch.ops.fxprefetch.prefetch_native
+    join = torch.ops.fxprefetch.prefetch_join
     with fxprefetch.collect_stats() as s:
-        kernels = _prefetch_kernels_run(lambda: (prefetch(weight, None, 8 << 20), join(weight, [])))
-        prefetch(weight, None, 1 << 30)  # clamped to the tensor; no join: the next fork waits
+        kernels = _prefetch_kernels_run(lambda: prefetch(weight, None, 8 << 20))
+        prefetch(weight, None, 1 << 30)  # clamped to the tensor; the compute stream: no join
         torch.cuda.synchronize()
     assert kernels == 1
     assert s.calls == 2 and s.bytes_prefetched == (8 << 20) + weight.nbytes
+    tiny = weight.view(-1)[:4]  # 8 bytes: nothing aligned, still a fork
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # a fork must rejoin inside the capture
+    with torch.cuda.graph(graph):  # every fork rejoins inside the capture
         prefetch(weight, None, 4 << 20)
+        native(weight, [], 4 << 20, 0, "side", "none")
+        native(tiny, [], 8, 0, "side", "evict_last")
         total = weight.float().sum()
         join(weight, [])
+        join(tiny, [])
+        join(weight, [])  # no fork left: a no-op, not an illegal wait
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(total, weight.float().sum())
+    assert _prefetch_kernels_run(graph.replay) == 2  # the empty range launches nothing
 
 
 @needs_gpu
@@ -198,7 +438,8 @@ def test_generated_code_orders_fork_window_join_gemm(fresh_dynamo):
 
     model = _layer()
     ids = torch.randint(0, 64, (1, 8), device="cuda")
-    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    options = {"target": "inductor", "native_prefetch": "always"}
+    compiled = torch.compile(model, backend="npu_prefetch", options=options)
     with torch.no_grad():
         _, (code, *_) = run_and_get_code(compiled, ids)
     assert check_fork_window_join_gemm(emitted_events(code)) == 4, code
@@ -207,7 +448,8 @@ def test_generated_code_orders_fork_window_join_gemm(fresh_dynamo):
 # -- inductor's real scheduler, on the CPU -------------------------------------------------------
 # The scheduler is device-independent: with the CPU standing in as a side-stream device (its
 # native prefetch and join record what they are called with), the code inductor emits must
-# already keep fork -> vector kernels -> join -> GEMM, and every call must close each fork.
+# keep fork -> vector kernels -> join -> GEMM under each order inductor may pick, and every
+# call must close each fork.
 
 
 @pytest.fixture
@@ -215,10 +457,16 @@ def cpu_side_stream(monkeypatch):
     from fxprefetch import ops
 
     events: list[tuple[str, int]] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *_: None)
     monkeypatch.setitem(
-        ops._NATIVE_PREFETCH, "cpu", lambda w, *_: events.append(("fork", w.data_ptr()))
+        ops._NATIVE_L2,
+        "cpu",
+        ops.NativeL2(
+            lambda w, *_: events.append(("fork", w.data_ptr())),
+            lambda w: events.append(("join", w.data_ptr())),
+            lambda device: None,
+        ),
     )
-    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda w: events.append(("join", w.data_ptr())))
     return events
 
 
@@ -235,28 +483,65 @@ def _balanced(events: list[tuple[str, int]]) -> None:
     assert not open_forks
 
 
+def _forced_order(method: str):
+    """A stand-in for inductor's ``reorder_for_peak_memory`` that always returns ``method``'s
+    order (inductor would keep whichever estimates the least memory)."""
+    from torch._inductor import memory
+
+    def reorder(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, **_):
+        if method == "none":
+            return nodes
+        _, freeable = memory.prepare_planning_info(
+            nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs
+        )
+        if method == "lpmf":
+            return memory.topological_sort_lpmf(nodes, freeable, name_to_buf, graph_outputs)
+        return getattr(memory, f"topological_sort_{method}")(nodes)
+
+    return reorder
+
+
+def _dense():
+    return SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))
+
+
+def _split_actquant():
+    return SynthModel(SynthSpec(layers=2, fused=False, naming="hf", act_quant=True))
+
+
+def _llama():
+    from fxprefetch.models import build_model
+
+    return build_model("llama-tiny", layers=2)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize(
-    "build",
+    ("build", "order"),
     [
-        pytest.param(
-            lambda: SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128)), id="dense"
-        ),
-        pytest.param(
-            lambda: SynthModel(SynthSpec(layers=2, fused=False, naming="hf", act_quant=True)),
-            id="split-actquant",
-        ),
-        pytest.param(lambda: _tiny("llama-tiny"), id="llama-tiny"),
+        pytest.param(_dense, "default", id="dense"),
+        pytest.param(_split_actquant, "default", id="split-actquant"),
+        *(pytest.param(_llama, o, id=f"llama-tiny-{o}") for o in ("default", "none", "bfs")),
+        *(pytest.param(_llama, o, id=f"llama-tiny-{o}") for o in ("dfs", "lpmf")),
     ],
 )
-def test_inductor_emits_fork_window_join_gemm_on_the_cpu(build, cpu_side_stream, fresh_dynamo):
+def test_inductor_emits_fork_window_join_gemm_on_the_cpu(
+    build, order, cpu_side_stream, fresh_dynamo, monkeypatch
+):
+    """Under inductor's default order and each peak-memory order forced (none, BFS, DFS,
+    LPMF): BFS and DFS broke fork -> window -> join -> GEMM before the prefetch carried
+    dependencies inductor respects."""
+    from torch._inductor import memory
     from torch._inductor.utils import run_and_get_code
 
     import fxprefetch
 
+    if order != "default":
+        monkeypatch.setattr(memory, "reorder_for_peak_memory", _forced_order(order))
     model = build()
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    options = {"target": "inductor", "native_prefetch": "always"}
+    compiled = torch.compile(model, backend="npu_prefetch", options=options)
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(compiled, ids)
         expected = model(ids)
@@ -269,10 +554,22 @@ def test_inductor_emits_fork_window_join_gemm_on_the_cpu(build, cpu_side_stream,
     _balanced(cpu_side_stream)
 
 
-def _tiny(name: str) -> torch.nn.Module:
-    from fxprefetch.models import build_model
+@pytest.mark.compile
+def test_default_mode_uses_hints_and_the_plan_says_so(cpu_side_stream, fresh_dynamo):
+    """``native_prefetch: "auto"`` without CUDA graphs: no prefetch in the compiled code."""
+    from torch._inductor.utils import run_and_get_code
 
-    return build_model(name, layers=2)
+    import fxprefetch
+
+    compiled = torch.compile(_dense(), backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad(), fxprefetch.collect_stats() as s:
+        _, (code, *_) = run_and_get_code(compiled, torch.randint(0, 64, (1, 8)))
+    assert "fxprefetch" not in code and not cpu_side_stream
+    (plan,) = fxprefetch.last_plans()
+    assert s.hints == len(plan.prefetched) == 4 and s.calls == 0
+    assert plan.lowering == (
+        "hints, left out of the compiled code; cpu: hints (native_prefetch 'auto', no CUDA graphs)"
+    )
 
 
 # -- the default cap: window x bandwidth, not the Ascend 18 MiB ---------------------------------

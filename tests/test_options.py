@@ -71,3 +71,68 @@ def test_bad_options_name_what_is_wrong(options, path, text):
         parse_options(options)
     assert err.value.path == path
     assert text in str(err.value)
+
+
+def test_native_prefetch_lowering_and_cache_hint_options():
+    opts = parse_options(None)
+    assert (opts.native_prefetch, opts.cuda_lowering, opts.cache_hint) == (
+        "auto",
+        "side_stream",
+        "none",
+    )
+    opts = parse_options(
+        {"native_prefetch": "always", "cuda_lowering": "compute_stream", "cache_hint": "evict_last"}
+    )
+    assert (opts.native_prefetch, opts.cuda_lowering, opts.cache_hint) == (
+        "always",
+        "compute_stream",
+        "evict_last",
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"native_prefetch": "alway"},
+            r"options\.native_prefetch: expected one of \['auto', 'always', 'never'\], "
+            r"got \"alway\" \(did you mean 'always'\?\)",
+        ),
+        ({"native_prefetch": True}, r"options\.native_prefetch: expected one of .* got True"),
+        ({"cuda_lowering": "side"}, r"options\.cuda_lowering: expected one of"),
+        ({"cache_hint": "evict_first"}, r"options\.cache_hint: expected one of"),
+    ],
+)
+def test_bad_native_prefetch_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_options(options)
+
+
+@pytest.mark.parametrize(
+    ("policy", "cudagraphs", "native"),
+    [
+        ("auto", False, False),
+        ("auto", True, True),
+        ("always", False, True),
+        ("never", True, False),
+    ],
+)
+@pytest.mark.parametrize("lowering", ["side_stream", "compute_stream"])
+def test_the_native_prefetch_is_used_where_it_pays(
+    policy, cudagraphs, native, lowering, monkeypatch
+):
+    """Default mode: each native prefetch and join is a host call (25-40 µs on a GPU), more
+    than a decode window hides, so "auto" keeps hints there and goes native only where the
+    graph is replayed as a CUDA graph. The CPU stands in for a device with a native L2 path."""
+    from fxprefetch import ops
+    from fxprefetch.devices import device_setup
+
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *a: None)
+    monkeypatch.setitem(ops._NATIVE_L2, "cpu", ops.NativeL2(print, print, print))
+    setup = device_setup(
+        "inductor", cudagraphs=cudagraphs, native_prefetch=policy, cuda_lowering=lowering
+    )
+    assert ("cpu" in setup.native) is native and ("cpu" in setup.l2) is native
+    assert ("cpu" in setup.joins) is (native and lowering == "side_stream")
+    assert setup.lowering["cpu"].startswith("native" if native else "hints")
+    assert f"native_prefetch {policy!r}" in setup.lowering["cpu"]

@@ -130,7 +130,13 @@ def test_each_target_lists_its_passes_in_order():
     names = {target: [p.__name__ for p in passes] for target, passes in PIPELINES.items()}
     assert names == {
         "npu": ["plan_prefetches", "lower_to_npu_prefetch"],
-        "inductor": ["plan_prefetches", "relax_dependencies", "elide_hints", "insert_joins"],
+        "inductor": [
+            "plan_prefetches",
+            "lower_native",
+            "relax_dependencies",
+            "elide_hints",
+            "insert_joins",
+        ],
         "eager": ["plan_prefetches"],
     }
 
@@ -143,6 +149,7 @@ def test_the_report_says_what_each_pass_changed(native, kept):
     changes = {r.name: r.changed for r in report.results}
     assert changes == {
         "plan_prefetches": 4,
+        "lower_native_prefetches": 0,  # no device with a native L2 prefetch in this context
         "relax_dependencies": 4,
         "elide_hint_prefetches": 4 - kept,
         "insert_prefetch_joins": 0,  # no side-stream device in this context

@@ -76,26 +76,42 @@ def test_a_functionalized_vllm_norm_is_vector_work_and_fused_moe_is_reported(
 
 
 def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch):
-    """Where a device's prefetch runs on a side stream (CUDA; the CPU stands in here), vLLM's
-    pass closes every fork before its linear, as the backend does: vLLM captures CUDA graphs,
-    and an unjoined fork would break the capture. The pass's uuid covers that setup."""
+    """Where a device's prefetch runs on a side stream (CUDA; the CPU stands in here) and vLLM
+    replays its graphs as CUDA graphs, vLLM's pass closes every fork before its linear, as the
+    backend does: an unjoined fork would break the capture. Without CUDA graphs the
+    prefetches stay hints. The pass's uuid covers that setup."""
+    from types import SimpleNamespace
+
     from fxprefetch import ops, vllm_plugin
-    from fxprefetch.ops import JOIN_OP, PREFETCH_OP
+    from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
     from synthetic import SynthModel, SynthSpec
     from tracing import fake_trace
 
+    def vllm_config(mode: str) -> SimpleNamespace:
+        compilation = SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode))
+        return SimpleNamespace(compilation_config=compilation, model_config=None)
+
     vllm_pass = WeightPrefetchPass()
     plain_uuid = vllm_pass.uuid()
     monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
-    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda weight: None)
-    assert vllm_pass.uuid() != plain_uuid
+    monkeypatch.setitem(ops._NATIVE_L2, "cpu", ops.NativeL2(print, print, print))
+    monkeypatch.setattr(vllm_plugin, "_current_vllm_config", lambda: vllm_config("PIECEWISE"))
+    graphs_uuid = vllm_pass.uuid()
+    assert graphs_uuid != plain_uuid
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
     # what AOT's static inputs tell the pass inside vLLM's compile: these are the weights
     monkeypatch.setattr(vllm_plugin, "_static_input_names", lambda gm: names)
     vllm_pass(gm.graph)
-    forks = gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)
+    forks = gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
     joins = gm.graph.find_nodes(op="call_function", target=JOIN_OP)
     assert len(forks) == len(joins) == 4
     assert {j.args[0] for j in joins} == {f.args[0] for f in forks}
+
+    monkeypatch.setattr(vllm_plugin, "_current_vllm_config", lambda: vllm_config("NONE"))
+    assert vllm_pass.uuid() not in (plain_uuid, graphs_uuid)
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    vllm_pass(gm.graph)  # no CUDA graphs: hints, left out of the code
+    assert not gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
+    assert not gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)

@@ -76,8 +76,11 @@ def fake_trace(model: torch.nn.Module, *args: torch.Tensor) -> tuple[GraphModule
     return gm, {p.name: path for p, path in zip(placeholders, state, strict=False)}
 
 
-def run_synth_pipeline(target: str, config: object = None, **context: object) -> tuple:
-    """Fake-trace a 2-layer ``SynthModel`` and run ``target``'s pipeline on it.
+def run_synth_pipeline(
+    target: str, config: object = None, model: torch.nn.Module | None = None, **context: object
+) -> tuple:
+    """Fake-trace ``model`` (a 2-layer ``SynthModel`` by default) and run ``target``'s
+    pipeline on it.
 
     ``context`` sets :class:`PassContext` fields (``native_devices``, ``device_caps``...);
     returns the graph and the :class:`CompileReport`.
@@ -88,7 +91,8 @@ def run_synth_pipeline(target: str, config: object = None, **context: object) ->
 
     from synthetic import SynthModel, SynthSpec
 
-    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    model = model if model is not None else SynthModel(SynthSpec(layers=2))
+    gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))
     ctx = PassContext(
         config=config if config is not None else WeightPrefetchConfig(enabled=True),
         rules=DEFAULT_RULES,

@@ -78,6 +78,9 @@ class PrefetchGraphPass(CustomGraphPass):
             ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
             ",".join(sorted(self.planner.join_devices)),  # decides where joins go
             json.dumps(self.planner.device_caps),  # decides sizes the config leaves open
+            ",".join(sorted(self.planner.native_l2)),  # decides what is lowered natively
+            self.planner.cache_hint,
+            json.dumps(self.planner.lowering),  # the plans say it
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)

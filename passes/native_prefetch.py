@@ -1,0 +1,154 @@
+"""Lower prefetches on devices with a native L2 prefetch (CUDA) to ``fxprefetch.prefetch_native``,
+in an order inductor's scheduler cannot change.
+
+Inductor orders nodes by their data dependencies only, and its peak-memory reordering (BFS,
+DFS, LPMF) moves a node that has none anywhere. So the lowered node carries real ones: it is
+declared to mutate (it writes nothing) an ``order`` list of
+
+- the prefetch's dependency, where that is a buffer the graph computes: every later reader
+  of it, so every op of the window, then runs after the prefetch;
+- for the side stream, a fresh zero-size token, which only this prefetch's join mutates
+  next (``passes/prefetch_joins.py``): the join follows its fork, and every join has
+  exactly one fork.
+
+Inductor's graph partitioning (on by default, for CUDA graphs) runs the graph as separate
+captures split at the nodes it cannot capture; a fork in one and its join in the next would
+break both. Where the graph holds such a node (:func:`partition_points`), the pipeline lowers its
+prefetches to the compute stream instead: no fork, no join, nothing to split.
+
+A graph input is never declared mutated (inductor would copy it back, and CUDA graphs would
+be skipped): where the dependency is one, the prefetch depends on nothing, and every order
+inductor has keeps a node without inputs early. The dependency operand is gone after this
+pass (like ``relax_dependencies`` for hints), so no buffer is materialized for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
+from passes.graph_utils import finalize, tensor_value
+from passes.weight_prefetch import META_KEY
+
+TOKEN_KEY = "token_of"  # meta[META_KEY] of a token: the name of its prefetch
+
+
+def graph_owned(node: Node | None) -> bool:
+    """Whether ``node``'s value is a tensor stored in a buffer the graph itself computes (not a
+    graph input, a constant, or a view of one), so declaring it mutated is safe."""
+    while node is not None:
+        if tensor_value(node) is None or node.op != "call_function":
+            return False
+        target = node.target
+        schema = getattr(target, "_schema", None)
+        aliases = schema is not None and any(r.alias_info is not None for r in schema.returns)
+        if not aliases and not getattr(target, "is_view", False):
+            return True
+        inputs = [n for n in node.all_input_nodes if tensor_value(n) is not None]
+        node = inputs[0] if len(inputs) == 1 else None
+    return False
+
+
+def _partitioning() -> bool:
+    """Whether inductor splits this compile into captured partitions."""
+    from torch._inductor import config
+    from torch._inductor import utils as inductor_utils
+
+    wrapper = getattr(getattr(inductor_utils, "_unstable_customized_partition_wrapper", None),
+                      "wrapper", None)  # fmt: skip
+    cudagraphs = bool(config.triton.cudagraphs) or wrapper is not None
+    return bool(getattr(config, "graph_partition", False)) and cudagraphs
+
+
+def partition_points(gm: GraphModule, device_type: str) -> list[str]:
+    """Nodes at which inductor's graph partitioning may split ``gm`` (where it partitions):
+    ops named in ``custom_should_partition_ops``, ops it cannot capture, control flow,
+    data-dependent sizes, and tensors on another device than ``device_type``."""
+    if not _partitioning():
+        return []
+    from torch._inductor import config
+    from torch._inductor import utils as inductor_utils
+
+    custom = set(getattr(config, "custom_should_partition_ops", None) or ())
+    unsafe = getattr(inductor_utils, "is_cudagraph_unsafe_fx_node", None)
+    points = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        names = set()
+        if isinstance(target, torch._ops.OpOverload):
+            names = {target.name(), f"{target.name()}.{target._overloadname}"}
+        value = tensor_value(node)
+        if (
+            names & custom
+            or isinstance(target, torch._ops.HigherOrderOperator)
+            or node.meta.get("unbacked_bindings")
+            or (value is not None and value.device.type != device_type)
+            or (unsafe is not None and _safely(unsafe, node))
+        ):
+            points.append(node.name)
+    return points
+
+
+def _safely(check: object, node: Node) -> bool:
+    try:
+        return bool(check(node))  # type: ignore[operator]
+    except Exception:  # an inductor helper that expects more than a post-grad node holds
+        return False
+
+
+def new_token(graph: Graph, weight: Node, before: Node) -> Node:
+    """A zero-size uint8 tensor on ``weight``'s device, inserted before ``before``."""
+    value = tensor_value(weight)
+    assert value is not None
+    kwargs = {"dtype": torch.uint8, "device": value.device, "pin_memory": False}
+    with graph.inserting_before(before):
+        token = graph.call_function(torch.ops.aten.empty.memory_format, ([0],), kwargs)
+    fake_mode = getattr(value, "fake_mode", None)
+    if fake_mode is not None:
+        with fake_mode:
+            token.meta["val"] = torch.empty(0, dtype=torch.uint8, device=value.device)
+    else:
+        token.meta["val"] = torch.empty(0, dtype=torch.uint8, device="meta")
+    return token
+
+
+def lower_native_prefetches(
+    gm: GraphModule,
+    l2_devices: Collection[str],
+    join_devices: Collection[str],
+    cache_hint: str = "none",
+    recompile: bool = True,
+) -> int:
+    """Retarget each prefetch on a device in ``l2_devices``; the side stream where the device
+    is in ``join_devices``, else the compute stream. Returns how many were lowered."""
+    graph = gm.graph
+    count = 0
+
+    for node in list(graph.find_nodes(op="call_function", target=PREFETCH_OP)):
+        weight = node.args[0]
+        value = tensor_value(weight)
+        if value is None or value.device.type not in l2_devices:
+            continue
+        dependency = node.args[1] if len(node.args) > 1 else None
+        max_size = node.args[2]
+        offset = node.args[3] if len(node.args) > 3 else 0
+        stream = "side" if value.device.type in join_devices else "compute"
+        order: list[Node] = []
+        if stream == "side":
+            order.append(new_token(graph, weight, node))
+        if isinstance(dependency, Node) and graph_owned(dependency):
+            order.append(dependency)
+        node.target = NATIVE_OP  # in place: the plan names this node
+        node.args = (weight, order, max_size, offset, stream, cache_hint)
+        node.meta[META_KEY] = {**node.meta.get(META_KEY, {}), "stream": stream}
+        if stream == "side":
+            order[0].meta[META_KEY] = {TOKEN_KEY: node.name}
+        count += 1
+    if count:
+        finalize(gm, recompile)
+    return count
