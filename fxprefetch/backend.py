@@ -42,6 +42,7 @@ def _planner_for(gm: torch.fx.GraphModule, opts: BackendOptions, target: str) ->
         native_devices=devices.native,
         join_devices=devices.joins,
         device_caps=devices.caps,
+        device_profiles=devices.profiles,
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.plan import PrefetchPlan
+from fxprefetch.prediction import DeviceProfile
 from passes.elide_hints import elide_hint_prefetches
 from passes.lower_npu import lower_prefetch_to_npu
 from passes.prefetch_joins import insert_prefetch_joins
@@ -44,6 +45,9 @@ class PassContext:
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
     join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
     device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
+    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
+    device_profiles: Mapping[str, DeviceProfile] | None = None
+    split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         rules=ctx.rules,
         graph_name=ctx.graph_name,
         device_caps=ctx.device_caps,
+        device_profiles=ctx.device_profiles,
+        split_at_attention=ctx.split_at_attention,
         recompile=False,
     )
     return PassResult("plan_prefetches", len(plan.prefetched), plan)

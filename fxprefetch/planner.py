@@ -20,6 +20,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
+from fxprefetch.prediction import DeviceProfile
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
 
@@ -83,6 +84,8 @@ class GraphPlanner:
         native_devices: frozenset[str] = frozenset(),
         join_devices: frozenset[str] = frozenset(),
         device_caps: Mapping[str, int] | None = None,
+        device_profiles: Mapping[str, DeviceProfile] | None = None,
+        split_at_attention: bool = False,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -94,6 +97,8 @@ class GraphPlanner:
         self.native_devices = frozenset(native_devices)
         self.join_devices = frozenset(join_devices)
         self.device_caps = dict(sorted((device_caps or {}).items()))
+        self.device_profiles = dict(sorted((device_profiles or {}).items()))
+        self.split_at_attention = split_at_attention
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -130,6 +135,8 @@ class GraphPlanner:
             native_devices=self.native_devices,
             join_devices=self.join_devices,
             device_caps=self.device_caps,
+            device_profiles=self.device_profiles,
+            split_at_attention=self.split_at_attention,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

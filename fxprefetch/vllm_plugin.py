@@ -120,6 +120,8 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             native_devices=devices.native,
             join_devices=devices.joins,
             device_caps=devices.caps,
+            device_profiles=devices.profiles,
+            split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
         )
         planner(gm)
 
@@ -137,6 +139,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             ",".join(sorted(devices.native)),
             ",".join(sorted(devices.joins)),
             json.dumps(dict(devices.caps), sort_keys=True),
+            repr(sorted((k, p.key()) for k, p in devices.profiles.items())),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 

@@ -31,7 +31,13 @@ def test_defaults_are_the_guides():
     written = WeightPrefetchConfig.from_dict({"max_prefetch_bytes": 4096})
     assert written.cap(device_cap=8 << 20) == 4096  # a written cap always wins
     assert cfg.sequence_parallel is False
-    assert cfg.windows == ("vector",)
+    # windows, not written: the device's own (vector windows, plus attention on a GPU)
+    assert cfg.windows is None and "windows" not in cfg.to_dict()
+    assert cfg.window_kinds() == ("vector",)
+    assert cfg.window_kinds(("vector", "attention")) == ("vector", "attention")
+    written = WeightPrefetchConfig.from_dict({"windows": ["vector"]})
+    assert written.window_kinds(("vector", "attention")) == ("vector",)  # written wins
+    assert written.digest != cfg.digest
 
 
 def test_guide_examples_parse():

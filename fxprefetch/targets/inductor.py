@@ -78,6 +78,9 @@ class PrefetchGraphPass(CustomGraphPass):
             ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
             ",".join(sorted(self.planner.join_devices)),  # decides where joins go
             json.dumps(self.planner.device_caps),  # decides sizes the config leaves open
+            # decide window kinds, mlp.down, "auto" sizes and predictions
+            repr([(k, p.key()) for k, p in self.planner.device_profiles.items()]),
+            str(self.planner.split_at_attention),
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
