@@ -5,13 +5,14 @@ The window's vector work counts as one fused kernel, as inductor emits it: the b
 tensors it takes from outside the window and of those it hands on (to the linear, to
 attention, to later layers); intermediates between its ops are not counted. Attention,
 the collective of a collective window, and collectives crossed are kernels of their own:
-every input and output counts. A tensor counts the bytes its view spans in storage (an
-expanded scalar is one element). Sizes are read without guards: a symbolic size uses its
+every input and output counts. A tensor counts its distinct elements (an expanded
+scalar is one element). Sizes are read without guards: a symbolic size uses its
 hint, and with no hint the window has no traffic (no prediction, no "auto" size).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -38,14 +39,13 @@ def _hint(value: object) -> int:
     raise _SymbolicSizeError
 
 
-def tensor_span(t: torch.Tensor) -> int:
-    """Bytes a tensor's view spans in its storage (``_SymbolicSizeError`` without size hints)."""
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's distinct elements: a broadcast (stride 0) dimension counts once
+    (``_SymbolicSizeError`` without size hints)."""
     sizes = [_hint(s) for s in t.shape]
-    if any(s == 0 for s in sizes):
-        return 0
     strides = [_hint(s) for s in t.stride()]
-    elements = 1 + sum(
-        (size - 1) * abs(stride) for size, stride in zip(sizes, strides, strict=True)
+    elements = math.prod(
+        size for size, stride in zip(sizes, strides, strict=True) if stride != 0 or size == 0
     )
     return elements * t.element_size()
 
@@ -55,7 +55,7 @@ def _value_bytes(node: Node) -> int:
     tensors: Iterable = (
         value if isinstance(value, (list, tuple)) else (value,) if value is not None else ()
     )
-    return sum(tensor_span(t) for t in tensors if isinstance(t, torch.Tensor))
+    return sum(tensor_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
 
 
 def window_traffic(window: Window, rules: PrefetchRules) -> WindowTraffic | None:
