@@ -280,6 +280,35 @@ def test_inductor_emits_fork_window_join_gemm_on_the_cpu(build, cpu_side_stream,
     _balanced(cpu_side_stream)
 
 
+@pytest.mark.compile
+def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
+    cpu_side_stream, fresh_dynamo, monkeypatch
+):
+    """Issue #21: with a GPU's device setup (an H200's, the CPU standing in), o_proj hides
+    behind attention and down_proj behind SiLU-and-mul: 4 forks per layer, each fork ->
+    window -> join -> GEMM in the code inductor emits, every fork closed, outputs equal."""
+    from torch._inductor.utils import run_and_get_code
+
+    import fxprefetch
+    from fxprefetch import backend
+    from fxprefetch.device_profiles import simulated_setup
+
+    monkeypatch.setattr(backend, "device_setup", lambda target: simulated_setup("h200", {"cpu"}))
+    model = SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, ids)
+        expected = model(ids)
+    torch.testing.assert_close(out, expected)
+    (plan,) = fxprefetch.last_plans()
+    assert sorted(r.role for r in plan.prefetched) == sorted(GPU_ROLES_PER_LAYER * 2)
+    assert {r.window_kind for r in plan.by_role("attn.o")} == {"attention"}
+    assert check_fork_window_join_gemm(emitted_events(code)) == 8
+    assert [k for k, _ in cpu_side_stream].count("fork") == 8
+    _balanced(cpu_side_stream)
+
+
 def _tiny(name: str) -> torch.nn.Module:
     from fxprefetch.models import build_model
 
