@@ -316,7 +316,8 @@ def render_prediction(
         f"{device.hbm_bytes_per_s / 1e12:.2f} TB/s HBM, {device.l2_bytes / MB:g} MB L2). "
         "A model from public specs, not a measurement;\n"
         f"  assumed: {device.kernel_us:g} µs per window kernel, "
-        f"{device.prefetch_cost_us:g} µs per prefetch; hidden = min(window, transfer) - cost"
+        f"{device.prefetch_cost_us:g} µs per prefetch; hidden = min(window left, transfer) "
+        "- cost"
     )
     summary = predicted_saving(plans)
     if summary is None:
@@ -329,15 +330,10 @@ def render_prediction(
         layers = list(per_layer)
         count = sum(1 for r in done if r.layer is not None) / len(layers)
         mib = sum(r.prefetch_bytes for r in done if r.layer is not None) / len(layers) / MiB
-        if max(values) - min(values) < 0.005:
-            which = f"each of layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else "layer"
-            lines.append(
-                f"  per layer: {count:g} prefetches, {mib:.1f} MiB, hides {values[0]:.2f} µs "
-                f"({which})"
-            )
-        else:
-            listed = ", ".join(f"{k}: {v:.2f}" for k, v in per_layer.items())
-            lines.append(f"  per layer (µs): {listed}")
+        low, high = min(values), max(values)
+        hides = f"{low:.2f} to {high:.2f} µs" if f"{low:.2f}" != f"{high:.2f}" else f"{low:.2f} µs"
+        which = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+        lines.append(f"  per layer: {count:g} prefetches, {mib:.1f} MiB, hides {hides} ({which})")
     built = len(per_layer)
     step = summary.per_step_us
     line = f"  per step: {step:.2f} µs"

@@ -111,7 +111,7 @@ def test_the_plan_sums_predictions_per_layer_and_per_step_and_says_it_is_a_model
     assert again.to_dict() == plan.to_dict()
     assert again.records[0].prediction == record(0, 1.0).prediction
     text = render_prediction([plan], profile("h200"), layers_total=32)
-    assert "not a measurement" in text and "hides 1.50 µs (each of layers 0-1)" in text
+    assert "not a measurement" in text and "hides 1.50 µs (layers 0-1)" in text
     assert "48.0 µs for all 32 layers" in text  # 1.5 µs x 32
     floor = 32 * (3 * (64 << 20) / 2) / profile("h200").bytes_per_us  # the mean layer, x 32
     assert f"{floor:.1f} µs" in text
