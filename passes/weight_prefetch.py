@@ -90,6 +90,7 @@ def run_weight_prefetch(
     windows: dict[tuple, Window | None] = {}
     traffic: dict[int, WindowTraffic | None] = {}
     shared_us: dict[tuple, float] = {}  # per window: transfer time of the prefetches behind it
+    unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
     inserts: list[tuple[LinearUse, Window, int, int, dict]] = []
     records: list[LinearRecord | None] = []
     if split_at_attention and config.windows is not None and "attention" in config.windows:
@@ -161,15 +162,12 @@ def run_weight_prefetch(
             hideable = hideable_bytes(profile, moved, shared)
             cap = hideable if config.auto_cap else min(cap, hideable)
         elif auto:
-            logger.warning(
-                '%s: %s is sized "auto" but %s; used the cap %d',
-                graph_name,
-                use.node.name,
+            why = (
                 f"weights on {device!r} have no device profile"
                 if profile is None
-                else "its window's sizes are symbolic",
-                cap,
+                else "a window's sizes are symbolic"
             )
+            unsized.setdefault(why, []).append(use.node.name)
         size, capped = prefetch_bytes(ratio, use.nbytes, cap)
         if size <= 0:
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
@@ -188,6 +186,14 @@ def run_weight_prefetch(
         node = _insert_prefetch(graph, use, window, size, index, last_at_anchor)
         records[slot] = LinearRecord(**base, prefetch_node=node.name)
     plan.records = [r for r in records if r is not None]
+    for why, linears in unsized.items():
+        logger.warning(
+            '%s: %d prefetches are sized "auto" but %s: they use the cap (%s)',
+            graph_name,
+            len(linears),
+            why,
+            ", ".join(linears),
+        )
     if inserts:
         finalize(gm, recompile)
     logger.info("%s", plan.summary_line())
