@@ -9,11 +9,15 @@ whose dirty write-back would disturb the next kernel). Every arm is one CUDA gra
 steps, arms interleaved, medians of per-step times.
 
 (b) Layers: decode steps of Llama-3-8B-shaped layers (bf16, random weights, batch 1 and 16,
-``mode="reduce-overhead"``), ``backend="npu_prefetch"`` against plain inductor, the ratio of
-medians, with the prefetch cap swept.
+``mode="reduce-overhead"``, inputs and KV caches at static addresses),
+``backend="npu_prefetch"`` against plain inductor, the ratio of medians, with the prefetch cap
+swept (the device's default, ``"auto"``, fixed sizes). On a GPU each layer plans 4 prefetches
+(qkv, o behind attention, gate/up, down behind SiLU-and-mul). One table per batch size puts
+the measured speed-up beside the prediction model's (``fxprefetch.prediction``).
 
 Prints tables and writes JSON. Without a CUDA GPU it exits with one line. ``--smoke`` runs
-a small subset in under 2 minutes. Runs from the source tree: ``PYTHONPATH=. python
+a small subset in under 2 minutes; ``--check`` the subset ``gpu_check.sh`` runs; ``--only``
+and ``--batch`` one part. Runs from the source tree: ``PYTHONPATH=. python
 benchmarks/bench_gpu_prefetch.py``. Needs torch with CUDA and Triton (sm_80+).
 """
 
@@ -108,7 +112,7 @@ def micro_goal(row: dict[str, Any], bytes_per_us: float) -> tuple[float, float]:
     return row["none"] - row["side"], bound
 
 
-def micro(smoke: bool) -> tuple[list[dict[str, Any]], float]:
+def micro(smoke: bool, check: bool = False) -> tuple[list[dict[str, Any]], float]:
     from fxprefetch.cuda_prefetch import clamp_range, launch_prefetch
 
     device = torch.device("cuda")
@@ -123,10 +127,16 @@ def micro(smoke: bool) -> tuple[list[dict[str, Any]], float]:
 
     per_us = _sleep_cycles_per_us()
     bytes_per_us = copy_bandwidth(device)
-    windows = [0, 4] if smoke else [0, 1, 2, 4, 8]
-    sizes = [8 * MB] if smoke else [2 * MB, 4 * MB, 8 * MB, 16 * MB, 32 * MB]
+    windows = [0, 4] if smoke else [0, 2, 4, 8] if check else [0, 1, 2, 4, 8]
+    sizes = (
+        [8 * MB]
+        if smoke
+        else [4 * MB, 8 * MB, 16 * MB]
+        if check
+        else [2 * MB, 4 * MB, 8 * MB, 16 * MB, 32 * MB]
+    )
     batches = [1] if smoke else [1, 16]
-    repeats = 5 if smoke else 21
+    repeats = 5 if smoke else 11 if check else 21
     k = 4096
     weight_mb = 32
     copies = max(2, -(-4 * l2 // (weight_mb * MB)))
@@ -245,6 +255,14 @@ def _step_us(fn, steps: int, device: torch.device) -> float:
     return start.elapsed_time(end) * 1e3 / steps
 
 
+def _variant_name(cap: int | str | None) -> str:
+    if cap is None:
+        return "prefetch, default cap"
+    if cap == "auto":
+        return "prefetch, auto"
+    return f"prefetch {cap / MB:g} MB"
+
+
 def layers(
     smoke: bool,
     *,
@@ -252,22 +270,28 @@ def layers(
     shapes: dict[str, int] = LLAMA3_8B,
     dtype: torch.dtype = torch.bfloat16,
     mode: str = "reduce-overhead",
-    caps: list[int | None] | None = None,
+    caps: list[int | str | None] | None = None,
+    batches: list[int] | None = None,
+    n_layers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Decode steps of the prefetch backend against plain inductor, per batch and cap
-    (``None``: no ``max_prefetch_bytes`` written, the device's default cap)."""
+    (``None``: no ``max_prefetch_bytes`` written, the device's default cap; ``"auto"``: what
+    each window hides on the device). Each prefetch variant's compiled plans carry the
+    prediction model's saving (a model: ``fxprefetch.prediction``), shown beside the
+    measured one. Inputs and KV caches keep static addresses (no copies into a CUDA graph)."""
     import fxprefetch
+    from fxprefetch.plan import predicted_saving
 
     dev = torch.device(device)
-    n_layers = 2 if smoke else 4
+    n_layers = n_layers or (2 if smoke else 4)
     torch.manual_seed(0)
     model = Decoder(n_layers, shapes).to(device=dev, dtype=dtype).eval()
-    caps = caps or ([None] if smoke else [None, 4 * MB, 8 * MB, 16 * MB, 32 * MB])
+    if caps is None:
+        caps = [None] if smoke else [None, "auto", 4 * MB, 8 * MB, 16 * MB, 32 * MB]
     kv, dim = shapes["kv_heads"], shapes["hidden"] // shapes["heads"]
     rows = []
-    for batch in [1] if smoke else [1, 16]:
+    for batch in batches or ([1] if smoke else [1, 16]):
         torch._dynamo.reset()  # a fresh cache per batch: no recompile limit, no dynamic batch
-        fxprefetch.clear_plans()
         x = torch.randn(batch, shapes["hidden"], device=dev, dtype=dtype)
         caches = [
             tuple(
@@ -275,6 +299,9 @@ def layers(
             )
             for _ in range(n_layers)
         ]
+        if dev.type == "cuda":  # replayed graphs read them in place, as vLLM's buffers
+            for t in (x, *(c for pair in caches for c in pair)):
+                torch._dynamo.mark_static_address(t)
         variants = {"inductor": torch.compile(model, backend="inductor", mode=mode)}
         for cap in caps:
             options = {
@@ -282,15 +309,19 @@ def layers(
                 "mode": mode,  # torch.compile refuses mode= beside options=
                 "weight_prefetch_config": {} if cap is None else {"max_prefetch_bytes": cap},
             }
-            name = "prefetch, default cap" if cap is None else f"prefetch {cap / MB:g} MB"
-            variants[name] = torch.compile(model, backend="npu_prefetch", options=options)
+            variants[_variant_name(cap)] = torch.compile(
+                model, backend="npu_prefetch", options=options
+            )
         steps = 20 if smoke else 100
         times: dict[str, list[float]] = {name: [] for name in variants}
         per_step: dict[str, tuple[int, int]] = {}
+        plans: dict[str, list] = {}
         with torch.no_grad():
             for name, fn in variants.items():
+                fxprefetch.clear_plans()
                 for _ in range(3):  # compile, warm up, capture
                     fn(x, caches)
+                plans[name] = fxprefetch.last_plans()
                 with fxprefetch.collect_stats() as ran:
                     fn(x, caches)
                 _sync(dev)
@@ -302,17 +333,43 @@ def layers(
         for name, values in times.items():
             med = statistics.median(values)
             calls, nbytes = per_step[name]
+            predicted = predicted_saving(plans[name]) if name != "inductor" else None
+            saved = predicted.per_step_us if predicted is not None else None
             rows.append(
                 {
                     "batch": batch,
                     "variant": name,
                     "median_us": med,
                     "ratio": base / med,
+                    "saved_us": base - med,
                     "prefetches_per_step": calls,
+                    "prefetches_per_layer": calls / n_layers,
                     "prefetch_mb_per_step": nbytes / MB,
+                    "predicted_saved_us": saved,
+                    "predicted_ratio": base / (base - saved)
+                    if saved is not None and base > saved
+                    else None,
+                    "predicted_device": predicted.device if predicted is not None else None,
                 }
             )
     return rows
+
+
+def layer_table(rows: list[dict[str, Any]], batch: int) -> str:
+    """One batch size: measured and predicted speed-up side by side (predicted: the model's
+    saving taken off the measured plain-inductor step)."""
+    return table(
+        ["variant", "µs/step", "speed-up", "predicted", "saved µs", "predicted µs",
+         "prefetches/layer", "MB/step"],
+        [
+            [r["variant"], r["median_us"], r["ratio"],
+             "-" if r["predicted_ratio"] is None else r["predicted_ratio"],
+             r["saved_us"], "-" if r["predicted_saved_us"] is None else r["predicted_saved_us"],
+             r["prefetches_per_layer"], r["prefetch_mb_per_step"]]
+            for r in rows
+            if r["batch"] == batch
+        ],
+    )  # fmt: skip
 
 
 GOALS = {"micro_saving_share_min": 0.7, "micro_window_us_min": 4, "layer_speedup_batch1_min": 1.04}
@@ -331,9 +388,29 @@ def goals_met(micro_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]]
     }
 
 
+def _header() -> dict[str, Any]:
+    from fxprefetch.cuda_prefetch import default_cap
+
+    name = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}, "
+        f"default cap {default_cap() / MB:g} MB"
+    )
+    return {"gpu": name, "l2_bytes": props.L2_cache_size, "default_cap_bytes": default_cap()}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", choices=["micro", "layers"], help="run one part")
+    p.add_argument(
+        "--batch", type=int, action="append", help="layers: this batch size (repeatable)"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="the subset benchmarks/gpu_check.sh runs: fewer sizes, caps default and auto",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu_prefetch: no CUDA GPU here; nothing to measure")
@@ -343,18 +420,11 @@ def main() -> None:
     if not register():
         print("bench_gpu_prefetch: needs Triton and an sm_80+ GPU; nothing to measure")
         return
-    name = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(0)
-    from fxprefetch.cuda_prefetch import default_cap
-
-    print(
-        f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}, "
-        f"default cap {default_cap() / MB:g} MB"
-    )
+    header = _header()
     micro_rows: list[dict[str, Any]] = []
     bytes_per_us = None
     if args.only != "layers":
-        micro_rows, bytes_per_us = micro(args.smoke)
+        micro_rows, bytes_per_us = micro(args.smoke, check=args.check)
         print(
             f"(a) micro-benchmark: µs per window + GEMV step (medians); copy bandwidth "
             f"{bytes_per_us / 1e6:.2f} TB/s; bound = min(W, size / bandwidth)"
@@ -373,35 +443,32 @@ def main() -> None:
         )  # fmt: skip
     layer_rows: list[dict[str, Any]] = []
     if args.only != "micro":
-        layer_rows = layers(args.smoke)
-        print("\n(b) Llama-3-8B-shaped decode layers (speed-up = inductor / variant)")
+        caps = [None, "auto"] if args.check else None
+        layer_rows = layers(args.smoke, caps=caps, batches=args.batch)
         print(
-            table(
-                ["batch", "variant", "median µs/step", "speed-up", "prefetches/step", "MB/step"],
-                [
-                    [r["batch"], r["variant"], r["median_us"], r["ratio"],
-                     r["prefetches_per_step"], r["prefetch_mb_per_step"]]
-                    for r in layer_rows
-                ],
-            )
-        )  # fmt: skip
+            "\n(b) Llama-3-8B-shaped decode layers, CUDA graphs; speed-up = inductor / variant; "
+            "predicted = the model's saving (fxprefetch.prediction, not a measurement) taken "
+            "off the measured inductor step"
+        )
+        for batch in sorted({r["batch"] for r in layer_rows}):
+            print(f"\nbatch {batch}")
+            print(layer_table(layer_rows, batch))
     met = goals_met(micro_rows, layer_rows)
     print(
         f"\ngoal: micro saving >= {GOALS['micro_saving_share_min']:.0%} of the bound for W >= "
         f"{GOALS['micro_window_us_min']} µs: {met['micro']} (worst "
         f"{met['micro_worst_saving_share']}); layers >= {GOALS['layer_speedup_batch1_min']}x "
-        f"at batch 1 (H100): {met['layers']} (best {met['layer_best_speedup_batch1']})"
+        f"at batch 1 (H100/H200): {met['layers']} (best {met['layer_best_speedup_batch1']})"
     )
     write(
         "gpu_prefetch",
         {
-            "gpu": name,
-            "l2_bytes": props.L2_cache_size,
-            "default_cap_bytes": default_cap(),
+            **header,
             "copy_bytes_per_us": bytes_per_us,
             "micro": micro_rows,
             "layers": layer_rows,
             "smoke": args.smoke,
+            "check": args.check,
             "goals": GOALS,
             "goals_met": met,
         },

@@ -56,6 +56,7 @@ def _planner_for(
         native_l2=devices.l2,
         cache_hint=devices.cache_hint,
         lowering=devices.lowering,
+        device_profiles=devices.profiles,
         strict=opts.strict,
         source_names=placeholder_source_names(gm),
     )

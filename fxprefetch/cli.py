@@ -122,6 +122,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fxprefetch.models import PRESETS, preset_names
+    from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
 
     parser = _Parser(prog="fxprefetch", description="Weight-prefetch planning for LLM graphs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens",
         type=_token_count,
         help=f"tokens per forward (default {DEFAULT_TOKENS}, at most {MAX_TOKENS})",
+    )
+    plan.add_argument(
+        "--device",
+        choices=list(PROFILES_BY_NAME),
+        help='plan as a compile on this device would (its cap, windows and "auto" sizes) '
+        "and print the predicted saving per layer and per step (a model, not a measurement)",
     )
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.add_argument("--output", help="write the table or JSON to this file")
@@ -236,7 +243,7 @@ def run_plan(args: argparse.Namespace) -> int:
         )
         inputs = example_inputs(model, tokens=args.tokens)
     with progress.stage("tracing and planning"):
-        plans = explain(model, config=config, **inputs)
+        plans = explain(model, config=config, device_profile=args.device, **inputs)
     with progress.stage("rendering"):
         if args.format == "json":
             text = json.dumps(
@@ -252,6 +259,10 @@ def run_plan(args: argparse.Namespace) -> int:
             text = render_table(plans, fold=not args.no_fold) + "\n" + render_totals(plans)
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
+            if args.device is not None:
+                from fxprefetch.prediction import profile, render_prediction
+
+                text += "\n\n" + render_prediction(plans, profile(args.device), total_layers)
     for text_path, path in pictures:
         from fxprefetch.timeline import draw_timeline
 

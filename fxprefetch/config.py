@@ -8,9 +8,11 @@ The JSON shape is the one vllm-ascend users already write::
                         "mlp": {"gate_up": 1.0, "down": 1.0}}}
 
 plus three fields of ours: ``max_prefetch_bytes`` (the L2 cap: left unwritten, the device's
-own, 18 MiB on Ascend as the guide says), ``sequence_parallel`` and ``windows``. Every rule
-rejects bad input with a :class:`ConfigError` that names the JSON path; nothing is dropped
-silently.
+own, 18 MiB on Ascend as the guide says; ``"auto"``: what each prefetch's window can hide on
+the device, see ``fxprefetch.prediction``), ``sequence_parallel`` and ``windows`` (left
+unwritten, the device's own). A role's ratio may also be ``"auto"``: up to the whole weight,
+as much as its window can hide. Every rule rejects bad input with a :class:`ConfigError`
+that names the JSON path; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ DEFAULT_RATIOS: Mapping[str, float] = {
     "mlp.down": 1.0,
 }
 ROLES: tuple[str, ...] = tuple(DEFAULT_RATIOS)
-WINDOW_KINDS: tuple[str, ...] = ("vector", "collective")
+WINDOW_KINDS: tuple[str, ...] = ("vector", "collective", "attention")
 DEFAULT_WINDOWS: tuple[str, ...] = ("vector",)
+AUTO = "auto"  # a size the device's profile decides: what the window can hide
 
 # Misspellings seen in the wild that difflib alone would not map well.
 _ALIASES = {
@@ -108,9 +111,11 @@ def _expect_bool(value: Any, path: str) -> bool:
     return value
 
 
-def _expect_ratio(value: Any, path: str) -> float:
+def _expect_ratio(value: Any, path: str) -> float | str:
+    if value == AUTO and isinstance(value, str):
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(path, f"expected a number in [0, 1], got {_describe(value)}")
+        raise ConfigError(path, f'expected a number in [0, 1] or "auto", got {_describe(value)}')
     if isinstance(value, int):  # compare before float(): 10**400 would overflow
         if not 0 <= value <= 1:
             raise ConfigError(path, f"expected a number in [0, 1], got {value!r}")
@@ -121,10 +126,13 @@ def _expect_ratio(value: Any, path: str) -> float:
     return ratio
 
 
-def _expect_positive_int(value: Any, path: str) -> int:
+def _expect_cap(value: Any, path: str) -> int | str:
+    if value == AUTO and isinstance(value, str):
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(
-            path, f"expected a positive integer number of bytes, got {_describe(value)}"
+            path,
+            f'expected a positive integer number of bytes or "auto", got {_describe(value)}',
         )
     return value
 
@@ -145,12 +153,13 @@ def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
         if kind in kinds:
             raise ConfigError(f"{path}[{i}]", f"window kind {kind!r} is listed twice")
         kinds.append(kind)
-    if "collective" in kinds and "vector" not in kinds:
-        raise ConfigError(
-            path,
-            "'collective' widens vector windows and cannot stand alone; "
-            'write ["vector", "collective"]',
-        )
+    for kind in ("collective", "attention"):
+        if kind in kinds and "vector" not in kinds:
+            raise ConfigError(
+                path,
+                f"'{kind}' widens vector windows and cannot stand alone; "
+                f'write ["vector", "{kind}"]',
+            )
     return tuple(sorted(kinds, key=WINDOW_KINDS.index))
 
 
@@ -184,18 +193,20 @@ class PrefetchRatios:
         for role in ROLES:
             ratio = _expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
             # 1 and 1.0, -0.0 and 0.0 compare equal: store one form, so digests agree too
-            object.__setattr__(self, role.replace(".", "_"), float(ratio) + 0.0)
+            value = ratio if ratio == AUTO else float(ratio) + 0.0
+            object.__setattr__(self, role.replace(".", "_"), value)
 
-    def __getitem__(self, role: str) -> float:
+    def __getitem__(self, role: str) -> float | str:
+        """The written ratio: a number in [0, 1], or ``"auto"``."""
         if role not in ROLES:
             raise KeyError(f"unknown role {role!r}{did_you_mean(role, ROLES)}; roles are {ROLES}")
         return getattr(self, role.replace(".", "_"))
 
-    def items(self) -> list[tuple[str, float]]:
+    def items(self) -> list[tuple[str, float | str]]:
         return [(role, self[role]) for role in ROLES]
 
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        nested: dict[str, dict[str, float]] = {}
+    def to_dict(self) -> dict[str, dict[str, float | str]]:
+        nested: dict[str, dict[str, float | str]] = {}
         for role, ratio in self.items():
             section, name = role.split(".")
             nested.setdefault(section, {})[name] = ratio
@@ -209,7 +220,7 @@ class PrefetchRatios:
             section, name = role.split(".")
             layout.setdefault(section, []).append(name)
         _reject_unknown_keys(sections, layout, path)
-        kwargs: dict[str, float] = {}
+        kwargs: dict[str, float | str] = {}
         for section, value_ in sections.items():
             body = _expect_object(value_, f"{path}.{section}")
             _reject_unknown_keys(body, layout[section], f"{path}.{section}")
@@ -230,9 +241,9 @@ class WeightPrefetchConfig:
 
     enabled: bool | None = None
     prefetch_ratio: PrefetchRatios = field(default_factory=PrefetchRatios)
-    max_prefetch_bytes: int | None = None  # None: the device's cap (see ``cap``)
+    max_prefetch_bytes: int | str | None = None  # None: the device's cap; "auto" (see ``cap``)
     sequence_parallel: bool = False
-    windows: tuple[str, ...] = DEFAULT_WINDOWS
+    windows: tuple[str, ...] | None = None  # None: the device's (see ``window_kinds``)
 
     def __post_init__(self) -> None:
         if self.enabled is not None:
@@ -243,9 +254,11 @@ class WeightPrefetchConfig:
                 f"expected PrefetchRatios, got {type(self.prefetch_ratio).__name__}",
             )
         if self.max_prefetch_bytes is not None:
-            _expect_positive_int(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
+            _expect_cap(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
         _expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
-        object.__setattr__(self, "windows", _expect_windows(self.windows, f"{ROOT_KEY}.windows"))
+        if self.windows is not None:
+            windows = _expect_windows(self.windows, f"{ROOT_KEY}.windows")
+            object.__setattr__(self, "windows", windows)
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -262,7 +275,7 @@ class WeightPrefetchConfig:
                 obj["prefetch_ratio"], f"{path}.prefetch_ratio"
             )
         if "max_prefetch_bytes" in obj:
-            kwargs["max_prefetch_bytes"] = _expect_positive_int(
+            kwargs["max_prefetch_bytes"] = _expect_cap(
                 obj["max_prefetch_bytes"], f"{path}.max_prefetch_bytes"
             )
         if "sequence_parallel" in obj:
@@ -305,27 +318,46 @@ class WeightPrefetchConfig:
 
     # -- views ---------------------------------------------------------------------------------
     def ratio(self, role: str) -> float:
-        return self.prefetch_ratio[role]
+        """The fraction of the role's weight to prefetch (``"auto"``: up to all of it, 1.0;
+        see :meth:`auto_ratio`)."""
+        ratio = self.prefetch_ratio[role]
+        return 1.0 if ratio == AUTO else float(ratio)
+
+    def auto_ratio(self, role: str) -> bool:
+        """Whether the role's ratio is ``"auto"``: sized to what its window can hide."""
+        return self.prefetch_ratio[role] == AUTO
+
+    @property
+    def auto_cap(self) -> bool:
+        """Whether ``max_prefetch_bytes`` is ``"auto"``: each prefetch capped at what its
+        window can hide on the device."""
+        return self.max_prefetch_bytes == AUTO
 
     def cap(self, device_cap: int | None = None) -> int:
         """The byte cap of one prefetch: the written ``max_prefetch_bytes``, else the device's
         own (``device_cap``: the CUDA lowering derives one from its bandwidth), else the
-        guide's 18 MiB."""
-        if self.max_prefetch_bytes is not None:
+        guide's 18 MiB. For ``"auto"`` this is the fallback where no device profile says
+        what a window hides."""
+        if isinstance(self.max_prefetch_bytes, int):
             return self.max_prefetch_bytes
         return device_cap if device_cap is not None else DEFAULT_MAX_PREFETCH_BYTES
 
+    def window_kinds(self, device_default: tuple[str, ...] = DEFAULT_WINDOWS) -> tuple[str, ...]:
+        """The window kinds in use: the written ``windows``, else the device's default."""
+        return self.windows if self.windows is not None else device_default
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object; ``enabled`` and ``max_prefetch_bytes`` are left out when they were
-        not written."""
+        """The JSON object; ``enabled``, ``max_prefetch_bytes`` and ``windows`` are left out
+        when they were not written."""
         written: dict[str, Any] = {"enabled": self.enabled} if self.enabled is not None else {}
         if self.max_prefetch_bytes is not None:
             written["max_prefetch_bytes"] = self.max_prefetch_bytes
+        windows = {"windows": list(self.windows)} if self.windows is not None else {}
         return {
             **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
             "sequence_parallel": self.sequence_parallel,
-            "windows": list(self.windows),
+            **windows,
         }
 
     def to_json(self) -> str:

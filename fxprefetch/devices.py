@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
+from fxprefetch.prediction import DeviceProfile
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -39,6 +40,8 @@ class DeviceSetup:
     l2: frozenset[str] = frozenset()  # native devices lowered to fxprefetch.prefetch_native
     cache_hint: str = "none"
     lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
+    # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
+    profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
 
 
 @functools.cache
@@ -58,13 +61,24 @@ def device_setup(
     cache_hint: str = "none",
 ) -> DeviceSetup:
     """The setup for ``target``: the inductor target turns on the CUDA prefetch where the
-    machine has one (with its window x bandwidth cap) and where it pays (see the module
-    docstring); ``cudagraphs``: the compiled graph is replayed as a CUDA graph."""
+    machine has one (with its window x bandwidth cap and the GPU's profile: window policy,
+    "auto" sizes, predictions, ``fxprefetch.device_profiles``) and where it pays (see the
+    module docstring); ``cudagraphs``: the compiled graph is replayed as a CUDA graph. The
+    npu target gets the Ascend profile where torch_npu names a known device."""
     caps: dict[str, int] = {}
+    profiles: dict[str, DeviceProfile] = {}
     if target == "inductor" and torch.cuda.is_available() and _native_cuda_prefetch():
         from fxprefetch.cuda_prefetch import default_cap
+        from fxprefetch.device_profiles import cuda_profile
 
         caps["cuda"] = default_cap()
+        profiles["cuda"] = cuda_profile()
+    if target == "npu":
+        from fxprefetch.device_profiles import npu_profile
+
+        found = npu_profile()
+        if found is not None:
+            profiles["npu"] = found
     native = set(native_prefetch_devices())
     l2 = native_l2_devices() & native if target == "inductor" else set()
     use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
@@ -83,5 +97,5 @@ def device_setup(
     l2 = l2 & native
     joins = l2 if cuda_lowering == "side_stream" else set()
     return DeviceSetup(
-        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering
+        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering, profiles
     )

@@ -33,6 +33,7 @@ def explain(
     model: torch.nn.Module | Callable[..., Any],
     *example_inputs: Any,
     config: WeightPrefetchConfig | dict | str | None = None,
+    device_profile: str | None = None,
     **example_kwargs: Any,
 ) -> list[PrefetchPlan]:
     """Plans of every graph ``model(*example_inputs, **example_kwargs)`` compiles to.
@@ -40,6 +41,10 @@ def explain(
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
     (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
+    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``) plans
+    as a compile on that device would: its default cap, its window policy (on a GPU,
+    ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
+    saving (a model, never a measurement).
     """
     opts = parse_options({"weight_prefetch_config": config} if config is not None else None)
     plans: list[PrefetchPlan] = []
@@ -47,7 +52,18 @@ def explain(
 
     rules = opts.rules if opts.rules is not None else current_rules()
     # the byte caps a compile for this target would use (CUDA: window x bandwidth)
-    device_caps = device_setup(resolve_target(opts.target)).caps
+    if device_profile is not None:
+        from fxprefetch.device_profiles import simulated_setup
+
+        weights_on = (
+            {p.device.type for p in model.parameters()}
+            if isinstance(model, torch.nn.Module)
+            else set()
+        )
+        setup = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
+    else:
+        setup = device_setup(resolve_target(opts.target))
+    device_caps, device_profiles = setup.caps, setup.profiles
 
     def backend(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         graph_inputs.update(id(t) for t in inputs if isinstance(t, torch.Tensor))
@@ -56,6 +72,7 @@ def explain(
             target="eager",
             rules=rules,
             device_caps=device_caps,
+            device_profiles=device_profiles,
             strict=True,
             record=False,
             source_names=placeholder_source_names(gm),

@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.ops import NATIVE_OP, prepare_native
 from fxprefetch.plan import PrefetchPlan
+from fxprefetch.prediction import DeviceProfile
 from passes.elide_hints import elide_hint_prefetches
 from passes.lower_npu import lower_prefetch_to_npu
 from passes.native_prefetch import lower_native_prefetches, partition_points
@@ -49,6 +50,9 @@ class PassContext:
     native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
     cache_hint: str = "none"  # the L2 cache hint of prefetch_native
     lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
+    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
+    device_profiles: Mapping[str, DeviceProfile] | None = None
+    split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         rules=ctx.rules,
         graph_name=ctx.graph_name,
         device_caps=ctx.device_caps,
+        device_profiles=ctx.device_profiles,
+        split_at_attention=ctx.split_at_attention,
         recompile=False,
     )
     return PassResult("plan_prefetches", len(plan.prefetched), plan)

@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_SCHEMA_VERSION = 2  # 2: span_bytes
+PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 class SkipReason(str, enum.Enum):
@@ -30,11 +31,31 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_WEIGHT = "weight is not a single parameter tensor"
     INDEXED_WEIGHT = "expert picked by a tensor index at run time"
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
+    WINDOW_TOO_SHORT = "window too short to hide any bytes (auto size, model)"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class PredictedSaving:
+    """What the prediction model (``fxprefetch.prediction``) says one prefetch hides on a
+    device profile. A model from public specs, never a measurement."""
+
+    device: str  # the profile's name
+    window_bytes: int  # bytes the window's ops read and write (from meta['val'] sizes)
+    window_kernels: int  # kernels the window launches (fused vector work, attention, ...)
+    window_us: float
+    shared_us: float  # the window's time taken by earlier prefetches behind the same window
+    transfer_us: float  # prefetch bytes / bandwidth
+    cost_us: float
+    hidden_us: float  # min(window_us - shared_us, transfer_us) - cost_us
+    auto_bytes: int | None = None  # what the window can hide, where the size was "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,8 @@ class LinearRecord:
     position: int = -1
     dependency_position: int | None = None
     window_start: int | None = None
+    # the prediction model's numbers for this prefetch, where a device profile is known
+    prediction: PredictedSaving | None = None
 
     def __post_init__(self) -> None:
         if self.span_bytes is None:
@@ -142,6 +165,10 @@ class PrefetchPlan:
             by_role=dict(Counter(r.role for r in done if r.role)),
         )
 
+    def predicted(self) -> PlanPrediction | None:
+        """The model's predicted saving per layer and per graph call; None without a profile."""
+        return predicted_saving([self])
+
     def summary_line(self) -> str:
         s = self.summary()
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(s.skipped.items()))
@@ -153,9 +180,13 @@ class PrefetchPlan:
             line += f"; skipped: {skipped}"
         if self.error:
             line += f"; pass failed: {self.error}"
+        predicted = self.predicted()
+        if predicted is not None:
+            line += f"; {predicted.line()}"
         return line
 
     def to_dict(self) -> dict[str, Any]:
+        predicted = self.predicted()
         return {
             "schema_version": PLAN_SCHEMA_VERSION,
             "graph": self.graph,
@@ -165,6 +196,7 @@ class PrefetchPlan:
             "error": self.error,
             "lowering": self.lowering,
             "summary": asdict(self.summary()),
+            "prediction": predicted.to_dict() if predicted is not None else None,
             "linears": [r.to_dict() for r in self.records],
         }
 
@@ -174,15 +206,17 @@ class PrefetchPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrefetchPlan:
         """Inverse of :meth:`to_dict`."""
-        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(f"unsupported plan schema version {data.get('schema_version')!r}")
         records = []
         for linear in data["linears"]:
+            prediction = linear.get("prediction")
             fields_ = {
                 **linear,
                 "weight_shape": tuple(linear["weight_shape"]),
                 "window": tuple(linear["window"]),
                 "crossed": tuple(linear["crossed"]),
+                "prediction": PredictedSaving(**prediction) if prediction else None,
             }
             records.append(LinearRecord(**fields_))
         return cls(
@@ -198,6 +232,51 @@ class PrefetchPlan:
     def table(self, fold: bool = False) -> str:
         """A fixed-width table, one row per linear (``fold`` merges identical layers)."""
         return render_table([self], fold=fold)
+
+
+@dataclass(frozen=True)
+class PlanPrediction:
+    """The model's predicted saving (µs) summed per layer and per graph call."""
+
+    device: str
+    prefetches: int
+    per_layer_us: dict[int, float]  # decoder layer -> µs hidden
+    other_us: float  # prefetches outside decoder layers
+    per_step_us: float  # the whole graph call (every graph, for several plans)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["per_layer_us"] = {str(k): v for k, v in self.per_layer_us.items()}
+        return d
+
+    def line(self) -> str:
+        return (
+            f"predicted saving on {self.device} (model): {self.per_step_us:.2f} µs per step "
+            f"from {self.prefetches} prefetches"
+        )
+
+
+def predicted_saving(plans: Sequence[PrefetchPlan]) -> PlanPrediction | None:
+    """Sum the records' predictions over ``plans``; None where no record has one."""
+    done = [r for p in plans for r in p.records if r.prefetched and r.prediction is not None]
+    if not done:
+        return None
+    per_layer: dict[int, float] = {}
+    other = 0.0
+    for r in done:
+        assert r.prediction is not None
+        if r.layer is None:
+            other += r.prediction.hidden_us
+        else:
+            per_layer[r.layer] = per_layer.get(r.layer, 0.0) + r.prediction.hidden_us
+    devices = sorted({r.prediction.device for r in done if r.prediction is not None})
+    return PlanPrediction(
+        device=",".join(devices),
+        prefetches=len(done),
+        per_layer_us=dict(sorted(per_layer.items())),
+        other_us=other,
+        per_step_us=sum(per_layer.values()) + other,
+    )
 
 
 def _fmt_bytes(n: int) -> str:
@@ -230,6 +309,7 @@ def _row(r: LinearRecord) -> tuple[str, ...]:
         "yes" if r.capped else "",
         f"{r.window_kind}: {window}" if r.prefetched else _reason(r),
         r.dependency or "",
+        f"{r.prediction.hidden_us:.2f}" if r.prediction is not None and r.prefetched else "",
     )
 
 
@@ -260,6 +340,7 @@ def _fold_key(r: LinearRecord) -> tuple[Any, ...]:
         r.window_kind,
         r.skip_reason,
         tuple(w.split("::")[-1] for w in r.window),
+        round(r.prediction.hidden_us, 2) if r.prediction is not None else None,
     )
 
 
@@ -290,6 +371,7 @@ def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
         "capped",
         "window / skip reason",
         "dependency",
+        "hides µs (model)",
     )
     rows: list[tuple[str, ...]] = []
     for plan in plans:
@@ -310,7 +392,12 @@ def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
                 )
             )
             module = _fold_key(members[0])[0] if len(members) > 1 else first[1]
-            rows.append((layer, module, *first[2:8], "" if len(members) > 1 else first[8]))
+            rows.append(
+                (layer, module, *first[2:8], "" if len(members) > 1 else first[8], first[9])
+            )
+    if not any(row[-1] for row in rows):  # no device profile: no prediction column
+        header = header[:-1]
+        rows = [row[:-1] for row in rows]
     widths = [
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
         for i, h in enumerate(header)

@@ -20,6 +20,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
+from fxprefetch.prediction import DeviceProfile
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
 
@@ -86,6 +87,8 @@ class GraphPlanner:
         native_l2: frozenset[str] = frozenset(),
         cache_hint: str = "none",
         lowering: Mapping[str, str] | None = None,
+        device_profiles: Mapping[str, DeviceProfile] | None = None,
+        split_at_attention: bool = False,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -100,6 +103,8 @@ class GraphPlanner:
         self.native_l2 = frozenset(native_l2)  # lowered to fxprefetch.prefetch_native
         self.cache_hint = cache_hint
         self.lowering = dict(sorted((lowering or {}).items()))  # device -> what it uses, why
+        self.device_profiles = dict(sorted((device_profiles or {}).items()))
+        self.split_at_attention = split_at_attention
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -139,6 +144,8 @@ class GraphPlanner:
             native_l2=self.native_l2,
             cache_hint=self.cache_hint,
             lowering=self.lowering,
+            device_profiles=self.device_profiles,
+            split_at_attention=self.split_at_attention,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

@@ -147,6 +147,8 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             native_l2=devices.l2,
             cache_hint=devices.cache_hint,
             lowering=devices.lowering,
+            device_profiles=devices.profiles,
+            split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
         )
 
     def __call__(self, graph: Graph | GraphModule) -> None:
@@ -172,6 +174,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             ",".join(sorted(devices.l2)),
             devices.cache_hint,
             json.dumps(dict(devices.lowering), sort_keys=True),
+            repr(sorted((k, p.key()) for k, p in devices.profiles.items())),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 

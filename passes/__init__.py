@@ -3,7 +3,8 @@
 - :mod:`passes.rules`: every table the pass decides by, as one frozen value;
 - :mod:`passes.linears` / :mod:`passes.weight_trace`: which stored weight each linear reads;
 - :mod:`passes.roles`: the role of each weight;
-- :mod:`passes.windows`: the vector work a prefetch hides behind, and its dependency;
+- :mod:`passes.windows`: the vector work (or attention) a prefetch hides behind, and its
+  dependency; :mod:`passes.window_cost`: the bytes a window moves (the prediction's input);
 - :mod:`passes.sizing`: bytes = ratio x weight, capped;
 - :mod:`passes.weight_prefetch`: the planning pass, which inserts the prefetches;
 - lowering steps, run per target by :mod:`fxprefetch.pipeline`: :func:`lower_prefetch_to_npu`,
@@ -24,6 +25,7 @@ from passes.rules import (
     PrefetchRules,
     add_role_rule,
     current_rules,
+    register_attention_op,
     register_barrier_op,
     register_linear_op,
     register_transparent_op,
@@ -48,6 +50,7 @@ __all__ = [
     "elide_hint_prefetches",
     "find_linears",
     "lower_prefetch_to_npu",
+    "register_attention_op",
     "register_barrier_op",
     "register_linear_op",
     "register_transparent_op",

@@ -26,9 +26,14 @@ from fxprefetch.config import ROLES
 from passes import collectives as _collectives
 from passes.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
 from passes.roles import DEFAULT_ROLE_RULES, RoleRule
-from passes.vector_ops import DEFAULT_BARRIER_OPS, DEFAULT_TRANSPARENT_OPS, DEFAULT_VECTOR_OPS
+from passes.vector_ops import (
+    DEFAULT_ATTENTION_OPS,
+    DEFAULT_BARRIER_OPS,
+    DEFAULT_TRANSPARENT_OPS,
+    DEFAULT_VECTOR_OPS,
+)
 
-OpKind = Literal["vector", "transparent", "barrier"]
+OpKind = Literal["vector", "transparent", "barrier", "attention"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class PrefetchRules:
     vector_ops: frozenset[str] = DEFAULT_VECTOR_OPS
     transparent_ops: frozenset[str] = DEFAULT_TRANSPARENT_OPS
     barrier_ops: frozenset[str] = DEFAULT_BARRIER_OPS
+    attention_ops: frozenset[str] = DEFAULT_ATTENTION_OPS  # barriers an attention window crosses
     all_gather_ops: frozenset[str] = _collectives.ALL_GATHER
     reduce_scatter_ops: frozenset[str] = _collectives.REDUCE_SCATTER
     wait_ops: frozenset[str] = _collectives.WAIT
@@ -73,6 +79,7 @@ class PrefetchRules:
                         self.wait_ops,
                         self.collective_ops,
                         self.sequence_parallel_roles,
+                        self.attention_ops,
                     )
                 ),
                 repr(self.role_rules),
@@ -105,14 +112,17 @@ class PrefetchRules:
         return replace(self, linear_ops=tuple(sorted(table.items())), _cache={})
 
     def with_op_kind(self, qualified_name: str, kind: OpKind) -> PrefetchRules:
-        """Count ``qualified_name`` as vector work, transparent, or a barrier to the walk."""
+        """Count ``qualified_name`` as vector work, transparent, a barrier to the walk, or
+        attention (a barrier that an attention window crosses)."""
         _check_op_name(qualified_name)
-        if kind not in ("vector", "transparent", "barrier"):
-            raise ValueError(f"kind must be 'vector', 'transparent' or 'barrier', got {kind!r}")
+        kinds = ("vector", "transparent", "barrier", "attention")
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
         sets = {
             "vector": self.vector_ops - {qualified_name},
             "transparent": self.transparent_ops - {qualified_name},
             "barrier": self.barrier_ops - {qualified_name},
+            "attention": self.attention_ops - {qualified_name},
         }
         sets[kind] = sets[kind] | {qualified_name}
         return replace(
@@ -120,6 +130,7 @@ class PrefetchRules:
             vector_ops=sets["vector"],
             transparent_ops=sets["transparent"],
             barrier_ops=sets["barrier"],
+            attention_ops=sets["attention"],
             _cache={},
         )
 
@@ -191,6 +202,11 @@ def register_transparent_op(qualified_name: str) -> None:
 def register_barrier_op(qualified_name: str) -> None:
     """Stop the walk at ``qualified_name`` even if its tags say pointwise."""
     _update(lambda r: r.with_op_kind(qualified_name, "barrier"))
+
+
+def register_attention_op(qualified_name: str) -> None:
+    """Count ``qualified_name`` as attention: a barrier that attention windows cross."""
+    _update(lambda r: r.with_op_kind(qualified_name, "attention"))
 
 
 def add_role_rule(pattern: str, role: str | None, why: str = "user rule") -> None:

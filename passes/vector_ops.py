@@ -184,6 +184,36 @@ DEFAULT_BARRIER_OPS: frozenset[str] = frozenset(
     }
 )
 
+# Attention: a barrier to the vector walk, and the window of an attention window (the prefetch
+# of o_proj starts before attention and is joined after it; see passes/windows.py). Only
+# where fork and join stay in one graph: vLLM splits its graphs at attention.
+DEFAULT_ATTENTION_OPS: frozenset[str] = frozenset(
+    {
+        *(
+            f"aten::{name}"
+            for name in (
+                "scaled_dot_product_attention",
+                "_scaled_dot_product_flash_attention",
+                "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_efficient_attention",
+                "_scaled_dot_product_cudnn_attention",
+                "_scaled_dot_product_fused_attention_overrideable",
+                "_flash_attention_forward",
+                "_efficient_attention_forward",
+            )
+        ),
+        "flex_attention",  # torch.ops.higher_order.flex_attention
+        "flash_attn::_flash_attn_forward",
+        "flash_attn::_flash_attn_varlen_forward",
+        "vllm::unified_attention",
+        "vllm::unified_attention_with_output",
+        "vllm::unified_mla_attention_with_output",
+        "npu::npu_fused_infer_attention_score",
+        "npu::npu_incre_flash_attention",
+        "npu::npu_prompt_flash_attention",
+    }
+)
+
 _VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
 
 
@@ -209,7 +239,7 @@ def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
     if node.target is operator.getitem:
         return NodeKind.TRANSPARENT
     name = op_name(node)
-    if name in rules.barrier_ops:
+    if name in rules.barrier_ops or name in rules.attention_ops:
         return NodeKind.BARRIER
     if name in rules.transparent_ops:
         return NodeKind.TRANSPARENT

@@ -20,16 +20,18 @@ from collections.abc import Mapping
 
 from torch.fx import Graph, GraphModule, Node
 
-from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.config import DEFAULT_WINDOWS, WeightPrefetchConfig
 from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
-from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
+from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
+from fxprefetch.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
 from passes.collectives import has_sequence_parallel_collectives
 from passes.graph_utils import finalize, op_name, tensor_value
 from passes.linears import LinearUse, find_linears
 from passes.roles import assign_roles, layer_index
 from passes.rules import PrefetchRules, current_rules
 from passes.sizing import prefetch_bytes
-from passes.windows import Window, find_window
+from passes.window_cost import window_traffic
+from passes.windows import Window, attention_matmuls, find_window
 
 logger = logging.getLogger("fxprefetch")
 
@@ -55,6 +57,8 @@ def run_weight_prefetch(
     rules: PrefetchRules | None = None,
     graph_name: str = "graph",
     device_caps: Mapping[str, int] | None = None,
+    device_profiles: Mapping[str, DeviceProfile] | None = None,
+    split_at_attention: bool = False,
     recompile: bool = True,
 ) -> PrefetchPlan:
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
@@ -64,7 +68,11 @@ def run_weight_prefetch(
     a weight. ``rules`` defaults to :func:`passes.rules.current_rules`. ``recompile=False``
     leaves regenerating ``gm.code`` to the caller (inductor does it after its passes).
     ``device_caps``: device type -> byte cap, for weights on that device when the config
-    writes no ``max_prefetch_bytes``.
+    writes no ``max_prefetch_bytes``. ``device_profiles``: device type -> the profile of the
+    device the weights run on (``fxprefetch.prediction``): it decides the window policy (on
+    a GPU, ``mlp.down`` is an ordinary vector window and attention is a window), sizes
+    ``"auto"`` prefetches and predicts each saving. ``split_at_attention``: the caller splits
+    graphs at attention (vLLM), so attention windows are off whatever the config says.
     """
     rules = rules if rules is not None else current_rules()
     graph = gm.graph
@@ -79,10 +87,20 @@ def run_weight_prefetch(
     uses = find_linears(graph, weight_names, rules)
     assign_roles(uses, rules)
     already = _existing_prefetches(graph)
-    collective_windows = "collective" in config.windows
-    windows: dict[tuple[Node, ...], Window | None] = {}
+    profiles = device_profiles or {}
+    attention_like = attention_matmuls([u.node for u in uses if u.skip is SkipReason.NOT_A_WEIGHT])
+    windows: dict[tuple, Window | None] = {}
+    traffic: dict[int, WindowTraffic | None] = {}
+    shared_us: dict[tuple, float] = {}  # per window: transfer time of the prefetches behind it
+    unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
     inserts: list[tuple[LinearUse, Window, int, int, dict]] = []
     records: list[LinearRecord | None] = []
+    if split_at_attention and config.windows is not None and "attention" in config.windows:
+        logger.warning(
+            "%s: attention windows are off here: this graph is split at attention, so a "
+            "prefetch could not rejoin before o_proj",
+            graph_name,
+        )
 
     for use in uses:
         base = {
@@ -100,12 +118,22 @@ def run_weight_prefetch(
             "position": index[use.node],
             "note": use.note,
         }
-        skip = _precheck(use, config, rules, sequence_parallel, already)
+        device = _device_type(use.root)
+        profile = profiles.get(device) if device is not None else None
+        skip = _precheck(use, config, rules, sequence_parallel, already, profile)
         window = None
         if skip in (None, SkipReason.ZERO_RATIO, SkipReason.NEEDS_SEQUENCE_PARALLEL):
-            if use.starts not in windows:
-                windows[use.starts] = find_window(use.starts, index, rules, collective_windows)
-            window = windows[use.starts]
+            kinds = _window_kinds(config, profile, split_at_attention)
+            key = (use.starts, "collective" in kinds, "attention" in kinds)
+            if key not in windows:
+                windows[key] = find_window(
+                    use.starts,
+                    index,
+                    rules,
+                    collective_windows="collective" in kinds,
+                    attention=attention_like if "attention" in kinds else None,
+                )
+            window = windows[key]
             if window is not None:
                 base.update(
                     window=window.op_names(),
@@ -113,23 +141,46 @@ def run_weight_prefetch(
                     dependency=window.dependency.name,
                     dependency_op=op_name(window.dependency),
                     dependency_position=index.get(window.dependency),
-                    window_start=min((index[n] for n in window.vector_ops), default=None),
+                    window_start=min((index[n] for n in window.ops), default=None),
                     crossed=tuple(op_name(n) for n in window.crossed),
                 )
-            if skip is None and (
-                window is None or (not window.vector_ops and window.collective is None)
-            ):
+            if skip is None and (window is None or window.empty):
                 skip = SkipReason.EMPTY_WINDOW
         if skip is not None:
             records.append(LinearRecord(**base, ratio=_ratio(use, config), skip_reason=skip))
             continue
+        assert window is not None
         ratio = config.ratio(use.role)
-        cap = config.cap((device_caps or {}).get(_device_type(use.root)))
+        cap = config.cap((device_caps or {}).get(device))
+        moved = None
+        if profile is not None:
+            if id(window) not in traffic:
+                traffic[id(window)] = window_traffic(window, rules)
+            moved = traffic[id(window)]
+        auto = config.auto_cap or config.auto_ratio(use.role)
+        hideable = None
+        share_key = (window.dependency, *window.ops)  # q, k, v: equal windows, one window
+        shared = shared_us.get(share_key, 0.0)
+        if auto and moved is not None and profile is not None:
+            hideable = hideable_bytes(profile, moved, shared)
+            cap = hideable if config.auto_cap else min(cap, hideable)
+        elif auto:
+            why = (
+                f"weights on {device!r} have no device profile"
+                if profile is None
+                else "a window's sizes are symbolic"
+            )
+            unsized.setdefault(why, []).append(use.node.name)
         size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
         if size <= 0:
-            records.append(LinearRecord(**base, ratio=ratio, skip_reason=SkipReason.ZERO_BYTES))
+            reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
+            records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         base.update(ratio=ratio, prefetch_bytes=size, capped=capped)
+        if moved is not None and profile is not None:
+            prediction = _prediction(profile, moved, size, hideable, shared)
+            shared_us[share_key] = shared + prediction.transfer_us
+            base["prediction"] = prediction
         records.append(None)  # filled once the node exists
         inserts.append((use, window, size, len(records) - 1, base))
 
@@ -138,6 +189,14 @@ def run_weight_prefetch(
         node = _insert_prefetch(graph, use, window, size, index, last_at_anchor)
         records[slot] = LinearRecord(**base, prefetch_node=node.name)
     plan.records = [r for r in records if r is not None]
+    for why, linears in unsized.items():
+        logger.warning(
+            '%s: %d prefetches are sized "auto" but %s: they use the cap (%s)',
+            graph_name,
+            len(linears),
+            why,
+            ", ".join(linears),
+        )
     if inserts:
         finalize(gm, recompile)
     logger.info("%s", plan.summary_line())
@@ -148,12 +207,42 @@ def _ratio(use: LinearUse, config: WeightPrefetchConfig) -> float | None:
     return config.ratio(use.role) if use.role is not None else None
 
 
+def _window_kinds(
+    config: WeightPrefetchConfig, profile: DeviceProfile | None, split_at_attention: bool
+) -> tuple[str, ...]:
+    """The written window kinds, else the device's: attention too on a GPU. Never attention
+    where the caller splits graphs at attention."""
+    default = DEFAULT_WINDOWS
+    if profile is not None and profile.attention_windows:
+        default = (*DEFAULT_WINDOWS, "attention")
+    kinds = config.window_kinds(default)
+    return tuple(k for k in kinds if k != "attention") if split_at_attention else kinds
+
+
+def _prediction(
+    profile: DeviceProfile, moved: WindowTraffic, size: int, hideable: int | None, shared: float
+) -> PredictedSaving:
+    saving = predict(profile, moved, size, shared)
+    return PredictedSaving(
+        device=profile.name,
+        window_bytes=moved.nbytes,
+        window_kernels=moved.kernels,
+        window_us=saving.window_us,
+        shared_us=shared,
+        transfer_us=saving.transfer_us,
+        cost_us=saving.cost_us,
+        hidden_us=saving.hidden_us,
+        auto_bytes=hideable,
+    )
+
+
 def _precheck(
     use: LinearUse,
     config: WeightPrefetchConfig,
     rules: PrefetchRules,
     sequence_parallel: bool,
     already: set[str],
+    profile: DeviceProfile | None = None,
 ) -> SkipReason | None:
     if use.skip is not None:
         return use.skip
@@ -163,7 +252,9 @@ def _precheck(
         return SkipReason.DISABLED
     if config.ratio(use.role) == 0:
         return SkipReason.ZERO_RATIO
-    if use.role in rules.sequence_parallel_roles and not sequence_parallel:
+    # vllm-ascend's rule: on Ascend (and where no profile says otherwise); not on a GPU
+    sp_rule = profile is None or profile.sequence_parallel_rule
+    if sp_rule and use.role in rules.sequence_parallel_roles and not sequence_parallel:
         return SkipReason.NEEDS_SEQUENCE_PARALLEL
     if use.node.name in already:
         return SkipReason.ALREADY_PREFETCHED

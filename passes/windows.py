@@ -2,14 +2,18 @@
 
 Walk back from the linear's activations in reverse graph order: vector ancestors form the
 window, views are transparent, the first other ancestor is the dependency (see the README's
-table). The walk crosses a collective when vector work lies behind it. It stops at the
-dependency, so the pass is linear in the size of the graph.
+table). The walk crosses a collective when vector work lies behind it. With attention
+windows on, it also crosses attention (SDPA, flash attention, vLLM's attention op, and the
+matmuls of two computed operands that a math attention decomposes into): the attention joins
+the window and the walk goes on behind it, so o_proj's prefetch starts before attention. It
+stops at the dependency, so the pass is linear in the size of the graph.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch.fx import Node
@@ -23,23 +27,43 @@ from passes.vector_ops import NodeKind, classify
 @dataclass
 class Window:
     dependency: Node  # the node the prefetch follows (a tensor-valued node)
-    vector_ops: list[Node] = field(default_factory=list)
+    ops: list[Node] = field(default_factory=list)  # the window's work, reverse graph order
     collective: Node | None = None  # set when a collective window hides the prefetch
     crossed: tuple[Node, ...] = ()  # collectives walked through to reach vector work
+    attention: tuple[Node, ...] = ()  # attention ops in ``ops`` (an attention window)
+
+    @property
+    def vector_ops(self) -> list[Node]:
+        """The vector work of the window (its ops less the attention)."""
+        return [n for n in self.ops if n not in self.attention]
 
     @property
     def kind(self) -> str:
-        return "collective" if self.collective is not None else "vector"
+        if self.collective is not None:
+            return "collective"
+        return "attention" if self.attention else "vector"
+
+    @property
+    def empty(self) -> bool:
+        return not self.ops and self.collective is None
 
     def op_names(self) -> tuple[str, ...]:
-        ops = [op_name(n) for n in reversed(self.vector_ops)]
+        ops = [op_name(n) for n in reversed(self.ops)]
         if self.collective is not None:
             ops.insert(0, op_name(self.collective))
         return tuple(ops)
 
 
-def _walk(starts: Sequence[Node], index: Mapping[Node, int], rules: PrefetchRules) -> Window | None:
-    """Walk back from ``starts`` in reverse graph order to the first barrier or leaf."""
+def _walk(
+    starts: Sequence[Node],
+    index: Mapping[Node, int],
+    rules: PrefetchRules,
+    attention: Collection[Node] | None = None,
+) -> Window | None:
+    """Walk back from ``starts`` in reverse graph order to the first barrier or leaf.
+
+    ``attention``: None when attention windows are off; else extra nodes to cross as
+    attention (a math attention's matmuls) beside the rules' attention ops."""
     heap: list[tuple[int, str, Node]] = []
     seen: set[Node] = set()
     via: dict[Node, Node] = {}
@@ -53,7 +77,8 @@ def _walk(starts: Sequence[Node], index: Mapping[Node, int], rules: PrefetchRule
 
     for start in starts:
         push(start, None)
-    vector_ops: list[Node] = []
+    ops: list[Node] = []
+    crossed: list[Node] = []
     leaf: Node | None = None
     while heap:
         _, _, node = heapq.heappop(heap)
@@ -64,14 +89,21 @@ def _walk(starts: Sequence[Node], index: Mapping[Node, int], rules: PrefetchRule
             leaf = leaf or node
             continue
         if kind is NodeKind.BARRIER:
-            return Window(_tensor_of(node, via), vector_ops)
+            if attention is None or not _is_attention(node, rules, attention):
+                return Window(_tensor_of(node, via), ops, attention=tuple(crossed))
+            crossed.append(node)
+            ops.append(node)
         if kind is NodeKind.VECTOR:
-            vector_ops.append(node)
+            ops.append(node)
         for inp in node.all_input_nodes:
             push(inp, node)
     if leaf is None:
         return None
-    return Window(_tensor_of(leaf, via), vector_ops)
+    return Window(_tensor_of(leaf, via), ops, attention=tuple(crossed))
+
+
+def _is_attention(node: Node, rules: PrefetchRules, extra: Collection[Node]) -> bool:
+    return node in extra or op_name(node) in rules.attention_ops
 
 
 def find_window(
@@ -79,25 +111,32 @@ def find_window(
     index: Mapping[Node, int],
     rules: PrefetchRules,
     collective_windows: bool = False,
+    attention: Collection[Node] | None = None,
 ) -> Window | None:
     """The vector work before the linear's activations, and the node the prefetch follows.
 
     The walk crosses a collective when vector work lies behind it (sequence parallelism puts
     an all-gather between the norm and qkv): the window is that vector work, and the prefetch
     starts before it, overlapping the norm and the collective. A collective with nothing but
-    a barrier behind it ends the walk, unless collective windows are on.
+    a barrier behind it ends the walk, unless collective windows are on. ``attention`` (None:
+    attention windows off) lists matmuls to cross as attention beside the rules' attention
+    ops; see :func:`attention_matmuls`.
     """
-    window = _walk(starts, index, rules)
+    window = _walk(starts, index, rules, attention)
     crossed: list[Node] = []
     while window is not None:
         collective = _collective_at(window.dependency, rules)
         if collective is None or collective in crossed:
             break
-        behind = _walk(_collective_inputs(collective), index, rules)
+        behind = _walk(_collective_inputs(collective), index, rules, attention)
         if behind is None or not behind.vector_ops:
             break
         crossed.append(collective)
-        window = Window(behind.dependency, window.vector_ops + behind.vector_ops)
+        window = Window(
+            behind.dependency,
+            window.ops + behind.ops,
+            attention=window.attention + behind.attention,
+        )
     if window is None:
         return None
     window.crossed = tuple(crossed)
@@ -148,4 +187,23 @@ def _collective_window(window: Window, rules: PrefetchRules) -> Window:
     inputs = _collective_inputs(collective)
     if not inputs:
         return window
-    return Window(inputs[0], window.vector_ops, collective, window.crossed)
+    return Window(inputs[0], window.ops, collective, window.crossed, window.attention)
+
+
+def attention_matmuls(matmuls: Sequence[Node]) -> frozenset[Node]:
+    """The matmuls whose operands are both computed (``q @ k.T``, ``p @ v``): what attention
+    decomposes into where no fused attention op is used (math SDPA, eager attention)."""
+
+    def computed(value: object) -> bool:
+        node = value
+        while isinstance(node, Node) and node.op == "call_function":
+            if node.target is operator.getitem or len(node.all_input_nodes) != 1:
+                break
+            node = node.all_input_nodes[0]  # look through views of an input
+        return isinstance(node, Node) and node.op == "call_function"
+
+    return frozenset(
+        n
+        for n in matmuls
+        if len(n.all_input_nodes) >= 2 and all(computed(i) for i in n.all_input_nodes)
+    )

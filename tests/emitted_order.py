@@ -57,8 +57,8 @@ def check_fork_window_join_gemm(events: list[Event]) -> int:
     - no vector kernel sits between the previous barrier (a GEMM, an extern call, another
       fork or join, or the graph start) and the fork, except the one computing the fork's
       dependency (a buffer the fork names): none was moved ahead of it;
-    - its join follows, with at least one vector kernel in between and nothing reading the
-      weight;
+    - its join follows, with window work in between (a vector kernel, or the extern call of
+      an attention window) and nothing reading the weight;
     - the first reader of the weight after the join is a GEMM, with no kernel between join
       and GEMM that computes the GEMM's input (the window's tail is not left after the join).
 
@@ -76,7 +76,8 @@ def check_fork_window_join_gemm(events: list[Event]) -> int:
         )
         assert join is not None, f"fork of {weight}: no join"
         between = events[i + 1 : join]
-        assert any(e.kind == "kernel" for e in between), f"{weight}: empty window {between}"
+        work = [e for e in between if e.kind in ("kernel", "extern")]
+        assert work, f"{weight}: empty window {between}"
         assert all(weight not in e.reads for e in between), f"{weight} read before its join"
         gemm = next(k for k in range(join + 1, len(events)) if weight in events[k].reads)
         assert events[gemm].kind == "gemm", f"{weight}: first reader after the join: {events[gemm]}"

@@ -4,6 +4,7 @@ JSON with its goal. (Numbers are recorded in benchmarks/README.md, never asserte
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,92 @@ def test_gpu_bench_goals_read_from_rows(gpu_bench):
         "layers": True,
     }
     assert gpu_bench.goals_met([], [])["layers"] is None
+
+
+# -- issue #21: 4 prefetches per layer on a GPU, predicted beside measured ---------------------
+
+GPU_ROLES = ["attn.o", "attn.qkv", "mlp.down", "mlp.gate_up"]
+
+
+def test_the_llama_decoder_plans_four_prefetches_per_layer_on_a_gpu_profile(gpu_bench):
+    """Llama-3-8B shapes on the meta device, planned as on an H200: qkv behind the norm, o
+    behind attention, gate/up behind the norm, down behind SiLU-and-mul. On Ascend, down
+    needs sequence parallelism and attention is no window."""
+    import torch
+
+    import fxprefetch
+
+    model = gpu_bench.Decoder(2, gpu_bench.LLAMA3_8B).to(device="meta", dtype=torch.bfloat16)
+    shapes = gpu_bench.LLAMA3_8B
+    x = torch.empty(1, shapes["hidden"], device="meta", dtype=torch.bfloat16)
+    dim = shapes["hidden"] // shapes["heads"]
+    cache = (1, shapes["kv_heads"], shapes["past"], dim)
+    caches = [
+        tuple(torch.empty(cache, device="meta", dtype=torch.bfloat16) for _ in "kv")
+        for _ in range(2)
+    ]
+    (plan,) = fxprefetch.explain(model, x, caches, device_profile="h200")
+    for layer in (0, 1):
+        done = [r for r in plan.prefetched if r.layer == layer]
+        assert sorted(r.role for r in done) == GPU_ROLES
+        assert {r.role: r.window_kind for r in done}["attn.o"] == "attention"
+        assert all(r.prediction is not None and r.prediction.device == "h200" for r in done)
+    assert plan.predicted().per_step_us > 0
+    (ascend,) = fxprefetch.explain(model, x, caches, device_profile="ascend-910b")
+    assert not any(r.window_kind == "attention" for r in ascend.prefetched)
+    assert all(
+        r.skip_reason == fxprefetch.SkipReason.NEEDS_SEQUENCE_PARALLEL
+        for r in ascend.by_role("mlp.down")
+    )
+
+
+def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
+    gpu_bench, monkeypatch, fresh_dynamo
+):
+    """The layer part compiled with the H200's device setup (the CPU standing in, with a
+    native prefetch and join): 4 prefetches per layer ran per step, every fork joined, and
+    each row carries the model's predicted saving beside the measured one."""
+    import torch
+
+    import fxprefetch
+    from fxprefetch import backend, ops
+    from fxprefetch.device_profiles import simulated_setup
+
+    events: list[str] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: events.append("fork"))
+    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda *args: events.append("join"))
+    monkeypatch.setattr(
+        backend, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
+    )
+    shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
+    rows = gpu_bench.layers(
+        True, device="cpu", shapes=shapes, dtype=torch.float32, mode="default", caps=[None]
+    )
+    ours = next(r for r in rows if r["variant"] == "prefetch, default cap")
+    assert ours["prefetches_per_layer"] == 4 and ours["prefetches_per_step"] == 8
+    assert events.count("fork") == events.count("join") > 0
+    assert ours["predicted_saved_us"] is not None and ours["predicted_device"] == "h200"
+    (plan,) = fxprefetch.last_plans()
+    assert sorted(r.role for r in plan.prefetched) == sorted(GPU_ROLES * 2)
+    table = gpu_bench.layer_table(rows, 1)
+    assert "predicted" in table and "prefetch, default cap" in table
+
+
+def test_gpu_check_runs_start_to_end_without_a_gpu_and_says_what_it_would_run(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DRY": "1"}
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    for part in ("install", "gpu_tests", "bench_micro", "bench_b1", "bench_b16"):
+        assert f"would run {part} (budget" in summary, summary
+    assert "-m gpu tests/test_cuda_prefetch.py" in summary
+    assert "--only layers --check --batch 16" in summary
+    assert json.loads((tmp_path / "facts.json").read_text())["torch"]
+    assert summary.splitlines()[-1].startswith("gpu_check: done")

@@ -438,3 +438,24 @@ def test_schema_check_agrees_with_jsonschema():
         assert bool(ours) == (not validator.is_valid(data)) == (case != "bogus skip reason")
     with pytest.raises(SchemaError, match="'pattern' is not supported"):
         schema_errors("x", {"pattern": "^a"})
+
+
+def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
+    """Issue #21: `fxprefetch plan --device h200 --tokens 1`: the GPU's windows (o behind
+    attention, down behind SiLU-and-mul) and the model's saving per layer and per step."""
+    assert (
+        main(["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "hides µs (model)" in out and "attention:" in out
+    assert "prediction on h200" in out and "not a measurement" in out
+    assert "per layer:" in out and "per step:" in out
+    path = tmp_path / "plan.json"
+    argv = ["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]
+    assert main([*argv, "--format", "json", "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, SCHEMA)
+    (plan,) = data["plans"]
+    assert plan["schema_version"] == 2 and plan["prediction"]["device"] == "h200"
+    assert all(r["prediction"] is not None for r in plan["linears"] if r["prefetch_node"])
+    assert main([*argv[:-3], "--device", "h300"]) == 2  # not a profile: a usage error

@@ -31,7 +31,13 @@ def test_defaults_are_the_guides():
     written = WeightPrefetchConfig.from_dict({"max_prefetch_bytes": 4096})
     assert written.cap(device_cap=8 << 20) == 4096  # a written cap always wins
     assert cfg.sequence_parallel is False
-    assert cfg.windows == ("vector",)
+    # windows, not written: the device's own (vector windows, plus attention on a GPU)
+    assert cfg.windows is None and "windows" not in cfg.to_dict()
+    assert cfg.window_kinds() == ("vector",)
+    assert cfg.window_kinds(("vector", "attention")) == ("vector", "attention")
+    written = WeightPrefetchConfig.from_dict({"windows": ["vector"]})
+    assert written.window_kinds(("vector", "attention")) == ("vector",)  # written wins
+    assert written.digest != cfg.digest
 
 
 def test_guide_examples_parse():
@@ -411,3 +417,34 @@ def test_deeply_nested_json_is_a_config_error(depth):
         WeightPrefetchConfig.from_json(nested)
     with pytest.raises(ConfigError):
         WeightPrefetchConfig.from_additional_config('{"x": ' + "[" * depth + "]" * depth + "}")
+
+
+# -- issue #21: "auto" sizes and attention windows ---------------------------------------------
+
+
+def test_auto_sizes_are_validated_and_digest_covered():
+    auto = WeightPrefetchConfig.from_dict(
+        {"max_prefetch_bytes": "auto", "prefetch_ratio": {"mlp": {"down": "auto"}}}
+    )
+    assert auto.auto_cap and auto.auto_ratio("mlp.down") and not auto.auto_ratio("mlp.gate_up")
+    assert auto.ratio("mlp.down") == 1.0  # up to the whole weight, as the window allows
+    assert auto.cap(device_cap=4096) == 4096  # the fallback where no profile says more
+    assert WeightPrefetchConfig.from_json(auto.to_json()) == auto
+    assert len({auto.digest, WeightPrefetchConfig().digest}) == 2
+    for bad, path in (
+        ({"max_prefetch_bytes": "Auto"}, "weight_prefetch_config.max_prefetch_bytes"),
+        (
+            {"prefetch_ratio": {"attn": {"o": "max"}}},
+            "weight_prefetch_config.prefetch_ratio.attn.o",
+        ),
+    ):
+        with pytest.raises(ConfigError, match='or "auto"') as err:
+            WeightPrefetchConfig.from_dict(bad)
+        assert err.value.path == path
+
+
+def test_attention_windows_are_a_window_kind_that_widens_vector_windows():
+    cfg = WeightPrefetchConfig.from_dict({"windows": ["attention", "vector", "collective"]})
+    assert cfg.windows == ("vector", "collective", "attention")
+    with pytest.raises(ConfigError, match=r'\["vector", "attention"\]'):
+        WeightPrefetchConfig.from_dict({"windows": ["attention"]})

@@ -32,7 +32,17 @@ from synthetic import SynthModel, SynthSpec
 from tracing import run_synth_pipeline
 
 triton = pytest.importorskip("triton")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def needs_gpu(test):
+    """A GPU test: ``pytest -m gpu`` selects it (benchmarks/gpu_check.sh); skips without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+# on a GPU every decoder layer has 4 windows: the norm (qkv), attention (o), the norm
+# (gate/up) and SiLU-and-mul (down; only with sequence parallelism on Ascend)
+GPU_ROLES_PER_LAYER = ("attn.o", "attn.qkv", "mlp.down", "mlp.gate_up")
 
 
 def _sass(kernel) -> str:
@@ -375,13 +385,15 @@ def test_outputs_equal_plain_inductor_and_capture_works(mode, lowering, fresh_dy
             kernels = _prefetch_kernels_run(lambda: ours(ids))
     torch.testing.assert_close(out, expected)
     (plan, *_) = fxprefetch.last_plans()
-    assert len(plan.prefetched) == 4
+    assert sorted(r.role for r in plan.prefetched) == sorted(GPU_ROLES_PER_LAYER * 2)
+    assert all(r.prediction is not None for r in plan.prefetched)  # the GPU's profile
+    planned = len(plan.prefetched)
     if mode == "default":  # "auto": no CUDA graphs, so hints, left out of the code
-        assert kernels == 0 and ran.calls == 0 and ran.hints == 4
+        assert kernels == 0 and ran.calls == 0 and ran.hints == planned
         assert plan.lowering.startswith("hints")
     else:
-        assert kernels == 4  # the prefetch kernels really ran, in the replay
-        assert ran.calls == 4  # counted once per graph call
+        assert kernels == planned  # the prefetch kernels really ran, in the replay
+        assert ran.calls == planned  # counted once per graph call
         assert "native L2 prefetch" in plan.lowering
 
 
@@ -398,7 +410,7 @@ def test_native_prefetch_always_runs_kernels_in_default_mode(fresh_dynamo):
         ours(ids)
         with fxprefetch.collect_stats() as ran:
             kernels = _prefetch_kernels_run(lambda: ours(ids))
-    assert kernels == ran.calls == 4
+    assert kernels == ran.calls == len(GPU_ROLES_PER_LAYER) * 2
 
 
 @needs_gpu
@@ -442,7 +454,7 @@ def test_generated_code_orders_fork_window_join_gemm(fresh_dynamo):
     compiled = torch.compile(model, backend="npu_prefetch", options=options)
     with torch.no_grad():
         _, (code, *_) = run_and_get_code(compiled, ids)
-    assert check_fork_window_join_gemm(emitted_events(code)) == 4, code
+    assert check_fork_window_join_gemm(emitted_events(code)) == 8, code
 
 
 # -- inductor's real scheduler, on the CPU -------------------------------------------------------
@@ -551,6 +563,37 @@ def test_inductor_emits_fork_window_join_gemm_on_the_cpu(
     forks = check_fork_window_join_gemm(emitted_events(code))
     assert forks == len(plan.prefetched) > 0
     assert [k for k, _ in cpu_side_stream].count("fork") == forks  # all ran, in order
+    _balanced(cpu_side_stream)
+
+
+@pytest.mark.compile
+def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
+    cpu_side_stream, fresh_dynamo, monkeypatch
+):
+    """Issue #21: with a GPU's device setup (an H200's, the CPU standing in), o_proj hides
+    behind attention and down_proj behind SiLU-and-mul: 4 forks per layer, each fork ->
+    window -> join -> GEMM in the code inductor emits, every fork closed, outputs equal."""
+    from torch._inductor.utils import run_and_get_code
+
+    import fxprefetch
+    from fxprefetch import backend
+    from fxprefetch.device_profiles import simulated_setup
+
+    monkeypatch.setattr(
+        backend, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
+    )
+    model = SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, ids)
+        expected = model(ids)
+    torch.testing.assert_close(out, expected)
+    (plan,) = fxprefetch.last_plans()
+    assert sorted(r.role for r in plan.prefetched) == sorted(GPU_ROLES_PER_LAYER * 2)
+    assert {r.window_kind for r in plan.by_role("attn.o")} == {"attention"}
+    assert check_fork_window_join_gemm(emitted_events(code)) == 8
+    assert [k for k, _ in cpu_side_stream].count("fork") == 8
     _balanced(cpu_side_stream)
 
 

@@ -273,6 +273,115 @@ def test_collective_window_starts_at_the_collective_input():
     assert pf.args[1] is scatter.args[0] and order[pf] < order[scatter]
 
 
+# -- issue #21: windows per device (mlp.down, attention) and "auto" sizes ----------------------
+
+
+def _synth_plan(profile_name=None, config=ON, split_at_attention=False, **spec):
+    from fxprefetch.prediction import profile
+
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
+    profiles = {"cpu": profile(profile_name)} if profile_name else None
+    plan = run_weight_prefetch(
+        gm,
+        config,
+        weight_names=names,
+        device_profiles=profiles,
+        split_at_attention=split_at_attention,
+    )
+    return gm, plan
+
+
+@pytest.mark.parametrize(
+    ("device", "down_prefetched"), [(None, False), ("ascend-910b", False), ("h200", True)]
+)
+def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetched):
+    _, plan = _synth_plan(device)
+    downs = plan.by_role("mlp.down")
+    assert len(downs) == 2 and all(r.prefetched is down_prefetched for r in downs)
+    if down_prefetched:  # SiLU-and-mul is the window
+        assert all(r.window_kind == "vector" and "aten::mul" in r.window for r in downs)
+    else:
+        assert all(r.skip_reason == SkipReason.NEEDS_SEQUENCE_PARALLEL for r in downs)
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "math"])
+def test_attention_is_a_window_for_o_proj_on_a_gpu(sdpa):
+    gm, plan = _synth_plan("h200", sdpa=sdpa)
+    assert sorted(r.role for r in plan.prefetched) == sorted(
+        ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down") * 2
+    )
+    order = _order(gm)
+    for o in plan.by_role("attn.o"):
+        qkv = next(r for r in plan.by_role("attn.qkv") if r.layer == o.layer)
+        # SDPA's fused op, or the math attention's q @ k.T and p @ v
+        attention = DEFAULT_RULES.attention_ops if sdpa else {"aten::bmm"}
+        assert o.window_kind == "attention" and set(o.window) & attention
+        assert o.dependency == qkv.node  # the prefetch starts right after the qkv GEMM
+        pf, linear = _node(gm, o.prefetch_node), _node(gm, o.node)
+        ops = [n for n in gm.graph.nodes if op_name(n) in attention]
+        inside = [n for n in ops if order[_node(gm, qkv.node)] < order[n] < order[linear]]
+        assert inside and all(order[pf] < order[n] for n in inside)
+
+
+def test_attention_windows_are_off_where_graphs_split_at_attention_or_where_written_off(caplog):
+    _, plan = _synth_plan("h200", split_at_attention=True)  # vLLM's piecewise graphs
+    assert all(r.skip_reason == SkipReason.EMPTY_WINDOW for r in plan.by_role("attn.o"))
+    written_off = WeightPrefetchConfig(enabled=True, windows=("vector",))
+    _, plan = _synth_plan("h200", written_off)
+    assert all(not r.prefetched for r in plan.by_role("attn.o"))
+    assert all(r.prefetched for r in plan.by_role("mlp.down"))  # a device policy, not a window
+    written_on = WeightPrefetchConfig(enabled=True, windows=("vector", "attention"))
+    _, plan = _synth_plan(None, written_on)  # opted in without a profile
+    assert all(r.window_kind == "attention" for r in plan.by_role("attn.o"))
+    with caplog.at_level(logging.WARNING, logger="fxprefetch"):
+        _, plan = _synth_plan("h200", written_on, split_at_attention=True)
+    assert "attention windows are off here" in caplog.text
+    assert not any(r.prefetched for r in plan.by_role("attn.o"))
+
+
+def test_auto_sizes_each_prefetch_to_what_its_window_hides():
+    from fxprefetch.prediction import WindowTraffic, hideable_bytes, profile
+
+    h200 = profile("h200")
+    auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto")
+    _, plan = _synth_plan("h200", auto, hidden=512, intermediate=2048)
+    assert len(plan.prefetched) == 8
+    for r in plan.prefetched:
+        p = r.prediction
+        wanted = hideable_bytes(h200, WindowTraffic(p.window_bytes, p.window_kernels), p.shared_us)
+        assert p.auto_bytes == wanted
+        assert r.prefetch_bytes == min(r.weight_bytes, wanted)
+        assert r.capped is (r.weight_bytes > wanted)
+    # a role's ratio "auto" caps that role only, under the written cap
+    down_auto = WeightPrefetchConfig.from_dict(
+        {"enabled": True, "max_prefetch_bytes": 4096, "prefetch_ratio": {"mlp": {"down": "auto"}}}
+    )
+    _, plan = _synth_plan("h200", down_auto, hidden=512, intermediate=2048)
+    assert all(r.prefetch_bytes == 4096 for r in plan.prefetched)
+    assert all(r.prediction.auto_bytes is not None for r in plan.by_role("mlp.down"))
+    assert all(r.prediction.auto_bytes is None for r in plan.by_role("attn.qkv"))
+
+
+def test_auto_without_a_device_profile_warns_and_uses_the_cap(caplog):
+    auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto")
+    with caplog.at_level(logging.WARNING, logger="fxprefetch"):
+        _, plan = _synth_plan(None, auto)
+    assert "no device profile" in caplog.text
+    assert plan.prefetched and all(r.prediction is None for r in plan.prefetched)
+
+
+def test_prefetches_behind_one_window_share_it():
+    # split q/k/v behind one norm: each later prefetch gets what the earlier ones left
+    _, plan = _synth_plan("h200", fused=False, hidden=512)
+    for layer in (0, 1):
+        q, k, v = (r for r in plan.by_role("attn.qkv") if r.layer == layer)
+        assert q.prediction.shared_us == 0
+        assert k.prediction.shared_us == pytest.approx(q.prediction.transfer_us)
+        assert v.prediction.shared_us == pytest.approx(
+            q.prediction.transfer_us + k.prediction.transfer_us
+        )
+
+
 def test_second_run_adds_nothing(dense):
     _, _, gm, names = _fresh(dense)
     first = run_weight_prefetch(gm, ON, weight_names=names)

@@ -115,3 +115,31 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     vllm_pass(gm.graph)  # no CUDA graphs: hints, left out of the code
     assert not gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
     assert not gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)
+
+
+def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeypatch):
+    """Issue #21: on a GPU (an H200's setup, the CPU standing in) down_proj behind
+    SiLU-and-mul is a window in vLLM too, but attention is not: vLLM splits its graphs at
+    attention, so a fork before it could not rejoin before o_proj. The uuid covers it."""
+    from fxprefetch import vllm_plugin
+    from fxprefetch.device_profiles import simulated_setup
+    from fxprefetch.vllm_plugin import WeightPrefetchPass
+
+    from synthetic import SynthModel, SynthSpec
+    from tracing import fake_trace
+
+    vllm_pass = WeightPrefetchPass()
+    plain_uuid = vllm_pass.uuid()
+    monkeypatch.setattr(
+        vllm_plugin, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
+    )
+    assert vllm_pass.uuid() != plain_uuid
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
+    monkeypatch.setattr(vllm_plugin, "_static_input_names", lambda gm: names)
+    plans = []
+    monkeypatch.setattr(vllm_plugin._VllmGraphPlanner, "keep", lambda self, r: plans.append(r))
+    vllm_pass(gm.graph)
+    (report,) = plans
+    roles = sorted(r.role for r in report.plan.prefetched)
+    assert roles == sorted(["attn.qkv", "mlp.gate_up", "mlp.down"] * 2)
+    assert all(r.skip_reason == SkipReason.EMPTY_WINDOW for r in report.plan.by_role("attn.o"))

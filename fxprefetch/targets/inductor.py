@@ -81,6 +81,9 @@ class PrefetchGraphPass(CustomGraphPass):
             ",".join(sorted(self.planner.native_l2)),  # decides what is lowered natively
             self.planner.cache_hint,
             json.dumps(self.planner.lowering),  # the plans say it
+            # decide window kinds, mlp.down, "auto" sizes and predictions
+            repr([(k, p.key()) for k, p in self.planner.device_profiles.items()]),
+            str(self.planner.split_at_attention),
         ]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
