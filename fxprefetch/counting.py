@@ -4,7 +4,10 @@ Built from the planner's reports when the backend returns the compiled graph (da
 forward; nothing is registered at compile time):
 
 - where the compiled code left its hint-only prefetches out, each call counts the planned
-  hints (``runtime_stats.record_planned(..., ran=False)``);
+  hints (``runtime_stats.record_planned(..., ran=False)``), once per run of the graph that
+  holds them: a nested-region body called by two layers counts twice. Bodies that run only
+  on some calls (a ``torch.cond`` branch, a loop body) keep their hints in the code as
+  ``fxprefetch.prefetch_hint``, which counts itself each time it runs;
 - where the compiled graph is replayed as a CUDA graph, the op's Python body does not run at
   replay, so each call that returns counts the prefetches its code holds, and the op kernels
   count nothing during the call (they still run during warm-up and capture);
@@ -28,7 +31,8 @@ def planned_prefetches(
     planner: GraphPlanner, elided: bool
 ) -> tuple[runtime_stats.PlannedPrefetch, ...]:
     """The prefetches of the graphs whose compiled code left them out (``elided``), or of
-    those whose code holds them."""
+    those whose code holds them, each as many times as its graph runs per call. Graphs that
+    run a varying number of times are left out: their kernels count themselves."""
     index = {name: i for i, name in enumerate(planner.source_names) if name}
     return tuple(
         runtime_stats.PlannedPrefetch(
@@ -40,8 +44,9 @@ def planned_prefetches(
             index.get(r.weight),
         )
         for report in planner.reports
-        if report.hints_elided == elided
+        if report.hints_elided == elided and report.runs is not None
         for r in report.plan.prefetched
+        for _ in range(report.runs)
     )
 
 

@@ -32,6 +32,7 @@ class SkipReason(str, enum.Enum):
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op (vLLM fused MoE)"
+    UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
 
     def __str__(self) -> str:
         return self.value
