@@ -50,6 +50,21 @@ def planned_prefetches(
     )
 
 
+def _stored_tensors(tensor: torch.Tensor, name: str) -> list[tuple[int, str]]:
+    """``(data_ptr, name)`` of a tensor, or of each inner tensor of a tensor subclass
+    (``TwoTensor``, DTensor...), named ``<name>.<attr>`` as the plan names them."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return [(tensor.data_ptr(), name)]
+    attrs, _ = tensor.__tensor_flatten__()
+    return [
+        found
+        for attr in attrs
+        if isinstance(inner := getattr(tensor, attr), torch.Tensor)
+        for found in _stored_tensors(inner, f"{name}.{attr}")
+    ]
+
+
 def with_counting(
     compiled: Callable[..., Any], planner: GraphPlanner, replayed: bool = False
 ) -> Callable[..., Any]:
@@ -75,7 +90,14 @@ def with_counting(
                 for i, _ in names
                 if i < len(inputs) and isinstance(inputs[i], torch.Tensor)
             }
-            naming = runtime_stats.naming({ptrs[i]: name for i, name in names if i in ptrs})
+            naming = runtime_stats.naming(
+                {
+                    ptr: path
+                    for i, name in names
+                    if i in ptrs
+                    for ptr, path in _stored_tensors(inputs[i], name)
+                }
+            )
         with naming, runtime_stats.counted_per_call() if ran else nullcontext():
             out = compiled(*args)
         if hints:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.fx import GraphModule
@@ -266,6 +266,13 @@ def test_subclass_parameters_and_argument_fields(target, native_cpu, seen_graphs
     }
     others = [r for r in records if not r.prefetched]
     assert others and all(r.skip_reason == SkipReason.NOT_A_WEIGHT for r in others)
+    compiled = torch.compile(model, backend="npu_prefetch", options={"target": target})
+    with torch.no_grad(), fxprefetch.collect_stats(per_weight=True) as s:
+        compiled(batch, torch.randn(16, 16))  # the inner tensors are named as in the plan
+    assert {k: w.calls for k, w in s.per_weight.items()} == {
+        "mlp.gate_proj.weight.a": 1,
+        "mlp.gate_proj.weight.b": 1,
+    }
 
 
 @pytest.mark.compile
@@ -278,18 +285,19 @@ def test_hint_counts_are_what_ran(seen_graphs, fresh_dynamo):
             layer.mlp.gate_proj.weight.abs_()
             layer.mlp.down_proj.weight.abs_()
     x = torch.rand(4, 16) + 1
-    counts = {}
+    counts, records = {}, {}
     for target in ("eager", "inductor"):
         torch._dynamo.reset()
         plans = _compile_and_run(model, target, x)  # the first call compiles
         with fxprefetch.collect_stats() as s:
             _compile_and_run(model, target, x, calls=3)
         counts[target] = (s.calls, s.hints)
+        records[target] = len(_records(plans))
         fxprefetch.clear_plans()
-        assert len(_records(plans)) == 5
     # per call: the region twice, one branch per layer
-    assert counts["eager"] == (3 * (2 + 2), 0)
     assert counts["inductor"] == (0, 3 * (2 + 2))
+    assert counts["eager"] == (3 * (2 + 2), 0)
+    assert records == {"eager": 5, "inductor": 5}
 
 
 def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
@@ -411,8 +419,17 @@ _SPECS = st.builds(
 
 
 @pytest.mark.compile
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(spec=_SPECS, target=st.sampled_from(["eager", "inductor"]))
+@example(
+    spec=_Spec("arg", cond=True, cond_weight="arg", subclass=True, layers=2), target="inductor"
+)
+@example(
+    spec=_Spec("computed", cond=True, cond_weight="param", subclass=False, layers=1), target="eager"
+)
+@example(
+    spec=_Spec("field", cond=False, cond_weight="param", subclass=True, layers=2), target="inductor"
+)
 def test_property_only_parameters_and_one_record_per_matmul(spec, target):
     torch._dynamo.reset()
     fxprefetch.clear_plans()
