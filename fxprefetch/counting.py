@@ -4,7 +4,10 @@ Built from the planner's reports when the backend returns the compiled graph (da
 forward; nothing is registered at compile time):
 
 - where the compiled code left its hint-only prefetches out, each call counts the planned
-  hints (``runtime_stats.record_planned(..., ran=False)``);
+  hints (``runtime_stats.record_planned(..., ran=False)``), once per run of the graph that
+  holds them: a nested-region body called by two layers counts twice. Bodies that run only
+  on some calls (a ``torch.cond`` branch, a loop body) keep their hints in the code as
+  ``fxprefetch.prefetch_hint``, which counts itself each time it runs;
 - where the compiled graph is replayed as a CUDA graph, the op's Python body does not run at
   replay, so each call that returns counts the prefetches its code holds, and the op kernels
   count nothing during the call (they still run during warm-up and capture);
@@ -28,7 +31,8 @@ def planned_prefetches(
     planner: GraphPlanner, elided: bool
 ) -> tuple[runtime_stats.PlannedPrefetch, ...]:
     """The prefetches of the graphs whose compiled code left them out (``elided``), or of
-    those whose code holds them."""
+    those whose code holds them, each as many times as its graph runs per call. Graphs that
+    run a varying number of times are left out: their kernels count themselves."""
     index = {name: i for i, name in enumerate(planner.source_names) if name}
     return tuple(
         runtime_stats.PlannedPrefetch(
@@ -36,13 +40,29 @@ def planned_prefetches(
             r.weight_shape,
             r.dtype,
             r.prefetch_bytes,
-            min(r.prefetch_bytes, r.weight_bytes - r.offset),
+            r.prefetch_bytes,  # sized within the stored span from offset: all of it is covered
             index.get(r.weight),
         )
         for report in planner.reports
-        if report.hints_elided == elided
+        if report.hints_elided == elided and report.runs is not None
         for r in report.plan.prefetched
+        for _ in range(report.runs)
     )
+
+
+def _stored_tensors(tensor: torch.Tensor, name: str) -> list[tuple[int, str]]:
+    """``(data_ptr, name)`` of a tensor, or of each inner tensor of a tensor subclass
+    (``TwoTensor``, DTensor...), named ``<name>.<attr>`` as the plan names them."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return [(tensor.data_ptr(), name)]
+    attrs, _ = tensor.__tensor_flatten__()
+    return [
+        found
+        for attr in attrs
+        if isinstance(inner := getattr(tensor, attr), torch.Tensor)
+        for found in _stored_tensors(inner, f"{name}.{attr}")
+    ]
 
 
 def with_counting(
@@ -70,7 +90,14 @@ def with_counting(
                 for i, _ in names
                 if i < len(inputs) and isinstance(inputs[i], torch.Tensor)
             }
-            naming = runtime_stats.naming({ptrs[i]: name for i, name in names if i in ptrs})
+            naming = runtime_stats.naming(
+                {
+                    ptr: path
+                    for i, name in names
+                    if i in ptrs
+                    for ptr, path in _stored_tensors(inputs[i], name)
+                }
+            )
         with naming, runtime_stats.counted_per_call() if ran else nullcontext():
             out = compiled(*args)
         if hints:

@@ -244,3 +244,32 @@ def _join_kernel(weight: torch.Tensor, order: list[torch.Tensor]) -> None:
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch_native", _native_kernel, _key)
     _lib.impl("prefetch_join", _join_kernel, _key)
+
+
+# -- hint kept in code: a hint-only prefetch in a body that runs only on some calls ------------
+# A graph call counts the hints its compiled code left out, which is exact for code that runs
+# once per call. A ``torch.cond`` branch or a loop body runs a number of times known only at
+# run time: there the prefetch becomes this op, whose kernel counts one planned hint each
+# time it runs (``hints``, never ``calls``: no prefetch kernel ran).
+HINT_SCHEMA = "prefetch_hint(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
+_lib.define(HINT_SCHEMA, tags=())
+HINT_OP = torch.ops.fxprefetch.prefetch_hint.default
+has_side_effect(HINT_OP)
+has_side_effect(torch.ops.fxprefetch.prefetch_hint)
+
+
+@torch.library.register_fake("fxprefetch::prefetch_hint", lib=_lib)
+def _hint_fake(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    check_prefetch_args(weight, max_size, offset)
+
+
+def _hint_kernel(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    runtime_stats.record_hint(weight, _checked_size(weight, max_size, offset))
+
+
+for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch_hint", _hint_kernel, _key)

@@ -5,6 +5,10 @@
     npu:      plan_prefetches -> lower_to_npu_prefetch                    -> clean-up
     inductor: plan_prefetches -> lower_native_prefetches -> relax_dependencies
               -> elide_hint_prefetches -> insert_prefetch_joins              -> clean-up
+
+The bodies of higher-order ops (``torch.cond`` branches, nested compile regions) are graphs
+of their own: :class:`fxprefetch.planner.GraphPlanner` runs the pipeline on each, with the
+weight sources their call sites give and how often they run (``PassContext.runs``).
     eager:    plan_prefetches                                             -> clean-up
 
 Every pass has one signature, ``(gm, ctx) -> PassResult``: it takes the graph and a
@@ -25,13 +29,14 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.ops import NATIVE_OP, prepare_native
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.prediction import DeviceProfile
-from passes.elide_hints import elide_hint_prefetches
+from passes.elide_hints import elide_hint_prefetches, keep_hints_in_code
 from passes.lower_npu import lower_prefetch_to_npu
 from passes.native_prefetch import lower_native_prefetches, partition_points
 from passes.prefetch_joins import insert_prefetch_joins
 from passes.relax_dependencies import relax_prefetch_dependencies
 from passes.rules import PrefetchRules
 from passes.weight_prefetch import run_weight_prefetch
+from passes.weight_sources import WeightSources
 
 TARGETS = ("npu", "inductor", "eager")
 
@@ -43,7 +48,8 @@ class PassContext:
     config: WeightPrefetchConfig
     rules: PrefetchRules
     graph_name: str
-    weight_names: Mapping[str, str] | None = None  # placeholders that are parameters/buffers
+    # placeholders that are parameters/buffers (None: nothing is known, none is taken)
+    weight_names: WeightSources | Mapping[str, str] | None = None
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
     join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
     device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
@@ -53,6 +59,7 @@ class PassContext:
     # device type -> the device's profile: window policy, "auto" sizes, predicted savings
     device_profiles: Mapping[str, DeviceProfile] | None = None
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
+    runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.runs is None:  # runs only on some calls: its hints count themselves when they run
+        kept = keep_hints_in_code(gm, ctx.native_devices, recompile=False)
+        return PassResult("keep_hints_in_code", kept)
     removed = elide_hint_prefetches(gm, ctx.native_devices, recompile=False)
     return PassResult("elide_hint_prefetches", removed)
 
@@ -128,6 +138,7 @@ class CompileReport:
 
     target: str
     results: tuple[PassResult, ...]
+    runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
 
     @property
     def plan(self) -> PrefetchPlan:
@@ -151,7 +162,7 @@ def run_pipeline(gm: GraphModule, target: str, ctx: PassContext) -> CompileRepor
         gm.graph.lint()
         if RECOMPILES[target]:
             gm.recompile()
-    report = CompileReport(target, results)
+    report = CompileReport(target, results, ctx.runs)
     report.plan.lowering = describe_lowering(report, ctx)
     return report
 

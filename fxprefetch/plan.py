@@ -34,6 +34,7 @@ class SkipReason(str, enum.Enum):
     WINDOW_TOO_SHORT = "window too short to hide any bytes (auto size, model)"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
+    UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
 
     def __str__(self) -> str:
         return self.value

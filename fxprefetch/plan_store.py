@@ -47,6 +47,7 @@ def save_plans(key: str, reports: Sequence[CompileReport]) -> None:
     data = [
         {
             "target": r.target,
+            "runs": r.runs,
             "results": [
                 {"name": x.name, "changed": x.changed, "plan": x.plan.to_dict() if x.plan else None}
                 for x in r.results
@@ -79,6 +80,7 @@ def load_plans(key: str) -> list[CompileReport] | None:
                     )
                     for x in r["results"]
                 ),
+                _runs(r.get("runs", 1)),
             )
             for r in data["reports"]
         ]
@@ -88,6 +90,13 @@ def load_plans(key: str) -> list[CompileReport] | None:
     except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
         logger.debug("no stored prefetch plans for %s: %s", key[:12], exc)
         return None
+
+
+def _runs(value: Any) -> int | None:
+    """A stored ``runs``: a count >= 0, or None (the graph runs a varying number of times)."""
+    if value is None or (type(value) is int and value >= 0):
+        return value
+    raise ValueError(f"runs must be a count or null, got {value!r}")
 
 
 PLAN_DIR_ENV = "FXPREFETCH_PLAN_DIR"

@@ -1,9 +1,11 @@
 """Run the pipeline on one compiled graph, safely, and keep its plan.
 
 The backend builds one :class:`GraphPlanner` per dynamo graph. It maps the aten graph's
-placeholders back to parameter paths, runs the target's pipeline (:mod:`fxprefetch.pipeline`),
-and — prefetch being an optimization — on failure removes whatever it inserted and logs a
-warning (or raises in strict mode).
+placeholders back to parameter paths, runs the target's pipeline (:mod:`fxprefetch.pipeline`)
+on it and on every higher-order-op body it reaches (``torch.cond`` branches, nested compile
+regions: each body once, with the weights its call sites pass, as a plan of its own named
+``<graph> / <body>``), and — prefetch being an optimization — on failure removes whatever
+it inserted and logs a warning (or raises in strict mode).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
 from fxprefetch.prediction import DeviceProfile
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
+from passes.subgraphs import hop_bodies
+from passes.weight_sources import WeightSources, aot_weight_sources
 
 logger = logging.getLogger("fxprefetch")
 
@@ -115,29 +119,29 @@ class GraphPlanner:
     def plans(self) -> list[PrefetchPlan]:
         return [r.plan for r in self.reports]
 
-    def weight_names(self, gm: GraphModule) -> dict[str, str] | None:
-        """Placeholder name -> parameter path for the placeholders that are weights.
+    def weight_names(self, gm: GraphModule) -> WeightSources | Mapping[str, str] | None:
+        """Which placeholders of the top-level aten graph ``gm`` are weights, and their
+        parameter paths (see :func:`passes.weight_sources.aot_weight_sources`).
 
-        None when the sources are unknown (the pass then treats every placeholder as a
-        possible weight). Under inductor's freezing the parameters became constants and only
-        the user inputs are left as placeholders: then no placeholder is a weight.
+        AOT's input descriptors lead each placeholder to its dynamo input, through tensor
+        subclasses (one placeholder per inner tensor, named ``<parameter>.<attr>``). Where no
+        mapping can be established, no placeholder is taken for a weight: their linears are
+        recorded as skipped, with the reason.
         """
-        placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        if not self.source_names:
-            return None
-        if len(placeholders) == len(self.source_names):
-            pairs = zip(placeholders, self.source_names, strict=True)
-            return {p.name: s for p, s in pairs if s}
-        if len(placeholders) == sum(s is None for s in self.source_names):
-            return {}
-        return None
+        return aot_weight_sources(gm, self.source_names)
 
-    def context(self, gm: GraphModule, graph_name: str) -> PassContext:
+    def context(
+        self,
+        gm: GraphModule,
+        graph_name: str,
+        sources: WeightSources | Mapping[str, str] | None = None,
+        runs: int | None = 1,
+    ) -> PassContext:
         return PassContext(
             config=self.config,
             rules=self.rules,
             graph_name=graph_name,
-            weight_names=self.weight_names(gm),
+            weight_names=sources if sources is not None else self.weight_names(gm),
             native_devices=self.native_devices,
             join_devices=self.join_devices,
             device_caps=self.device_caps,
@@ -146,22 +150,37 @@ class GraphPlanner:
             lowering=self.lowering,
             device_profiles=self.device_profiles,
             split_at_attention=self.split_at_attention,
+            runs=runs,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:
-        """Run the pipeline on ``gm``; a failure removes every prefetch it inserted."""
+        """Run the pipeline on ``gm`` and on each higher-order-op body it reaches (one report
+        each, ``gm``'s first); a failure removes every prefetch inserted in any of them."""
         kind = graph_kind(gm)
         if kind == "backward":
             return None  # weights are prefetched for the forward computation only
         graph_name = f"{self.name} ({kind})"
         try:
-            report = run_pipeline(gm, self.target, self.context(gm, graph_name))
+            sources = WeightSources.of(self.weight_names(gm))
+            graphs = [(gm, graph_name, sources, 1)] + [
+                (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs)
+                for b in hop_bodies(gm, sources)
+            ]
+            reports = [
+                run_pipeline(g, self.target, self.context(g, name, src, runs))
+                for g, name, src, runs in graphs
+            ]
         except Exception as exc:
             if self.strict:
                 raise PrefetchPassError(
                     f"weight-prefetch pass failed on {self.name}: {exc}"
                 ) from exc
-            removed = strip_prefetch(gm, recompile=RECOMPILES.get(self.target, True))
+            recompile = RECOMPILES.get(self.target, True)
+            removed = sum(
+                strip_prefetch(g, recompile=recompile)
+                for g in gm.modules()
+                if isinstance(g, GraphModule)
+            )
             logger.warning(
                 "weight-prefetch pass failed on %s (%s: %s); compiling it without "
                 "prefetch%s. Pass options={'strict': True} to raise instead.",
@@ -176,9 +195,10 @@ class GraphPlanner:
                 enabled=bool(self.config.enabled),
                 error=f"{type(exc).__name__}: {exc}",
             )
-            report = CompileReport(self.target, (PassResult("plan_prefetches", 0, plan),))
-        self.keep(report)
-        return report
+            reports = [CompileReport(self.target, (PassResult("plan_prefetches", 0, plan),))]
+        for report in reports:
+            self.keep(report)
+        return reports[0]
 
     def keep(self, report: CompileReport) -> None:
         self.reports.append(report)

@@ -139,6 +139,24 @@ def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
             entry[5] += prefetched
 
 
+def record_hint(weight: torch.Tensor, nbytes: int) -> None:
+    """Count one planned hint at the moment its code runs (``fxprefetch.prefetch_hint``:
+    hints of bodies that run only on some calls, such as a ``torch.cond`` branch)."""
+    with _LOCK:
+        _PROCESS.hints += 1
+        _PROCESS.hint_bytes += nbytes
+    blocks = _THREAD.blocks
+    if not blocks:
+        return
+    key = weight.data_ptr() if _THREAD.per_weight_blocks else 0
+    for block in blocks:
+        block.hints += 1
+        block.hint_bytes += nbytes
+        if block.per_weight is not None:
+            entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
+            entry[6] += 1
+
+
 @dataclass(frozen=True)
 class PlannedPrefetch:
     """A prefetch of a compiled graph, counted at each call of that graph."""

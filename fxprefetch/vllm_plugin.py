@@ -36,6 +36,7 @@ from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.planner import GraphPlanner
 from passes.rules import PrefetchRules, current_rules
+from passes.weight_sources import WeightSources
 
 logger = logging.getLogger("fxprefetch")
 
@@ -79,13 +80,28 @@ def _device_target() -> str:
     return "npu" if device == "npu" else "inductor"
 
 
-def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
-    """Placeholders AOT autograd knows as parameters or buffers (static inputs), if any."""
+def _aot_metadata() -> object | None:
     from torch._guards import TracingContext
 
     context = TracingContext.try_get()
-    metadata = getattr(context, "fw_metadata", None) if context is not None else None
-    static = getattr(metadata, "static_input_indices", None)
+    return getattr(context, "fw_metadata", None) if context is not None else None
+
+
+def _is_hop_body(gm: GraphModule) -> bool:
+    """Whether ``gm`` is a higher-order-op body inductor's post-grad passes visit before the
+    graph AOT compiled (whose placeholders carry AOT's input descriptors and match its
+    inputs). The planner plans such bodies with their caller."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    metadata = _aot_metadata()
+    inputs = getattr(metadata, "input_info", None)
+    if inputs is None or any("desc" in p.meta for p in placeholders):
+        return False
+    return len(placeholders) != len(inputs)
+
+
+def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
+    """Placeholders AOT autograd knows as parameters or buffers (static inputs), if any."""
+    static = getattr(_aot_metadata(), "static_input_indices", None)
     if not static:
         return None
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -117,8 +133,11 @@ def _device_setup(target: str, vllm_config: Any = None) -> DeviceSetup:
 class _VllmGraphPlanner(GraphPlanner):
     """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
 
-    def weight_names(self, gm: GraphModule) -> dict[str, str] | None:
-        return _static_input_names(gm)
+    def weight_names(self, gm: GraphModule) -> WeightSources | dict[str, str]:
+        names = _static_input_names(gm)
+        if names is None:  # never guess: their linears are skipped, saying why
+            return WeightSources(unknown_default="AOT autograd marks no static inputs here")
+        return names
 
 
 class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
@@ -155,6 +174,8 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         gm = graph if isinstance(graph, GraphModule) else graph.owning_module
         if gm is None:
             raise TypeError("fxprefetch's vLLM pass needs a graph owned by a GraphModule")
+        if _is_hop_body(gm):
+            return  # planned with the graph that calls it
         self.planner()(gm)
 
     def uuid(self) -> str:

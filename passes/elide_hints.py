@@ -6,6 +6,11 @@ An FX graph is straight-line, so every prefetch it holds would run exactly once 
 execution: the backend counts them as planned hints at the graph call instead
 (``fxprefetch.runtime_stats.record_hints``), and the compiled code carries none. Measured in
 ``benchmarks/bench_decode_latency.py``.
+
+A body that runs a number of times known only at run time (a ``torch.cond`` branch, a loop
+body) cannot be counted at the graph call: there each hint-only prefetch becomes
+``fxprefetch.prefetch_hint`` instead (:func:`keep_hints_in_code`), whose kernel counts one
+planned hint each time it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
+from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP
+from passes.graph_utils import finalize
 from passes.strip_prefetch import strip_prefetch
 
 
@@ -35,3 +41,17 @@ def elide_hint_prefetches(
 ) -> int:
     """Remove the prefetches of ``gm`` if they are all hint-only; returns how many."""
     return strip_prefetch(gm, recompile) if hint_only(gm, native_devices) else 0
+
+
+def keep_hints_in_code(
+    gm: GraphModule, native_devices: Collection[str], recompile: bool = True
+) -> int:
+    """Turn the prefetches of ``gm``, if all hint-only, into ``fxprefetch.prefetch_hint``
+    calls that count themselves when they run; returns how many."""
+    if not hint_only(gm, native_devices):
+        return 0
+    nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
+    for node in nodes:
+        node.target = HINT_OP
+    finalize(gm, recompile)
+    return len(nodes)

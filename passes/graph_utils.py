@@ -111,6 +111,25 @@ def module_path(node: Node) -> str | None:
     return normalize_source_path(str(raw))
 
 
+def is_parameter_source(source: Any) -> bool:
+    """Whether a dynamo source is a module's parameter or buffer.
+
+    Decided by what the source is, not by how its name reads: ``module._parameters['w']``
+    and ``module._buffers['b']`` (dynamo's ``ParamBufferSource`` or an item of an
+    ``UnspecializedParamBufferSource``), through any chain of modules and containers above
+    the module. A field of a forward argument (``L['batch'].w``), a tensor kept in a plain
+    attribute or list of a module, and a global tensor are not.
+    """
+    from torch._dynamo import source as dynamo_source
+
+    if isinstance(source, dynamo_source.ParamBufferSource):
+        return True
+    base = getattr(source, "base", None)
+    return isinstance(
+        source, (dynamo_source.DictGetItemSource, dynamo_source.GetItemSource)
+    ) and isinstance(base, dynamo_source.UnspecializedParamBufferSource)
+
+
 def placeholder_source_names(gm: GraphModule) -> list[str | None]:
     """Dotted parameter paths of a dynamo graph's placeholders (None for non-parameters)."""
     names: list[str | None] = []
@@ -120,10 +139,7 @@ def placeholder_source_names(gm: GraphModule) -> list[str | None]:
         raw = source.name if isinstance(getattr(source, "name", None), str) else None
         if raw is None and source is not None and callable(getattr(source, "name", None)):
             raw = source.name()
-        if raw and ("_parameters[" in raw or "_buffers[" in raw or "." in raw):
-            names.append(normalize_source_path(raw))
-        else:
-            names.append(None)
+        names.append(normalize_source_path(raw) if raw and is_parameter_source(source) else None)
     return names
 
 

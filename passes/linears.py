@@ -1,8 +1,10 @@
 """Every linear node of a graph, and the stored weight it reads (or why it reads none).
 
-Only parameters, buffers and constants are weights: ``weight_names`` (from dynamo's sources)
-names the placeholders that are. A weight may stand in either operand of a plain matmul;
-the op table says which slot is usual, and both are checked. What lies between the stored
+Only parameters, buffers and constants are weights: the :class:`WeightSources` of the graph
+(from dynamo's sources, or a higher-order op's call sites) names the placeholders that are;
+an operand nobody can tell about is skipped with the reason, never guessed to be a weight.
+A weight may stand in either operand of a plain matmul; the op table says which slot is
+usual, and both are checked. What lies between the stored
 tensor and the matmul is traced by :mod:`passes.weight_trace`.
 """
 
@@ -18,6 +20,7 @@ from fxprefetch.plan import SkipReason
 from passes.graph_utils import flatten_nodes, get_arg, module_path, op_name, tensor_value
 from passes.linear_ops import LinearOpSpec, linear_spec
 from passes.rules import PrefetchRules
+from passes.weight_sources import WeightSources
 from passes.weight_trace import WeightTrace, stored_bytes, trace_operand
 
 
@@ -48,22 +51,16 @@ class LinearUse:
         return self.nbytes if self.span is None else self.span
 
 
-def _is_weight(root: Node, weight_names: Mapping[str, str] | None) -> bool:
-    """Parameters, buffers and constants are weights; user inputs are not.
-
-    ``weight_names`` (from dynamo's sources) names the placeholders that are parameters or
-    buffers; None means the provenance is unknown and every placeholder may be a weight.
-    """
-    if root.op == "get_attr":
-        return True
-    return weight_names is None or root.name in weight_names
+def _is_weight(root: Node, sources: WeightSources) -> bool:
+    """Parameters, buffers and constants are weights; user inputs are not."""
+    return root.op == "get_attr" or sources.is_weight(root)
 
 
-def _describe(operand: Node | None, trace: WeightTrace | None) -> str:
+def _describe(operand: Node | None, trace: WeightTrace | None, sources: WeightSources) -> str:
     if trace is None or operand is None:
         return "no tensor operand"
     if trace.root is not None:
-        return f"user input {trace.root.name}"
+        return sources.notes.get(trace.root.name, f"user input {trace.root.name}")
     return f"computed by {trace.computed_by}"
 
 
@@ -80,7 +77,7 @@ def _operands(node: Node, spec: LinearOpSpec) -> list[tuple[str, Node]]:
     return found
 
 
-def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] | None):
+def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources):
     module = module_path(node)
     starts = tuple(n for a in spec.activations for n in flatten_nodes(get_arg(node, a)))
     empty = dict(
@@ -100,7 +97,7 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
             weight_name="-",
             role=spec.weight or None,
             skip=SkipReason.HIDDEN_WEIGHTS,
-            note=_hidden_note(node, spec, weight_names),
+            note=_hidden_note(node, spec, sources),
         )
     weight_arg = get_arg(node, spec.weight)
     if isinstance(weight_arg, (list, tuple)) and len(weight_arg) != 1:
@@ -111,24 +108,35 @@ def _linear_use(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] 
             note="a list of weights (one per group)",
         )
     first: tuple[Node, WeightTrace] | None = None
+    unknown: tuple[Node, str] | None = None  # an operand nobody can tell about, and why
     for slot, operand in _operands(node, spec):
         trace = trace_operand(operand)
         first = first or (operand, trace)
-        if trace.root is None or not _is_weight(trace.root, weight_names):
+        if trace.root is None or not _is_weight(trace.root, sources):
+            reason = sources.unknown_reason(trace.root) if trace.root is not None else None
+            if reason is not None and unknown is None:
+                unknown = (operand, f"{trace.root.name}: {reason}")
             continue
         if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
             starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
-        return _weight_use(node, spec, starts, trace, weight_names, _linear_module(node, operand))
+        return _weight_use(node, spec, starts, trace, sources, _linear_module(node, operand))
+    if unknown is not None:
+        return LinearUse(
+            **empty,
+            weight_name=unknown[0].name,
+            skip=SkipReason.UNKNOWN_SOURCE,
+            note=unknown[1],
+        )
     operand, trace = first if first is not None else (None, None)
     return LinearUse(
         **empty,
         weight_name=operand.name if operand is not None else "-",
         skip=SkipReason.NOT_A_WEIGHT,
-        note=_describe(operand, trace),
+        note=_describe(operand, trace, sources),
     )
 
 
-def _hidden_note(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str] | None) -> str:
+def _hidden_note(node: Node, spec: LinearOpSpec, sources: WeightSources) -> str:
     """``<op> <what it hides>``, and the weight matrices it takes as arguments, if any."""
     names = []
     activations = {n for a in spec.activations for n in flatten_nodes(get_arg(node, a))}
@@ -137,9 +145,9 @@ def _hidden_note(node: Node, spec: LinearOpSpec, weight_names: Mapping[str, str]
             continue
         root = trace_operand(operand).root
         value = tensor_value(root) if root is not None else None
-        if value is not None and value.dim() >= 2 and _is_weight(root, weight_names):
+        if value is not None and value.dim() >= 2 and _is_weight(root, sources):
             default = str(root.target) if root.op == "get_attr" else root.name
-            names.append((weight_names or {}).get(root.name, default))
+            names.append(sources.names.get(root.name, default))
     note = f"{op_name(node)} {spec.note}"
     return f"{note}: {', '.join(dict.fromkeys(names))}" if names else note
 
@@ -163,16 +171,16 @@ def _weight_use(
     spec: LinearOpSpec,
     starts: tuple[Node, ...],
     trace: WeightTrace,
-    weight_names: Mapping[str, str] | None,
+    sources: WeightSources,
     module: str | None,
 ) -> LinearUse:
     root = trace.root
     assert root is not None
-    names = weight_names or {}
+    names = sources.names
     name = names.get(root.name, str(root.target) if root.op == "get_attr" else root.name)
     part = stored_bytes(trace)
     dtype = tensor_value(root).dtype
-    notes = []
+    notes = [sources.notes[root.name]] if root.name in sources.notes else []
     skip = None
     if trace.converted_by:
         ops = ", ".join(n.split("::")[-1] for n in trace.converted_by)
@@ -202,12 +210,19 @@ def _weight_use(
 
 
 def find_linears(
-    graph: Graph, weight_names: Mapping[str, str] | None, rules: PrefetchRules
+    graph: Graph,
+    weight_names: WeightSources | Mapping[str, str] | None,
+    rules: PrefetchRules,
 ) -> list[LinearUse]:
-    """One use per linear-op node of ``graph``: its weight, or why it reads none."""
+    """One use per linear-op node of ``graph``: its weight, or why it reads none.
+
+    ``weight_names``: the graph's :class:`WeightSources`, or a mapping placeholder ->
+    parameter path (every other placeholder is not a weight), or None (nothing is known:
+    every linear reading a placeholder is skipped as such)."""
     table = rules.linear_table
+    sources = WeightSources.of(weight_names)
     return [
-        _linear_use(node, spec, weight_names)
+        _linear_use(node, spec, sources)
         for node in graph.nodes
         if (spec := linear_spec(node, table)) is not None
     ]

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
+from fxprefetch.ops import HINT_OP, JOIN_OP, NATIVE_OP, PREFETCH_OP
 from passes.graph_utils import finalize
 from passes.weight_prefetch import META_KEY
 
 
 def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:
-    """Erase every prefetch of ``gm`` (``fxprefetch.prefetch``, or its native lowering with
-    its joins and tokens); returns how many prefetches were removed."""
+    """Erase every prefetch of ``gm`` (``fxprefetch.prefetch``, ``prefetch_hint``, or the native
+    lowering with its joins and tokens); returns how many prefetches were removed."""
     graph = gm.graph
     for join in list(graph.find_nodes(op="call_function", target=JOIN_OP)):
         graph.erase_node(join)
     nodes = [
         *graph.find_nodes(op="call_function", target=PREFETCH_OP),
         *graph.find_nodes(op="call_function", target=NATIVE_OP),
+        *graph.find_nodes(op="call_function", target=HINT_OP),
     ]
     tokens = [t for n in nodes if n.target is NATIVE_OP for t in n.args[1] if _is_token(t)]
     for node in nodes:

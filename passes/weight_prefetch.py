@@ -30,6 +30,7 @@ from passes.linears import LinearUse, find_linears
 from passes.roles import assign_roles, layer_index
 from passes.rules import PrefetchRules, current_rules
 from passes.sizing import prefetch_bytes
+from passes.weight_sources import WeightSources
 from passes.window_cost import window_traffic
 from passes.windows import Window, attention_matmuls, find_window
 
@@ -53,7 +54,7 @@ def run_weight_prefetch(
     gm: GraphModule,
     config: WeightPrefetchConfig,
     *,
-    weight_names: Mapping[str, str] | None = None,
+    weight_names: WeightSources | Mapping[str, str] | None = None,
     rules: PrefetchRules | None = None,
     graph_name: str = "graph",
     device_caps: Mapping[str, int] | None = None,
@@ -64,9 +65,11 @@ def run_weight_prefetch(
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
 
     ``weight_names`` maps the placeholders that are parameters or buffers to their paths (the
-    backend fills it from dynamo's sources); None means unknown, and every placeholder may be
-    a weight. ``rules`` defaults to :func:`passes.rules.current_rules`. ``recompile=False``
-    leaves regenerating ``gm.code`` to the caller (inductor does it after its passes).
+    backend fills it from dynamo's sources), as a mapping or a :class:`WeightSources` that
+    also says which placeholders nobody can tell about; None means nothing is known, and no
+    placeholder is taken for a weight (their linears are skipped, saying so). ``rules``
+    defaults to :func:`passes.rules.current_rules`. ``recompile=False`` leaves regenerating
+    ``gm.code`` to the caller (inductor does it after its passes).
     ``device_caps``: device type -> byte cap, for weights on that device when the config
     writes no ``max_prefetch_bytes``. ``device_profiles``: device type -> the profile of the
     device the weights run on (``fxprefetch.prediction``): it decides the window policy (on

@@ -58,6 +58,8 @@ class PrefetchGraphPass(CustomGraphPass):
     def __init__(self, planner: GraphPlanner, user_pass: Any = None) -> None:
         self.planner = planner
         self.user_passes = _as_list(user_pass)
+        # the aten graph inductor is compiling; None: every graph the pass sees is one
+        self.top: torch.fx.GraphModule | None = None
 
     def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
         gm = graph.owning_module
@@ -66,7 +68,11 @@ class PrefetchGraphPass(CustomGraphPass):
                 user_pass(graph, is_inference=bool(is_inference))
             else:
                 user_pass(graph)
-        self.planner(gm)
+        # Inductor runs its post-grad passes on each higher-order-op body first, then on the
+        # graph that calls it. A body alone cannot tell which of its inputs are weights: the
+        # planner plans the bodies with their caller, when the top graph's turn comes.
+        if self.top is None or gm is self.top:
+            self.planner(gm)
 
     def uuid(self) -> str | None:
         parts = [
@@ -124,11 +130,21 @@ def compile_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     patches: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    from torch._inductor.compile_fx import compile_fx_inner
+
     graph_pass = PrefetchGraphPass(planner, inductor_config.post_grad_custom_post_pass)
     patches["post_grad_custom_post_pass"] = graph_pass
     uuid = graph_pass.uuid()
     key = plan_key(gm, example_inputs, uuid) if uuid is not None else None
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+
+    def inner_compile(aten_gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        graph_pass.top = aten_gm  # the graph whose post-grad passes plan its bodies too
+        try:
+            return compile_fx_inner(aten_gm, *args, **kwargs)
+        finally:
+            graph_pass.top = None
+
+    compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
     if not planner.reports:  # served from inductor's cache: the pass did not run this time
         stored = load_plans(key) if key is not None else None
         if stored is not None:
@@ -140,7 +156,12 @@ def compile_inductor(
             "compiling it again without the FX graph cache",
             planner.name,
         )
-        compiled = compile_fx(gm, example_inputs, config_patches={**patches, **_NO_GRAPH_CACHE})
+        compiled = compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=inner_compile,
+            config_patches={**patches, **_NO_GRAPH_CACHE},
+        )
     if key is not None and planner.reports:
         save_plans(key, planner.reports)
     return compiled
