@@ -171,8 +171,16 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     from fxprefetch.device_profiles import simulated_setup
 
     events: list[str] = []
-    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: events.append("fork"))
-    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda *args: events.append("join"))
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
+    monkeypatch.setitem(
+        ops._NATIVE_L2,
+        "cpu",
+        ops.NativeL2(
+            lambda *args: events.append("fork"),
+            lambda *args: events.append("join"),
+            lambda device: None,
+        ),
+    )
     monkeypatch.setattr(
         backend, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
     )

@@ -18,11 +18,13 @@ pytest.importorskip("transformers")
 jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = json.loads(resources.files("fxprefetch").joinpath("plan_schema.json").read_text())
-# the CLI's main in a child process, reporting its peak resident memory on stderr
+# the CLI's main in a child process, reporting its peak resident memory on stderr. VmHWM is
+# the peak of the child's own address space; getrusage's ru_maxrss would also carry the
+# peak of the pytest process it was spawned from (Linux keeps it across exec).
 _WITH_RSS = (
-    "import resource, sys\nfrom fxprefetch.cli import main\nrc = main(sys.argv[1:])\n"
-    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-    " file=sys.stderr)\nsys.exit(rc)"
+    "import re, sys\nfrom fxprefetch.cli import main\nrc = main(sys.argv[1:])\n"
+    "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "print('MAXRSS_KB', hwm, file=sys.stderr)\nsys.exit(rc)"
 )
 
 
