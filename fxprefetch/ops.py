@@ -137,6 +137,65 @@ for _key in ("CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch", _device_kernel, _key)
 
 
+def prefetch_tensor(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    """The prefetch kernel for ``weight``'s device (a hint on the CPU without a native one)."""
+    kernel = _cpu_kernel if weight.device.type == "cpu" else _device_kernel
+    kernel(weight, dependency, max_size, offset)
+
+
+# -- token bounds checked at run time ----------------------------------------------------------
+# Where a graph's token count is symbolic and its range straddles a prefetch's token bounds,
+# the pass inserts this op instead: ``tokens`` is the linear's token count as a SymInt graph
+# value (passing it adds no guard), and the kernel prefetches only when
+# ``min_tokens <= tokens <= max_tokens`` (``max_tokens`` -1: no upper bound).
+RANGE_SCHEMA = (
+    "prefetch_in_range(Tensor weight, Tensor? dependency, int max_size, int offset, "
+    "SymInt tokens, int min_tokens, int max_tokens) -> ()"
+)
+_lib.define(RANGE_SCHEMA, tags=())
+RANGE_OP = torch.ops.fxprefetch.prefetch_in_range.default
+has_side_effect(RANGE_OP)
+has_side_effect(torch.ops.fxprefetch.prefetch_in_range)
+
+
+def tokens_in_range(tokens: int, min_tokens: int, max_tokens: int) -> bool:
+    """Whether a prefetch bounded to ``[min_tokens, max_tokens]`` runs (-1: no upper bound)."""
+    return min_tokens <= tokens and (max_tokens < 0 or tokens <= max_tokens)
+
+
+@torch.library.register_fake("fxprefetch::prefetch_in_range", lib=_lib)
+def _range_fake(
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    check_prefetch_args(weight, max_size, offset)  # never reads ``tokens``: no guard
+
+
+def _range_kernel(
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    if tokens_in_range(tokens, min_tokens, max_tokens):
+        prefetch_tensor(weight, dependency, max_size, offset)
+
+
+for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch_in_range", _range_kernel, _key)
+
+
+
 # -- join: where a device's native prefetch runs on a side stream ------------------------------
 # ``after``: the linear's other inputs. Inductor emits a pointwise kernel lazily, where its
 # buffer is first needed, so the tail of a window is computed when the linear's input is
@@ -174,3 +233,26 @@ def _join_kernel(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
 
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch_join", _join_kernel, _key)
+
+# Every op that prefetches, with the join that closes its fork (the by-name ops of
+# integrations register theirs): the passes that relax, elide, join or strip prefetches treat
+# them alike. A prefetch op's arguments before ``dependency`` name its weight; its join takes
+# those, then ``Tensor[] after``.
+PREFETCH_OPS: list[torch._ops.OpOverload] = []
+JOIN_OPS: list[torch._ops.OpOverload] = [JOIN_OP]
+JOIN_OF: dict[torch._ops.OpOverload, torch._ops.OpOverload] = {}
+
+
+def register_prefetch_op(op: torch._ops.OpOverload, join: torch._ops.OpOverload) -> None:
+    """Declare ``op`` a prefetch whose side-stream fork ``join`` closes."""
+    for each in (op, join):
+        has_side_effect(each)
+    if op not in PREFETCH_OPS:
+        PREFETCH_OPS.append(op)
+    if join not in JOIN_OPS:
+        JOIN_OPS.append(join)
+    JOIN_OF[op] = join
+
+
+register_prefetch_op(PREFETCH_OP, JOIN_OP)
+register_prefetch_op(RANGE_OP, JOIN_OP)

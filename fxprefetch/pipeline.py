@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule
 
-from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.plan import PrefetchPlan
 from passes.elide_hints import elide_hint_prefetches
+from passes.hidden_weights import HiddenWeightSource
 from passes.lower_npu import lower_prefetch_to_npu
 from passes.prefetch_joins import insert_prefetch_joins
 from passes.relax_dependencies import relax_prefetch_dependencies
@@ -44,6 +45,8 @@ class PassContext:
     native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
     join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
     device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
+    hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
+    graph_tokens: TokenRange | None = None  # token counts the graph is compiled for
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         graph_name=ctx.graph_name,
         device_caps=ctx.device_caps,
         recompile=False,
+        hidden_weights=ctx.hidden_weights,
+        graph_tokens=ctx.graph_tokens,
     )
     return PassResult("plan_prefetches", len(plan.prefetched), plan)
 

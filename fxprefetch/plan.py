@@ -12,7 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
+#: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 class SkipReason(str, enum.Enum):
@@ -32,6 +34,8 @@ class SkipReason(str, enum.Enum):
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op (vLLM fused MoE)"
+    OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
+    TOKENS_UNKNOWN = "token count has no graph value before the window"
 
     def __str__(self) -> str:
         return self.value
@@ -68,6 +72,13 @@ class LinearRecord:
     position: int = -1
     dependency_position: int | None = None
     window_start: int | None = None
+    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
+    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
+    tokens: str | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    token_check: str | None = None
 
     @property
     def prefetched(self) -> bool:
@@ -165,7 +176,7 @@ class PrefetchPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrefetchPlan:
         """Inverse of :meth:`to_dict`."""
-        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(f"unsupported plan schema version {data.get('schema_version')!r}")
         records = []
         for linear in data["linears"]:

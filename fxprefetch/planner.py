@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 
 from torch.fx import GraphModule
 
-from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
+from passes.hidden_weights import HiddenWeightSource
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
 
@@ -83,6 +84,7 @@ class GraphPlanner:
         native_devices: frozenset[str] = frozenset(),
         join_devices: frozenset[str] = frozenset(),
         device_caps: Mapping[str, int] | None = None,
+        hidden_weights: HiddenWeightSource | None = None,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -94,6 +96,7 @@ class GraphPlanner:
         self.native_devices = frozenset(native_devices)
         self.join_devices = frozenset(join_devices)
         self.device_caps = dict(sorted((device_caps or {}).items()))
+        self.hidden_weights = hidden_weights
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -121,6 +124,11 @@ class GraphPlanner:
             return {}
         return None
 
+    def graph_tokens(self) -> TokenRange | None:
+        """The token counts the graph being compiled serves, where the compiler says
+        (vLLM's compile range); None: only its shapes tell."""
+        return None
+
     def context(self, gm: GraphModule, graph_name: str) -> PassContext:
         return PassContext(
             config=self.config,
@@ -130,6 +138,8 @@ class GraphPlanner:
             native_devices=self.native_devices,
             join_devices=self.join_devices,
             device_caps=self.device_caps,
+            hidden_weights=self.hidden_weights,
+            graph_tokens=self.graph_tokens(),
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

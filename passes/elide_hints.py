@@ -6,6 +6,10 @@ An FX graph is straight-line, so every prefetch it holds would run exactly once 
 execution: the backend counts them as planned hints at the graph call instead
 (``fxprefetch.runtime_stats.record_hints``), and the compiled code carries none. Measured in
 ``benchmarks/bench_decode_latency.py``.
+
+A graph with a prefetch whose run is decided at run time (token bounds on a symbolic token
+count) or whose weight is found at run time (by layer name) keeps its prefetches: their
+kernels count what really runs, so the counts stay exact.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from collections.abc import Collection
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP
+from passes.graph_utils import prefetch_nodes
 from passes.strip_prefetch import strip_prefetch
+
+META_KEY = "fxprefetch"
 
 
 def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
-    """True when no prefetch of ``gm`` targets a device in ``native_devices``."""
+    """True when every prefetch of ``gm`` is a plain ``prefetch`` of a tensor on a device not
+    in ``native_devices``."""
     devices = set()
-    for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
+    for node in prefetch_nodes(gm.graph):
+        if node.target is not PREFETCH_OP:
+            return False
         val = node.args[0].meta.get("val")
         devices.add(val.device.type if val is not None else "unknown")
     return bool(devices) and not devices & set(native_devices)

@@ -62,6 +62,28 @@ def get_arg(node: Node, name: str) -> Any:
     return None
 
 
+def prefetch_nodes(graph: torch.fx.Graph) -> list[Node]:
+    """Every node of ``graph`` calling a prefetch op (``fxprefetch.ops.PREFETCH_OPS``), in
+    graph order."""
+    from fxprefetch.ops import PREFETCH_OPS
+
+    targets = set(PREFETCH_OPS)
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def set_arg(node: Node, name: str, value: Any) -> None:
+    """Bind schema argument ``name`` of an op call to ``value`` (positional or keyword)."""
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                node.args = (*node.args[:i], value, *node.args[i + 1 :])
+            else:
+                node.kwargs = {**node.kwargs, name: value}
+            return
+    raise KeyError(f"{schema.name} has no argument {name!r}")
+
+
 def flatten_nodes(value: Any) -> list[Node]:
     """Nodes inside an argument (a Node, or a list, tuple or dict of them)."""
     if isinstance(value, Node):

@@ -18,8 +18,8 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule, Node
 
-from fxprefetch.ops import JOIN_OP, PREFETCH_OP
-from passes.graph_utils import finalize, tensor_value
+from fxprefetch.ops import JOIN_OF
+from passes.graph_utils import finalize, prefetch_nodes, tensor_value
 from passes.weight_prefetch import META_KEY
 
 
@@ -33,13 +33,30 @@ def _only_views_of(node: Node, weight: Node) -> bool:
     return True
 
 
-def activation_inputs(linear: Node, weight: Node) -> list[Node]:
-    """The linear's tensor inputs that are not (views of) the prefetched weight."""
+def activation_inputs(linear: Node, weight: Node | None) -> list[Node]:
+    """The linear's tensor inputs that are not (views of) the prefetched weight (all of them
+    for a weight found by name at run time)."""
     return [
         n
         for n in linear.all_input_nodes
-        if tensor_value(n) is not None and not _only_views_of(n, weight)
+        if tensor_value(n) is not None and (weight is None or not _only_views_of(n, weight))
     ]
+
+
+def weight_key(node: Node) -> tuple:
+    """The arguments of a prefetch that name its weight: those before ``dependency``."""
+    names = [a.name for a in node.target._schema.arguments]
+    return tuple(node.args[: names.index("dependency")])
+
+
+def prefetch_device(node: Node) -> str | None:
+    """The device type of a prefetch's weight: its tensor's, or the one the pass recorded
+    for a weight found by name."""
+    key = weight_key(node)
+    value = tensor_value(key[0]) if key and isinstance(key[0], Node) else None
+    if value is not None:
+        return value.device.type
+    return (node.meta.get(META_KEY) or {}).get("device")
 
 
 def insert_prefetch_joins(
@@ -47,21 +64,26 @@ def insert_prefetch_joins(
 ) -> int:
     """Insert a join before the linear of every prefetch on a device in ``join_devices``."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    joined = {n.args[0] for n in gm.graph.find_nodes(op="call_function", target=JOIN_OP)}
+    joins = set(JOIN_OF.values())
+    joined = {
+        tuple(n.args[:-1]) for n in gm.graph.nodes if n.op == "call_function" and n.target in joins
+    }
     count = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP)):
-        weight = node.args[0]
-        value = tensor_value(weight)
-        if value is None or value.device.type not in join_devices or weight in joined:
+    for node in prefetch_nodes(gm.graph):
+        key = weight_key(node)
+        if prefetch_device(node) not in join_devices or key in joined:
             continue
         linear = by_name.get((node.meta.get(META_KEY) or {}).get("linear", ""))
         if linear is None:
             raise ValueError(f"{node.name}: a side-stream prefetch needs its linear to join")
+        weight = key[0] if len(key) == 1 and tensor_value(key[0]) is not None else None
         with gm.graph.inserting_before(linear):
-            join = gm.graph.call_function(JOIN_OP, (weight, activation_inputs(linear, weight)))
+            join = gm.graph.call_function(
+                JOIN_OF[node.target], (*key, activation_inputs(linear, weight))
+            )
         join.meta["val"] = None
         join.meta[META_KEY] = {"joins": node.name, "linear": linear.name}
-        joined.add(weight)
+        joined.add(key)
         count += 1
     if count:
         finalize(gm, recompile)

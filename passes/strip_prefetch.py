@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import PREFETCH_OP
-from passes.graph_utils import finalize
+from passes.graph_utils import finalize, prefetch_nodes
 
 
 def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:
-    """Erase every ``fxprefetch.prefetch`` node of ``gm``; returns how many were removed."""
-    nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
-    for node in nodes:
+    """Erase every prefetch node of ``gm`` (every op of ``fxprefetch.ops.PREFETCH_OPS``, and
+    the joins of by-name prefetches); returns how many prefetches were removed."""
+    from fxprefetch.ops import JOIN_OPS
+
+    nodes = prefetch_nodes(gm.graph)
+    joins = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in JOIN_OPS]
+    for node in (*joins, *nodes):
         gm.graph.erase_node(node)
-    if nodes:
+    if nodes or joins:
         finalize(gm, recompile)
     return len(nodes)
