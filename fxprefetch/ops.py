@@ -234,6 +234,13 @@ def _join_kernel(weight: torch.Tensor, after: list[torch.Tensor]) -> None:
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch_join", _join_kernel, _key)
 
+
+def join_tensor(weight: torch.Tensor) -> None:
+    """Wait for the side-stream prefetches of ``weight``'s device, where it has a join."""
+    native = _NATIVE_JOIN.get(weight.device.type)
+    if native is not None:
+        native(weight)
+
 # Every op that prefetches, with the join that closes its fork (the by-name ops of
 # integrations register theirs): the passes that relax, elide, join or strip prefetches treat
 # them alike. A prefetch op's arguments before ``dependency`` name its weight; its join takes

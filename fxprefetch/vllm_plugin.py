@@ -32,9 +32,10 @@ from typing import Any
 
 from torch.fx import Graph, GraphModule
 
-from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
+from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.devices import device_setup
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 from passes.rules import PrefetchRules, current_rules
 
 logger = logging.getLogger("fxprefetch")
@@ -88,11 +89,27 @@ def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
     return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
 
 
+def _compile_range() -> TokenRange | None:
+    """The token counts vLLM compiles this graph for (its pass context's compile range)."""
+    try:
+        from vllm.compilation.passes.inductor_pass import get_pass_context
+
+        found = get_pass_context().compile_range
+    except (ImportError, AssertionError, AttributeError):
+        return None
+    low, high = int(found.start), int(found.end)
+    return TokenRange(max(low, 0), high) if high >= max(low, 0) else None
+
+
 class _VllmGraphPlanner(GraphPlanner):
-    """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
+    """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights.
+    Fused MoE weights are found by layer name; token bounds see vLLM's compile range."""
 
     def weight_names(self, gm: GraphModule) -> dict[str, str] | None:
         return _static_input_names(gm)
+
+    def graph_tokens(self) -> TokenRange | None:
+        return _compile_range()
 
 
 class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
@@ -120,6 +137,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             native_devices=devices.native,
             join_devices=devices.joins,
             device_caps=devices.caps,
+            hidden_weights=VllmMoeWeights(_current_vllm_config),
         )
         planner(gm)
 

@@ -53,6 +53,11 @@ def get_arg(node: Node, name: str) -> Any:
         default = getattr(node.target, "default", None)
         schema = getattr(default, "_schema", None)
     if schema is None:  # e.g. auto_functionalized, which passes the op's arguments by name
+        if name not in node.kwargs and f"_{name}_base_index" in node.kwargs:
+            # auto_functionalized_v2 passes a mutated argument as an index into _all_bases
+            index = node.kwargs[f"_{name}_base_index"]
+            bases = node.kwargs.get("_all_bases") or ()
+            return bases[index] if index is not None and index < len(bases) else None
         return node.kwargs.get(name)
     for i, arg in enumerate(schema.arguments):
         if arg.name == name:
