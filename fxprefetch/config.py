@@ -228,7 +228,9 @@ TOKEN_KEYS: tuple[str, ...] = ("min_tokens", "max_tokens")
 
 def _expect_token_count(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(path, f"expected a non-negative integer token count, got {_describe(value)}")
+        raise ConfigError(
+            path, f"expected a non-negative integer token count, got {_describe(value)}"
+        )
     return value
 
 
@@ -348,15 +350,20 @@ class TokenBounds:
         _reject_unknown_keys(obj, [*TOKEN_KEYS, *layout], path)
         overall = TokenRange.from_dict({k: obj[k] for k in TOKEN_KEYS if k in obj}, path)
         roles: list[tuple[str, TokenRange]] = []
-        for section in layout:
+        for section, names in layout.items():
             if section not in obj:
                 continue
             body = _expect_object(obj[section], f"{path}.{section}")
-            _reject_unknown_keys(body, layout[section], f"{path}.{section}")
+            _reject_unknown_keys(body, names, f"{path}.{section}")
             for name, bounds in body.items():
-                roles.append(
-                    (f"{section}.{name}", TokenRange.from_dict(bounds, f"{path}.{section}.{name}"))
-                )
+                found = TokenRange.from_dict(bounds, f"{path}.{section}.{name}")
+                if overall.intersect(found) is None:
+                    raise ConfigError(
+                        f"{path}.{section}.{name}",
+                        f"{found.describe()} does not meet the overall range "
+                        f"{overall.describe()}: no token count would be prefetched",
+                    )
+                roles.append((f"{section}.{name}", found))
         return cls(overall, tuple(roles))
 
 

@@ -195,7 +195,6 @@ for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch_in_range", _range_kernel, _key)
 
 
-
 # -- join: where a device's native prefetch runs on a side stream ------------------------------
 # ``after``: the linear's other inputs. Inductor emits a pointwise kernel lazily, where its
 # buffer is first needed, so the tail of a window is computed when the linear's input is
@@ -240,6 +239,7 @@ def join_tensor(weight: torch.Tensor) -> None:
     native = _NATIVE_JOIN.get(weight.device.type)
     if native is not None:
         native(weight)
+
 
 # Every op that prefetches, with the join that closes its fork (the by-name ops of
 # integrations register theirs): the passes that relax, elide, join or strip prefetches treat

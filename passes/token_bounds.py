@@ -53,13 +53,18 @@ def _seen(count: int | torch.SymInt, graph_range: TokenRange | None) -> tuple[in
         return count, count
     node = count.node
     ranges = node.shape_env.bound_sympy(node.expr)
-    low = int(ranges.lower) if ranges.lower.is_finite else 0
-    high = int(ranges.upper) if ranges.upper.is_finite else None
+    low = _finite(ranges.lower) or 0
+    high = _finite(ranges.upper)
     if graph_range is not None and isinstance(node.expr, sympy.Symbol):
         low = max(low, graph_range.min_tokens)
         if graph_range.max_tokens is not None:
             high = graph_range.max_tokens if high is None else min(high, graph_range.max_tokens)
     return max(low, 0), high
+
+
+def _finite(bound: sympy.Expr) -> int | None:
+    """A range bound as an int; None for an infinite one (sympy's or torch's ``int_oo``)."""
+    return int(bound) if isinstance(bound, sympy.Integer) else None
 
 
 def decide(
@@ -115,15 +120,18 @@ def count_node(graph: Graph, count: torch.SymInt, before: Node) -> Node | None:
     made: Node | int | None = None
     with graph.inserting_before(before):
         for part in parts:
+            value: Node | int
             if isinstance(part, tuple):
                 tensor, dim = part
-                part = graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
-                part.meta["val"] = tensor.meta["val"].shape[dim]
+                value = graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
+                value.meta["val"] = tensor.meta["val"].shape[dim]
+            else:
+                value = part
             if made is None:
-                made = part
+                made = value
                 continue
-            product = graph.call_function(operator.mul, (made, part))
-            product.meta["val"] = _value(made) * _value(part)
+            product = graph.call_function(operator.mul, (made, value))
+            product.meta["val"] = _value(made) * _value(value)
             made = product
     return made if isinstance(made, Node) else None
 

@@ -24,7 +24,10 @@ from passes.graph_utils import prefetch_nodes
 vllm_moe = pytest.importorskip("fxprefetch.vllm_moe")
 
 EXPERTS, HIDDEN, INTER = 4, 16, 8
-GUIDE_MOE = {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 1.0, "o": 1.0}, "moe": {"gate_up": 0.8}}}
+GUIDE_MOE = {
+    "enabled": True,
+    "prefetch_ratio": {"attn": {"qkv": 1.0, "o": 1.0}, "moe": {"gate_up": 0.8}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,7 @@ def _w13(layer: nn.Module) -> torch.Tensor:
 
 def test_gate_up_of_the_fused_moe_is_prefetched_by_layer_name_behind_the_gating_window(context):
     layers, seen = context
-    model, gm, names = _trace(4)
+    model, gm, _ = _trace(4)
     plan = _pipeline(gm, GUIDE_MOE, layers)
     done = plan.by_role("moe.gate_up")
     assert [r.weight for r in done] == [
@@ -158,7 +161,10 @@ def test_gate_up_of_the_fused_moe_is_prefetched_by_layer_name_behind_the_gating_
         out = gm(params, x)
         torch.testing.assert_close(out, model(x))
     assert seen == [
-        (_w13(layers[f"model.layers.{i}.mlp.experts"]).untyped_storage().data_ptr(), r.prefetch_bytes)
+        (
+            _w13(layers[f"model.layers.{i}.mlp.experts"]).untyped_storage().data_ptr(),
+            r.prefetch_bytes,
+        )
         for i, r in enumerate(done)
     ]
 
@@ -204,13 +210,18 @@ def test_a_graph_reused_for_another_layer_prefetches_that_layers_weight(context)
         names = ["model.layers.1.mlp.experts", "model.layers.0.mlp.experts"]
         gm(*names, *dict(model.named_parameters()).values(), x)
     ptr = {k: _w13(v).untyped_storage().data_ptr() for k, v in layers.items()}
-    assert [p for p, _ in seen] == [ptr["model.layers.1.mlp.experts"], ptr["model.layers.0.mlp.experts"]]
+    assert [p for p, _ in seen] == [
+        ptr["model.layers.1.mlp.experts"],
+        ptr["model.layers.0.mlp.experts"],
+    ]
 
 
 def test_side_stream_joins_close_by_name_prefetches_before_the_fused_op(context, monkeypatch):
     layers, seen = context
     joined: list[int] = []
-    monkeypatch.setitem(ops._NATIVE_JOIN, "cpu", lambda w: joined.append(w.untyped_storage().data_ptr()))
+    monkeypatch.setitem(
+        ops._NATIVE_JOIN, "cpu", lambda w: joined.append(w.untyped_storage().data_ptr())
+    )
     model, gm, _ = _trace(4)
     _pipeline(gm, GUIDE_MOE, layers, target="inductor", join_devices=frozenset({"cpu"}))
     gm.recompile()
@@ -226,18 +237,25 @@ def test_side_stream_joins_close_by_name_prefetches_before_the_fused_op(context,
 BOUNDED = {**GUIDE_MOE, "token_range": {"moe": {"gate_up": {"min_tokens": 96}}}}
 
 
-@pytest.mark.parametrize(("tokens", "prefetched"), [(4, False), (95, False), (96, True), (128, True)])
+@pytest.mark.parametrize(
+    ("tokens", "prefetched"), [(4, False), (95, False), (96, True), (128, True)]
+)
 def test_token_bounds_on_a_static_graph_are_decided_once(context, tokens, prefetched):
     layers, _ = context
     _, gm, _ = _trace(tokens)
     plan = _pipeline(gm, BOUNDED, layers)
     for record in plan.by_role("moe.gate_up"):
-        assert record.tokens == str(tokens) and record.min_tokens == 96 and record.max_tokens is None
+        assert (
+            record.tokens == str(tokens) and record.min_tokens == 96 and record.max_tokens is None
+        )
         assert record.token_check == "graph"
         assert record.prefetched is prefetched
         if not prefetched:
             assert record.skip_reason == SkipReason.OUTSIDE_TOKEN_RANGE
-    assert all(n.target is vllm_moe.LAYER_OP and n.args[-3:] == (0, 0, -1) for n in prefetch_nodes(gm.graph))
+    assert all(
+        n.target is vllm_moe.LAYER_OP and n.args[-3:] == (0, 0, -1)
+        for n in prefetch_nodes(gm.graph)
+    )
 
 
 def test_the_plan_json_carries_the_token_range(context):
@@ -249,12 +267,22 @@ def test_the_plan_json_carries_the_token_range(context):
     data = plan.to_dict()
     assert data["schema_version"] == 2
     moe = [r for r in data["linears"] if r["role"] == "moe.gate_up"]
-    assert {(r["min_tokens"], r["max_tokens"], r["token_check"]) for r in moe} == {(96, None, "graph")}
+    assert {(r["min_tokens"], r["max_tokens"], r["token_check"]) for r in moe} == {
+        (96, None, "graph")
+    }
     assert PrefetchPlan.from_dict(data).records == plan.records
-    v1 = {**data, "schema_version": 1, "linears": [
-        {k: v for k, v in r.items() if k not in ("tokens", "min_tokens", "max_tokens", "token_check")}
-        for r in data["linears"]
-    ]}
+    v1 = {
+        **data,
+        "schema_version": 1,
+        "linears": [
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("tokens", "min_tokens", "max_tokens", "token_check")
+            }
+            for r in data["linears"]
+        ],
+    }
     assert len(PrefetchPlan.from_dict(v1).records) == len(plan.records)
 
 
@@ -290,7 +318,9 @@ def test_token_bounds_on_a_dynamic_graph_are_checked_at_run_time_without_recompi
     for name, config in (("unbounded", GUIDE_MOE), ("bounded", BOUNDED)):
         torch._dynamo.reset()
         compiles: list = []
-        compiled = torch.compile(model, backend=_inductor_backend(config, layers, compiles), dynamic=True)
+        compiled = torch.compile(
+            model, backend=_inductor_backend(config, layers, compiles), dynamic=True
+        )
         per_call = []
         for tokens in counts:
             x = torch.randn(tokens, HIDDEN)
@@ -304,9 +334,10 @@ def test_token_bounds_on_a_dynamic_graph_are_checked_at_run_time_without_recompi
         moe = plan.by_role("moe.gate_up")
         assert len(moe) == 2 and all(r.prefetched for r in moe)
         if name == "bounded":
-            assert {(r.tokens, r.min_tokens, r.token_check) for r in moe} == {("s77", 96, "run time")} or {
-                r.token_check for r in moe
-            } == {"run time"}
+            assert {(r.min_tokens, r.max_tokens, r.token_check) for r in moe} == {
+                (96, None, "run time")
+            }
+            assert all(r.tokens and r.tokens.startswith("s") for r in moe)  # symbolic
     assert runs["unbounded"] == [2] * len(counts)
     assert runs["bounded"] == [2 * (t >= 96) for t in counts]
 
@@ -341,4 +372,6 @@ def test_a_compile_range_decides_a_symbolic_count_once(context):
             assert [n.args[-3:] for n in nodes] == [(0, 0, -1)] * 2
         else:
             assert all(r.prefetched and r.token_check == "run time" for r in moe)
-            assert all(isinstance(n.args[-3], torch.fx.Node) and n.args[-2:] == (96, -1) for n in nodes)
+            assert all(
+                isinstance(n.args[-3], torch.fx.Node) and n.args[-2:] == (96, -1) for n in nodes
+            )
