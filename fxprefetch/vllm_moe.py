@@ -6,7 +6,9 @@ the experts' weights are no graph input. :class:`VllmMoeWeights` is the pass's
 :class:`passes.hidden_weights.HiddenWeightSource` for it:
 
 - when the pass runs, it reads the layer from the current ``VllmConfig``'s
-  ``compilation_config.static_forward_context[layer_name]`` and finds its ``w13_weight`` (on
+  ``compilation_config.static_forward_context[layer_name]`` (or, where no config is current,
+  from the forward context vLLM compiles in, which holds the same dict as
+  ``no_compile_layers``) and finds its ``w13_weight`` (on
   the registered object, or a submodule: vLLM 0.32 registers a ``MoERunner`` whose
   ``routed_experts`` owns it; older vLLM and vllm-ascend the ``FusedMoE`` layer itself), for
   the weight's shape, dtype, bytes and device only;
@@ -159,9 +161,13 @@ class VllmMoeWeights:
 
     def _layers(self) -> Any:
         config = self._config() if callable(self._config) else self._config
-        if config is None:
+        if config is not None:
+            return config.compilation_config.static_forward_context
+        try:  # vLLM compiles inside its first forward: the forward context holds the same dict
+            from vllm.forward_context import get_forward_context, is_forward_context_available
+        except ImportError:
             return None
-        return config.compilation_config.static_forward_context
+        return get_forward_context().no_compile_layers if is_forward_context_available() else None
 
     def find(self, node: Node, role: str) -> HiddenWeight | str:
         attr = ROLE_ATTRS.get(role)

@@ -115,14 +115,22 @@ class _VllmGraphPlanner(GraphPlanner):
 class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     """fxprefetch's planning pass and device lowering, as a vLLM inductor pass."""
 
-    def __init__(self, rules: PrefetchRules | None = None) -> None:
+    def __init__(
+        self, rules: PrefetchRules | None = None, bound: WeightPrefetchConfig | None = None
+    ) -> None:
         # VllmInductorPass.__init__ wants a VllmConfig, which does not exist yet when vLLM
         # resolves ``inductor_passes``; the config is read when the pass runs instead.
+        # ``bound``: the config of the VllmConfig the flag installed this pass into, for
+        # compiles where vLLM sets no current config (its CPU path calls inductor directly).
         self.pass_name = type(self).__name__
         self.rules = rules
+        self.bound = bound
 
     def config(self) -> WeightPrefetchConfig:
-        return config_from_vllm(_current_vllm_config(), default_enabled=True)
+        current = _current_vllm_config()
+        if current is None and self.bound is not None:
+            return self.bound
+        return config_from_vllm(current, default_enabled=True)
 
     def __call__(self, graph: Graph | GraphModule) -> None:
         gm = graph if isinstance(graph, GraphModule) else graph.owning_module
@@ -159,10 +167,10 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"pass_name": self.pass_name, "rules": self.rules}
+        return {"pass_name": self.pass_name, "rules": self.rules, "bound": self.bound}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"bound": None, **state})
 
 
 weight_prefetch_pass = WeightPrefetchPass()
@@ -194,7 +202,7 @@ def install(vllm_config: Any) -> bool:
             present,
         )
         return False
-    passes[key] = weight_prefetch_pass
+    passes[key] = WeightPrefetchPass(bound=config)  # travels with the VllmConfig (pickled)
     logger.info("%s: weight prefetch pass added under %s (%s)", ROOT_KEY, key, config.digest)
     return True
 

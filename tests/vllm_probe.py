@@ -61,8 +61,8 @@ GUIDE_MOE_JSON = """{
             }
         }
     }"""
-# vllm-ascend 0.23's MoE threshold (gate/up from 96 tokens), over compile ranges [1, 64] and
-# [65, 256] and the static compile size 8
+# vllm-ascend 0.23's MoE threshold (gate/up from 96 tokens). vLLM on the CPU compiles one
+# graph with a symbolic token count (no compile ranges there): the prefetch checks it at run time
 BOUNDED_MOE = {
     "weight_prefetch_config": {
         "enabled": True,
@@ -84,7 +84,7 @@ def units() -> dict:
 
     import fxprefetch
     from fxprefetch import ConfigError
-    from fxprefetch.vllm_plugin import WeightPrefetchPass, weight_prefetch_pass
+    from fxprefetch.vllm_plugin import WeightPrefetchPass, config_from_vllm, weight_prefetch_pass
 
     out: dict = {}
     # the explicit route: vLLM resolves the qualname to our VllmInductorPass, not a wrapper
@@ -114,10 +114,12 @@ def units() -> dict:
         plain.compilation_config.inductor_compile_config
     )
     on = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": True}})
-    out["flag_adds_pass"] = (
-        on.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
-        is weight_prefetch_pass
-    )
+    added = on.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
+    out["flag_adds_pass"] = isinstance(added, WeightPrefetchPass)
+    # it carries the flag's config, for compiles where vLLM sets no current config (the CPU)
+    out["flag_pass_carries_the_config"] = pickle.loads(
+        pickle.dumps(added)
+    ).config() == config_from_vllm(on, default_enabled=True)
     off = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": False}})
     out["disabled_no_pass"] = "post_grad_custom_post_pass" not in (
         off.compilation_config.inductor_compile_config
@@ -144,6 +146,16 @@ def units() -> dict:
         third = weight_prefetch_pass.uuid()
     out["uuid_stable"] = first == second
     out["uuid_covers_config"] = first != third
+    # token bounds read the compile range from vLLM's real pass context
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    from fxprefetch.config import TokenRange
+    from fxprefetch.vllm_plugin import _compile_range
+
+    with pass_context(Range(start=65, end=256)):
+        out["compile_range_seen"] = _compile_range() == TokenRange(65, 256)
+    out["no_range_outside_a_compile"] = _compile_range() is None
     out["vllm_ascend"] = ascend_contract(torch)
     return out
 
@@ -227,7 +239,6 @@ def serve(mode: str) -> dict:
         kwargs["additional_config"] = json.loads(GUIDE_MOE_JSON)
     elif mode == "moe-bounded":
         kwargs["additional_config"] = BOUNDED_MOE
-        kwargs["compilation_config"] = {"compile_ranges_endpoints": [64, 256], "compile_sizes": [8]}
     elif mode == "bad":
         kwargs["additional_config"] = {
             "weight_prefetch_config": {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 1.5}}}
