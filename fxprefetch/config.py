@@ -7,12 +7,13 @@ The JSON shape is the one vllm-ascend users already write::
                         "moe": {"gate_up": 0.8},
                         "mlp": {"gate_up": 1.0, "down": 1.0}}}
 
-plus three fields of ours: ``max_prefetch_bytes`` (the L2 cap: left unwritten, the device's
+plus four fields of ours: ``max_prefetch_bytes`` (the L2 cap: left unwritten, the device's
 own, 18 MiB on Ascend as the guide says; ``"auto"``: what each prefetch's window can hide on
-the device, see ``fxprefetch.prediction``), ``sequence_parallel`` and ``windows`` (left
-unwritten, the device's own). A role's ratio may also be ``"auto"``: up to the whole weight,
-as much as its window can hide. Every rule rejects bad input with a :class:`ConfigError`
-that names the JSON path; nothing is dropped silently.
+the device, see ``fxprefetch.prediction``), ``sequence_parallel``, ``windows`` (left
+unwritten, the device's own) and ``token_range`` (the token counts for which prefetch runs,
+overall and per role). A role's ratio may also be ``"auto"``: up to the whole weight, as much
+as its window can hide. Every rule rejects bad input with a :class:`ConfigError` that names
+the JSON path; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ _ALIASES = {
     "max_bytes": "max_prefetch_bytes",
     "sp": "sequence_parallel",
     "window": "windows",
+    "token_ranges": "token_range",
+    "tokens": "token_range",
+    "min": "min_tokens",
+    "max": "max_tokens",
 }
 
 
@@ -229,6 +234,150 @@ class PrefetchRatios:
         return cls(**kwargs)
 
 
+TOKEN_KEYS: tuple[str, ...] = ("min_tokens", "max_tokens")
+
+
+def _expect_token_count(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            path, f"expected a non-negative integer token count, got {_describe(value)}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Token counts ``min_tokens <= n <= max_tokens`` (both inclusive; ``max_tokens`` None:
+    no upper bound). The default, ``[0, None]``, holds every count."""
+
+    min_tokens: int = 0
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        self.check(f"{ROOT_KEY}.token_range")
+
+    def check(self, path: str) -> None:
+        _expect_token_count(self.min_tokens, f"{path}.min_tokens")
+        if self.max_tokens is not None:
+            _expect_token_count(self.max_tokens, f"{path}.max_tokens")
+            if self.max_tokens < self.min_tokens:
+                raise ConfigError(
+                    path,
+                    f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens}): "
+                    "no token count would be prefetched (write a ratio of 0 to switch a role off)",
+                )
+
+    @property
+    def unbounded(self) -> bool:
+        return self.min_tokens == 0 and self.max_tokens is None
+
+    def __contains__(self, tokens: int) -> bool:
+        return self.min_tokens <= tokens and (self.max_tokens is None or tokens <= self.max_tokens)
+
+    def intersect(self, other: TokenRange) -> TokenRange | None:
+        """The counts in both ranges; None when no count is."""
+        low = max(self.min_tokens, other.min_tokens)
+        highs = [h for h in (self.max_tokens, other.max_tokens) if h is not None]
+        high = min(highs) if highs else None
+        return None if high is not None and high < low else TokenRange(low, high)
+
+    def describe(self) -> str:
+        high = "inf)" if self.max_tokens is None else f"{self.max_tokens}]"
+        return f"[{self.min_tokens}, {high}"
+
+    def to_dict(self) -> dict[str, int]:
+        written = {"min_tokens": self.min_tokens} if self.min_tokens else {}
+        return written | ({"max_tokens": self.max_tokens} if self.max_tokens is not None else {})
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str, allowed: Iterable[str] = TOKEN_KEYS) -> TokenRange:
+        obj = _expect_object(value, path)
+        _reject_unknown_keys(obj, allowed, path)
+        low = _expect_token_count(obj.get("min_tokens", 0), f"{path}.min_tokens")
+        high = obj.get("max_tokens")
+        if high is not None:
+            high = _expect_token_count(high, f"{path}.max_tokens")
+        found = cls.__new__(cls)
+        object.__setattr__(found, "min_tokens", low)
+        object.__setattr__(found, "max_tokens", high)
+        found.check(path)
+        return found
+
+
+@dataclass(frozen=True)
+class TokenBounds:
+    """``token_range``: the token counts for which prefetch runs, overall and per role.
+
+    A prefetch of a role runs where the linear's token count lies in both the overall range
+    and its role's range. vllm-ascend's hand-written prefetch used MoE gate/up from 96 tokens
+    and MLP below 500: ``{"moe": {"gate_up": {"min_tokens": 96}}, "mlp": {"gate_up":
+    {"max_tokens": 499}, "down": {"max_tokens": 499}}}``.
+    """
+
+    overall: TokenRange = field(default_factory=TokenRange)
+    roles: tuple[tuple[str, TokenRange], ...] = ()  # (role, range), in ROLES order
+
+    def __post_init__(self) -> None:
+        roles = dict(self.roles)
+        for role in roles:
+            if role not in ROLES:
+                raise ConfigError(
+                    f"{ROOT_KEY}.token_range",
+                    f"unknown role {role!r}{did_you_mean(role, ROLES)}; roles are {list(ROLES)}",
+                )
+        ordered = tuple((r, roles[r]) for r in ROLES if r in roles and not roles[r].unbounded)
+        for role, bounds in ordered:
+            if self.overall.intersect(bounds) is None:
+                raise ConfigError(
+                    f"{ROOT_KEY}.token_range.{role}",
+                    f"{bounds.describe()} does not meet the overall range "
+                    f"{self.overall.describe()}: no token count would be prefetched",
+                )
+        object.__setattr__(self, "roles", ordered)
+
+    @property
+    def unbounded(self) -> bool:
+        return self.overall.unbounded and not self.roles
+
+    def for_role(self, role: str | None) -> TokenRange | None:
+        """The range in which prefetches of ``role`` run; None when no token count is."""
+        own = dict(self.roles).get(role) if role is not None else None
+        return self.overall if own is None else self.overall.intersect(own)
+
+    def to_dict(self) -> dict[str, Any]:
+        nested: dict[str, Any] = self.overall.to_dict()
+        for role, bounds in self.roles:
+            section, name = role.split(".")
+            nested.setdefault(section, {})[name] = bounds.to_dict()
+        return nested
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.token_range") -> TokenBounds:
+        obj = _expect_object(value, path)
+        layout: dict[str, list[str]] = {}
+        for role in ROLES:
+            section, name = role.split(".")
+            layout.setdefault(section, []).append(name)
+        _reject_unknown_keys(obj, [*TOKEN_KEYS, *layout], path)
+        overall = TokenRange.from_dict({k: obj[k] for k in TOKEN_KEYS if k in obj}, path)
+        roles: list[tuple[str, TokenRange]] = []
+        for section, names in layout.items():
+            if section not in obj:
+                continue
+            body = _expect_object(obj[section], f"{path}.{section}")
+            _reject_unknown_keys(body, names, f"{path}.{section}")
+            for name, bounds in body.items():
+                found = TokenRange.from_dict(bounds, f"{path}.{section}.{name}")
+                if overall.intersect(found) is None:
+                    raise ConfigError(
+                        f"{path}.{section}.{name}",
+                        f"{found.describe()} does not meet the overall range "
+                        f"{overall.describe()}: no token count would be prefetched",
+                    )
+                roles.append((f"{section}.{name}", found))
+        return cls(overall, tuple(roles))
+
+
 @dataclass(frozen=True)
 class WeightPrefetchConfig:
     """A validated ``weight_prefetch_config``. Frozen and hashable; build it with ``from_*``.
@@ -244,6 +393,7 @@ class WeightPrefetchConfig:
     max_prefetch_bytes: int | str | None = None  # None: the device's cap; "auto" (see ``cap``)
     sequence_parallel: bool = False
     windows: tuple[str, ...] | None = None  # None: the device's (see ``window_kinds``)
+    token_range: TokenBounds = field(default_factory=TokenBounds)
 
     def __post_init__(self) -> None:
         if self.enabled is not None:
@@ -259,6 +409,11 @@ class WeightPrefetchConfig:
         if self.windows is not None:
             windows = _expect_windows(self.windows, f"{ROOT_KEY}.windows")
             object.__setattr__(self, "windows", windows)
+        if not isinstance(self.token_range, TokenBounds):
+            raise ConfigError(
+                f"{ROOT_KEY}.token_range",
+                f"expected TokenBounds, got {type(self.token_range).__name__}",
+            )
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -284,6 +439,8 @@ class WeightPrefetchConfig:
             )
         if "windows" in obj:
             kwargs["windows"] = _expect_windows(obj["windows"], f"{path}.windows")
+        if "token_range" in obj:
+            kwargs["token_range"] = TokenBounds.from_dict(obj["token_range"], f"{path}.token_range")
         return cls(**kwargs)
 
     @classmethod
@@ -346,18 +503,25 @@ class WeightPrefetchConfig:
         """The window kinds in use: the written ``windows``, else the device's default."""
         return self.windows if self.windows is not None else device_default
 
+    def tokens(self, role: str | None) -> TokenRange | None:
+        """The token counts for which prefetches of ``role`` run (None: no count)."""
+        return self.token_range.for_role(role)
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object; ``enabled``, ``max_prefetch_bytes`` and ``windows`` are left out
-        when they were not written."""
+        """The JSON object; ``enabled``, ``max_prefetch_bytes``, ``windows`` and an unbounded
+        ``token_range`` are left out when they were not written (so digests of configs without
+        them are those of earlier versions)."""
         written: dict[str, Any] = {"enabled": self.enabled} if self.enabled is not None else {}
         if self.max_prefetch_bytes is not None:
             written["max_prefetch_bytes"] = self.max_prefetch_bytes
         windows = {"windows": list(self.windows)} if self.windows is not None else {}
+        bounds = {} if self.token_range.unbounded else {"token_range": self.token_range.to_dict()}
         return {
             **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
             "sequence_parallel": self.sequence_parallel,
             **windows,
+            **bounds,
         }
 
     def to_json(self) -> str:
@@ -379,6 +543,7 @@ class WeightPrefetchConfig:
             max_prefetch_bytes=self.max_prefetch_bytes,
             sequence_parallel=self.sequence_parallel,
             windows=self.windows,
+            token_range=self.token_range,
         )
 
 

@@ -19,6 +19,11 @@ Where a device registers a native L2 prefetch (:func:`register_native_l2`: CUDA)
 inductor pipeline lowers ``prefetch`` to ``prefetch_native`` (side stream or compute
 stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``; both carry
 an ``order`` list that pins their place in inductor's schedule (``passes/native_prefetch.py``).
+
+``prefetch_in_range`` (a prefetch that checks its token count when it runs) and the by-name
+prefetches of integrations (``fxprefetch.vllm_moe``) are not lowered: their kernels call the
+device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they need no
+join. :data:`PREFETCH_OPS` lists every prefetch op.
 """
 
 from __future__ import annotations
@@ -141,6 +146,65 @@ def _device_kernel(
 _lib.impl("prefetch", _cpu_kernel, "CPU")
 for _key in ("CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch", _device_kernel, _key)
+
+
+def prefetch_tensor(
+    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+) -> None:
+    """The prefetch kernel for ``weight``'s device (a hint on the CPU without a native one).
+    On CUDA it runs on the compute stream: nothing to join, legal under CUDA-graph capture."""
+    kernel = _cpu_kernel if weight.device.type == "cpu" else _device_kernel
+    kernel(weight, dependency, max_size, offset)
+
+
+# -- token bounds checked at run time ----------------------------------------------------------
+# Where a graph's token count is symbolic and its range straddles a prefetch's token bounds,
+# the pass inserts this op instead: ``tokens`` is the linear's token count as a SymInt graph
+# value (passing it adds no guard), and the kernel prefetches only when
+# ``min_tokens <= tokens <= max_tokens`` (``max_tokens`` -1: no upper bound).
+RANGE_SCHEMA = (
+    "prefetch_in_range(Tensor weight, Tensor? dependency, int max_size, int offset, "
+    "SymInt tokens, int min_tokens, int max_tokens) -> ()"
+)
+_lib.define(RANGE_SCHEMA, tags=())
+RANGE_OP = torch.ops.fxprefetch.prefetch_in_range.default
+has_side_effect(RANGE_OP)
+has_side_effect(torch.ops.fxprefetch.prefetch_in_range)
+
+
+def tokens_in_range(tokens: int, min_tokens: int, max_tokens: int) -> bool:
+    """Whether a prefetch bounded to ``[min_tokens, max_tokens]`` runs (-1: no upper bound)."""
+    return min_tokens <= tokens and (max_tokens < 0 or tokens <= max_tokens)
+
+
+@torch.library.register_fake("fxprefetch::prefetch_in_range", lib=_lib)
+def _range_fake(
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    check_prefetch_args(weight, max_size, offset)  # never reads ``tokens``: no guard
+
+
+def _range_kernel(
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    if tokens_in_range(tokens, min_tokens, max_tokens):
+        prefetch_tensor(weight, dependency, max_size, offset)
+
+
+for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
+    _lib.impl("prefetch_in_range", _range_kernel, _key)
 
 
 # -- the native L2 prefetch as the inductor pipeline lowers it -------------------------------
@@ -273,3 +337,20 @@ def _hint_kernel(
 
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
     _lib.impl("prefetch_hint", _hint_kernel, _key)
+
+
+# -- the registry of prefetch ops ----------------------------------------------------------------
+# Every op that prefetches (the by-name ops of integrations register theirs): the passes that
+# relax, elide and strip prefetches treat them alike. None of them but a side-stream
+# ``prefetch_native`` forks: ``prefetch_in_range`` and the by-name ops run the device's
+# prefetch on the compute stream (fire-and-forget, legal under CUDA-graph capture), so they
+# never need a ``prefetch_join``.
+PREFETCH_OPS: list[torch._ops.OpOverload] = [PREFETCH_OP, NATIVE_OP, HINT_OP, RANGE_OP]
+
+
+def register_prefetch_op(op: torch._ops.OpOverload) -> None:
+    """Declare ``op`` a prefetch: its arguments before ``dependency`` name its weight, and its
+    kernel prefetches on the compute stream (through :func:`prefetch_tensor`)."""
+    has_side_effect(op)
+    if op not in PREFETCH_OPS:
+        PREFETCH_OPS.append(op)

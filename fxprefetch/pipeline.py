@@ -5,11 +5,16 @@
     npu:      plan_prefetches -> lower_to_npu_prefetch                    -> clean-up
     inductor: plan_prefetches -> lower_native_prefetches -> relax_dependencies
               -> elide_hint_prefetches -> insert_prefetch_joins              -> clean-up
+    eager:    plan_prefetches                                             -> clean-up
 
 The bodies of higher-order ops (``torch.cond`` branches, nested compile regions) are graphs
 of their own: :class:`fxprefetch.planner.GraphPlanner` runs the pipeline on each, with the
 weight sources their call sites give and how often they run (``PassContext.runs``).
-    eager:    plan_prefetches                                             -> clean-up
+
+Only plain ``fxprefetch.prefetch`` nodes are lowered to ``prefetch_native`` (and joined where
+they fork onto a side stream). Run-time-checked (``prefetch_in_range``) and by-name
+(``fxprefetch.vllm_moe``) prefetches stay as they are: their kernels prefetch on the compute
+stream, so they need no join, and they stay in the code, counting what really runs.
 
 Every pass has one signature, ``(gm, ctx) -> PassResult``: it takes the graph and a
 :class:`PassContext` (everything it may read) and says what it changed. The clean-up lints
@@ -23,19 +28,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
-from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.ops import NATIVE_OP, prepare_native
+from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP, prepare_native
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.prediction import DeviceProfile
 from passes.elide_hints import elide_hint_prefetches, keep_hints_in_code
+from passes.graph_utils import prefetch_nodes, tensor_value
+from passes.hidden_weights import HiddenWeightSource
 from passes.lower_npu import lower_prefetch_to_npu
 from passes.native_prefetch import lower_native_prefetches, partition_points
 from passes.prefetch_joins import insert_prefetch_joins
 from passes.relax_dependencies import relax_prefetch_dependencies
 from passes.rules import PrefetchRules
-from passes.weight_prefetch import run_weight_prefetch
+from passes.weight_prefetch import META_KEY, run_weight_prefetch
 from passes.weight_sources import WeightSources
 
 TARGETS = ("npu", "inductor", "eager")
@@ -60,6 +68,8 @@ class PassContext:
     device_profiles: Mapping[str, DeviceProfile] | None = None
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
     runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
+    hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
+    graph_tokens: TokenRange | None = None  # token counts the graph is compiled for
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         device_profiles=ctx.device_profiles,
         split_at_attention=ctx.split_at_attention,
         recompile=False,
+        hidden_weights=ctx.hidden_weights,
+        graph_tokens=ctx.graph_tokens,
     )
     return PassResult("plan_prefetches", len(plan.prefetched), plan)
 
@@ -102,9 +114,29 @@ def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
         n.args[0].meta["val"].device
         for n in gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
     }
+    used |= _compute_stream_devices(gm, devices)
     for device in sorted(used, key=str):  # kernels compiled, streams made: before any capture
         prepare_native(device)
     return PassResult("lower_native_prefetches", lowered)
+
+
+def _compute_stream_devices(gm: GraphModule, l2_devices: frozenset[str]) -> set[torch.device]:
+    """Devices in ``l2_devices`` of the prefetches left unlowered (run-time-checked, by name):
+    their kernels launch the native prefetch on the compute stream, also inside a capture."""
+    found: set[torch.device] = set()
+    for node in prefetch_nodes(gm.graph):
+        if node.target in (PREFETCH_OP, NATIVE_OP, HINT_OP):
+            continue
+        weight = node.args[0] if node.args else None
+        value = tensor_value(weight) if isinstance(weight, Node) else None
+        if value is not None:
+            device = value.device
+        else:  # a weight found by name: the device type the pass recorded
+            recorded = (node.meta.get(META_KEY) or {}).get("device")
+            device = torch.device(recorded) if recorded is not None else None
+        if device is not None and device.type in l2_devices:
+            found.add(device)
+    return found
 
 
 def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:

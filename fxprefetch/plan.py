@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan
+PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan; token bounds
+#: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
@@ -35,6 +36,8 @@ class SkipReason(str, enum.Enum):
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
     UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
+    OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
+    TOKENS_UNKNOWN = "token count has no graph value before the window"
 
     def __str__(self) -> str:
         return self.value
@@ -95,6 +98,13 @@ class LinearRecord:
     window_start: int | None = None
     # the prediction model's numbers for this prefetch, where a device profile is known
     prediction: PredictedSaving | None = None
+    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
+    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
+    tokens: str | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    token_check: str | None = None
 
     def __post_init__(self) -> None:
         if self.span_bytes is None:

@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 
 from torch.fx import GraphModule
 
-from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
 from fxprefetch.prediction import DeviceProfile
+from passes.hidden_weights import HiddenWeightSource
 from passes.rules import PrefetchRules, current_rules
 from passes.strip_prefetch import strip_prefetch
 from passes.subgraphs import hop_bodies
@@ -93,6 +94,7 @@ class GraphPlanner:
         lowering: Mapping[str, str] | None = None,
         device_profiles: Mapping[str, DeviceProfile] | None = None,
         split_at_attention: bool = False,
+        hidden_weights: HiddenWeightSource | None = None,
         strict: bool = False,
         source_names: Sequence[str | None] = (),
         name: str | None = None,
@@ -109,6 +111,7 @@ class GraphPlanner:
         self.lowering = dict(sorted((lowering or {}).items()))  # device -> what it uses, why
         self.device_profiles = dict(sorted((device_profiles or {}).items()))
         self.split_at_attention = split_at_attention
+        self.hidden_weights = hidden_weights
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -129,6 +132,11 @@ class GraphPlanner:
         recorded as skipped, with the reason.
         """
         return aot_weight_sources(gm, self.source_names)
+
+    def graph_tokens(self) -> TokenRange | None:
+        """The token counts the graph being compiled serves, where the compiler says
+        (vLLM's compile range); None: only its shapes tell."""
+        return None
 
     def context(
         self,
@@ -151,6 +159,8 @@ class GraphPlanner:
             device_profiles=self.device_profiles,
             split_at_attention=self.split_at_attention,
             runs=runs,
+            hidden_weights=self.hidden_weights,
+            graph_tokens=self.graph_tokens(),
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

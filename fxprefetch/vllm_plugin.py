@@ -8,7 +8,8 @@ Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
   :func:`register` hooks the end of ``VllmConfig.__post_init__`` (the narrowest point that sees
   both ``additional_config`` and the compilation config). There it validates the section, so a
   bad config stops the engine at start-up with our ``ConfigError``, and, when enabled, puts
-  :data:`weight_prefetch_pass` under the platform's pass key.
+  a :class:`WeightPrefetchPass` bound to that config under the platform's pass key (it
+  travels with the ``VllmConfig``: vLLM's CPU path compiles with no current config).
 - the explicit route, ``--compilation-config '{"inductor_passes": {"<pass_key>":
   "fxprefetch.vllm_plugin.weight_prefetch_pass"}}'``, with ``post_grad_custom_post_pass`` on
   CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend. vLLM resolves the name as
@@ -18,7 +19,9 @@ Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
 The pass is a ``VllmInductorPass``: it runs inside vLLM's pass manager (after the fusion
 passes, before its clean-up) on CUDA and vllm-ascend, and as inductor's post-grad pass on the
 CPU. It accepts a ``Graph`` or a ``GraphModule``, holds no ``OpOverload`` (it pickles: vLLM
-ships it to workers), and its ``uuid()`` covers the config, the rules and our source.
+ships it to workers), and its ``uuid()`` covers the config (the bound one too), the rules,
+the devices' setup and our source. Fused MoE weights are prefetched by layer name
+(:mod:`fxprefetch.vllm_moe`); ``token_range`` sees vLLM's compile range.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from typing import Any
 
 from torch.fx import Graph, GraphModule
 
-from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
+from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 from passes.rules import PrefetchRules, current_rules
 from passes.weight_sources import WeightSources
 
@@ -130,8 +134,21 @@ def _device_setup(target: str, vllm_config: Any = None) -> DeviceSetup:
     return device_setup(target, cudagraphs=vllm_uses_cudagraphs(vllm_config))
 
 
+def _compile_range() -> TokenRange | None:
+    """The token counts vLLM compiles this graph for (its pass context's compile range)."""
+    try:
+        from vllm.compilation.passes.inductor_pass import get_pass_context
+
+        found = get_pass_context().compile_range
+    except (ImportError, AssertionError, AttributeError):
+        return None
+    low, high = int(found.start), int(found.end)
+    return TokenRange(max(low, 0), high) if high >= max(low, 0) else None
+
+
 class _VllmGraphPlanner(GraphPlanner):
-    """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights."""
+    """vLLM's post-grad graphs carry no dynamo sources: AOT's static inputs name weights.
+    Fused MoE weights are found by layer name; token bounds see vLLM's compile range."""
 
     def weight_names(self, gm: GraphModule) -> WeightSources | dict[str, str]:
         names = _static_input_names(gm)
@@ -139,18 +156,31 @@ class _VllmGraphPlanner(GraphPlanner):
             return WeightSources(unknown_default="AOT autograd marks no static inputs here")
         return names
 
+    def graph_tokens(self) -> TokenRange | None:
+        return _compile_range()
+
 
 class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     """fxprefetch's planning pass and device lowering, as a vLLM inductor pass."""
 
-    def __init__(self, rules: PrefetchRules | None = None) -> None:
+    def __init__(
+        self, rules: PrefetchRules | None = None, bound: WeightPrefetchConfig | None = None
+    ) -> None:
         # VllmInductorPass.__init__ wants a VllmConfig, which does not exist yet when vLLM
         # resolves ``inductor_passes``; the config is read when the pass runs instead.
+        # ``bound``: the config of the VllmConfig the flag installed this pass into, for
+        # compiles where vLLM sets no current config (its CPU path calls inductor directly).
         self.pass_name = type(self).__name__
         self.rules = rules
+        self.bound = bound
 
     def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
-        return config_from_vllm(vllm_config or _current_vllm_config(), default_enabled=True)
+        """The config of ``vllm_config`` (default: the current one); where vLLM sets none
+        (its CPU path compiles with no current config), the bound one."""
+        current = vllm_config or _current_vllm_config()
+        if current is None and self.bound is not None:
+            return self.bound
+        return config_from_vllm(current, default_enabled=True)
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
         """The planner for one graph: ``target`` defaults to vLLM's device's pipeline."""
@@ -168,6 +198,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             lowering=devices.lowering,
             device_profiles=devices.profiles,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
+            hidden_weights=VllmMoeWeights(vllm_config or _current_vllm_config),
         )
 
     def __call__(self, graph: Graph | GraphModule) -> None:
@@ -186,6 +217,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         devices = _device_setup(target)
         parts = [
             self.config().digest,
+            self.bound.digest if self.bound is not None else "-",  # the pickled pass's config
             rules.digest,
             source_digest(),
             target,
@@ -200,10 +232,10 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"pass_name": self.pass_name, "rules": self.rules}
+        return {"pass_name": self.pass_name, "rules": self.rules, "bound": self.bound}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"bound": None, **state})
 
 
 weight_prefetch_pass = WeightPrefetchPass()
@@ -235,7 +267,7 @@ def install(vllm_config: Any) -> bool:
             present,
         )
         return False
-    passes[key] = weight_prefetch_pass
+    passes[key] = WeightPrefetchPass(bound=config)  # travels with the VllmConfig (pickled)
     logger.info("%s: weight prefetch pass added under %s (%s)", ROOT_KEY, key, config.digest)
     return True
 

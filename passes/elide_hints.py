@@ -11,6 +11,11 @@ A body that runs a number of times known only at run time (a ``torch.cond`` bran
 body) cannot be counted at the graph call: there each hint-only prefetch becomes
 ``fxprefetch.prefetch_hint`` instead (:func:`keep_hints_in_code`), whose kernel counts one
 planned hint each time it runs.
+
+A graph with a prefetch whose run is decided at run time (token bounds on a symbolic token
+count), whose weight is found at run time (by layer name), or one lowered to a native
+prefetch already, keeps its prefetches as they are: their kernels count what really runs,
+so the counts stay exact.
 """
 
 from __future__ import annotations
@@ -19,18 +24,19 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP
-from passes.graph_utils import finalize
+from fxprefetch.ops import HINT_OP, PREFETCH_OP
+from passes.graph_utils import finalize, prefetch_nodes
 from passes.strip_prefetch import strip_prefetch
 
 
 def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
-    """True when no prefetch of ``gm`` targets a device in ``native_devices`` (and none was
-    lowered to a native prefetch already)."""
-    if gm.graph.find_nodes(op="call_function", target=NATIVE_OP):
-        return False
+    """True when every prefetch of ``gm`` is a plain ``prefetch`` of a tensor on a device not
+    in ``native_devices`` (none lowered to a native prefetch, checked at run time, found by
+    name, or kept as a hint already)."""
     devices = set()
-    for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
+    for node in prefetch_nodes(gm.graph):
+        if node.target is not PREFETCH_OP:
+            return False
         val = node.args[0].meta.get("val")
         devices.add(val.device.type if val is not None else "unknown")
     return bool(devices) and not devices & set(native_devices)

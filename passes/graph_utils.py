@@ -53,6 +53,11 @@ def get_arg(node: Node, name: str) -> Any:
         default = getattr(node.target, "default", None)
         schema = getattr(default, "_schema", None)
     if schema is None:  # e.g. auto_functionalized, which passes the op's arguments by name
+        if name not in node.kwargs and f"_{name}_base_index" in node.kwargs:
+            # auto_functionalized_v2 passes a mutated argument as an index into _all_bases
+            index = node.kwargs[f"_{name}_base_index"]
+            bases = node.kwargs.get("_all_bases") or ()
+            return bases[index] if index is not None and index < len(bases) else None
         return node.kwargs.get(name)
     for i, arg in enumerate(schema.arguments):
         if arg.name == name:
@@ -60,6 +65,28 @@ def get_arg(node: Node, name: str) -> Any:
                 return node.args[i]
             return node.kwargs.get(name, None)
     return None
+
+
+def prefetch_nodes(graph: torch.fx.Graph) -> list[Node]:
+    """Every node of ``graph`` calling a prefetch op (``fxprefetch.ops.PREFETCH_OPS``), in
+    graph order."""
+    from fxprefetch.ops import PREFETCH_OPS
+
+    targets = set(PREFETCH_OPS)
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def set_arg(node: Node, name: str, value: Any) -> None:
+    """Bind schema argument ``name`` of an op call to ``value`` (positional or keyword)."""
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                node.args = (*node.args[:i], value, *node.args[i + 1 :])
+            else:
+                node.kwargs = {**node.kwargs, name: value}
+            return
+    raise KeyError(f"{schema.name} has no argument {name!r}")
 
 
 def flatten_nodes(value: Any) -> list[Node]:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import PREFETCH_OP
-from passes.graph_utils import finalize
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP
+from passes.graph_utils import finalize, get_arg, prefetch_nodes, set_arg
+
+# prefetches whose weight is a graph tensor; a by-name prefetch keeps its dependency, its only
+# tensor argument (the op is dispatched on it)
+RELAXED = (PREFETCH_OP, RANGE_OP)
 
 
 def relax_prefetch_dependencies(gm: GraphModule, recompile: bool = True) -> int:
-    """Set the dependency of every ``fxprefetch.prefetch`` node to None; returns the count."""
+    """Set the dependency of every prefetch of a graph tensor to None; returns the count."""
     count = 0
-    for node in gm.graph.find_nodes(op="call_function", target=PREFETCH_OP):
-        if len(node.args) > 1 and node.args[1] is not None:
-            node.args = (node.args[0], None, *node.args[2:])
+    for node in prefetch_nodes(gm.graph):
+        if node.target in RELAXED and get_arg(node, "dependency") is not None:
+            set_arg(node, "dependency", None)
             count += 1
     if count:
         finalize(gm, recompile)

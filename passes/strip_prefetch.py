@@ -2,33 +2,49 @@
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
 
-from fxprefetch.ops import HINT_OP, JOIN_OP, NATIVE_OP, PREFETCH_OP
-from passes.graph_utils import finalize
+from fxprefetch.ops import JOIN_OP, NATIVE_OP
+from passes.graph_utils import finalize, flatten_nodes, get_arg, prefetch_nodes
 from passes.weight_prefetch import META_KEY
 
 
 def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:
-    """Erase every prefetch of ``gm`` (``fxprefetch.prefetch``, ``prefetch_hint``, or the native
-    lowering with its joins and tokens); returns how many prefetches were removed."""
+    """Erase every prefetch of ``gm`` (every op of ``fxprefetch.ops.PREFETCH_OPS``: the plain,
+    hint, run-time-checked and by-name prefetches, the native lowering with its joins and
+    tokens), and the token counts only they read; returns how many prefetches were removed."""
     graph = gm.graph
     for join in list(graph.find_nodes(op="call_function", target=JOIN_OP)):
         graph.erase_node(join)
-    nodes = [
-        *graph.find_nodes(op="call_function", target=PREFETCH_OP),
-        *graph.find_nodes(op="call_function", target=NATIVE_OP),
-        *graph.find_nodes(op="call_function", target=HINT_OP),
-    ]
-    tokens = [t for n in nodes if n.target is NATIVE_OP for t in n.args[1] if _is_token(t)]
+    nodes = prefetch_nodes(graph)
+    made: list[Node] = []  # tokens of native forks, token counts of run-time checks
+    for node in nodes:
+        if node.target is NATIVE_OP:
+            made += [t for t in node.args[1] if _is_token(t)]
+        elif "tokens" in (a.name for a in node.target._schema.arguments):
+            made += flatten_nodes(get_arg(node, "tokens"))
     for node in nodes:
         graph.erase_node(node)
-    for token in tokens:
-        if not token.users:
-            graph.erase_node(token)
-    if nodes or tokens:
+    removed = _erase_unused(graph, made)
+    if nodes or removed:
         finalize(gm, recompile)
     return len(nodes)
+
+
+def _erase_unused(graph: Graph, made: list[Node]) -> int:
+    """Erase the nodes of ``made`` nobody reads any more, then their inputs that only they
+    read (a token count's ``sym_size`` and products); returns how many."""
+    count = 0
+    todo = list(made)
+    while todo:
+        node = todo.pop()
+        if getattr(node, "_erased", False) or node.users or node.op != "call_function":
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        count += 1
+        todo += inputs
+    return count
 
 
 def _is_token(node: object) -> bool:

@@ -6,6 +6,12 @@ ancestors (:mod:`passes.vector_ops`) form the *window*, the first non-vector anc
 *dependency*. A ``fxprefetch.prefetch(weight, dependency, max_size[, offset])`` node goes
 right after the dependency, so the prefetch runs while the window's vector work runs.
 
+Two more things decide a prefetch. A fused op that looks its weights up by name (vLLM's
+MoE) gets a by-name prefetch where a :class:`passes.hidden_weights.HiddenWeightSource`
+finds the weight. And ``token_range`` bounds the token counts for which a prefetch runs
+(:mod:`passes.token_bounds`): decided for the graph where the count is known, checked by the
+prefetch at run time where it is symbolic.
+
 Invariants (tested in ``tests/test_pass_properties.py``): the graph lints; outputs are
 unchanged; at most one prefetch per linear; a second run adds nothing; every prefetch comes
 after its dependency and before its linear; prefetches survive dead-code elimination; new
@@ -20,16 +26,18 @@ from collections.abc import Mapping
 
 from torch.fx import Graph, GraphModule, Node
 
-from fxprefetch.config import DEFAULT_WINDOWS, WeightPrefetchConfig
-from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
+from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 from fxprefetch.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
 from passes.collectives import has_sequence_parallel_collectives
-from passes.graph_utils import finalize, op_name, tensor_value
+from passes.graph_utils import finalize, op_name, prefetch_nodes, tensor_value
+from passes.hidden_weights import HiddenWeight, HiddenWeightSource
 from passes.linears import LinearUse, find_linears
 from passes.roles import assign_roles, layer_index
 from passes.rules import PrefetchRules, current_rules
 from passes.sizing import prefetch_bytes
+from passes.token_bounds import TokenCheck, TokenDecision, count_node, decide
 from passes.weight_sources import WeightSources
 from passes.window_cost import window_traffic
 from passes.windows import Window, attention_matmuls, find_window
@@ -41,9 +49,7 @@ META_KEY = "fxprefetch"
 
 def _existing_prefetches(graph: Graph) -> set[str]:
     done: set[str] = set()
-    nodes = [*graph.find_nodes(op="call_function", target=PREFETCH_OP)]
-    nodes += graph.find_nodes(op="call_function", target=NATIVE_OP)  # lowered already
-    for node in nodes:
+    for node in prefetch_nodes(graph):  # every prefetch op, the lowered ones too
         meta = node.meta.get(META_KEY) or {}
         if "linear" in meta:
             done.add(meta["linear"])
@@ -61,6 +67,8 @@ def run_weight_prefetch(
     device_profiles: Mapping[str, DeviceProfile] | None = None,
     split_at_attention: bool = False,
     recompile: bool = True,
+    hidden_weights: HiddenWeightSource | None = None,
+    graph_tokens: TokenRange | None = None,
 ) -> PrefetchPlan:
     """Insert prefetches into ``gm`` in place and return the plan of what was done.
 
@@ -76,6 +84,9 @@ def run_weight_prefetch(
     a GPU, ``mlp.down`` is an ordinary vector window and attention is a window), sizes
     ``"auto"`` prefetches and predicts each saving. ``split_at_attention``: the caller splits
     graphs at attention (vLLM), so attention windows are off whatever the config says.
+    ``hidden_weights`` finds the weights of fused ops that look them up by name (else those
+    are recorded as hidden). ``graph_tokens``: the token counts this graph is compiled for
+    (vLLM's compile range), narrowing a symbolic count.
     """
     rules = rules if rules is not None else current_rules()
     graph = gm.graph
@@ -89,6 +100,11 @@ def run_weight_prefetch(
     )
     uses = find_linears(graph, weight_names, rules)
     assign_roles(uses, rules)
+    hidden: dict[Node, HiddenWeight] = {}
+    if hidden_weights is not None and config.enabled:
+        for use in uses:
+            if use.skip is SkipReason.HIDDEN_WEIGHTS and use.role is not None:
+                _find_hidden(use, hidden_weights, hidden)
     already = _existing_prefetches(graph)
     profiles = device_profiles or {}
     attention_like = attention_matmuls([u.node for u in uses if u.skip is SkipReason.NOT_A_WEIGHT])
@@ -96,7 +112,7 @@ def run_weight_prefetch(
     traffic: dict[int, WindowTraffic | None] = {}
     shared_us: dict[tuple, float] = {}  # per window: transfer time of the prefetches behind it
     unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
-    inserts: list[tuple[LinearUse, Window, int, int, dict]] = []
+    inserts: list[tuple[LinearUse, Window, int, int, dict, TokenDecision, TokenRange]] = []
     records: list[LinearRecord | None] = []
     if split_at_attention and config.windows is not None and "attention" in config.windows:
         logger.warning(
@@ -121,7 +137,8 @@ def run_weight_prefetch(
             "position": index[use.node],
             "note": use.note,
         }
-        device = _device_type(use.root)
+        found = hidden.get(use.node)
+        device = found.device if found is not None else _device_type(use.root)
         profile = profiles.get(device) if device is not None else None
         skip = _precheck(use, config, rules, sequence_parallel, already, profile)
         window = None
@@ -179,17 +196,31 @@ def run_weight_prefetch(
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
-        base.update(ratio=ratio, prefetch_bytes=size, capped=capped)
+        bounds = config.tokens(use.role) or TokenRange()
+        tokens = decide(use.starts, bounds, graph_tokens)
+        base.update(ratio=ratio, tokens=tokens.tokens, **_token_fields(bounds, tokens))
+        if tokens.check is TokenCheck.NEVER:
+            records.append(LinearRecord(**base, skip_reason=SkipReason.OUTSIDE_TOKEN_RANGE))
+            continue
+        base.update(prefetch_bytes=size, capped=capped)
         if moved is not None and profile is not None:
             prediction = _prediction(profile, moved, size, hideable, shared)
             shared_us[share_key] = shared + prediction.transfer_us
             base["prediction"] = prediction
         records.append(None)  # filled once the node exists
-        inserts.append((use, window, size, len(records) - 1, base))
+        inserts.append((use, window, size, len(records) - 1, base, tokens, bounds))
 
     last_at_anchor: dict[Node, Node] = {}
-    for use, window, size, slot, base in inserts:
-        node = _insert_prefetch(graph, use, window, size, index, last_at_anchor)
+    for use, window, size, slot, base, tokens, bounds in inserts:
+        node = _insert_prefetch(
+            graph, use, window, size, index, last_at_anchor, hidden.get(use.node), tokens, bounds
+        )
+        if node is None:
+            records[slot] = LinearRecord(
+                **{**base, "prefetch_bytes": 0, "capped": False, "prediction": None},
+                skip_reason=SkipReason.TOKENS_UNKNOWN,
+            )
+            continue
         records[slot] = LinearRecord(**base, prefetch_node=node.name)
     plan.records = [r for r in records if r is not None]
     for why, linears in unsized.items():
@@ -204,6 +235,32 @@ def run_weight_prefetch(
         finalize(gm, recompile)
     logger.info("%s", plan.summary_line())
     return plan
+
+
+def _find_hidden(
+    use: LinearUse, source: HiddenWeightSource, found: dict[Node, HiddenWeight]
+) -> None:
+    """Fill ``use`` with the weight ``source`` finds for its fused op (or note why none)."""
+    assert use.role is not None
+    weight = source.find(use.node, use.role)
+    if isinstance(weight, str):
+        use.note = weight
+        return
+    found[use.node] = weight
+    use.weight_name = weight.name
+    use.shape = weight.shape
+    use.dtype = weight.dtype
+    use.nbytes = weight.nbytes
+    use.named = True
+    use.skip = None
+    use.note = weight.note
+
+
+def _token_fields(bounds: TokenRange, tokens: TokenDecision) -> dict:
+    if bounds.unbounded:
+        return {}
+    check = "run time" if tokens.check is TokenCheck.RUN_TIME else "graph"
+    return {"min_tokens": bounds.min_tokens, "max_tokens": bounds.max_tokens, "token_check": check}
 
 
 def _ratio(use: LinearUse, config: WeightPrefetchConfig) -> float | None:
@@ -275,23 +332,46 @@ def _insert_prefetch(
     size: int,
     index: Mapping[Node, int],
     last_at_anchor: dict[Node, Node],
-) -> Node:
+    hidden: HiddenWeight | None = None,
+    tokens: TokenDecision | None = None,
+    bounds: TokenRange | None = None,
+) -> Node | None:
+    """Insert the prefetch of ``use`` after its window's dependency (None: the token count
+    it must check has no graph value there)."""
     base = window.dependency
     if base.op == "placeholder":  # keep placeholders first
         base = list(graph.find_nodes(op="placeholder"))[-1]
     anchor = last_at_anchor.get(base, base)  # several prefetches after one node keep their order
     root = use.root
-    if root.op == "get_attr" and index.get(root, -1) > index.get(base, -1):
+    if root is not None and root.op == "get_attr" and index.get(root, -1) > index.get(base, -1):
         base.prepend(root)  # constants have no inputs: hoisting them is always safe
-    args = (root, window.dependency, size) + ((use.offset,) if use.offset else ())
+    at_run_time = tokens is not None and tokens.check is TokenCheck.RUN_TIME
+    checked: tuple = (0, 0, -1)  # tokens, min_tokens, max_tokens: no check
+    if at_run_time:
+        assert bounds is not None and tokens is not None
+        after = anchor.next
+        count = count_node(graph, tokens.count, after)  # type: ignore[arg-type]
+        if count is None:
+            return None
+        high = -1 if bounds.max_tokens is None else bounds.max_tokens
+        checked = (count, bounds.min_tokens, high)
+        anchor = after.prev
+    if hidden is not None:
+        target, args = hidden.op, (*hidden.key, window.dependency, size, use.offset, *checked)
+    elif at_run_time:
+        target, args = RANGE_OP, (root, window.dependency, size, use.offset, *checked)
+    else:
+        target = PREFETCH_OP
+        args = (root, window.dependency, size) + ((use.offset,) if use.offset else ())
     with graph.inserting_after(anchor):
-        node = graph.call_function(PREFETCH_OP, args)
+        node = graph.call_function(target, args)
     node.meta["val"] = None
     node.meta[META_KEY] = {
         "linear": use.node.name,
         "role": use.role,
         "max_size": size,
         "window": window.kind,
+        "device": hidden.device if hidden is not None else _device_type(root),
     }
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in use.node.meta:

@@ -152,3 +152,70 @@ def test_the_vllm_environment_loads_the_plugin_from_an_installed_fxprefetch(vllm
     assert found is not None
     assert found["plugin"] == "fxprefetch.vllm_plugin:register", found
     assert Path(found["plugin_file"]).resolve().is_relative_to(REPO)
+
+
+# -- MoE through vLLM's fused MoE (issue 22) ----------------------------------------------------
+@pytest.fixture(scope="session")
+def served_moe(vllm_python, tmp_path_factory) -> dict:
+    """A tiny Mixtral (2 layers, 4 experts, random weights), once per scenario: no flag, the
+    guide's MoE JSON verbatim, and a token bound over compile ranges."""
+    runs = {}
+    for mode in ("moe-baseline", "moe-flag", "moe-bounded"):
+        plan_dir = tmp_path_factory.mktemp(f"plans-{mode}")
+        result = _probe(vllm_python, "serve", mode, plan_dir=plan_dir)
+        runs[mode] = (result, read_plan_dir(plan_dir) if any(plan_dir.iterdir()) else [])
+    return runs
+
+
+def test_the_guides_moe_example_prefetches_qkv_and_gate_up_through_the_fused_moe(served_moe):
+    result, plans = served_moe["moe-flag"]
+    assert "tokens" in result, result
+    w13 = result["w13"]  # parameter path -> [storage address, bytes], from the served model
+    assert len(w13) == 2
+    done = [r for p in plans for r in p.prefetched]
+    gate_up = [r for r in done if r.role == "moe.gate_up"]
+    # one record per layer and compiled graph; each names its layer's w13 with exact bytes
+    layers = sorted({r.layer for r in gate_up})
+    assert layers == [0, 1], gate_up
+    for record in gate_up:
+        assert record.op in ("vllm::moe_forward", "vllm::moe_forward_shared")
+        ((_, (_, nbytes)),) = [
+            (k, v) for k, v in w13.items() if k.startswith(f"model.layers.{record.layer}.")
+        ]
+        assert record.weight.endswith("w13_weight") and record.weight_bytes == nbytes
+        assert record.prefetch_bytes == min(int(0.8 * nbytes), 18 * 1024 * 1024)
+    assert {r.role for r in done} == {"attn.qkv", "moe.gate_up"}
+    # the prefetches reached the weights' own storage (a recording native CPU prefetch)
+    storages = {address: nbytes for address, nbytes in w13.values()}
+    moe_calls = [(a, size) for a, size, _ in result["prefetched"] if a in storages]
+    assert {a for a, _ in moe_calls} == set(storages)
+    assert all(size == min(int(0.8 * storages[a]), 18 * 1024 * 1024) for a, size in moe_calls)
+
+
+def test_greedy_tokens_of_the_moe_model_equal_a_run_without_the_flag(served_moe):
+    baseline, no_plans = served_moe["moe-baseline"]
+    flagged, _ = served_moe["moe-flag"]
+    bounded, _ = served_moe["moe-bounded"]
+    assert baseline["tokens"] == flagged["tokens"] == bounded["tokens"]
+    assert no_plans == [] and baseline["prefetched"] == []
+
+
+def test_a_token_bound_is_checked_at_run_time_in_vllms_dynamic_graph(served_moe):
+    """MoE gate/up from 96 tokens: vLLM on the CPU compiles one graph for every token count;
+    the prefetch checks the count when it runs, so only the 100-token prefill prefetched the
+    experts, and no graph was compiled more than without the bound. (Compile ranges, which the
+    CPU does not use, are read from vLLM's pass context: see the contracts test.)"""
+    result, plans = served_moe["moe-bounded"]
+    gate_up = [r for p in plans for r in p.records if r.role == "moe.gate_up"]
+    assert len(gate_up) == 2, gate_up
+    assert {(r.min_tokens, r.max_tokens, r.token_check, r.prefetched) for r in gate_up} == {
+        (96, None, "run time", True)
+    }
+    assert len(plans) == len(served_moe["moe-flag"][1])  # no extra compile
+    storages = {address for address, _ in result["w13"].values()}
+    moe_rows = [rows for a, _, rows in result["prefetched"] if a in storages]
+    assert moe_rows and all(rows >= 96 for rows in moe_rows), moe_rows  # the 100-token prefill
+    flagged = served_moe["moe-flag"][0]
+    flag_storages = {address for address, _ in flagged["w13"].values()}
+    flag_rows = [rows for a, _, rows in flagged["prefetched"] if a in flag_storages]
+    assert any(rows < 96 for rows in flag_rows)  # unbounded, decode steps prefetch them too

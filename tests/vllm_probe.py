@@ -39,7 +39,38 @@ TINY_LLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+TINY_MIXTRAL = {  # two layers, four experts (top 2), random weights: vLLM's fused MoE
+    **{k: v for k, v in TINY_LLAMA.items() if k not in ("architectures", "model_type")},
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
+# the seed guide's MoE example, verbatim, as its users type it after --additional-config
+GUIDE_MOE_JSON = """{
+        "weight_prefetch_config": {
+            "enabled": true,
+            "prefetch_ratio": {
+                "attn": {
+                    "qkv": 1.0,
+                    "o": 1.0
+                },
+                "moe": {
+                    "gate_up": 0.8
+                }
+            }
+        }
+    }"""
+# vllm-ascend 0.23's MoE threshold (gate/up from 96 tokens). vLLM on the CPU compiles one
+# graph with a symbolic token count (no compile ranges there): the prefetch checks it at run time
+BOUNDED_MOE = {
+    "weight_prefetch_config": {
+        "enabled": True,
+        "token_range": {"moe": {"gate_up": {"min_tokens": 96}}},
+    }
+}
 PROMPTS = [[1, 17, 42, 99, 7, 3], [1, 200, 5, 64]]
+LONG_PROMPT = [1] + [(7 * i) % 250 + 3 for i in range(99)]  # 100 tokens
 PASS_NAME = "fxprefetch.vllm_plugin.weight_prefetch_pass"
 
 
@@ -53,7 +84,7 @@ def units() -> dict:
 
     import fxprefetch
     from fxprefetch import ConfigError
-    from fxprefetch.vllm_plugin import WeightPrefetchPass, weight_prefetch_pass
+    from fxprefetch.vllm_plugin import WeightPrefetchPass, config_from_vllm, weight_prefetch_pass
 
     out: dict = {}
     # the explicit route: vLLM resolves the qualname to our VllmInductorPass, not a wrapper
@@ -83,10 +114,12 @@ def units() -> dict:
         plain.compilation_config.inductor_compile_config
     )
     on = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": True}})
-    out["flag_adds_pass"] = (
-        on.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
-        is weight_prefetch_pass
-    )
+    added = on.compilation_config.inductor_compile_config.get("post_grad_custom_post_pass")
+    out["flag_adds_pass"] = isinstance(added, WeightPrefetchPass)
+    # it carries the flag's config, for compiles where vLLM sets no current config (the CPU)
+    out["flag_pass_carries_the_config"] = pickle.loads(
+        pickle.dumps(added)
+    ).config() == config_from_vllm(on, default_enabled=True)
     off = VllmConfig(additional_config={"weight_prefetch_config": {"enabled": False}})
     out["disabled_no_pass"] = "post_grad_custom_post_pass" not in (
         off.compilation_config.inductor_compile_config
@@ -113,6 +146,16 @@ def units() -> dict:
         third = weight_prefetch_pass.uuid()
     out["uuid_stable"] = first == second
     out["uuid_covers_config"] = first != third
+    # token bounds read the compile range from vLLM's real pass context
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    from fxprefetch.config import TokenRange
+    from fxprefetch.vllm_plugin import _compile_range
+
+    with pass_context(Range(start=65, end=256)):
+        out["compile_range_seen"] = _compile_range() == TokenRange(65, 256)
+    out["no_range_outside_a_compile"] = _compile_range() is None
     out["vllm_ascend"] = ascend_contract(torch)
     return out
 
@@ -162,8 +205,19 @@ def serve(mode: str) -> dict:
     custom_ops._supports_onednn = False
     layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
 
+    moe = mode.startswith("moe-")
+    prefetched: list[list[int]] = []
+    if moe:
+        _use_the_fused_moe_op()
+        from fxprefetch import ops
+
+        def record(weight, dependency, max_size, offset):  # a recording native prefetch
+            rows = int(dependency.shape[0]) if dependency is not None else -1
+            prefetched.append([weight.untyped_storage().data_ptr(), max_size, rows])
+
+        ops.register_native_prefetch("cpu", record)
     folder = Path(tempfile.mkdtemp(prefix="fxprefetch-llama-"))
-    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (folder / "config.json").write_text(json.dumps(TINY_MIXTRAL if moe else TINY_LLAMA))
     kwargs: dict = {
         "model": str(folder),
         "load_format": "dummy",
@@ -181,6 +235,10 @@ def serve(mode: str) -> dict:
         kwargs["compilation_config"] = {
             "inductor_passes": {"post_grad_custom_post_pass": PASS_NAME}
         }
+    elif mode == "moe-flag":
+        kwargs["additional_config"] = json.loads(GUIDE_MOE_JSON)
+    elif mode == "moe-bounded":
+        kwargs["additional_config"] = BOUNDED_MOE
     elif mode == "bad":
         kwargs["additional_config"] = {
             "weight_prefetch_config": {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 1.5}}}
@@ -190,8 +248,36 @@ def serve(mode: str) -> dict:
     except Exception as exc:  # the bad config must stop the engine here, with our message
         return {"startup_error": f"{type(exc).__name__}: {exc}"}
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    prompts = PROMPTS + ([LONG_PROMPT] if mode.startswith("moe-") else [])
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    result: dict = {"tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    if moe:
+        result["prefetched"] = prefetched
+        result["w13"] = llm.apply_model(_w13_storages)[0]
+    return result
+
+
+def _use_the_fused_moe_op() -> None:
+    """vLLM on the CPU calls its fused MoE's Python body, which dynamo traces into; on GPUs and
+    NPUs it calls the opaque ``vllm::moe_forward`` op. Take the GPU route here too."""
+    import torch
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    def select(self):
+        if self._shared_experts is None:
+            return torch.ops.vllm.moe_forward
+        return torch.ops.vllm.moe_forward_shared
+
+    moe_runner.MoERunner._select_forward = select
+
+
+def _w13_storages(model) -> dict:
+    """Each MoE layer's w13_weight: its storage address and bytes."""
+    return {
+        name: [p.untyped_storage().data_ptr(), p.numel() * p.element_size()]
+        for name, p in model.named_parameters()
+        if name.endswith("w13_weight")
+    }
 
 
 if __name__ == "__main__":
