@@ -160,21 +160,29 @@ def wrap_compiler(cls: type) -> bool:
     if getattr(cls.__dict__.get("compile"), _MARK, False):
         return False
 
-    def wrap(method: Callable[..., Any], config_index: int | None) -> Callable[..., Any]:
+    def wrap(
+        method: Callable[..., Any], config_index: int | None, inputs_index: int
+    ) -> Callable[..., Any]:
         @functools.wraps(method)
         def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            from fxprefetch.vllm_plugin import parameter_inputs
+
             compiler_config = kwargs.get("compiler_config")
             if compiler_config is None and config_index is not None and len(args) > config_index:
                 compiler_config = args[config_index]
-            with _compiling(self, compiler_config):
+            example_inputs = kwargs.get(
+                "example_inputs", args[inputs_index] if len(args) > inputs_index else ()
+            )
+            with _compiling(self, compiler_config), parameter_inputs(example_inputs or ()):
                 return method(self, *args, **kwargs)
 
         setattr(wrapped, _MARK, True)
         return wrapped
 
-    cls.compile = wrap(cls.compile, 2)  # compile(graph, example_inputs, compiler_config, ...)
+    cls.compile = wrap(cls.compile, 2, 1)  # compile(graph, example_inputs, compiler_config, ...)
     if callable(getattr(cls, "load", None)):
-        cls.load = wrap(cls.load, None)  # a cache miss recompiles with an empty config
+        # load(handle, graph, example_inputs, ...): a cache miss recompiles with an empty config
+        cls.load = wrap(cls.load, None, 2)
     return True
 
 

@@ -30,9 +30,12 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
@@ -112,6 +115,46 @@ def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
     return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
 
 
+# Positions of the compiler's example inputs that are parameters, while a platform compiler
+# that runs AOT autograd itself (vllm-ascend's npugraph_ex, torchair) compiles a graph: those
+# compile AOT graphs without static-input metadata, so the inputs themselves say which are
+# weights.
+_PARAMETER_INPUTS: ContextVar[frozenset[int] | None] = ContextVar(
+    "fxprefetch_parameter_inputs", default=None
+)
+
+
+@contextmanager
+def parameter_inputs(example_inputs: Sequence[Any]) -> Iterator[None]:
+    """While compiling from ``example_inputs``: the positions of those that are parameters."""
+    found = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+    token = _PARAMETER_INPUTS.set(found)
+    try:
+        yield
+    finally:
+        _PARAMETER_INPUTS.reset(token)
+
+
+def _parameter_input_sources(gm: GraphModule) -> WeightSources | None:
+    """Which placeholders are parameters, from the compiler's example inputs (see
+    :func:`parameter_inputs`): through AOT's input descriptors where the graph has them, by
+    position where it has none and matches the inputs one to one. None outside a compile."""
+    params = _PARAMETER_INPUTS.get()
+    if params is None:
+        return None
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    described = any("desc" in p.meta for p in placeholders)
+    names: dict[str, str] = {}
+    unknown: dict[str, str] = {}
+    for position, node in enumerate(placeholders):
+        index = getattr(node.meta.get("desc"), "idx", None) if described else position
+        if index is None:
+            unknown[node.name] = "an AOT input that is not one of the compiler's inputs"
+        elif index in params:
+            names[node.name] = node.name
+    return WeightSources(names=names, unknown=unknown)
+
+
 def vllm_uses_cudagraphs(vllm_config: Any) -> bool:
     """Whether vLLM replays its compiled graphs as CUDA graphs: ``cudagraph_mode`` other than
     NONE (vLLM >= 0.10), else ``use_cudagraph``; never under ``enforce_eager``."""
@@ -152,9 +195,13 @@ class _VllmGraphPlanner(GraphPlanner):
 
     def weight_names(self, gm: GraphModule) -> WeightSources | dict[str, str]:
         names = _static_input_names(gm)
-        if names is None:  # never guess: their linears are skipped, saying why
-            return WeightSources(unknown_default="AOT autograd marks no static inputs here")
-        return names
+        if names is not None:
+            return names
+        found = _parameter_input_sources(gm)
+        if found is not None:
+            return found
+        # never guess: their linears are skipped, saying why
+        return WeightSources(unknown_default="AOT autograd marks no static inputs here")
 
     def graph_tokens(self) -> TokenRange | None:
         return _compile_range()

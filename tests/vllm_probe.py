@@ -1,8 +1,8 @@
 """Run inside the vLLM environment (tests/vllm_env.py) by tests/test_vllm.py; prints JSON.
 
 ``units``: fxprefetch's vLLM pass against vLLM's real classes (``CompilationConfig``,
-``PostGradPassManager``, ``VllmConfig``, the plugin loader), plus vllm-ascend's
-``GraphFusionPassManager`` contract as a labelled stand-in (vllm-ascend needs CANN).
+``PostGradPassManager``, ``VllmConfig``, the plugin loader). vllm-ascend's real
+``GraphFusionPassManager`` is tested in tests/test_vllm_ascend.py.
 
 ``serve MODE``: a tiny Llama (random weights, ``load_format="dummy"``) served by the real
 vLLM engine, greedy decoding from fixed token ids. MODE is ``baseline`` (no flag), ``flag``
@@ -75,7 +75,6 @@ PASS_NAME = "fxprefetch.vllm_plugin.weight_prefetch_pass"
 
 
 def units() -> dict:
-    import torch
     from vllm.compilation.passes.inductor_pass import CallableInductorPass, InductorPass
     from vllm.compilation.passes.pass_manager import PostGradPassManager
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -156,44 +155,7 @@ def units() -> dict:
     with pass_context(Range(start=65, end=256)):
         out["compile_range_seen"] = _compile_range() == TokenRange(65, 256)
     out["no_range_outside_a_compile"] = _compile_range() is None
-    out["vllm_ascend"] = ascend_contract(torch)
     return out
-
-
-class GraphFusionPassManagerStandIn:
-    """STAND-IN for vllm-ascend's ``GraphFusionPassManager`` (vllm-ascend needs CANN): its
-    ``add`` asserts a ``VllmInductorPass``, and it calls each pass with a ``GraphModule``."""
-
-    def __init__(self) -> None:
-        self.passes: list = []
-
-    def add(self, pass_) -> None:
-        from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
-
-        assert isinstance(pass_, VllmInductorPass)
-        self.passes.append(pass_)
-
-    def __call__(self, gm) -> None:
-        for pass_ in self.passes:
-            pass_(gm)
-
-
-def ascend_contract(torch) -> dict:
-    import fxprefetch
-    from fxprefetch.vllm_plugin import weight_prefetch_pass
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from synthetic import SynthModel, SynthSpec
-    from tracing import export_aten
-
-    # an exported graph: module paths from nn_module_stack, no parameter names (like vLLM's)
-    gm, _ = export_aten(SynthModel(SynthSpec(layers=1)).eval(), torch.randint(0, 64, (1, 4)))
-    manager = GraphFusionPassManagerStandIn()
-    manager.add(weight_prefetch_pass)  # "graph_fusion_manager" holds our pass
-    fxprefetch.clear_plans()
-    manager(gm)
-    (plan,) = fxprefetch.last_plans()
-    return {"accepted": True, "prefetched": len(plan.prefetched)}
 
 
 def serve(mode: str) -> dict:
