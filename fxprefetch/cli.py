@@ -57,6 +57,8 @@ def _json_arg(value: str | None, what: str) -> str | None:
         return value
     path = Path(value)
     if not path.is_file():
+        if _is_json(stripped):  # null, 3, "x", true: JSON, just not an object (said later)
+            return value
         raise CliError(f"{what}: neither JSON nor a readable file: {value!r}")
     try:
         return path.read_text(encoding="utf-8")
@@ -64,6 +66,14 @@ def _json_arg(value: str | None, what: str) -> str | None:
         raise CliError(f"{what}: cannot read {value}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise CliError(f"{what}: {value} is not UTF-8 text (JSON expected): {exc}") from None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _config_option(args: argparse.Namespace) -> dict[str, Any] | None:

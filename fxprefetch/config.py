@@ -560,6 +560,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+JSON_TOO_DEEP = "JSON nested too deeply"
+
+
+def load_json(text: str, **kwargs: Any) -> Any:
+    """``json.loads``, but JSON nested past the recursion limit is a ValueError, not a crash."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(JSON_TOO_DEEP) from None
+
+
 def parse_json(text: str, path: str) -> Any:
     """Strict JSON: no NaN/Infinity, no duplicate keys; errors carry line and column."""
     if not isinstance(text, str):
@@ -569,7 +580,7 @@ def parse_json(text: str, path: str) -> Any:
             text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
         )
     except RecursionError:
-        raise ConfigError(path, "JSON nested too deeply") from None
+        raise ConfigError(path, JSON_TOO_DEEP) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"

@@ -6,12 +6,14 @@ built on the meta device, so no weight memory is used. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fxprefetch.config import load_json
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,8 @@ def load_config(name_or_path: str, layers: int | None = None) -> Any:
                 f"({', '.join(PRESETS)}) or a path to a config.json"
             )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+            data = load_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON, or too deep
             raise ModelError(f"cannot read {path}: {exc}") from exc
         if not isinstance(data, dict) or "model_type" not in data:
             raise ModelError(f"{path}: not a Hugging Face config.json (no 'model_type')")
@@ -292,10 +294,28 @@ def build_model(
             else (named if isinstance(named, torch.dtype) else torch.bfloat16)
         )
     torch.manual_seed(seed)
-    with torch.device(device):
-        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+    except Exception as exc:
+        if preset is not None:  # our own shapes: a bug, not the user's input
+            raise
+        raise _build_error(name_or_path, config, exc) from exc
     return model.eval()
+
+
+def _build_error(name_or_path: str, config: Any, exc: Exception) -> ModelError:
+    """A one-line usage error for a user's config.json that transformers could not build."""
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        key = exc.args[0]  # a lookup of a config value, e.g. ACT2FN[config.hidden_act]
+        field = next(_fields_holding(config.to_dict(), key), None)
+        if field is not None:
+            what = "an activation" if "act" in field.rsplit(".", 1)[-1] else "a value"
+            return ModelError(f"{name_or_path}: {field} {key!r} is not {what} transformers knows")
+    return ModelError(
+        f"{name_or_path}: transformers cannot build a model from it: {type(exc).__name__}: {exc}"
+    )
 
 
 def example_inputs(model: torch.nn.Module, tokens: int = 8, batch: int = 1) -> dict[str, Any]:
@@ -314,3 +334,12 @@ def example_inputs(model: torch.nn.Module, tokens: int = 8, batch: int = 1) -> d
 
 def preset_names(tiny: bool | None = None) -> list[str]:
     return [n for n, p in PRESETS.items() if tiny is None or p.tiny == tiny]
+
+
+def _fields_holding(data: dict[str, Any], value: str, prefix: str = "") -> Iterator[str]:
+    """Dotted names of the (nested) config fields whose value is ``value``."""
+    for name, held in data.items():
+        if held == value and isinstance(held, str):
+            yield prefix + name
+        elif isinstance(held, dict):
+            yield from _fields_holding(held, value, f"{prefix}{name}.")

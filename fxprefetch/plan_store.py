@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fxprefetch.config import load_json
 from fxprefetch.pipeline import CompileReport, PassResult
 from fxprefetch.plan import PrefetchPlan, SkipReason
 from fxprefetch.schema_check import plan_schema, schema_errors
@@ -127,7 +128,7 @@ def read_plan_dir(directory: str | os.PathLike[str]) -> list[PrefetchPlan]:
     plans = []
     for path in files:
         try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            data = json.loads(path.read_text())
+            data = load_json(path.read_text())
             check_plan_data(data)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a plan file: {exc}") from None

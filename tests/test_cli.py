@@ -252,6 +252,11 @@ def _config_json(tmp_path, **fields):
     return str(path)
 
 
+def _deep_json(path, depth=100_000):
+    path.write_text("[" * depth + "]" * depth)
+    return str(path)
+
+
 def _latin1(tmp_path, name="config.bin"):
     path = tmp_path / name
     path.write_bytes('{"note": "caf\u00e9"}'.encode("latin-1"))
@@ -305,6 +310,18 @@ def _latin1(tmp_path, name="config.bin"):
         ),
         (lambda t: ["plan", "--config", _latin1(t)], "is not UTF-8 text"),
         (lambda t: ["plan", "--model", _latin1(t, "config.json")], "cannot read"),
+        # adversarial review: D2, D3, D5
+        (
+            lambda t: ["plan", "--model", _deep_json(t / "config.json")],
+            "config.json: JSON nested too deeply",
+        ),
+        (
+            lambda t: ["plan", "--model", _config_json(t, hidden_act="bogus"), "--quiet"],
+            "config.json: hidden_act 'bogus' is not an activation transformers knows",
+        ),
+        (lambda t: ["plan", "--config", "null"], "expected a JSON object, got null"),
+        (lambda t: ["plan", "--additional-config", "null"], "expected a JSON object, got null"),
+        (lambda t: ["plan", "--config", " 3 "], "expected a JSON object, got number 3"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(make_args, message, tmp_path, capsys):
@@ -396,6 +413,28 @@ def test_from_dir_rejects_what_is_not_a_plan(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fxprefetch: error: --from-dir: "), err
     assert "plan-1-graph0.json: not a plan file: " + message in err
+
+
+def test_from_dir_rejects_json_nested_too_deeply(tmp_path, capsys):
+    _deep_json(tmp_path / "plan-1-graph0.json")
+    assert main(["plan", "--from-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "plan-1-graph0.json: not a plan file: JSON nested too deeply" in err
+
+
+def test_transformers_failing_on_a_config_json_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Any error transformers raises building a user's config.json: exit 2, one line."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot\nbuild this")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    assert main(["plan", "--model", _config_json(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "config.json: transformers cannot build a model from it: RuntimeError: cannot" in err
 
 
 def test_from_dir_renders_a_valid_plan(tmp_path, capsys):
