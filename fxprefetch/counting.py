@@ -17,7 +17,7 @@ forward; nothing is registered at compile time):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -31,23 +31,39 @@ def planned_prefetches(
     planner: GraphPlanner, elided: bool
 ) -> tuple[runtime_stats.PlannedPrefetch, ...]:
     """The prefetches of the graphs whose compiled code left them out (``elided``), or of
-    those whose code holds them, each as many times as its graph runs per call. Graphs that
-    run a varying number of times are left out: their kernels count themselves."""
+    those whose code holds them, once per run of their graph per call, each run naming the
+    weight it reads (a region shared by layers: each layer's). Graphs that run a varying
+    number of times are left out: their kernels count themselves."""
     index = {name: i for i, name in enumerate(planner.source_names) if name}
     return tuple(
         runtime_stats.PlannedPrefetch(
-            r.weight,
+            weight,
             r.weight_shape,
             r.dtype,
             r.prefetch_bytes,
             r.prefetch_bytes,  # sized within the stored span from offset: all of it is covered
-            index.get(r.weight),
+            index.get(weight),
         )
         for report in planner.reports
-        if report.hints_elided == elided and report.runs is not None
+        if report.hints_elided == elided
+        for names in report.weights_per_run()
         for r in report.plan.prefetched
-        for _ in range(report.runs)
+        for weight in (_run_weight(r.weight, names),)
     )
+
+
+def _run_weight(name: str, names: Mapping[str, str]) -> str:
+    """What one run reads for the plan's ``name``: ``names`` renames a weight, and with it
+    the inner tensors of a tensor subclass (``<weight>.<attr>``)."""
+    if name in names:
+        return names[name]
+    head, _, attr = name.rpartition(".")
+    while head:
+        if head in names:
+            return f"{names[head]}.{attr}"
+        head, _, more = head.rpartition(".")
+        attr = f"{more}.{attr}"
+    return name
 
 
 def _stored_tensors(tensor: torch.Tensor, name: str) -> list[tuple[int, str]]:

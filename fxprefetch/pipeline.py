@@ -171,6 +171,19 @@ class CompileReport:
     target: str
     results: tuple[PassResult, ...]
     runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
+    # per run (as many as ``runs``; empty: every run uses the plan's names): the plan's
+    # weight name -> the weight that run reads (a region shared by layers: each layer's own)
+    run_names: tuple[Mapping[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.run_names and len(self.run_names) != self.runs:
+            raise ValueError(f"{len(self.run_names)} run_names for {self.runs} runs")
+
+    def weights_per_run(self) -> tuple[Mapping[str, str], ...]:
+        """One mapping per run (none when the runs vary): plan name -> the weight it reads."""
+        if self.runs is None:
+            return ()
+        return tuple(self.run_names) or ({},) * self.runs
 
     @property
     def plan(self) -> PrefetchPlan:

@@ -49,8 +49,13 @@ def save_plans(key: str, reports: Sequence[CompileReport]) -> None:
         {
             "target": r.target,
             "runs": r.runs,
+            "run_names": [dict(names) for names in r.run_names],
             "results": [
-                {"name": x.name, "changed": x.changed, "plan": x.plan.to_dict() if x.plan else None}
+                {
+                    "name": x.name,
+                    "changed": x.changed,
+                    "plan": x.plan.to_dict() if x.plan is not None else None,
+                }
                 for x in r.results
             ],
         }
@@ -82,6 +87,7 @@ def load_plans(key: str) -> list[CompileReport] | None:
                     for x in r["results"]
                 ),
                 _runs(r.get("runs", 1)),
+                _run_names(r.get("run_names", [])),
             )
             for r in data["reports"]
         ]
@@ -91,6 +97,16 @@ def load_plans(key: str) -> list[CompileReport] | None:
     except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
         logger.debug("no stored prefetch plans for %s: %s", key[:12], exc)
         return None
+
+
+def _run_names(value: Any) -> tuple[dict[str, str], ...]:
+    """Stored ``run_names``: a list of string -> string mappings."""
+    if not isinstance(value, list) or not all(
+        isinstance(names, dict) and all(isinstance(x, str) for kv in names.items() for x in kv)
+        for names in value
+    ):
+        raise ValueError(f"run_names must be a list of name mappings, got {value!r}")
+    return tuple(value)
 
 
 def _runs(value: Any) -> int | None:

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from torch.fx import GraphModule
 
@@ -172,13 +173,16 @@ class GraphPlanner:
         graph_name = f"{self.name} ({kind})"
         try:
             sources = WeightSources.of(self.weight_names(gm))
-            graphs = [(gm, graph_name, sources, 1)] + [
-                (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs)
+            graphs = [(gm, graph_name, sources, 1, ())] + [
+                (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs, b.run_names or ())
                 for b in hop_bodies(gm, sources)
             ]
             reports = [
-                run_pipeline(g, self.target, self.context(g, name, src, runs))
-                for g, name, src, runs in graphs
+                replace(
+                    run_pipeline(g, self.target, self.context(g, name, src, runs)),
+                    run_names=run_names,
+                )
+                for g, name, src, runs, run_names in graphs
             ]
         except Exception as exc:
             if self.strict:

@@ -11,7 +11,9 @@ is one body), parents before children, and tells for each:
   does not know), nobody can tell, and the reason is kept;
 - how many times it runs per call of the top graph: the sum over its ``invoke_subgraph``
   call sites in straight-line code; None where that depends on data (a ``cond`` branch, a
-  loop body, anything under one).
+  loop body, anything under one); and for each of those runs, the weight each call site
+  passes where the body's sources name the first call site's (``run_names``), so a region
+  shared by several layers counts each run against its own layer's weight.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ class HopBody:
     hops: tuple[str, ...]  # the higher-order ops that call it
     call_sites: int
     sources: WeightSources = field(default_factory=WeightSources)
-    runs: int | None = None  # per call of the top graph; None: depends on data
+    # one entry per run per call of the top graph (None: depends on data): the weight name
+    # ``sources`` gives (the first call site's) -> the weight that run's call site passes
+    run_names: tuple[dict[str, str], ...] | None = None
+
+    @property
+    def runs(self) -> int | None:
+        """Times the body runs per call of the top graph; None: depends on data."""
+        return None if self.run_names is None else len(self.run_names)
 
 
 def _hop_name(node: Node) -> str | None:
@@ -171,7 +180,10 @@ def hop_bodies(gm: GraphModule, sources: WeightSources) -> list[HopBody]:
                 if id(body) not in graphs:
                     graphs[id(body)] = body
                     stack.append(body)
-    known: dict[int, tuple[WeightSources, int | None, str]] = {id(gm): (sources, 1, "")}
+    # each graph's sources, its runs' names (see HopBody.run_names) and its path
+    known: dict[int, tuple[WeightSources, tuple[dict[str, str], ...] | None, str]] = {
+        id(gm): (sources, ({},), "")
+    }
     bodies: list[HopBody] = []
     pending = [key for key in graphs if key != id(gm)]
     while pending:  # parents before children: a body waits for all its callers
@@ -181,7 +193,7 @@ def hop_bodies(gm: GraphModule, sources: WeightSources) -> list[HopBody]:
         for key in ready:
             pending.remove(key)
             body = _plan_body(graphs[key], sites[key], known)
-            known[key] = (body.sources, body.runs, body.path)
+            known[key] = (body.sources, body.run_names, body.path)
             bodies.append(body)
     return bodies
 
@@ -192,25 +204,37 @@ def _plan_body(
     placeholders = list(body.graph.find_nodes(op="placeholder"))
     values = [tensor_value(p) for p in placeholders]
     per_site: list[list[tuple[str, str]]] = []
-    runs: int | None = 0
+    runs: list[dict[str, str]] | None = []  # per run: placeholder -> the weight passed
     for site in sites:
         parent_sources, parent_runs, parent_path = known[site.parent]
         ops = _operands(site.node, site.hop, len(placeholders))
         if isinstance(ops, str):  # the whole call cannot be mapped
             ops = [ops] * len(placeholders)
-        per_site.append(
-            [
-                _what_is_passed(op, parent_sources, parent_path, v)
-                for op, v in zip(ops, values, strict=True)
-            ]
-        )
+        passed = [
+            _what_is_passed(op, parent_sources, parent_path, v)
+            for op, v in zip(ops, values, strict=True)
+        ]
+        per_site.append(passed)
         if site.hop != "invoke_subgraph" or parent_runs is None or runs is None:
             runs = None
-        else:
-            runs += parent_runs
+            continue
+        for parent_names in parent_runs:  # the parent's name -> what that parent run passes
+            runs.append(
+                {
+                    p.name: parent_names.get(name, name)
+                    for p, (kind, name) in zip(placeholders, passed, strict=True)
+                    if kind == "weight"
+                }
+            )
     fields: dict[str, dict[str, str]] = {"names": {}, "unknown": {}, "notes": {}}
     for i, p in enumerate(placeholders):
         _combine([values_[i] for values_ in per_site], p.name, fields)
+    names = fields["names"]
+    run_names = (
+        None
+        if runs is None
+        else tuple({names[p]: name for p, name in run.items() if p in names} for run in runs)
+    )
     first = sites[0]
     parent_path = known[first.parent][2]
     return HopBody(
@@ -219,5 +243,5 @@ def _plan_body(
         hops=tuple(dict.fromkeys(s.hop for s in sites)),
         call_sites=len(sites),
         sources=WeightSources(**fields),
-        runs=runs,
+        run_names=run_names,
     )

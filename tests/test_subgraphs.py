@@ -285,19 +285,23 @@ def test_hint_counts_are_what_ran(seen_graphs, fresh_dynamo):
             layer.mlp.gate_proj.weight.abs_()
             layer.mlp.down_proj.weight.abs_()
     x = torch.rand(4, 16) + 1
-    counts, records = {}, {}
+    counts, records, per_weight = {}, {}, {}
     for target in ("eager", "inductor"):
         torch._dynamo.reset()
         plans = _compile_and_run(model, target, x)  # the first call compiles
-        with fxprefetch.collect_stats() as s:
+        with fxprefetch.collect_stats(per_weight=True) as s:
             _compile_and_run(model, target, x, calls=3)
         counts[target] = (s.calls, s.hints)
         records[target] = len(_records(plans))
+        per_weight[target] = {k: w.calls + w.hints for k, w in s.per_weight.items()}
         fxprefetch.clear_plans()
     # per call: the region twice, one branch per layer
     assert counts["inductor"] == (0, 3 * (2 + 2))
     assert counts["eager"] == (3 * (2 + 2), 0)
     assert records == {"eager": 5, "inductor": 5}
+    # each run of the shared region counts against the weight its layer passes
+    expected = {f"layers.{i}.mlp.{p}_proj.weight": 3 for i in (0, 1) for p in ("gate", "down")}
+    assert per_weight == {"eager": expected, "inductor": expected}
 
 
 def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
@@ -360,6 +364,64 @@ def test_body_inputs_follow_the_call_site_or_are_unknown(hop, args_of, runs, ski
     else:
         assert record.skip_reason == SkipReason.UNKNOWN_SOURCE
         assert "scan body" in record.note
+
+
+def _shared_region_graph() -> GraphModule:
+    """A top graph ``(x, w0, w1, w2)``: an outer region called with ``w0`` and ``w1``, which
+    calls an inner region ``mm(relu(x), w)`` twice; then the inner region with ``w2``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    invoke = torch.ops.higher_order.invoke_subgraph
+    inner = make_fx(lambda x, w: torch.mm(torch.relu(x), w))(x, w)
+
+    def graph_of(weights: int, calls: list[tuple[str, int]]) -> torch.fx.Graph:
+        graph = torch.fx.Graph()
+        ph = [graph.placeholder(n) for n in ["x"] + [f"w{i}" for i in range(weights)]]
+        for p in ph:
+            p.meta["val"] = x if p.name == "x" else w
+        h = ph[0]
+        for attr, i in calls:
+            h = graph.call_function(invoke, (graph.get_attr(attr), attr, h, ph[1 + i]))
+            h.meta["val"] = x
+        graph.output(h)
+        return graph
+
+    outer = GraphModule({"inner": inner}, graph_of(1, [("inner", 0), ("inner", 0)]))
+    top = graph_of(3, [("outer", 0), ("outer", 1), ("inner", 2)])
+    return GraphModule({"outer": outer, "inner": inner}, top)
+
+
+def test_shared_region_runs_count_against_each_call_sites_weight():
+    """A body shared by several call sites (nested, too) runs once per call site per run of
+    its parent; where its hints are counted per call, each run names its own weight."""
+    from fxprefetch.counting import planned_prefetches, with_counting
+
+    names = [None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)]
+    planner = GraphPlanner(
+        fxprefetch.WeightPrefetchConfig(enabled=True),
+        target="inductor",
+        rules=DEFAULT_RULES,
+        source_names=names,
+        record=False,
+    )
+    planner(_shared_region_graph())
+    _, *bodies = planner.reports
+    (inner,) = [b for b in bodies if b.plan.graph.endswith("/ inner")]
+    assert inner.hints_elided and inner.runs == 5
+    (record,) = inner.plan.prefetched
+    assert record.weight in names  # one call site's; the note names the others
+    hinted = [p.weight for p in planned_prefetches(planner, elided=True)]
+    assert sorted(hinted) == [names[1], names[1], names[2], names[2], names[3]]
+    inputs = [torch.randn(4, 16)] + [torch.randn(16, 16) for _ in range(3)]
+    counted = with_counting(lambda *args: None, planner)
+    with fxprefetch.collect_stats(per_weight=True) as s:
+        counted(*inputs)
+    assert {k: w.hints for k, w in s.per_weight.items()} == {
+        names[1]: 2,
+        names[2]: 2,
+        names[3]: 1,
+    }
 
 
 # -- the property ----------------------------------------------------------------------------
@@ -458,3 +520,24 @@ def test_property_only_parameters_and_one_record_per_matmul(spec, target):
     assert not _outside(seen, model)
     assert len(_records(plans)) == _matmuls(graphs)
     assert any(r.prefetched for r in _records(plans))  # down_proj always has a window
+
+
+def test_stored_reports_keep_each_runs_weights(tmp_path, monkeypatch):
+    """On an inductor cache hit the reports come back from the plan store: with the
+    weights each run of a shared body reads."""
+    from fxprefetch import plan_store
+
+    monkeypatch.setattr(plan_store, "_store_dir", lambda: tmp_path)
+    planner = GraphPlanner(
+        fxprefetch.WeightPrefetchConfig(enabled=True),
+        target="inductor",
+        rules=DEFAULT_RULES,
+        source_names=[None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)],
+        record=False,
+    )
+    planner(_shared_region_graph())
+    plan_store.save_plans("key", planner.reports)
+    loaded = plan_store.load_plans("key")
+    assert loaded is not None
+    assert [r.run_names for r in loaded] == [r.run_names for r in planner.reports]
+    assert any(len(r.run_names) == 5 for r in loaded)
