@@ -70,6 +70,9 @@ class PassContext:
     runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
     hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
     graph_tokens: TokenRange | None = None  # token counts the graph is compiled for
+    # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
+    # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
+    npu_graph_engine: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def lower_to_npu_prefetch(gm: GraphModule, ctx: PassContext) -> PassResult:
-    return PassResult("lower_to_npu_prefetch", lower_prefetch_to_npu(gm, recompile=False))
+    lowered = lower_prefetch_to_npu(gm, recompile=False, graph_engine=ctx.npu_graph_engine)
+    return PassResult("lower_to_npu_prefetch", lowered)
 
 
 def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:

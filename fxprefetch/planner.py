@@ -113,6 +113,7 @@ class GraphPlanner:
         self.device_profiles = dict(sorted((device_profiles or {}).items()))
         self.split_at_attention = split_at_attention
         self.hidden_weights = hidden_weights
+        self.npu_graph_engine = False  # set by the npu target when torchair builds a GE graph
         self.record = record  # add plans to last_plans()
         self.strict = strict
         self.source_names = list(source_names)
@@ -162,6 +163,7 @@ class GraphPlanner:
             runs=runs,
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),
+            npu_graph_engine=self.npu_graph_engine,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS
 from passes.graph_utils import finalize, get_arg
 
 
@@ -29,14 +29,28 @@ def npu_prefetch_op() -> torch._ops.OpOverload:
         ) from exc
 
 
-def lower_prefetch_to_npu(gm: GraphModule, recompile: bool = True) -> int:
+def lower_prefetch_to_npu(
+    gm: GraphModule, recompile: bool = True, graph_engine: bool = False
+) -> int:
     """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count.
 
     All or nothing: every node is checked before any is changed, so a refusal leaves the graph
-    as it was (for the caller to strip).
+    as it was (for the caller to strip). ``graph_engine``: the graph becomes a GE graph, where
+    only ``npu_prefetch`` converts; a prefetch decided at run time (a token bound on a
+    symbolic count, a weight found by layer name) is refused there. Graphs that run their
+    ops while captured (aclgraph, npugraph_ex) keep them.
     """
     target = npu_prefetch_op()
     torch.fx.node.has_side_effect(target)  # torch_npu does this too; stand-ins may not
+    run_time = [op for op in PREFETCH_OPS if op is not PREFETCH_OP]
+    if graph_engine:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in run_time:
+                raise NpuLoweringError(
+                    f"{node.name} ({node.target}): a prefetch decided at run time has no GE "
+                    "converter; in a GE graph (torchair mode 'max-autotune') only npu_prefetch "
+                    "can stay (use mode 'reduce-overhead' or static token counts)"
+                )
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     for node in nodes:
         if get_arg(node, "dependency") is None:

@@ -55,6 +55,21 @@ def test_npu_lowering_refuses_a_missing_dependency(planned):
     assert not _prefetches(gm, torch.ops.npu.npu_prefetch.default)
 
 
+def test_a_ge_graph_refuses_prefetches_decided_at_run_time(planned):
+    """GE converts npu_prefetch only: a token-bounded prefetch on a symbolic count is refused
+    there (the planner then compiles the graph without prefetch); aclgraph keeps it."""
+    install_op_standins()
+    gm, _ = planned
+    first = _prefetches(gm)[0]
+    with gm.graph.inserting_after(first):
+        gm.graph.call_function(ops.RANGE_OP, (first.args[0], first.args[1], 64, 0, 8, 96, 4096))
+    with pytest.raises(NpuLoweringError, match="no GE converter"):
+        lower_prefetch_to_npu(gm, graph_engine=True)
+    assert len(_prefetches(gm)) == 4  # all or nothing
+    assert lower_prefetch_to_npu(gm) == 4  # aclgraph and npugraph_ex run the op when captured
+    assert len(_prefetches(gm, ops.RANGE_OP)) == 1
+
+
 def test_relaxing_keeps_position_and_size(planned):
     gm, _ = planned
     order = [(n.prev.name, n.args[0].name, n.args[2]) for n in _prefetches(gm)]

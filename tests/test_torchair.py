@@ -287,6 +287,7 @@ def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     assert "ge_config.enable_single_stream" in caplog.text
     assert cfg.post_grad_custom_post_pass.value is None  # our pass is not composed
     default = configure_torchair(planner, run_eagerly_config(torchair))
+    assert planner.npu_graph_engine  # torchair's default mode builds a GE graph
     assert getattr(default.post_grad_custom_post_pass.value, "fxprefetch", False)
     strict = GraphPlanner(WeightPrefetchConfig(enabled=True), strict=True, record=False)
     with pytest.raises(ValueError, match="enable_single_stream"):
@@ -354,6 +355,7 @@ def test_aclgraph_fx_optimization_runs_our_pass(torchair):
         WeightPrefetchConfig(enabled=True), target="npu", source_names=sources, record=False
     )
     cfg = configure_torchair(planner, run_eagerly_config(torchair), mode="reduce-overhead")
+    assert not planner.npu_graph_engine  # aclgraph runs the graph's ops when it captures
     _optimize_fx(gm, cfg, GraphTransformObserver(gm, [], cfg))
     lowered = [n for n in gm.graph.nodes if str(n.target) == NPU_PREFETCH]
     (plan,) = planner.plans

@@ -124,6 +124,8 @@ def configure_torchair(
     )
     if mode is not None:
         cfg.mode = mode
+    # GE converts only npu_prefetch; aclgraph and npugraph_ex run the graph's ops when captured
+    planner.npu_graph_engine = option_value(cfg, "mode") == "max-autotune"
     if single_stream_enabled(cfg):
         message = (
             f"torchair's {SINGLE_STREAM_OPTION} cannot be combined with npu_prefetch; "
