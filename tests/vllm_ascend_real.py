@@ -15,7 +15,6 @@ folder for that one ``pip download``, so this script needs nothing but pip.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from torchair_real import _sha256  # one pinned-download check for both sources
 
 VERSION = "0.23.0.post1"
 SDIST = f"vllm_ascend-{VERSION}.tar.gz"
@@ -38,14 +39,6 @@ class VllmAscendUnavailableError(RuntimeError):
 
 def source_dir() -> Path:
     return Path(os.environ.get("FXPREFETCH_VLLM_ASCEND_DIR", DEFAULT_DIR))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip(*args: str, env: dict[str, str] | None = None) -> None:
