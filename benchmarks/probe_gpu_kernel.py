@@ -40,10 +40,21 @@ WARPS = [1, 2, 4, 8]
 BYTES_PER_PROGRAM = [16 * KiB, 64 * KiB, 256 * KiB, MiB]
 LOWERINGS = ["side", "compute"]
 HINTS = ["none", "evict_last"]
+# The instruction: ``bulk`` (cp.async.bulk.prefetch.L2, the library's sm_90 default),
+# ``line`` (prefetch.global.L2, one per 128-byte line) and ``load`` (four volatile 4-byte
+# loads per line, one per 32-byte sector: the data surely reach L2, at the cost of the lanes).
+INSTRUCTIONS = ["bulk", "line", "load"]
+_LOAD_ASM = (
+    "{ .reg .pred p; .reg .b32 t<4>; setp.gt.s32 p, $2, 0; "
+    "@p ld.volatile.global.b32 t0, [$1]; @p ld.volatile.global.b32 t1, [$1+32]; "
+    "@p ld.volatile.global.b32 t2, [$1+64]; @p ld.volatile.global.b32 t3, [$1+96]; "
+    "mov.u32 $0, 0; }"
+)
 REPEAT = 16  # prefetches per graph for cost_us
 COLUMNS = (
     "part",
     "size",
+    "instruction",
     "lowering",
     "hint",
     "warps",
@@ -59,15 +70,17 @@ def plan(smoke: bool) -> list[dict[str, Any]]:
     sizes = SMOKE_SIZES if smoke else SIZES
     warps = [1, 4] if smoke else WARPS
     chunks = [64 * KiB, MiB] if smoke else BYTES_PER_PROGRAM
+    # What the prefetch saves comes first: the instruction, the lowering and the hint.
     rows = [
-        {"part": "launch", "size": s, "lowering": "compute", "hint": "none", "warps": w,
-         "per_program": c}
-        for s in sizes for w in warps for c in chunks
+        {"part": "lowering", "size": s, "instruction": i, "lowering": lo, "hint": h,
+         "warps": None, "per_program": None}
+        for s in sizes for i in INSTRUCTIONS for lo in LOWERINGS for h in HINTS
+        if not (i == "load" and h != "none")
     ]  # fmt: skip
     rows += [
-        {"part": "lowering", "size": s, "lowering": lo, "hint": h, "warps": None,
-         "per_program": None}
-        for s in sizes for lo in LOWERINGS for h in HINTS
+        {"part": "launch", "size": s, "instruction": "bulk", "lowering": "compute",
+         "hint": "none", "warps": w, "per_program": c}
+        for s in sizes for w in warps for c in chunks
     ]  # fmt: skip
     return rows
 
@@ -118,7 +131,7 @@ class Probe:
 
         def evict_and_read() -> None:
             self.flush.zero_()
-            torch.sum(data, out=out)
+            torch.sum(data, dim=0, dtype=torch.int64, out=out)
 
         def evict() -> None:
             self.flush.zero_()
@@ -135,15 +148,32 @@ class Probe:
         start, size = self.cp.clamp_range(
             self.weight.data_ptr(), self.weight.nbytes, row["size"], 0
         )
-        kwargs = {"cache_hint": row["hint"], "num_warps": row["warps"],
-                  "bytes_per_program": row["per_program"]}  # fmt: skip
         if row["lowering"] == "compute":
-            return self.cp.launch_prefetch(start, size, self.device, **kwargs)
+            return self._launch(row, start, size)
         current = torch.cuda.current_stream(self.device)
         self.side.wait_stream(current)
         with torch.cuda.stream(self.side):
-            launch = self.cp.launch_prefetch(start, size, self.device, **kwargs)
+            launch = self._launch(row, start, size)
         current.wait_stream(self.side)
+        return launch
+
+    def _launch(self, row: dict[str, Any], start: int, size: int) -> Any:
+        """The library's launch for ``bulk``; the same kernel with another instruction else."""
+        instruction = row.get("instruction", "bulk")
+        if instruction == "bulk":
+            return self.cp.launch_prefetch(
+                start, size, self.device, cache_hint=row["hint"], num_warps=row["warps"],
+                bytes_per_program=row["per_program"],
+            )  # fmt: skip
+        if size <= 0:
+            return None
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        launch = self.cp.launch_params(size, False, sms, row["warps"], row["per_program"])
+        asm = _LOAD_ASM if instruction == "load" else self.cp._ASM[False, row["hint"]]
+        self.cp.kernel()[(launch.grid,)](
+            start, size, launch.per_lane, launch.steps, lanes=launch.lanes, bulk=False,
+            asm=asm, num_warps=launch.num_warps,
+        )  # fmt: skip
         return launch
 
     def cost_us(self, row: dict[str, Any]) -> tuple[float, int]:
@@ -171,7 +201,7 @@ class Probe:
             if prefetch:
                 self.prefetch(row)
             torch.cuda._sleep(window)
-            torch.sum(data, out=out)
+            torch.sum(data, dim=0, dtype=torch.int64, out=out)
 
         return self._time(self._graph(lambda: body(False))) - self._time(
             self._graph(lambda: body(True))
