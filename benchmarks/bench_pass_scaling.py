@@ -17,7 +17,7 @@ import time
 import torch
 
 import fxprefetch
-from passes import run_weight_prefetch, strip_prefetch
+from fxprefetch.passes import run_weight_prefetch, strip_prefetch
 
 from common import (
     alternate,

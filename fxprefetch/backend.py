@@ -18,9 +18,9 @@ from fxprefetch.devices import device_setup
 from fxprefetch.dynamo_registry import entry_point_value
 from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
+from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
+from fxprefetch.passes.tables.rules import current_rules
 from fxprefetch.planner import GraphPlanner
-from passes.graph_utils import placeholder_source_names
-from passes.rules import current_rules
 
 logger = logging.getLogger("fxprefetch")
 

@@ -22,11 +22,11 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import device_setup
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
+from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
+from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
-from passes.graph_utils import placeholder_source_names
-from passes.roles import layer_index, match_role, owner_path
-from passes.rules import PrefetchRules, current_rules
 
 
 def explain(

@@ -9,7 +9,7 @@ from typing import Any
 
 from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
 from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
-from passes.rules import PrefetchRules
+from fxprefetch.passes.tables.rules import PrefetchRules
 
 TARGETS = ("auto", "npu", "inductor", "eager")
 OPTION_KEYS = (
@@ -33,7 +33,9 @@ class BackendOptions:
     target: str = "auto"
     strict: bool = False
     torchair_config: Any = None
-    rules: PrefetchRules | None = None  # None: passes.rules.current_rules() at compile time
+    rules: PrefetchRules | None = (
+        None  # None: fxprefetch.passes.tables.rules.current_rules() at compile time
+    )
     mode: str | None = None  # torch.compile's mode, for callers that also pass options
     native_prefetch: str = "auto"  # native prefetch where CUDA graphs replay, else hints
     cuda_lowering: str = "side_stream"  # or "compute_stream" (no fork/join)
@@ -117,7 +119,7 @@ def parse_options(options: Any) -> BackendOptions:
     if rules is not None and not isinstance(rules, PrefetchRules):
         raise ConfigError(
             "options.rules",
-            f"expected a passes.rules.PrefetchRules value, got {type(rules).__name__}",
+            f"expected a fxprefetch.passes.PrefetchRules value, got {type(rules).__name__}",
         )
     mode = options.get("mode")
     if mode is not None and mode not in MODES:

@@ -33,18 +33,18 @@ from torch.fx import GraphModule, Node
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP, prepare_native
+from fxprefetch.passes.analysis.graph_utils import prefetch_nodes, tensor_value
+from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.elide_hints import elide_hint_prefetches, keep_hints_in_code
+from fxprefetch.passes.insert_joins import insert_prefetch_joins
+from fxprefetch.passes.lower_native import lower_native_prefetches, partition_points
+from fxprefetch.passes.lower_npu import lower_prefetch_to_npu
+from fxprefetch.passes.plan_prefetches import META_KEY, run_weight_prefetch
+from fxprefetch.passes.relax_dependencies import relax_prefetch_dependencies
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.prediction import DeviceProfile
-from passes.elide_hints import elide_hint_prefetches, keep_hints_in_code
-from passes.graph_utils import prefetch_nodes, tensor_value
-from passes.hidden_weights import HiddenWeightSource
-from passes.lower_npu import lower_prefetch_to_npu
-from passes.native_prefetch import lower_native_prefetches, partition_points
-from passes.prefetch_joins import insert_prefetch_joins
-from passes.relax_dependencies import relax_prefetch_dependencies
-from passes.rules import PrefetchRules
-from passes.weight_prefetch import META_KEY, run_weight_prefetch
-from passes.weight_sources import WeightSources
 
 TARGETS = ("npu", "inductor", "eager")
 

@@ -20,15 +20,15 @@ from dataclasses import replace
 from torch.fx import GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
+from fxprefetch.passes.analysis.subgraphs import hop_bodies
+from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
+from fxprefetch.passes.strip_prefetch import strip_prefetch
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
 from fxprefetch.prediction import DeviceProfile
-from passes.hidden_weights import HiddenWeightSource
-from passes.rules import PrefetchRules, current_rules
-from passes.strip_prefetch import strip_prefetch
-from passes.subgraphs import hop_bodies
-from passes.weight_sources import WeightSources, aot_weight_sources
 
 logger = logging.getLogger("fxprefetch")
 
@@ -126,7 +126,7 @@ class GraphPlanner:
 
     def weight_names(self, gm: GraphModule) -> WeightSources | Mapping[str, str] | None:
         """Which placeholders of the top-level aten graph ``gm`` are weights, and their
-        parameter paths (see :func:`passes.weight_sources.aot_weight_sources`).
+        parameter paths (see :func:`analysis.weight_sources.aot_weight_sources`).
 
         AOT's input descriptors lead each placeholder to its dynamo input, through tensor
         subclasses (one placeholder per inner tensor, named ``<parameter>.<attr>``). Where no

@@ -3,7 +3,7 @@
 ``vllm::moe_forward(hidden_states, router_logits, ..., layer_name, ...)`` (and
 ``moe_forward_shared``) finds its layer in vLLM's static forward context by ``layer_name``;
 the experts' weights are no graph input. :class:`VllmMoeWeights` is the pass's
-:class:`passes.hidden_weights.HiddenWeightSource` for it:
+:class:`analysis.hidden_weights.HiddenWeightSource` for it:
 
 - when the pass runs, it reads the layer from the current ``VllmConfig``'s
   ``compilation_config.static_forward_context[layer_name]`` (or, where no config is current,
@@ -36,8 +36,8 @@ import torch
 from torch.fx import Node
 
 from fxprefetch import ops
-from passes.graph_utils import get_arg
-from passes.hidden_weights import HiddenWeight
+from fxprefetch.passes.analysis.graph_utils import get_arg
+from fxprefetch.passes.analysis.hidden_weights import HiddenWeight
 
 logger = logging.getLogger("fxprefetch")
 

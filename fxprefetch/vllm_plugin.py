@@ -40,10 +40,10 @@ from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
-from passes.rules import PrefetchRules, current_rules
-from passes.weight_sources import WeightSources
 
 logger = logging.getLogger("fxprefetch")
 

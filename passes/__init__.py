@@ -1,26 +1,25 @@
-"""Graph passes of fxprefetch, one job per module, and the rules they read.
+"""fxprefetch's graph passes (installed as ``fxprefetch.passes``), in three rooms:
 
-- :mod:`passes.rules`: every table the pass decides by, as one frozen value;
-- :mod:`passes.linears` / :mod:`passes.weight_trace`: which stored weight each linear reads;
-- :mod:`passes.roles`: the role of each weight;
-- :mod:`passes.windows`: the vector work (or attention) a prefetch hides behind, and its
-  dependency; :mod:`passes.window_cost`: the bytes a window moves (the prediction's input);
-- :mod:`passes.sizing`: bytes = ratio x weight, capped;
-- :mod:`passes.weight_prefetch`: the planning pass, which inserts the prefetches;
-- lowering steps, run per target by :mod:`fxprefetch.pipeline`: :func:`lower_prefetch_to_npu`,
-  :func:`relax_prefetch_dependencies`, :func:`elide_hint_prefetches`;
-- :func:`strip_prefetch` undoes the planning pass.
+- the passes themselves, one module each, each one ``(gm, ctx) -> PassResult``:
+  :mod:`.plan_prefetches` (inserts the prefetches and returns the plan),
+  :mod:`.lower_npu`, :mod:`.lower_native`, :mod:`.relax_dependencies`,
+  :mod:`.elide_hints`, :mod:`.insert_joins`, and :mod:`.strip_prefetch`, which undoes them;
+- :mod:`.analysis`: what the passes share and never change: which stored weight each linear
+  reads (``linears``, ``weight_trace``, ``weight_sources``), its role (``roles``), the
+  window a prefetch hides behind (``windows``, ``window_cost``, ``op_classes``), sizes;
+- :mod:`.tables`: data only, and :class:`~.tables.rules.PrefetchRules`, the one value that
+  holds every table the passes read.
 
-``passes`` depends only on fxprefetch's core: the config, the op's schema and the plan.
+The layers import downwards only: tables <- analysis <- passes; all of them may use
+fxprefetch's core (config, ops, plan, prediction) and nothing above it.
 """
 
-from passes.elide_hints import elide_hint_prefetches
-from passes.linear_ops import LINEAR_OPS, LinearOpSpec
-from passes.linears import find_linears
-from passes.lower_npu import lower_prefetch_to_npu
-from passes.relax_dependencies import relax_prefetch_dependencies
-from passes.roles import RoleRule
-from passes.rules import (
+from fxprefetch.passes.lower_npu import lower_prefetch_to_npu
+from fxprefetch.passes.plan_prefetches import run_weight_prefetch
+from fxprefetch.passes.strip_prefetch import strip_prefetch
+from fxprefetch.passes.tables.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
+from fxprefetch.passes.tables.role_rules import RoleRule
+from fxprefetch.passes.tables.rules import (
     DEFAULT_RULES,
     PrefetchRules,
     add_role_rule,
@@ -32,30 +31,21 @@ from passes.rules import (
     register_vector_op,
     set_rules,
 )
-from passes.strip_prefetch import strip_prefetch
-from passes.vector_ops import NodeKind, classify
-from passes.weight_prefetch import META_KEY, run_weight_prefetch
 
 __all__ = [
+    "DEFAULT_LINEAR_OPS",
     "DEFAULT_RULES",
-    "LINEAR_OPS",
-    "META_KEY",
     "LinearOpSpec",
-    "NodeKind",
     "PrefetchRules",
     "RoleRule",
     "add_role_rule",
-    "classify",
     "current_rules",
-    "elide_hint_prefetches",
-    "find_linears",
     "lower_prefetch_to_npu",
     "register_attention_op",
     "register_barrier_op",
     "register_linear_op",
     "register_transparent_op",
     "register_vector_op",
-    "relax_prefetch_dependencies",
     "run_weight_prefetch",
     "set_rules",
     "strip_prefetch",

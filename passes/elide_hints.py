@@ -25,8 +25,8 @@ from collections.abc import Collection
 from torch.fx import GraphModule
 
 from fxprefetch.ops import HINT_OP, PREFETCH_OP
-from passes.graph_utils import finalize, prefetch_nodes
-from passes.strip_prefetch import strip_prefetch
+from fxprefetch.passes.analysis.graph_utils import finalize, prefetch_nodes
+from fxprefetch.passes.strip_prefetch import strip_prefetch
 
 
 def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:

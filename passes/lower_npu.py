@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS
-from passes.graph_utils import finalize, get_arg
+from fxprefetch.passes.analysis.graph_utils import finalize, get_arg
 
 
 class NpuLoweringError(RuntimeError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
-from passes.graph_utils import finalize, get_arg, prefetch_nodes, set_arg
+from fxprefetch.passes.analysis.graph_utils import finalize, get_arg, prefetch_nodes, set_arg
 
 # prefetches whose weight is a graph tensor; a by-name prefetch keeps its dependency, its only
 # tensor argument (the op is dispatched on it)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
-from passes.graph_utils import finalize, flatten_nodes, get_arg, prefetch_nodes
-from passes.weight_prefetch import META_KEY
+from fxprefetch.passes.analysis.graph_utils import finalize, flatten_nodes, get_arg, prefetch_nodes
+from fxprefetch.passes.plan_prefetches import META_KEY
 
 
 def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:

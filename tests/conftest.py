@@ -37,7 +37,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    from passes.rules import DEFAULT_RULES, set_rules
+    from fxprefetch.passes.tables.rules import DEFAULT_RULES, set_rules
 
     fxprefetch.reset_stats()
     fxprefetch.clear_plans()

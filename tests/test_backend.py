@@ -145,7 +145,7 @@ def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, cap
 
 
 def test_partial_insertion_is_removed_on_failure(fresh_dynamo, monkeypatch):
-    import passes.weight_prefetch as wp
+    import fxprefetch.passes.plan_prefetches as wp
 
     real = wp._insert_prefetch
     calls = []

@@ -14,9 +14,9 @@ import fxprefetch
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.counting import with_counting
 from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import uses_cudagraphs
-from passes import DEFAULT_RULES
 
 from synthetic import SynthModel, SynthSpec
 from tracing import fake_trace

@@ -24,8 +24,8 @@ from fxprefetch.cuda_prefetch import (
     tensor_range,
 )
 from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
-from passes import DEFAULT_RULES
-from passes.vector_ops import NodeKind, classify
+from fxprefetch.passes import DEFAULT_RULES
+from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 
 from emitted_order import check_fork_window_join_gemm, emitted_events
 from synthetic import SynthModel, SynthSpec
@@ -276,7 +276,7 @@ def test_no_native_lowering_where_the_device_has_none():
 
 
 def test_strip_removes_forks_joins_and_tokens():
-    from passes.strip_prefetch import strip_prefetch
+    from fxprefetch.passes.strip_prefetch import strip_prefetch
 
     gm, _ = _pipeline({"cpu"})
     before = len(gm.graph.nodes)

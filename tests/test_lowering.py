@@ -8,10 +8,10 @@ import torch
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.ops import PREFETCH_OP
-from passes import lower_prefetch_to_npu, run_weight_prefetch
-from passes.elide_hints import elide_hint_prefetches, hint_only
-from passes.lower_npu import NpuLoweringError
-from passes.relax_dependencies import relax_prefetch_dependencies
+from fxprefetch.passes import lower_prefetch_to_npu, run_weight_prefetch
+from fxprefetch.passes.elide_hints import elide_hint_prefetches, hint_only
+from fxprefetch.passes.lower_npu import NpuLoweringError
+from fxprefetch.passes.relax_dependencies import relax_prefetch_dependencies
 
 from npu_standins import install_op_standins
 from synthetic import SynthModel, SynthSpec

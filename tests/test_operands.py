@@ -20,8 +20,8 @@ from torch import nn
 import fxprefetch
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
-from passes import LINEAR_OPS, run_weight_prefetch
-from passes.graph_utils import op_name
+from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch
+from fxprefetch.passes.analysis.graph_utils import op_name
 
 from tracing import fake_trace
 
@@ -132,7 +132,7 @@ def test_only_weights_exact_bytes_one_record_per_matmul(kinds, hidden, sp):
     model = Stack(kinds, hidden, sp)
     inputs = (torch.randn(4, hidden), torch.randn(hidden, hidden), torch.tensor([1]))
     gm, names = fake_trace(model, *inputs)
-    matmuls = [n.name for n in gm.graph.nodes if op_name(n) in LINEAR_OPS]
+    matmuls = [n.name for n in gm.graph.nodes if op_name(n) in DEFAULT_LINEAR_OPS]
     plan = run_weight_prefetch(gm, ON, weight_names=names)
 
     # every matmul-class node has exactly one record

@@ -12,18 +12,18 @@ from torch import nn
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
-from passes import (
+from fxprefetch.passes import (
     DEFAULT_RULES,
     add_role_rule,
-    classify,
     current_rules,
     register_linear_op,
     run_weight_prefetch,
     strip_prefetch,
 )
-from passes.collectives import COLLECTIVES
-from passes.graph_utils import normalize_source_path, op_name
-from passes.roles import match_role
+from fxprefetch.passes.analysis.graph_utils import normalize_source_path, op_name
+from fxprefetch.passes.analysis.op_classes import classify
+from fxprefetch.passes.analysis.roles import match_role
+from fxprefetch.passes.tables.collectives import COLLECTIVES
 
 from npu_standins import install_op_standins
 from synthetic import SynthModel, SynthSpec
@@ -653,7 +653,7 @@ def test_source_paths_normalize(raw, path):
 
 def test_walk_is_linear_in_graph_size(monkeypatch):
     """Classify calls grow with the layer count, not with its square (the residual stream)."""
-    import passes.windows as windows_module
+    import fxprefetch.passes.analysis.windows as windows_module
 
     counts = {}
     for layers in (2, 8):
@@ -726,7 +726,7 @@ def test_vllm_collectives_are_barriers_and_mean_sequence_parallel():
 
 
 def test_all_gather_before_reduce_scatter_is_not_sequence_parallel():
-    from passes.collectives import has_sequence_parallel_collectives
+    from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 
     class Backwards(nn.Module):
         def forward(self, x):

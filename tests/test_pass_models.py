@@ -9,7 +9,7 @@ import torch
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.models import build_model
-from passes import run_weight_prefetch
+from fxprefetch.passes import run_weight_prefetch
 
 from tracing import export_aten, run_graph
 

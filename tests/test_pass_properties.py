@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
-from passes import LINEAR_OPS, run_weight_prefetch, strip_prefetch
-from passes.graph_utils import op_name
-from passes.weight_prefetch import META_KEY, prefetch_bytes
+from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch, strip_prefetch
+from fxprefetch.passes.analysis.graph_utils import op_name
+from fxprefetch.passes.plan_prefetches import META_KEY, prefetch_bytes
 
 from synthetic import SynthModel, SynthSpec, expected_roles
 from tracing import export_aten, run_graph
@@ -71,7 +71,7 @@ def test_pass_invariants(spec, config, seed):
     before_code = gm.code
     reference = run_graph(original, model, names, ids)
 
-    matmuls = [n.name for n in gm.graph.nodes if op_name(n) in LINEAR_OPS]
+    matmuls = [n.name for n in gm.graph.nodes if op_name(n) in DEFAULT_LINEAR_OPS]
     plan = run_weight_prefetch(gm, config, weight_names=names)
 
     # every matmul-class node has exactly one record; those of explicit attention (scores,

@@ -12,10 +12,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.passes import DEFAULT_RULES, add_role_rule
 from fxprefetch.pipeline import PIPELINES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import PrefetchGraphPass
-from passes import DEFAULT_RULES, add_role_rule
 
 from synthetic import SynthModel, SynthSpec
 from tracing import run_synth_pipeline

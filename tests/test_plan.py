@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
+from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.plan import render_table, render_totals
-from passes import run_weight_prefetch
 
 from synthetic import SynthModel, SynthSpec, TwoGraphs
 from tracing import fake_trace

@@ -13,8 +13,8 @@ from torch import nn
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
-from passes import run_weight_prefetch
-from passes.roles import match_role, owner_path
+from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.passes.analysis.roles import match_role, owner_path
 
 from tracing import fake_trace
 

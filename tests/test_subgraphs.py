@@ -23,10 +23,10 @@ from torch.testing._internal.two_tensor import TwoTensor
 
 import fxprefetch
 from fxprefetch import ops
+from fxprefetch.passes import DEFAULT_RULES
+from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.plan import SkipReason
 from fxprefetch.planner import GraphPlanner
-from passes import DEFAULT_RULES
-from passes.graph_utils import op_name
 
 CONFIG = {
     "prefetch_ratio": {"mlp": {"gate_up": 1.0, "down": 1.0}},

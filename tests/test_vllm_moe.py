@@ -16,11 +16,11 @@ from torch import nn
 
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.config import DEFAULT_MAX_PREFETCH_BYTES, TokenRange
+from fxprefetch.passes import DEFAULT_RULES
+from fxprefetch.passes.analysis.graph_utils import prefetch_nodes
+from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import PassContext, run_pipeline
 from fxprefetch.plan import SkipReason
-from passes import DEFAULT_RULES
-from passes.graph_utils import prefetch_nodes
-from passes.strip_prefetch import strip_prefetch
 
 vllm_moe = pytest.importorskip("fxprefetch.vllm_moe")
 

@@ -86,8 +86,8 @@ def run_synth_pipeline(
     returns the graph and the :class:`CompileReport`.
     """
     from fxprefetch import WeightPrefetchConfig
+    from fxprefetch.passes import DEFAULT_RULES
     from fxprefetch.pipeline import PassContext, run_pipeline
-    from passes import DEFAULT_RULES
 
     from synthetic import SynthModel, SynthSpec
 

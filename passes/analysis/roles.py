@@ -5,91 +5,22 @@ linear's own module path (``nn_module_stack``) first, then the owner of its weig
 parameter path without ``.weight``). The first match wins; ``role=None`` means "no role" on
 purpose. Rules see the parent module, so ``attn.c_proj`` is ``attn.o`` and ``mlp.c_proj``
 is ``mlp.down``.
-Users add rules through :mod:`passes.rules` (theirs are tried first).
+Users add rules through :mod:`tables.rules` (theirs are tried first).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from fxprefetch.passes.tables.role_rules import _EXPERTS, DEFAULT_ROLE_RULES, RoleRule
+from fxprefetch.passes.tables.rules import PrefetchRules
 
 if TYPE_CHECKING:
     from torch.fx import Node
 
-    from passes.linears import LinearUse
-    from passes.rules import PrefetchRules
-
-_EXPERTS = r"(?:^|\.)(?:experts|local_experts)(?:\.\d+)?"
-
-
-@dataclass(frozen=True)
-class RoleRule:
-    pattern: str
-    role: str | None
-    why: str = ""
-
-    def matches(self, path: str) -> bool:
-        return re.search(self.pattern, path) is not None
-
-
-_ATTN = r"\w*(?i:attn|attention|mha)\w*"  # self_attn, attention, SelfAttention, multihead_attn
-_MLP = r"\w*(?i:mlp|ffn|feed_forward|DenseReluDense)\w*"  # mlp, feed_forward, shared_mlp
-
-# The naming schemes of the main model families (see the README's role table). Paths are
-# matched after wrappers are removed (see ``canonical_path``); the first match wins.
-DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
-    # Adapters and experts first: their names overlap with dense names.
-    RoleRule(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B)(?:\.\w+)?$", None, "LoRA adapter"),
-    RoleRule(
-        rf"{_EXPERTS}\.(?:gate_up_proj|gate_proj|up_proj|w1|w3|w13)(?:_weight)?$",
-        "moe.gate_up",
-        "expert gate/up projection",
-    ),
-    RoleRule(
-        rf"{_EXPERTS}\.(?:down_proj|w2)(?:_weight)?$",
-        None,
-        "expert down projection (no role in weight_prefetch_config)",
-    ),
-    RoleRule(
-        r"(?:^|\.)(?:qkv_proj|q_proj|k_proj|v_proj|query_key_value|c_attn|Wqkv|wqkv"
-        r"|wq|wk|wv|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|fused_qkv_a_proj)$",
-        "attn.qkv",
-        "attention input projection",
-    ),
-    # nn.MultiheadAttention holds its input projection itself (its out_proj is a child)
-    RoleRule(
-        r"(?:^|\.)(?:in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight)$",
-        "attn.qkv",
-        "MultiheadAttention input projection",
-    ),
-    RoleRule(r"(?:^|\.)o_proj$", "attn.o", "attention output projection"),
-    # out_proj / dense / c_proj / wo mean "output of the block": the parent decides which
-    RoleRule(
-        rf"(?:^|\.){_ATTN}\.(?:out_proj|dense|c_proj|wo|o)$",
-        "attn.o",
-        "output projection under an attention module",
-    ),
-    RoleRule(
-        rf"(?:^|\.){_MLP}\.(?:out_proj|dense|c_proj|wo|fc_out)$",
-        "mlp.down",
-        "output projection under an MLP module",
-    ),
-    RoleRule(
-        r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|fc_in|c_fc|dense_h_to_4h"
-        r"|wi|wi_0|wi_1|linear1)$",
-        "mlp.gate_up",
-        "dense MLP gate/up projection",
-    ),
-    RoleRule(
-        r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h|linear2)$",
-        "mlp.down",
-        "dense MLP down projection",
-    ),
-    RoleRule(r"(?:^|\.)(?:gate|router)$", None, "MoE router"),
-    RoleRule(r"(?:^|\.)(?:lm_head|embed_tokens|wte|output)$", None, "head or embedding"),
-)
+    from fxprefetch.passes.analysis.linears import LinearUse
 
 # Wrapper modules that hold the real layer one level down (PEFT, FSDP, activation
 # checkpointing, torch.compile): ``q_proj.base_layer`` is ``q_proj``.

@@ -18,11 +18,11 @@ from collections.abc import Iterable
 import torch
 from torch.fx import Node
 
+from fxprefetch.passes.analysis.graph_utils import fake_value
+from fxprefetch.passes.analysis.op_classes import NodeKind, classify
+from fxprefetch.passes.analysis.windows import Window
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.prediction import WindowTraffic
-from passes.graph_utils import fake_value
-from passes.rules import PrefetchRules
-from passes.vector_ops import NodeKind, classify
-from passes.windows import Window
 
 
 class _SymbolicSizeError(Exception):

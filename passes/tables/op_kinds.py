@@ -1,34 +1,9 @@
-"""Which ops are vector work (the work a prefetch can hide behind), and which are transparent.
-
-Classification order: the tables of :class:`passes.rules.PrefetchRules` (these defaults plus
-user extensions), then torch's op tags (``pointwise``,
-``reduction``), then "barrier" for everything else (matmuls, attention, convolutions,
-collectives, embeddings, unknown opaque ops).
-"""
+"""Op kinds for the vector-window walk: vector work, transparent ops, barriers and attention
+(the default tables that :class:`tables.rules.PrefetchRules` holds)."""
 
 from __future__ import annotations
 
-import enum
-import operator
-from typing import TYPE_CHECKING
-
-import torch
-from torch.fx import Node
-
-from passes.collectives import COLLECTIVES
-from passes.graph_utils import fake_value, flatten_nodes, op_name
-
-if TYPE_CHECKING:
-    from passes.rules import PrefetchRules
-
-
-class NodeKind(enum.Enum):
-    VECTOR = "vector"  # elementwise, reductions, norms, activations, quantize, gating/routing
-    TRANSPARENT = "transparent"  # views, getitem, layout copies: neither work nor a barrier
-    LEAF = "leaf"  # graph inputs, constants, factories: available from the start
-    BARRIER = "barrier"  # anything else: the walk stops here
-    IGNORE = "ignore"  # symbolic ints and other non-tensor values
-
+from fxprefetch.passes.tables.collectives import COLLECTIVES
 
 DEFAULT_TRANSPARENT_OPS: frozenset[str] = frozenset(
     {
@@ -213,41 +188,3 @@ DEFAULT_ATTENTION_OPS: frozenset[str] = frozenset(
         "npu::npu_prompt_flash_attention",
     }
 )
-
-_VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
-
-
-def _is_tensorish(node: Node) -> bool:
-    val = fake_value(node)
-    if val is None:
-        return True  # unknown: let the op decide
-    if isinstance(val, torch.Tensor):
-        return True
-    return isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val)
-
-
-def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
-    """The kind of one node for the vector-window walk, under ``rules`` (default: current)."""
-    if rules is None:
-        from passes.rules import current_rules
-
-        rules = current_rules()
-    if node.op in ("placeholder", "get_attr"):
-        return NodeKind.LEAF if _is_tensorish(node) else NodeKind.IGNORE
-    if node.op != "call_function" or not _is_tensorish(node):
-        return NodeKind.IGNORE if node.op == "call_function" else NodeKind.BARRIER
-    if node.target is operator.getitem:
-        return NodeKind.TRANSPARENT
-    name = op_name(node)
-    if name in rules.barrier_ops or name in rules.attention_ops:
-        return NodeKind.BARRIER
-    if name in rules.transparent_ops:
-        return NodeKind.TRANSPARENT
-    if not any(_is_tensorish(n) for n in flatten_nodes((node.args, node.kwargs))):
-        return NodeKind.LEAF  # factories: full, iota, scalar_tensor, arange
-    if name in rules.vector_ops:
-        return NodeKind.VECTOR
-    tags = getattr(node.target, "tags", ())
-    if any(tag in tags for tag in _VECTOR_TAGS):
-        return NodeKind.VECTOR
-    return NodeKind.BARRIER

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from passes.collectives import is_collective, is_wait
-from passes.graph_utils import flatten_nodes, get_arg, op_name, tensor_value
-from passes.rules import PrefetchRules
-from passes.vector_ops import NodeKind, classify
+from fxprefetch.passes.analysis.collectives import is_collective, is_wait
+from fxprefetch.passes.analysis.graph_utils import flatten_nodes, get_arg, op_name, tensor_value
+from fxprefetch.passes.analysis.op_classes import NodeKind, classify
+from fxprefetch.passes.tables.rules import PrefetchRules
 
 
 @dataclass

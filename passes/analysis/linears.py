@@ -5,7 +5,7 @@ Only parameters, buffers and constants are weights: the :class:`WeightSources` o
 an operand nobody can tell about is skipped with the reason, never guessed to be a weight.
 A weight may stand in either operand of a plain matmul; the op table says which slot is
 usual, and both are checked. What lies between the stored
-tensor and the matmul is traced by :mod:`passes.weight_trace`.
+tensor and the matmul is traced by :mod:`analysis.weight_trace`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from fxprefetch.passes.analysis.graph_utils import (
+    flatten_nodes,
+    get_arg,
+    module_path,
+    op_name,
+    tensor_value,
+)
+from fxprefetch.passes.analysis.linear_ops import LinearOpSpec, linear_spec
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.analysis.weight_trace import WeightTrace, stored_bytes, trace_operand
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import SkipReason
-from passes.graph_utils import flatten_nodes, get_arg, module_path, op_name, tensor_value
-from passes.linear_ops import LinearOpSpec, linear_spec
-from passes.rules import PrefetchRules
-from passes.weight_sources import WeightSources
-from passes.weight_trace import WeightTrace, stored_bytes, trace_operand
 
 
 @dataclass

@@ -19,9 +19,9 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
-from passes.graph_utils import finalize, tensor_value
-from passes.native_prefetch import graph_owned
-from passes.weight_prefetch import META_KEY
+from fxprefetch.passes.analysis.graph_utils import finalize, tensor_value
+from fxprefetch.passes.lower_native import graph_owned
+from fxprefetch.passes.plan_prefetches import META_KEY
 
 
 def _only_views_of(node: Node, weight: Node) -> bool:

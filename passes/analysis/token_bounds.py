@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, Node
 
 from fxprefetch.config import TokenRange
-from passes.graph_utils import tensor_value
+from fxprefetch.passes.analysis.graph_utils import tensor_value
 
 
 class TokenCheck(str, Enum):

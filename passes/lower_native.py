@@ -30,8 +30,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
-from passes.graph_utils import finalize, tensor_value
-from passes.weight_prefetch import META_KEY
+from fxprefetch.passes.analysis.graph_utils import finalize, tensor_value
+from fxprefetch.passes.plan_prefetches import META_KEY
 
 TOKEN_KEY = "token_of"  # meta[META_KEY] of a token: the name of its prefetch
 

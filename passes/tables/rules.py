@@ -23,15 +23,15 @@ from types import MappingProxyType
 from typing import Literal
 
 from fxprefetch.config import ROLES
-from passes import collectives as _collectives
-from passes.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
-from passes.roles import DEFAULT_ROLE_RULES, RoleRule
-from passes.vector_ops import (
+from fxprefetch.passes.tables import collectives as _collectives
+from fxprefetch.passes.tables.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
+from fxprefetch.passes.tables.op_kinds import (
     DEFAULT_ATTENTION_OPS,
     DEFAULT_BARRIER_OPS,
     DEFAULT_TRANSPARENT_OPS,
     DEFAULT_VECTOR_OPS,
 )
+from fxprefetch.passes.tables.role_rules import DEFAULT_ROLE_RULES, RoleRule
 
 OpKind = Literal["vector", "transparent", "barrier", "attention"]
 

@@ -1,20 +1,17 @@
-"""Which ops are linear layers, and which of their arguments is the weight.
+"""Which ops are linear layers, and which of their arguments is the weight: the default table
+that :class:`tables.rules.PrefetchRules` holds.
 
-The default table; users extend it through :mod:`passes.rules`. Ops are keyed by their
-qualified name (``namespace::op``) so torch_npu's ops are recognized whether or not torch_npu
-is installed. A spec may hold only under a condition (``only_if``): a convolution is a linear
-when it is one matmul over the channels (a pointwise kernel).
+Ops are keyed by their qualified name (``namespace::op``) so torch_npu's ops are recognized
+whether or not torch_npu is installed. A spec may hold only under a condition (``only_if``,
+the name of a predicate in :data:`analysis.linear_ops.LINEAR_CONDITIONS`):
+a convolution is a linear when it is one matmul over the channels (a pointwise kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-
-from torch.fx import Node
-
-from passes.graph_utils import get_arg, op_name, tensor_value
 
 
 @dataclass(frozen=True)
@@ -38,40 +35,6 @@ class LinearOpSpec:
     hidden: bool = False
     note: str = ""
     only_if: str | None = None
-
-
-def _ints(value: object) -> list[int] | None:
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return None  # symbolic or missing
-
-
-def is_pointwise_conv(node: Node) -> bool:
-    """A convolution that is a linear over the channels: a kernel 1 wide in every spatial
-    dimension, stride 1, no padding, one group, not transposed (``Conv1d(k=1)``)."""
-    weight = get_arg(node, "weight")
-    value = tensor_value(weight) if isinstance(weight, Node) else None
-    if value is None or value.dim() < 3:
-        return False
-    kernel = _ints(list(value.shape[2:]))
-    stride, padding = _ints(get_arg(node, "stride")), _ints(get_arg(node, "padding"))
-    return (
-        kernel is not None
-        and all(k == 1 for k in kernel)
-        and stride is not None
-        and all(s == 1 for s in stride)
-        and padding is not None
-        and all(p == 0 for p in padding)
-        and get_arg(node, "groups") == 1
-        and get_arg(node, "transposed") is False
-    )
-
-
-LINEAR_CONDITIONS: Mapping[str, Callable[[Node], bool]] = MappingProxyType(
-    {"pointwise_conv": is_pointwise_conv}
-)
 
 
 _MOE = "looks its expert weights up by layer name"
@@ -128,14 +91,3 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         ),
     }
 )
-LINEAR_OPS = DEFAULT_LINEAR_OPS  # the defaults; the pass reads PrefetchRules.linear_table
-
-
-def linear_spec(node: Node, table: Mapping[str, LinearOpSpec]) -> LinearOpSpec | None:
-    """The spec of ``node`` when it is a linear under ``table``, else None."""
-    if node.op != "call_function":
-        return None
-    spec = table.get(op_name(node))
-    if spec is None or (spec.only_if is not None and not LINEAR_CONDITIONS[spec.only_if](node)):
-        return None
-    return spec

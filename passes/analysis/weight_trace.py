@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from passes.graph_utils import op_name, tensor_value
+from fxprefetch.passes.analysis.graph_utils import op_name, tensor_value
 
 # Ops that only view the storage of their first argument: the bytes read are the view's.
 WEIGHT_VIEWS = frozenset(

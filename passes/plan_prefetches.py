@@ -1,15 +1,15 @@
 """The weight-prefetch pass over post-autograd aten graphs.
 
-For each linear layer (see :mod:`passes.linear_ops`) whose weight plays a configured role
-(:mod:`passes.roles`), walk back from its activation inputs in reverse graph order: vector
-ancestors (:mod:`passes.vector_ops`) form the *window*, the first non-vector ancestor is the
+For each linear layer (see :mod:`analysis.linear_ops`) whose weight plays a configured role
+(:mod:`analysis.roles`), walk back from its activation inputs in reverse graph order: vector
+ancestors (:mod:`analysis.op_classes`) form the *window*, the first non-vector ancestor is the
 *dependency*. A ``fxprefetch.prefetch(weight, dependency, max_size[, offset])`` node goes
 right after the dependency, so the prefetch runs while the window's vector work runs.
 
 Two more things decide a prefetch. A fused op that looks its weights up by name (vLLM's
-MoE) gets a by-name prefetch where a :class:`passes.hidden_weights.HiddenWeightSource`
+MoE) gets a by-name prefetch where a :class:`analysis.hidden_weights.HiddenWeightSource`
 finds the weight. And ``token_range`` bounds the token counts for which a prefetch runs
-(:mod:`passes.token_bounds`): decided for the graph where the count is known, checked by the
+(:mod:`analysis.token_bounds`): decided for the graph where the count is known, checked by the
 prefetch at run time where it is symbolic.
 
 Invariants (tested in ``tests/test_pass_properties.py``): the graph lints; outputs are
@@ -28,19 +28,19 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
+from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
+from fxprefetch.passes.analysis.graph_utils import finalize, op_name, prefetch_nodes, tensor_value
+from fxprefetch.passes.analysis.hidden_weights import HiddenWeight, HiddenWeightSource
+from fxprefetch.passes.analysis.linears import LinearUse, find_linears
+from fxprefetch.passes.analysis.roles import assign_roles, layer_index
+from fxprefetch.passes.analysis.sizing import prefetch_bytes
+from fxprefetch.passes.analysis.token_bounds import TokenCheck, TokenDecision, count_node, decide
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.analysis.window_cost import window_traffic
+from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 from fxprefetch.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
-from passes.collectives import has_sequence_parallel_collectives
-from passes.graph_utils import finalize, op_name, prefetch_nodes, tensor_value
-from passes.hidden_weights import HiddenWeight, HiddenWeightSource
-from passes.linears import LinearUse, find_linears
-from passes.roles import assign_roles, layer_index
-from passes.rules import PrefetchRules, current_rules
-from passes.sizing import prefetch_bytes
-from passes.token_bounds import TokenCheck, TokenDecision, count_node, decide
-from passes.weight_sources import WeightSources
-from passes.window_cost import window_traffic
-from passes.windows import Window, attention_matmuls, find_window
 
 logger = logging.getLogger("fxprefetch")
 
@@ -76,7 +76,7 @@ def run_weight_prefetch(
     backend fills it from dynamo's sources), as a mapping or a :class:`WeightSources` that
     also says which placeholders nobody can tell about; None means nothing is known, and no
     placeholder is taken for a weight (their linears are skipped, saying so). ``rules``
-    defaults to :func:`passes.rules.current_rules`. ``recompile=False`` leaves regenerating
+    defaults to :func:`tables.rules.current_rules`. ``recompile=False`` leaves regenerating
     ``gm.code`` to the caller (inductor does it after its passes).
     ``device_caps``: device type -> byte cap, for weights on that device when the config
     writes no ``max_prefetch_bytes``. ``device_profiles``: device type -> the profile of the

@@ -11,7 +11,7 @@ Two ways to know:
   subclass (``SubclassGetAttrAOTInput``); dynamo's sources say which inputs are parameters
   or buffers (:func:`aot_weight_sources`);
 - a higher-order op's body: its placeholders take the operands passed at the call sites
-  (:mod:`passes.subgraphs` maps them).
+  (:mod:`analysis.subgraphs` maps them).
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.graph_utils import tensor_value
-from passes.weight_sources import WeightSources
-from passes.weight_trace import known_int, trace_operand
+from fxprefetch.passes.analysis.graph_utils import tensor_value
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.analysis.weight_trace import known_int, trace_operand
 
 _CARRIED = "a while_loop's carried value changes at each iteration"
 
