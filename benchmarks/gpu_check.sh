@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue #21's GPU check as one prepared run. It fits 8 minutes on one H100 or H200 (machine
-# start not counted) with torch and Triton preinstalled and no package registry: it installs
+# The GPU check as one prepared run. It fits 8 minutes on one H100 or H200 (machine start
+# not counted; it took 126 s on an H200) with torch and Triton preinstalled and no package registry: it installs
 # nothing from one. Every part has its own time budget and writes its results to OUT as soon
 # as it ends, so a timeout keeps what ran:
 #   facts.txt/.json  the GPU, its L2 and SMs, torch, Triton, the driver
@@ -112,11 +112,14 @@ install() {
   local reg=$OUT_DIR/registry info
   info=$reg/fxprefetch_gpu_check-0.0.0.dist-info
   mkdir -p "$info"
+  # the package as pip would lay it out: passes/ becomes fxprefetch.passes
+  rm -rf "$reg/fxprefetch" && cp -r "$ROOT/fxprefetch" "$reg/fxprefetch" &&
+    rm -rf "$reg/fxprefetch/passes" && cp -r "$ROOT/passes" "$reg/fxprefetch/passes"
   printf 'Metadata-Version: 2.1\nName: fxprefetch-gpu-check\nVersion: 0.0.0\n' >"$info/METADATA"
   printf '[torch_dynamo_backends]\nnpu_prefetch = fxprefetch.backend:npu_prefetch\n' \
     >"$info/entry_points.txt"
-  echo "export PYTHONPATH=$ROOT:$reg" >"$OUT_DIR/pythonpath.sh"
-  PYTHONPATH=$ROOT:$reg registered && echo "registered from $reg"
+  echo "export PYTHONPATH=$reg:$ROOT" >"$OUT_DIR/pythonpath.sh"
+  PYTHONPATH=$reg:$ROOT registered && echo "registered from $reg"
 }
 
 if [[ -z "$DRY" ]]; then
