@@ -1,11 +1,11 @@
-"""What runs on each post-autograd aten graph, in order, per target.
+"""The driver: what runs on each post-autograd aten graph, in order, per target.
 
 ::
 
-    npu:      plan_prefetches -> lower_to_npu_prefetch                    -> clean-up
-    inductor: plan_prefetches -> lower_native_prefetches -> relax_dependencies
-              -> elide_hint_prefetches -> insert_prefetch_joins              -> clean-up
-    eager:    plan_prefetches                                             -> clean-up
+    npu:      plan_prefetches -> lower_npu                                   -> clean-up
+    inductor: plan_prefetches -> lower_native -> relax_dependencies
+              -> elide_hints -> insert_joins                                 -> clean-up
+    eager:    plan_prefetches                                                -> clean-up
 
 The bodies of higher-order ops (``torch.cond`` branches, nested compile regions) are graphs
 of their own: :class:`fxprefetch.planner.GraphPlanner` runs the pipeline on each, with the
@@ -16,156 +16,70 @@ they fork onto a side stream). Run-time-checked (``prefetch_in_range``) and by-n
 (``fxprefetch.vllm_moe``) prefetches stay as they are: their kernels prefetch on the compute
 stream, so they need no join, and they stay in the code, counting what really runs.
 
-Every pass has one signature, ``(gm, ctx) -> PassResult``: it takes the graph and a
-:class:`PassContext` (everything it may read) and says what it changed. The clean-up lints
-the graph and regenerates its code where the target needs it (inductor does that itself).
+Every pass keeps one contract (:mod:`fxprefetch.passes.contract`): ``(gm, ctx) -> PassResult``,
+with the passes it requires before it and those it conflicts with, which :func:`run_passes`
+checks once per sequence. Passes never lint nor regenerate code: the driver lints after each
+pass that changed the graph, checks the invariants after every pass where
+``FXPREFETCH_CHECK_INVARIANTS=1`` (:mod:`fxprefetch.passes.invariants`), and regenerates the
+code at the end where the target needs it (inductor does that itself).
 :func:`run_pipeline` returns a :class:`CompileReport`, which flows forward to whoever needs
 it: the plan registry behind ``last_plans()``, and the stats wrapping of the compiled graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
-from fxprefetch.config import TokenRange, WeightPrefetchConfig
-from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP, prepare_native
-from fxprefetch.passes.analysis.graph_utils import prefetch_nodes, tensor_value
-from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
-from fxprefetch.passes.analysis.weight_sources import WeightSources
-from fxprefetch.passes.elide_hints import elide_hint_prefetches, keep_hints_in_code
-from fxprefetch.passes.insert_joins import insert_prefetch_joins
-from fxprefetch.passes.lower_native import lower_native_prefetches, partition_points
-from fxprefetch.passes.lower_npu import lower_prefetch_to_npu
-from fxprefetch.passes.plan_prefetches import META_KEY, run_weight_prefetch
-from fxprefetch.passes.relax_dependencies import relax_prefetch_dependencies
-from fxprefetch.passes.tables.rules import PrefetchRules
+from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
+from fxprefetch.passes.elide_hints import elide_hints
+from fxprefetch.passes.insert_joins import insert_joins
+from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
+from fxprefetch.passes.lower_native import lower_native
+from fxprefetch.passes.lower_npu import lower_npu
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.plan import PrefetchPlan
-from fxprefetch.prediction import DeviceProfile
+
+__all__ = [
+    "EAGER_PASSES",
+    "INDUCTOR_PASSES",
+    "NPU_PASSES",
+    "PIPELINES",
+    "RECOMPILES",
+    "TARGETS",
+    "CompileReport",
+    "GraphPass",
+    "PassContext",
+    "PassResult",
+    "describe_lowering",
+    "run_passes",
+    "run_pipeline",
+]
 
 TARGETS = ("npu", "inductor", "eager")
 
-
-@dataclass(frozen=True)
-class PassContext:
-    """Everything a pass may read."""
-
-    config: WeightPrefetchConfig
-    rules: PrefetchRules
-    graph_name: str
-    # placeholders that are parameters/buffers (None: nothing is known, none is taken)
-    weight_names: WeightSources | Mapping[str, str] | None = None
-    native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
-    join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
-    device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
-    native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
-    cache_hint: str = "none"  # the L2 cache hint of prefetch_native
-    lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
-    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
-    device_profiles: Mapping[str, DeviceProfile] | None = None
-    split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
-    runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
-    hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
-    graph_tokens: TokenRange | None = None  # token counts the graph is compiled for
-    # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
-    # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
-    npu_graph_engine: bool = False
-
-
-@dataclass(frozen=True)
-class PassResult:
-    """What one pass changed: ``changed`` nodes inserted, retargeted or removed."""
-
-    name: str
-    changed: int
-    plan: PrefetchPlan | None = None
-
-
-GraphPass = Callable[[GraphModule, PassContext], PassResult]
-
-
-def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """The planning pass: insert ``fxprefetch.prefetch`` nodes, return the plan."""
-    plan = run_weight_prefetch(
-        gm,
-        ctx.config,
-        weight_names=ctx.weight_names,
-        rules=ctx.rules,
-        graph_name=ctx.graph_name,
-        device_caps=ctx.device_caps,
-        device_profiles=ctx.device_profiles,
-        split_at_attention=ctx.split_at_attention,
-        recompile=False,
-        hidden_weights=ctx.hidden_weights,
-        graph_tokens=ctx.graph_tokens,
-    )
-    return PassResult("plan_prefetches", len(plan.prefetched), plan)
-
-
-def lower_to_npu_prefetch(gm: GraphModule, ctx: PassContext) -> PassResult:
-    lowered = lower_prefetch_to_npu(gm, recompile=False, graph_engine=ctx.npu_graph_engine)
-    return PassResult("lower_to_npu_prefetch", lowered)
-
-
-def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
-    devices = ctx.native_l2 & ctx.native_devices
-    joins = {d for d in ctx.join_devices if d in devices and not partition_points(gm, d)}
-    lowered = lower_native_prefetches(gm, devices, joins, ctx.cache_hint, recompile=False)
-    used = {
-        n.args[0].meta["val"].device
-        for n in gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
-    }
-    used |= _compute_stream_devices(gm, devices)
-    for device in sorted(used, key=str):  # kernels compiled, streams made: before any capture
-        prepare_native(device)
-    return PassResult("lower_native_prefetches", lowered)
-
-
-def _compute_stream_devices(gm: GraphModule, l2_devices: frozenset[str]) -> set[torch.device]:
-    """Devices in ``l2_devices`` of the prefetches left unlowered (run-time-checked, by name):
-    their kernels launch the native prefetch on the compute stream, also inside a capture."""
-    found: set[torch.device] = set()
-    for node in prefetch_nodes(gm.graph):
-        if node.target in (PREFETCH_OP, NATIVE_OP, HINT_OP):
-            continue
-        weight = node.args[0] if node.args else None
-        value = tensor_value(weight) if isinstance(weight, Node) else None
-        if value is not None:
-            device = value.device
-        else:  # a weight found by name: the device type the pass recorded
-            recorded = (node.meta.get(META_KEY) or {}).get("device")
-            device = torch.device(recorded) if recorded is not None else None
-        if device is not None and device.type in l2_devices:
-            found.add(device)
-    return found
-
-
-def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
-    return PassResult("relax_dependencies", relax_prefetch_dependencies(gm, recompile=False))
-
-
-def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.runs is None:  # runs only on some calls: its hints count themselves when they run
-        kept = keep_hints_in_code(gm, ctx.native_devices, recompile=False)
-        return PassResult("keep_hints_in_code", kept)
-    removed = elide_hint_prefetches(gm, ctx.native_devices, recompile=False)
-    return PassResult("elide_hint_prefetches", removed)
-
-
-def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
-    return PassResult("insert_prefetch_joins", insert_prefetch_joins(gm, recompile=False))
-
+NPU_PASSES: tuple[GraphPass, ...] = (plan_prefetches, lower_npu)
+INDUCTOR_PASSES: tuple[GraphPass, ...] = (
+    plan_prefetches,
+    lower_native,
+    relax_dependencies,
+    elide_hints,
+    insert_joins,
+)
+EAGER_PASSES: tuple[GraphPass, ...] = (plan_prefetches,)
 
 PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
-    "npu": (plan_prefetches, lower_to_npu_prefetch),
-    "inductor": (plan_prefetches, lower_native, relax_dependencies, elide_hints, insert_joins),
-    "eager": (plan_prefetches,),
+    "npu": NPU_PASSES,
+    "inductor": INDUCTOR_PASSES,
+    "eager": EAGER_PASSES,
 }
 # inductor regenerates the code after its post-grad passes; the others run gm.forward
 RECOMPILES: Mapping[str, bool] = {"npu": True, "inductor": False, "eager": True}
+
+_ordered: set[tuple[GraphPass, ...]] = set()  # sequences check_order accepted
 
 
 @dataclass(frozen=True)
@@ -202,15 +116,37 @@ class CompileReport:
         return self.changed("elide_hint_prefetches") > 0
 
 
+def run_passes(
+    gm: GraphModule, passes: Sequence[GraphPass], ctx: PassContext
+) -> tuple[PassResult, ...]:
+    """Run ``passes`` in order on ``gm`` (in place): their order checked (once per sequence),
+    the graph linted after each that changed it, the invariants checked after each where
+    enabled. Leaves ``gm.code`` to the caller."""
+    passes = tuple(passes)
+    if passes not in _ordered:
+        check_order(passes)
+        _ordered.add(passes)
+    checking = invariants_enabled()
+    given = hand_placed(gm.graph) if checking else frozenset()
+    results = []
+    for i, graph_pass in enumerate(passes):
+        result = graph_pass(gm, ctx)
+        if result.changed:
+            gm.graph.lint()
+        if checking:
+            ran = [p.name for p in passes[: i + 1]]
+            check_invariants(gm, ctx, graph_pass.name, ran=ran, given=given)
+        results.append(result)
+    return tuple(results)
+
+
 def run_pipeline(gm: GraphModule, target: str, ctx: PassContext) -> CompileReport:
     """Run the target's passes in order on ``gm`` (in place), then the clean-up."""
     if target not in PIPELINES:
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-    results = tuple(graph_pass(gm, ctx) for graph_pass in PIPELINES[target])
-    if any(r.changed for r in results):
-        gm.graph.lint()
-        if RECOMPILES[target]:
-            gm.recompile()
+    results = run_passes(gm, PIPELINES[target], ctx)
+    if RECOMPILES[target] and any(r.changed for r in results):
+        gm.recompile()
     report = CompileReport(target, results, ctx.runs)
     report.plan.lowering = describe_lowering(report, ctx)
     return report

@@ -23,6 +23,7 @@ from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
+from fxprefetch.passes.invariants import InvariantError
 from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
@@ -186,6 +187,8 @@ class GraphPlanner:
                 )
                 for g, name, src, runs, run_names in graphs
             ]
+        except InvariantError:
+            raise  # a pass broke the graph (checked in tests): a bug, never a fallback
         except Exception as exc:
             if self.strict:
                 raise PrefetchPassError(

@@ -9,7 +9,7 @@ execution: the backend counts them as planned hints at the graph call instead
 
 A body that runs a number of times known only at run time (a ``torch.cond`` branch, a loop
 body) cannot be counted at the graph call: there each hint-only prefetch becomes
-``fxprefetch.prefetch_hint`` instead (:func:`keep_hints_in_code`), whose kernel counts one
+``fxprefetch.prefetch_hint`` instead, whose kernel counts one
 planned hint each time it runs.
 
 A graph with a prefetch whose run is decided at run time (token bounds on a symbolic token
@@ -25,8 +25,9 @@ from collections.abc import Collection
 from torch.fx import GraphModule
 
 from fxprefetch.ops import HINT_OP, PREFETCH_OP
-from fxprefetch.passes.analysis.graph_utils import finalize, prefetch_nodes
-from fxprefetch.passes.strip_prefetch import strip_prefetch
+from fxprefetch.passes.analysis.graph_utils import prefetch_nodes
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
+from fxprefetch.passes.strip_prefetch import remove_prefetches
 
 
 def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
@@ -42,22 +43,18 @@ def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
     return bool(devices) and not devices & set(native_devices)
 
 
-def elide_hint_prefetches(
-    gm: GraphModule, native_devices: Collection[str], recompile: bool = True
-) -> int:
-    """Remove the prefetches of ``gm`` if they are all hint-only; returns how many."""
-    return strip_prefetch(gm, recompile) if hint_only(gm, native_devices) else 0
-
-
-def keep_hints_in_code(
-    gm: GraphModule, native_devices: Collection[str], recompile: bool = True
-) -> int:
-    """Turn the prefetches of ``gm``, if all hint-only, into ``fxprefetch.prefetch_hint``
-    calls that count themselves when they run; returns how many."""
-    if not hint_only(gm, native_devices):
-        return 0
+@graph_pass(requires=("plan_prefetches",))
+def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.native_devices``):
+    remove them all, or where the graph runs a varying number of times (``ctx.runs`` None)
+    turn them into ``fxprefetch.prefetch_hint`` calls that count themselves when they run."""
+    counted_per_call = ctx.runs is not None  # else its hints count themselves when they run
+    name = "elide_hint_prefetches" if counted_per_call else "keep_hints_in_code"
+    if not hint_only(gm, ctx.native_devices):
+        return PassResult(name, 0)
+    if counted_per_call:
+        return PassResult(name, remove_prefetches(gm))
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     for node in nodes:
         node.target = HINT_OP
-    finalize(gm, recompile)
-    return len(nodes)
+    return PassResult(name, len(nodes))

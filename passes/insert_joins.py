@@ -19,9 +19,10 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
-from fxprefetch.passes.analysis.graph_utils import finalize, tensor_value
+from fxprefetch.passes.analysis.graph_utils import tensor_value
+from fxprefetch.passes.analysis.prefetch_meta import JoinMeta, join_meta, prefetch_meta, set_meta
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.lower_native import graph_owned
-from fxprefetch.passes.plan_prefetches import META_KEY
 
 
 def _only_views_of(node: Node, weight: Node) -> bool:
@@ -43,19 +44,22 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
     ]
 
 
-def insert_prefetch_joins(gm: GraphModule, recompile: bool = True) -> int:
+@graph_pass(requires=("lower_native",))
+def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Insert a join before the linear of every side-stream ``prefetch_native`` node."""
     by_name = {n.name: n for n in gm.graph.nodes}
     joined = {
-        (n.meta.get(META_KEY) or {}).get("joins")
+        meta.joins
         for n in gm.graph.find_nodes(op="call_function", target=JOIN_OP)
+        if (meta := join_meta(n)) is not None
     }
     count = 0
     for node in list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP)):
         weight, order, *_, stream, _hint = node.args
         if stream != "side" or node.name in joined:
             continue
-        linear = by_name.get((node.meta.get(META_KEY) or {}).get("linear", ""))
+        meta = prefetch_meta(node)
+        linear = by_name.get(meta.linear) if meta is not None else None
         if linear is None:
             raise ValueError(f"{node.name}: a side-stream prefetch needs its linear to join")
         token = order[0]
@@ -63,8 +67,6 @@ def insert_prefetch_joins(gm: GraphModule, recompile: bool = True) -> int:
         with gm.graph.inserting_before(linear):
             join = gm.graph.call_function(JOIN_OP, (weight, [token, *after]))
         join.meta["val"] = None
-        join.meta[META_KEY] = {"joins": node.name, "linear": linear.name}
+        set_meta(join, JoinMeta(joins=node.name, linear=linear.name))
         count += 1
-    if count:
-        finalize(gm, recompile)
-    return count
+    return PassResult("insert_prefetch_joins", count)

@@ -25,15 +25,15 @@ pass (like ``relax_dependencies`` for hints), so no buffer is materialized for i
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from fxprefetch.ops import NATIVE_OP, PREFETCH_OP
-from fxprefetch.passes.analysis.graph_utils import finalize, tensor_value
-from fxprefetch.passes.plan_prefetches import META_KEY
-
-TOKEN_KEY = "token_of"  # meta[META_KEY] of a token: the name of its prefetch
+from fxprefetch.ops import HINT_OP, NATIVE_OP, PREFETCH_OP, prepare_native
+from fxprefetch.passes.analysis.graph_utils import prefetch_nodes, tensor_value
+from fxprefetch.passes.analysis.prefetch_meta import TokenMeta, prefetch_meta, set_meta
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 
 
 def graph_owned(node: Node | None) -> bool:
@@ -117,16 +117,31 @@ def new_token(graph: Graph, weight: Node, before: Node) -> Node:
     return token
 
 
-def lower_native_prefetches(
-    gm: GraphModule,
-    l2_devices: Collection[str],
-    join_devices: Collection[str],
-    cache_hint: str = "none",
-    recompile: bool = True,
+@graph_pass(requires=("plan_prefetches",), conflicts=("relax_dependencies",))
+def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Retarget each plain prefetch on a device in ``ctx.native_l2`` (and
+    ``ctx.native_devices``) to ``fxprefetch.prefetch_native``: on the side stream where the
+    device is in ``ctx.join_devices`` and the graph has no :func:`partition_points`, else on
+    the compute stream. Then make the native kernels ready (compiled, streams made) for every
+    device they run on, before any capture."""
+    devices = ctx.native_l2 & ctx.native_devices
+    joins = {d for d in ctx.join_devices if d in devices and not partition_points(gm, d)}
+    lowered = _lower(gm.graph, devices, joins, ctx.cache_hint)
+    used = {
+        n.args[0].meta["val"].device
+        for n in gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
+    }
+    used |= _compute_stream_devices(gm, devices)
+    for device in sorted(used, key=str):
+        prepare_native(device)
+    return PassResult("lower_native_prefetches", lowered)
+
+
+def _lower(
+    graph: Graph, l2_devices: Collection[str], join_devices: Collection[str], cache_hint: str
 ) -> int:
     """Retarget each prefetch on a device in ``l2_devices``; the side stream where the device
     is in ``join_devices``, else the compute stream. Returns how many were lowered."""
-    graph = gm.graph
     count = 0
 
     for node in list(graph.find_nodes(op="call_function", target=PREFETCH_OP)):
@@ -145,10 +160,30 @@ def lower_native_prefetches(
             order.append(dependency)
         node.target = NATIVE_OP  # in place: the plan names this node
         node.args = (weight, order, max_size, offset, stream, cache_hint)
-        node.meta[META_KEY] = {**node.meta.get(META_KEY, {}), "stream": stream}
+        meta = prefetch_meta(node)
+        if meta is not None:  # a prefetch placed by hand has no record to complete
+            set_meta(node, replace(meta, stream=stream))
         if stream == "side":
-            order[0].meta[META_KEY] = {TOKEN_KEY: node.name}
+            set_meta(order[0], TokenMeta(token_of=node.name))
         count += 1
-    if count:
-        finalize(gm, recompile)
     return count
+
+
+def _compute_stream_devices(gm: GraphModule, l2_devices: frozenset[str]) -> set[torch.device]:
+    """Devices in ``l2_devices`` of the prefetches left unlowered (run-time-checked, by name):
+    their kernels launch the native prefetch on the compute stream, also inside a capture."""
+    found: set[torch.device] = set()
+    for node in prefetch_nodes(gm.graph):
+        if node.target in (PREFETCH_OP, NATIVE_OP, HINT_OP):
+            continue
+        weight = node.args[0] if node.args else None
+        value = tensor_value(weight) if isinstance(weight, Node) else None
+        if value is not None:
+            device = value.device
+        else:  # a weight found by name: the device type the pass recorded
+            meta = prefetch_meta(node)
+            recorded = meta.device if meta is not None else None
+            device = torch.device(recorded) if recorded is not None else None
+        if device is not None and device.type in l2_devices:
+            found.add(device)
+    return found

@@ -11,7 +11,8 @@ import torch
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS
-from fxprefetch.passes.analysis.graph_utils import finalize, get_arg
+from fxprefetch.passes.analysis.graph_utils import get_arg
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 
 
 class NpuLoweringError(RuntimeError):
@@ -29,10 +30,17 @@ def npu_prefetch_op() -> torch._ops.OpOverload:
         ) from exc
 
 
-def lower_prefetch_to_npu(
-    gm: GraphModule, recompile: bool = True, graph_engine: bool = False
-) -> int:
+@graph_pass(requires=("plan_prefetches",), conflicts=("relax_dependencies",))
+def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """The npu lowering pass: :func:`lower_prefetch_to_npu`, for a GE graph where
+    ``ctx.npu_graph_engine``. It needs the dependencies relaxing drops."""
+    lowered = lower_prefetch_to_npu(gm, graph_engine=ctx.npu_graph_engine)
+    return PassResult("lower_to_npu_prefetch", lowered)
+
+
+def lower_prefetch_to_npu(gm: GraphModule, graph_engine: bool = False) -> int:
     """Retarget every ``fxprefetch.prefetch`` node to ``npu.npu_prefetch``; returns the count.
+    Neither lints nor regenerates ``gm.code`` (the pipeline's driver does).
 
     All or nothing: every node is checked before any is changed, so a refusal leaves the graph
     as it was (for the caller to strip). ``graph_engine``: the graph becomes a GE graph, where
@@ -61,6 +69,4 @@ def lower_prefetch_to_npu(
             )
     for node in nodes:
         node.target = target
-    if nodes:
-        finalize(gm, recompile)
     return len(nodes)

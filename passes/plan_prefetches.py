@@ -29,66 +29,55 @@ from torch.fx import Graph, GraphModule, Node
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
-from fxprefetch.passes.analysis.graph_utils import finalize, op_name, prefetch_nodes, tensor_value
+from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight, HiddenWeightSource
 from fxprefetch.passes.analysis.linears import LinearUse, find_linears
+from fxprefetch.passes.analysis.prefetch_meta import PrefetchMeta, prefetch_meta, set_meta
 from fxprefetch.passes.analysis.roles import assign_roles, layer_index
 from fxprefetch.passes.analysis.sizing import prefetch_bytes
 from fxprefetch.passes.analysis.token_bounds import TokenCheck, TokenDecision, count_node, decide
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.window_cost import window_traffic
 from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 from fxprefetch.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
 
 logger = logging.getLogger("fxprefetch")
 
-META_KEY = "fxprefetch"
-
 
 def _existing_prefetches(graph: Graph) -> set[str]:
     done: set[str] = set()
     for node in prefetch_nodes(graph):  # every prefetch op, the lowered ones too
-        meta = node.meta.get(META_KEY) or {}
-        if "linear" in meta:
-            done.add(meta["linear"])
+        meta = prefetch_meta(node)
+        if meta is not None:
+            done.add(meta.linear)
     return done
 
 
-def run_weight_prefetch(
-    gm: GraphModule,
-    config: WeightPrefetchConfig,
-    *,
-    weight_names: WeightSources | Mapping[str, str] | None = None,
-    rules: PrefetchRules | None = None,
-    graph_name: str = "graph",
-    device_caps: Mapping[str, int] | None = None,
-    device_profiles: Mapping[str, DeviceProfile] | None = None,
-    split_at_attention: bool = False,
-    recompile: bool = True,
-    hidden_weights: HiddenWeightSource | None = None,
-    graph_tokens: TokenRange | None = None,
-) -> PrefetchPlan:
-    """Insert prefetches into ``gm`` in place and return the plan of what was done.
+@graph_pass()
+def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """The planning pass: insert prefetches into ``gm`` in place; the result holds the plan.
 
-    ``weight_names`` maps the placeholders that are parameters or buffers to their paths (the
-    backend fills it from dynamo's sources), as a mapping or a :class:`WeightSources` that
-    also says which placeholders nobody can tell about; None means nothing is known, and no
-    placeholder is taken for a weight (their linears are skipped, saying so). ``rules``
-    defaults to :func:`tables.rules.current_rules`. ``recompile=False`` leaves regenerating
-    ``gm.code`` to the caller (inductor does it after its passes).
-    ``device_caps``: device type -> byte cap, for weights on that device when the config
-    writes no ``max_prefetch_bytes``. ``device_profiles``: device type -> the profile of the
-    device the weights run on (``fxprefetch.prediction``): it decides the window policy (on
-    a GPU, ``mlp.down`` is an ordinary vector window and attention is a window), sizes
-    ``"auto"`` prefetches and predicts each saving. ``split_at_attention``: the caller splits
-    graphs at attention (vLLM), so attention windows are off whatever the config says.
-    ``hidden_weights`` finds the weights of fused ops that look them up by name (else those
-    are recorded as hidden). ``graph_tokens``: the token counts this graph is compiled for
-    (vLLM's compile range), narrowing a symbolic count.
+    Reads from ``ctx``: ``weight_names`` (the placeholders that are parameters or buffers,
+    with their paths, as a mapping or a :class:`WeightSources` that also says which
+    placeholders nobody can tell about; None: nothing is known, and no placeholder is taken
+    for a weight, their linears are skipped, saying so); ``device_caps`` (device type -> byte
+    cap, for weights on that device when the config writes no ``max_prefetch_bytes``);
+    ``device_profiles`` (device type -> the profile of the device the weights run on: it
+    decides the window policy, on a GPU ``mlp.down`` is an ordinary vector window and
+    attention is a window, sizes ``"auto"`` prefetches and predicts each saving);
+    ``split_at_attention`` (the caller splits graphs at attention, as vLLM does, so
+    attention windows are off whatever the config says); ``hidden_weights`` (finds the
+    weights of fused ops that look them up by name, else those are recorded as hidden);
+    ``graph_tokens`` (the token counts this graph is compiled for, vLLM's compile range,
+    narrowing a symbolic count).
     """
-    rules = rules if rules is not None else current_rules()
+    config, rules, graph_name = ctx.config, ctx.rules, ctx.graph_name
+    weight_names, device_caps = ctx.weight_names, ctx.device_caps
+    device_profiles, split_at_attention = ctx.device_profiles, ctx.split_at_attention
+    hidden_weights, graph_tokens = ctx.hidden_weights, ctx.graph_tokens
     graph = gm.graph
     index = {node: i for i, node in enumerate(graph.nodes)}
     sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(index, rules)
@@ -231,10 +220,47 @@ def run_weight_prefetch(
             why,
             ", ".join(linears),
         )
-    if inserts:
-        finalize(gm, recompile)
     logger.info("%s", plan.summary_line())
-    return plan
+    return PassResult("plan_prefetches", len(plan.prefetched), plan)
+
+
+def run_weight_prefetch(
+    gm: GraphModule,
+    config: WeightPrefetchConfig,
+    *,
+    weight_names: WeightSources | Mapping[str, str] | None = None,
+    rules: PrefetchRules | None = None,
+    graph_name: str = "graph",
+    device_caps: Mapping[str, int] | None = None,
+    device_profiles: Mapping[str, DeviceProfile] | None = None,
+    split_at_attention: bool = False,
+    recompile: bool = True,
+    hidden_weights: HiddenWeightSource | None = None,
+    graph_tokens: TokenRange | None = None,
+) -> PrefetchPlan:
+    """A convenience, not a pass: run :func:`plan_prefetches` alone on ``gm`` and return the
+    plan, then lint the graph and (``recompile``) regenerate ``gm.code`` as the pipeline's
+    driver would. The arguments are :class:`PassContext`'s fields; ``rules`` defaults to
+    :func:`tables.rules.current_rules`.
+    """
+    ctx = PassContext(
+        config=config,
+        rules=rules if rules is not None else current_rules(),
+        graph_name=graph_name,
+        weight_names=weight_names,
+        device_caps=device_caps,
+        device_profiles=device_profiles,
+        split_at_attention=split_at_attention,
+        hidden_weights=hidden_weights,
+        graph_tokens=graph_tokens,
+    )
+    result = plan_prefetches(gm, ctx)
+    if result.changed:
+        gm.graph.lint()
+        if recompile:
+            gm.recompile()
+    assert result.plan is not None
+    return result.plan
 
 
 def _find_hidden(
@@ -366,13 +392,14 @@ def _insert_prefetch(
     with graph.inserting_after(anchor):
         node = graph.call_function(target, args)
     node.meta["val"] = None
-    node.meta[META_KEY] = {
-        "linear": use.node.name,
-        "role": use.role,
-        "max_size": size,
-        "window": window.kind,
-        "device": hidden.device if hidden is not None else _device_type(root),
-    }
+    meta = PrefetchMeta(
+        linear=use.node.name,
+        role=use.role,
+        max_size=size,
+        window=window.kind,
+        device=hidden.device if hidden is not None else _device_type(root),
+    )
+    set_meta(node, meta)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in use.node.meta:
             node.meta[key] = use.node.meta[key]

@@ -12,20 +12,20 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
-from fxprefetch.passes.analysis.graph_utils import finalize, get_arg, prefetch_nodes, set_arg
+from fxprefetch.passes.analysis.graph_utils import get_arg, prefetch_nodes, set_arg
+from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 
 # prefetches whose weight is a graph tensor; a by-name prefetch keeps its dependency, its only
 # tensor argument (the op is dispatched on it)
 RELAXED = (PREFETCH_OP, RANGE_OP)
 
 
-def relax_prefetch_dependencies(gm: GraphModule, recompile: bool = True) -> int:
-    """Set the dependency of every prefetch of a graph tensor to None; returns the count."""
+@graph_pass(requires=("plan_prefetches",))
+def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Set the dependency of every prefetch of a graph tensor to None; counts them."""
     count = 0
     for node in prefetch_nodes(gm.graph):
         if node.target in RELAXED and get_arg(node, "dependency") is not None:
             set_arg(node, "dependency", None)
             count += 1
-    if count:
-        finalize(gm, recompile)
-    return count
+    return PassResult("relax_dependencies", count)

@@ -5,15 +5,32 @@ from __future__ import annotations
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
-from fxprefetch.passes.analysis.graph_utils import finalize, flatten_nodes, get_arg, prefetch_nodes
-from fxprefetch.passes.plan_prefetches import META_KEY
+from fxprefetch.passes.analysis.graph_utils import flatten_nodes, get_arg, prefetch_nodes
+from fxprefetch.passes.analysis.prefetch_meta import token_meta
 
 
 def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:
+    """Undo the passes (not a pass: the planner calls it when the pipeline fails): erase every
+    prefetch of ``gm`` (:func:`remove_prefetches`), then lint the graph and, where
+    ``recompile``, regenerate ``gm.code``; returns how many prefetches were removed."""
+    removed, others = _strip(gm.graph)
+    if removed or others:
+        gm.graph.lint()
+        if recompile:
+            gm.recompile()
+    return removed
+
+
+def remove_prefetches(gm: GraphModule) -> int:
     """Erase every prefetch of ``gm`` (every op of ``fxprefetch.ops.PREFETCH_OPS``: the plain,
     hint, run-time-checked and by-name prefetches, the native lowering with its joins and
-    tokens), and the token counts only they read; returns how many prefetches were removed."""
-    graph = gm.graph
+    tokens), and the token counts only they read; returns how many prefetches were removed.
+    Neither lints nor regenerates ``gm.code``."""
+    return _strip(gm.graph)[0]
+
+
+def _strip(graph: Graph) -> tuple[int, int]:
+    """Erase the prefetches and what only they read: (prefetches, other nodes) erased."""
     for join in list(graph.find_nodes(op="call_function", target=JOIN_OP)):
         graph.erase_node(join)
     nodes = prefetch_nodes(graph)
@@ -25,10 +42,7 @@ def strip_prefetch(gm: GraphModule, recompile: bool = True) -> int:
             made += flatten_nodes(get_arg(node, "tokens"))
     for node in nodes:
         graph.erase_node(node)
-    removed = _erase_unused(graph, made)
-    if nodes or removed:
-        finalize(gm, recompile)
-    return len(nodes)
+    return len(nodes), _erase_unused(graph, made)
 
 
 def _erase_unused(graph: Graph, made: list[Node]) -> int:
@@ -48,4 +62,4 @@ def _erase_unused(graph: Graph, made: list[Node]) -> int:
 
 
 def _is_token(node: object) -> bool:
-    return "token_of" in (getattr(node, "meta", {}).get(META_KEY) or {})
+    return token_meta(node) is not None

@@ -1,0 +1,113 @@
+"""The contract every graph pass keeps.
+
+A pass is a function ``(gm, ctx) -> PassResult``: it reads the graph and a
+:class:`PassContext` (everything it may read), changes the graph in place and says how much
+it changed. It never lints nor regenerates ``gm.code``: the driver (``fxprefetch.pipeline``)
+does both once, where needed. :func:`graph_pass` turns such a function into a
+:class:`GraphPass` that declares which passes must have run before it (``requires``) and
+which must not have (``conflicts``); :func:`check_order` checks a sequence of passes
+against those declarations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
+from fxprefetch.passes.analysis.weight_sources import WeightSources
+from fxprefetch.passes.tables.rules import PrefetchRules
+from fxprefetch.plan import PrefetchPlan
+from fxprefetch.prediction import DeviceProfile
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """Everything a pass may read."""
+
+    config: WeightPrefetchConfig
+    rules: PrefetchRules
+    graph_name: str
+    # placeholders that are parameters/buffers (None: nothing is known, none is taken)
+    weight_names: WeightSources | Mapping[str, str] | None = None
+    native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
+    join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
+    device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
+    native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
+    cache_hint: str = "none"  # the L2 cache hint of prefetch_native
+    lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
+    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
+    device_profiles: Mapping[str, DeviceProfile] | None = None
+    split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
+    runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
+    hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
+    graph_tokens: TokenRange | None = None  # token counts the graph is compiled for
+    # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
+    # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
+    npu_graph_engine: bool = False
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass changed: ``changed`` nodes inserted, retargeted or removed."""
+
+    name: str
+    changed: int
+    plan: PrefetchPlan | None = None
+
+
+PassFunction = Callable[[GraphModule, PassContext], PassResult]
+
+
+class PipelineOrderError(ValueError):
+    """A pipeline runs a pass before one it requires, or after one it conflicts with."""
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    """A pass with its declarations: ``requires`` must all have run earlier in the pipeline,
+    ``conflicts`` must none of them have."""
+
+    name: str
+    run: PassFunction
+    requires: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        return self.run(gm, ctx)
+
+
+def graph_pass(
+    *, requires: Sequence[str] = (), conflicts: Sequence[str] = (), name: str | None = None
+) -> Callable[[PassFunction], GraphPass]:
+    """Declare a function ``(gm, ctx) -> PassResult`` a pass (named after the function)."""
+
+    def declare(run: PassFunction) -> GraphPass:
+        graph_pass = GraphPass(name or run.__name__, run, tuple(requires), tuple(conflicts))
+        object.__setattr__(graph_pass, "__doc__", run.__doc__)
+        return graph_pass
+
+    return declare
+
+
+def check_order(passes: Sequence[GraphPass]) -> None:
+    """Raise :class:`PipelineOrderError` unless each pass comes after every pass it requires
+    and after none it conflicts with."""
+    ran: list[str] = []
+    for graph_pass in passes:
+        missing = [r for r in graph_pass.requires if r not in ran]
+        if missing:
+            raise PipelineOrderError(
+                f"pass {graph_pass.name!r} requires {missing[0]!r} to run before it "
+                f"(order: {', '.join(p.name for p in passes)})"
+            )
+        clashing = [c for c in graph_pass.conflicts if c in ran]
+        if clashing:
+            raise PipelineOrderError(
+                f"pass {graph_pass.name!r} cannot run after {clashing[0]!r} "
+                f"(order: {', '.join(p.name for p in passes)})"
+            )
+        ran.append(graph_pass.name)

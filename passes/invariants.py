@@ -1,0 +1,138 @@
+"""What holds after every pass, checked where ``FXPREFETCH_CHECK_INVARIANTS=1``.
+
+The driver (``fxprefetch.pipeline``) calls :func:`check_invariants` after each pass when
+:func:`invariants_enabled`; the test suite sets the variable for the whole session, so every
+compile in it is checked after every pass. After a pass:
+
+- the graph lints;
+- every prefetch the passes made carries its :class:`~.analysis.prefetch_meta.PrefetchMeta`
+  (prefetches placed by hand in the model, named in ``given``, are the model's own);
+- every such prefetch has a weight operand and a dependency: a by-name prefetch has no weight
+  operand (its record names the weight's device) but keeps its dependency; relaxing drops the
+  dependency of the others; a native prefetch orders itself through its ``order`` list, which
+  holds its fork's token first where it forks onto the side stream;
+- once joins are inserted, every side-stream ``fxprefetch.prefetch_native`` has exactly one
+  later ``fxprefetch.prefetch_join``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+
+from torch.fx import Graph, GraphModule, Node
+
+from fxprefetch.ops import HINT_OP, JOIN_OP, NATIVE_OP, PREFETCH_OP, PREFETCH_OPS, RANGE_OP
+from fxprefetch.passes.analysis.graph_utils import get_arg, prefetch_nodes
+from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta, token_meta
+from fxprefetch.passes.contract import PassContext
+
+CHECK_INVARIANTS_ENV = "FXPREFETCH_CHECK_INVARIANTS"
+
+# prefetches of a graph tensor (the weight first), whose dependency relaxing drops; the npu
+# lowering (not a prefetch op of ours) keeps their schema
+_WEIGHT_FIRST = (PREFETCH_OP, HINT_OP, RANGE_OP)
+
+
+class InvariantError(RuntimeError):
+    """A pass left the graph breaking an invariant; the message names the pass."""
+
+
+def invariants_enabled() -> bool:
+    """Whether ``FXPREFETCH_CHECK_INVARIANTS`` asks for the checks (set, and not ``0``)."""
+    return os.environ.get(CHECK_INVARIANTS_ENV, "") not in ("", "0")
+
+
+def hand_placed(graph: Graph) -> frozenset[str]:
+    """Names of the prefetches of ``graph`` no pass planned (no record): the model's own."""
+    return frozenset(n.name for n in prefetch_nodes(graph) if prefetch_meta(n) is None)
+
+
+def check_invariants(
+    gm: GraphModule,
+    ctx: PassContext,
+    after: str,
+    *,
+    ran: Sequence[str] | None = None,
+    given: Collection[str] = frozenset(),
+) -> None:
+    """Raise :class:`InvariantError` naming ``after`` (the pass just run) if ``gm`` breaks an
+    invariant. ``ran``: the passes run so far, ``after`` last (default: ``after`` alone);
+    ``given``: prefetches the model placed itself (see :func:`hand_placed`)."""
+    ran = tuple(ran) if ran is not None else (after,)
+    try:
+        gm.graph.lint()
+    except Exception as exc:
+        message = f"{ctx.graph_name}: after {after}: the graph does not lint: {exc}"
+        raise InvariantError(message) from exc
+    problems = _problems(gm.graph, relaxed="relax_dependencies" in ran, given=set(given))
+    if "insert_joins" in ran:
+        problems += _unjoined_forks(gm.graph)
+    if problems:
+        raise InvariantError(f"{ctx.graph_name}: after {after}: " + "; ".join(problems))
+
+
+def _planned(graph: Graph) -> list[Node]:
+    """The prefetch nodes of ``graph``, and nodes lowered from them to another target."""
+    prefetches = set(prefetch_nodes(graph))
+    return [
+        n
+        for n in graph.nodes
+        if n in prefetches or (n.op == "call_function" and prefetch_meta(n) is not None)
+    ]
+
+
+def _problems(graph: Graph, *, relaxed: bool, given: set[str]) -> list[str]:
+    problems = []
+    for node in _planned(graph):
+        if node.name in given:
+            continue
+        meta = prefetch_meta(node)
+        if meta is None:
+            problems.append(f"{node.name} ({node.target}) has no PrefetchMeta")
+        elif node.target is NATIVE_OP:
+            problems += _native_problems(node, meta.stream)
+        elif node.target in _WEIGHT_FIRST or node.target not in PREFETCH_OPS:
+            if not isinstance(node.args[0] if node.args else None, Node):
+                problems.append(f"{node.name} has no weight operand")
+            if not (relaxed and node.target in _WEIGHT_FIRST) and not isinstance(
+                get_arg(node, "dependency"), Node
+            ):
+                problems.append(f"{node.name} has no dependency")
+        else:  # by name: the weight is looked up when it runs
+            if meta.device is None:
+                problems.append(f"{node.name}: a by-name prefetch records no device")
+            if not isinstance(get_arg(node, "dependency"), Node):
+                problems.append(f"{node.name} has no dependency")
+    return problems
+
+
+def _native_problems(node: Node, stream: str | None) -> list[str]:
+    weight, order, *_, node_stream, _hint = node.args
+    problems = []
+    if not isinstance(weight, Node):
+        problems.append(f"{node.name} has no weight operand")
+    if stream != node_stream:
+        problems.append(f"{node.name} runs on the {node_stream} stream, its record says {stream}")
+    if node_stream == "side":
+        token = order[0] if order else None
+        record = token_meta(token)
+        if record is None or record.token_of != node.name:
+            problems.append(f"{node.name} forks onto the side stream without its own token")
+    return problems
+
+
+def _unjoined_forks(graph: Graph) -> list[str]:
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    joins: dict[str, list[Node]] = {}
+    for join in graph.find_nodes(op="call_function", target=JOIN_OP):
+        record = join_meta(join)
+        joins.setdefault(record.joins if record is not None else "", []).append(join)
+    problems = []
+    for fork in graph.find_nodes(op="call_function", target=NATIVE_OP):
+        if fork.args[4] != "side":
+            continue
+        later = [j for j in joins.get(fork.name, []) if position[j] > position[fork]]
+        if len(later) != 1:
+            problems.append(f"{fork.name} forks onto the side stream with {len(later)} joins")
+    return problems
