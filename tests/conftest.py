@@ -1,5 +1,6 @@
-"""Shared test set-up: hypothesis profiles, clean counters, a private inductor cache, and
-torchair's real code for the NPU tests."""
+"""Shared test set-up: hypothesis profiles, clean counters, a private inductor cache, the
+pass invariants checked after every pass of every compile, and torchair's real code for the
+NPU tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 # A private, empty inductor cache per run, so cache tests see what this run compiled.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxprefetch-inductor-"))
+# Every pipeline run in the suite checks the invariants after each pass
+# (fxprefetch.passes.invariants).
+os.environ.setdefault("FXPREFETCH_CHECK_INVARIANTS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest

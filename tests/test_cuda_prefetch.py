@@ -26,6 +26,7 @@ from fxprefetch.cuda_prefetch import (
 from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
+from fxprefetch.passes.analysis.prefetch_meta import join_meta
 
 from emitted_order import check_fork_window_join_gemm, emitted_events
 from synthetic import SynthModel, SynthSpec
@@ -198,7 +199,7 @@ def _check_pairs(gm, forks, joins):
     for join in joins:
         (token,) = [t for t in join.args[1] if t in tokens]
         (fork,) = [f for f in forks if f.args[1][0] is token]
-        assert join.meta["fxprefetch"]["joins"] == fork.name
+        assert join_meta(join).joins == fork.name
         assert [u for u in token.users if u.target is JOIN_OP] == [join]
 
 
@@ -213,7 +214,7 @@ def test_joins_close_every_fork_after_the_window_and_before_the_linear():
     for record in report.plan.prefetched:
         fork = by_name[record.prefetch_node]
         linear = by_name[record.node]
-        (join,) = [j for j in joins if j.meta["fxprefetch"]["joins"] == fork.name]
+        (join,) = [j for j in joins if join_meta(j).joins == fork.name]
         assert order[fork] < order[join] < order[linear]
         window_ops = [
             n

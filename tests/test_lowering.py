@@ -8,10 +8,11 @@ import torch
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.ops import PREFETCH_OP
-from fxprefetch.passes import lower_prefetch_to_npu, run_weight_prefetch
-from fxprefetch.passes.elide_hints import elide_hint_prefetches, hint_only
+from fxprefetch.passes import DEFAULT_RULES, lower_prefetch_to_npu, run_weight_prefetch
+from fxprefetch.passes.contract import PassContext
+from fxprefetch.passes.elide_hints import elide_hints, hint_only
 from fxprefetch.passes.lower_npu import NpuLoweringError
-from fxprefetch.passes.relax_dependencies import relax_prefetch_dependencies
+from fxprefetch.passes.relax_dependencies import relax_dependencies
 
 from npu_standins import install_op_standins
 from synthetic import SynthModel, SynthSpec
@@ -26,6 +27,10 @@ def planned():
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     assert len(plan.prefetched) == 4
     return gm, plan
+
+
+def _ctx(**fields) -> PassContext:
+    return PassContext(ON, DEFAULT_RULES, "g", **fields)
 
 
 def _prefetches(gm, target=PREFETCH_OP):
@@ -73,22 +78,24 @@ def test_a_ge_graph_refuses_prefetches_decided_at_run_time(planned):
 def test_relaxing_keeps_position_and_size(planned):
     gm, _ = planned
     order = [(n.prev.name, n.args[0].name, n.args[2]) for n in _prefetches(gm)]
-    assert relax_prefetch_dependencies(gm) == 4
+    assert relax_dependencies(gm, _ctx()).changed == 4
     assert all(n.args[1] is None for n in _prefetches(gm))
     assert [(n.prev.name, n.args[0].name, n.args[2]) for n in _prefetches(gm)] == order
-    assert relax_prefetch_dependencies(gm) == 0
+    assert relax_dependencies(gm, _ctx()).changed == 0
 
 
 def test_cpu_prefetches_are_hints_and_are_elided(planned):
     gm, _ = planned
     assert hint_only(gm, native_devices=())
-    assert elide_hint_prefetches(gm, native_devices={"npu"}) == 4 and not _prefetches(gm)
+    assert elide_hints(gm, _ctx(native_devices=frozenset({"npu"}))).changed == 4
+    assert not _prefetches(gm)
 
 
 def test_a_native_prefetch_keeps_them(planned):
     gm, _ = planned
     assert not hint_only(gm, native_devices={"cpu"})
-    assert elide_hint_prefetches(gm, native_devices={"cpu"}) == 0 and len(_prefetches(gm)) == 4
+    assert elide_hints(gm, _ctx(native_devices=frozenset({"cpu"}))).changed == 0
+    assert len(_prefetches(gm)) == 4
 
 
 @pytest.mark.compile

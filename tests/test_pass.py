@@ -22,6 +22,7 @@ from fxprefetch.passes import (
 )
 from fxprefetch.passes.analysis.graph_utils import normalize_source_path, op_name
 from fxprefetch.passes.analysis.op_classes import classify
+from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.analysis.roles import match_role
 from fxprefetch.passes.tables.collectives import COLLECTIVES
 
@@ -410,7 +411,7 @@ def test_prefetch_nodes_survive_dce_and_carry_meta(dense):
     assert len(nodes) == len(plan.prefetched)
     for n in nodes:
         assert "val" in n.meta and n.meta["val"] is None
-        assert n.meta["fxprefetch"]["max_size"] == n.args[2]
+        assert prefetch_meta(n).max_size == n.args[2]
         assert "nn_module_stack" in n.meta
 
 

@@ -13,7 +13,8 @@ from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
 from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch, strip_prefetch
 from fxprefetch.passes.analysis.graph_utils import op_name
-from fxprefetch.passes.plan_prefetches import META_KEY, prefetch_bytes
+from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
+from fxprefetch.passes.analysis.sizing import prefetch_bytes
 
 from synthetic import SynthModel, SynthSpec, expected_roles
 from tracing import export_aten, run_graph
@@ -93,7 +94,7 @@ def test_pass_invariants(spec, config, seed):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_name = {n.name: n for n in gm.graph.nodes}
     # at most one prefetch per linear, and one node per planned prefetch
-    linears = [n.meta[META_KEY]["linear"] for n in nodes]
+    linears = [prefetch_meta(n).linear for n in nodes]
     assert len(linears) == len(set(linears)) == len(plan.prefetched)
     for r in plan.prefetched:
         node, linear = by_name[r.prefetch_node], by_name[r.node]

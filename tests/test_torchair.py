@@ -405,11 +405,13 @@ def test_a_prefetch_without_dependency_never_reaches_the_converter(torchair, ge,
 
 def test_a_failing_pass_falls_back_with_real_torchair(torchair, ge, monkeypatch, caplog):
     import fxprefetch.pipeline as pipeline_module
+    from fxprefetch.passes.contract import graph_pass
 
-    def broken(*args, **kwargs):
+    @graph_pass(name="plan_prefetches")
+    def broken(gm, ctx):
         raise RuntimeError("synthetic pass failure")
 
-    monkeypatch.setattr(pipeline_module, "run_weight_prefetch", broken)
+    monkeypatch.setitem(pipeline_module.PIPELINES, "npu", (broken, pipeline_module.lower_npu))
     cfg = run_eagerly_config(torchair)
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         out, expected = compile_and_run(synth(), {"torchair_config": cfg})

@@ -18,6 +18,7 @@ from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.config import DEFAULT_MAX_PREFETCH_BYTES, TokenRange
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import prefetch_nodes
+from fxprefetch.passes.analysis.prefetch_meta import join_meta
 from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import PassContext, run_pipeline
 from fxprefetch.plan import SkipReason
@@ -280,7 +281,7 @@ def test_by_name_prefetches_run_on_the_compute_stream_and_need_no_join(context, 
     forks = list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP))
     joins = list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
     assert len(by_name) == 2 and len(forks) == len(joins) == 2
-    assert {j.meta["fxprefetch"]["joins"] for j in joins} == {f.name for f in forks}
+    assert {join_meta(j).joins for j in joins} == {f.name for f in forks}
     assert all(f.args[4] == "side" for f in forks)
     assert prepared == [torch.device("cpu")]
     with torch.no_grad():
