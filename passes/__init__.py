@@ -1,12 +1,15 @@
 """fxprefetch's graph passes (installed as ``fxprefetch.passes``), in three rooms:
 
-- the passes themselves, one module each, each one ``(gm, ctx) -> PassResult``:
+- the passes themselves, one module each, each exporting one ``(gm, ctx) -> PassResult``
+  that declares what it requires and conflicts with (:mod:`.contract`):
   :mod:`.plan_prefetches` (inserts the prefetches and returns the plan),
   :mod:`.lower_npu`, :mod:`.lower_native`, :mod:`.relax_dependencies`,
-  :mod:`.elide_hints`, :mod:`.insert_joins`, and :mod:`.strip_prefetch`, which undoes them;
+  :mod:`.elide_hints`, :mod:`.insert_joins`; beside them :mod:`.strip_prefetch`, which
+  undoes them, and :mod:`.invariants`, what holds after every pass;
 - :mod:`.analysis`: what the passes share and never change: which stored weight each linear
   reads (``linears``, ``weight_trace``, ``weight_sources``), its role (``roles``), the
-  window a prefetch hides behind (``windows``, ``window_cost``, ``op_classes``), sizes;
+  window a prefetch hides behind (``windows``, ``window_cost``, ``op_classes``), sizes,
+  and the typed records the passes leave on their nodes (``prefetch_meta``);
 - :mod:`.tables`: data only, and :class:`~.tables.rules.PrefetchRules`, the one value that
   holds every table the passes read.
 

@@ -9,7 +9,7 @@ rejoins inside the graph, as CUDA-graph capture needs.
 ``order`` holds what the join is declared to mutate (it writes nothing), so that inductor's
 scheduler keeps, whatever order it picks:
 
-- the fork's token (``passes/native_prefetch.py``): the join after its own fork;
+- the fork's token (``passes/lower_native.py``): the join after its own fork;
 - the linear's activation inputs that the graph computes: the join after the window's
   lazily computed tail, and the GEMM, which reads them, after the join.
 """

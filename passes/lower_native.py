@@ -8,7 +8,7 @@ declared to mutate (it writes nothing) an ``order`` list of
 - the prefetch's dependency, where that is a buffer the graph computes: every later reader
   of it, so every op of the window, then runs after the prefetch;
 - for the side stream, a fresh zero-size token, which only this prefetch's join mutates
-  next (``passes/prefetch_joins.py``): the join follows its fork, and every join has
+  next (``passes/insert_joins.py``): the join follows its fork, and every join has
   exactly one fork.
 
 Inductor's graph partitioning (on by default, for CUDA graphs) runs the graph as separate
