@@ -120,11 +120,13 @@ def test_cache_never_mixes_configs(fresh_dynamo, tmp_path, monkeypatch):
 
 def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, caplog):
     from fxprefetch import pipeline
+    from fxprefetch.passes.contract import graph_pass
 
-    def boom(*args, **kwargs):
+    @graph_pass(name="plan_prefetches")
+    def boom(gm, ctx):
         raise RuntimeError("synthetic pass failure")
 
-    monkeypatch.setattr(pipeline, "run_weight_prefetch", boom)
+    monkeypatch.setitem(pipeline.PIPELINES, "eager", (boom,))
     model = SynthModel(SynthSpec(layers=1)).eval()
     ids = torch.randint(0, 64, (1, 4))
     with caplog.at_level(logging.WARNING, logger="fxprefetch"), torch.no_grad():
