@@ -1,9 +1,9 @@
 """Which ops are vector work (the work a prefetch can hide behind), and which are transparent.
 
 Classification order: the tables of :class:`tables.rules.PrefetchRules` (these defaults plus
-user extensions), then torch's op tags (``pointwise``,
-``reduction``), then "barrier" for everything else (matmuls, attention, convolutions,
-collectives, embeddings, unknown opaque ops).
+user extensions), then the torch op tags the rules name (``pointwise``, ``reduction``), then
+"barrier" for everything else (matmuls, attention, convolutions, collectives, embeddings,
+unknown opaque ops).
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ class NodeKind(enum.Enum):
     LEAF = "leaf"  # graph inputs, constants, factories: available from the start
     BARRIER = "barrier"  # anything else: the walk stops here
     IGNORE = "ignore"  # symbolic ints and other non-tensor values
-
-
-_VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
 
 
 def _is_tensorish(node: Node) -> bool:
@@ -58,6 +55,6 @@ def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
     if name in rules.vector_ops:
         return NodeKind.VECTOR
     tags = getattr(node.target, "tags", ())
-    if any(tag in tags for tag in _VECTOR_TAGS):
+    if any(getattr(tag, "name", None) in rules.vector_tags for tag in tags):
         return NodeKind.VECTOR
     return NodeKind.BARRIER
