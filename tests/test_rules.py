@@ -4,6 +4,7 @@ tables from the value they are given, and the role set is defined once."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -240,6 +241,24 @@ def test_the_config_uses_the_role_table():
     assert [f.name for f in dataclasses.fields(ratios)] == [r.attribute for r in roles.ROLE_TABLE]
     assert ratios.items() == [(r.name, r.default_ratio) for r in roles.ROLE_TABLE]
     assert [f"{r.section}.{r.key}" for r in roles.ROLE_TABLE] == list(roles.ROLES)
+
+
+def _role_enums(node: object):
+    """Every ``enum`` the plan schema gives a ``role`` property."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "role" and isinstance(value, dict) and "enum" in value:
+                yield value["enum"]
+            yield from _role_enums(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _role_enums(value)
+
+
+def test_the_plan_schema_lists_the_roles():
+    schema = json.loads((ROOT / "fxprefetch" / "plan_schema.json").read_text())
+    enums = list(_role_enums(schema))
+    assert enums and all(e == [*roles.ROLES, None] for e in enums)
 
 
 def test_every_role_the_tables_name_is_a_role():
