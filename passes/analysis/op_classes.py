@@ -9,6 +9,7 @@ unknown opaque ops).
 from __future__ import annotations
 
 import enum
+import functools
 import operator
 
 import torch
@@ -24,6 +25,12 @@ class NodeKind(enum.Enum):
     LEAF = "leaf"  # graph inputs, constants, factories: available from the start
     BARRIER = "barrier"  # anything else: the walk stops here
     IGNORE = "ignore"  # symbolic ints and other non-tensor values
+
+
+@functools.cache
+def _vector_tags(names: frozenset[str]) -> tuple[torch.Tag, ...]:
+    """The ``torch.Tag`` members named (a name this torch does not know tags no op)."""
+    return tuple(getattr(torch.Tag, name) for name in sorted(names) if hasattr(torch.Tag, name))
 
 
 def _is_tensorish(node: Node) -> bool:
@@ -55,6 +62,6 @@ def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
     if name in rules.vector_ops:
         return NodeKind.VECTOR
     tags = getattr(node.target, "tags", ())
-    if any(getattr(tag, "name", None) in rules.vector_tags for tag in tags):
+    if any(tag in tags for tag in _vector_tags(rules.vector_tags)):
         return NodeKind.VECTOR
     return NodeKind.BARRIER
