@@ -27,19 +27,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fxprefetch.roles import (
+    ATTN_O,
+    ATTN_QKV,
+    DEFAULT_RATIOS,
+    MLP_DOWN,
+    MLP_GATE_UP,
+    MOE_GATE_UP,
+    ROLES,
+)
+
 logger = logging.getLogger("fxprefetch")
 
 ROOT_KEY = "weight_prefetch_config"
 DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024
-#: Roles in the order the guide lists them, with the guide's default ratios.
-DEFAULT_RATIOS: Mapping[str, float] = {
-    "attn.qkv": 1.0,
-    "attn.o": 1.0,
-    "moe.gate_up": 0.8,
-    "mlp.gate_up": 1.0,
-    "mlp.down": 1.0,
-}
-ROLES: tuple[str, ...] = tuple(DEFAULT_RATIOS)
 WINDOW_KINDS: tuple[str, ...] = ("vector", "collective", "attention")
 DEFAULT_WINDOWS: tuple[str, ...] = ("vector",)
 AUTO = "auto"  # a size the device's profile decides: what the window can hide
@@ -188,11 +189,11 @@ def _describe(value: Any) -> str:
 class PrefetchRatios:
     """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role"."""
 
-    attn_qkv: float = DEFAULT_RATIOS["attn.qkv"]
-    attn_o: float = DEFAULT_RATIOS["attn.o"]
-    moe_gate_up: float = DEFAULT_RATIOS["moe.gate_up"]
-    mlp_gate_up: float = DEFAULT_RATIOS["mlp.gate_up"]
-    mlp_down: float = DEFAULT_RATIOS["mlp.down"]
+    attn_qkv: float = DEFAULT_RATIOS[ATTN_QKV]
+    attn_o: float = DEFAULT_RATIOS[ATTN_O]
+    moe_gate_up: float = DEFAULT_RATIOS[MOE_GATE_UP]
+    mlp_gate_up: float = DEFAULT_RATIOS[MLP_GATE_UP]
+    mlp_down: float = DEFAULT_RATIOS[MLP_DOWN]
 
     def __post_init__(self) -> None:
         for role in ROLES:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fxprefetch.plan import LinearRecord, PrefetchPlan, _fmt_bytes
+from fxprefetch.roles import MOE_GATE_UP
 
 
 def representative_layers(plans: Sequence[PrefetchPlan]) -> list[tuple[str, list[LinearRecord]]]:
@@ -25,7 +26,7 @@ def representative_layers(plans: Sequence[PrefetchPlan]) -> list[tuple[str, list
         records = sorted(layers[index], key=lambda r: r.position)
         kind = (
             "MoE"
-            if any(r.role == "moe.gate_up" or (r.module or "").endswith("experts") for r in records)
+            if any(r.role == MOE_GATE_UP or (r.module or "").endswith("experts") for r in records)
             else "dense"
         )
         chosen.setdefault(kind, (index, records))

@@ -38,6 +38,7 @@ from torch.fx import Node
 from fxprefetch import ops
 from fxprefetch.passes.analysis.graph_utils import get_arg
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight
+from fxprefetch.roles import MOE_GATE_UP
 
 logger = logging.getLogger("fxprefetch")
 
@@ -47,7 +48,7 @@ except ImportError:
     LayerNameType = str  # type: ignore[misc,assignment]
 
 #: role -> the attribute of vLLM's (and vllm-ascend's) MoE layer holding that weight
-ROLE_ATTRS = {"moe.gate_up": "w13_weight"}
+ROLE_ATTRS = {MOE_GATE_UP: "w13_weight"}
 
 _lib = torch.library.Library("fxprefetch", "FRAGMENT")
 

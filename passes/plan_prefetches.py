@@ -116,7 +116,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             "op": op_name(use.node),
             "module": use.module,
             "weight": use.weight_name,
-            "layer": layer_index(use.module or use.weight_name),
+            "layer": layer_index(use.module or use.weight_name, rules),
             "role": use.role,
             "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
             "dtype": str(use.dtype) if use.dtype is not None else "-",

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from fxprefetch.ops import PREFETCH_OPS
+
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
 _SUBSCRIPT = re.compile(
     r"\.?_(?:modules|parameters|buffers)\[['\"]([^'\"]*)['\"]\]"  # ._modules['x']
@@ -70,8 +72,6 @@ def get_arg(node: Node, name: str) -> Any:
 def prefetch_nodes(graph: torch.fx.Graph) -> list[Node]:
     """Every node of ``graph`` calling a prefetch op (``fxprefetch.ops.PREFETCH_OPS``), in
     graph order."""
-    from fxprefetch.ops import PREFETCH_OPS
-
     targets = set(PREFETCH_OPS)
     return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
 

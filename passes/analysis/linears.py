@@ -83,7 +83,7 @@ def _operands(node: Node, spec: LinearOpSpec) -> list[tuple[str, Node]]:
     return found
 
 
-def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources):
+def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources, rules: PrefetchRules):
     module = module_path(node)
     starts = tuple(n for a in spec.activations for n in flatten_nodes(get_arg(node, a)))
     empty = dict(
@@ -103,7 +103,7 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources):
             weight_name="-",
             role=spec.weight or None,
             skip=SkipReason.HIDDEN_WEIGHTS,
-            note=_hidden_note(node, spec, sources),
+            note=_hidden_note(node, spec, sources, rules),
         )
     weight_arg = get_arg(node, spec.weight)
     if isinstance(weight_arg, (list, tuple)) and len(weight_arg) != 1:
@@ -116,7 +116,7 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources):
     first: tuple[Node, WeightTrace] | None = None
     unknown: tuple[Node, str] | None = None  # an operand nobody can tell about, and why
     for slot, operand in _operands(node, spec):
-        trace = trace_operand(operand)
+        trace = trace_operand(operand, rules)
         first = first or (operand, trace)
         if trace.root is None or not _is_weight(trace.root, sources):
             reason = sources.unknown_reason(trace.root) if trace.root is not None else None
@@ -142,14 +142,16 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources):
     )
 
 
-def _hidden_note(node: Node, spec: LinearOpSpec, sources: WeightSources) -> str:
+def _hidden_note(
+    node: Node, spec: LinearOpSpec, sources: WeightSources, rules: PrefetchRules
+) -> str:
     """``<op> <what it hides>``, and the weight matrices it takes as arguments, if any."""
     names = []
     activations = {n for a in spec.activations for n in flatten_nodes(get_arg(node, a))}
     for operand in flatten_nodes(list(node.args) + list(node.kwargs.values())):
         if operand in activations:
             continue
-        root = trace_operand(operand).root
+        root = trace_operand(operand, rules).root
         value = tensor_value(root) if root is not None else None
         if value is not None and value.dim() >= 2 and _is_weight(root, sources):
             default = str(root.target) if root.op == "get_attr" else root.name
@@ -228,7 +230,7 @@ def find_linears(
     table = rules.linear_table
     sources = WeightSources.of(weight_names)
     return [
-        _linear_use(node, spec, sources)
+        _linear_use(node, spec, sources, rules)
         for node in graph.nodes
         if (spec := linear_spec(node, table)) is not None
     ]

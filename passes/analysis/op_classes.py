@@ -1,14 +1,15 @@
 """Which ops are vector work (the work a prefetch can hide behind), and which are transparent.
 
 Classification order: the tables of :class:`tables.rules.PrefetchRules` (these defaults plus
-user extensions), then torch's op tags (``pointwise``,
-``reduction``), then "barrier" for everything else (matmuls, attention, convolutions,
-collectives, embeddings, unknown opaque ops).
+user extensions), then the torch op tags the rules name (``pointwise``, ``reduction``), then
+"barrier" for everything else (matmuls, attention, convolutions, collectives, embeddings,
+unknown opaque ops).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import operator
 
 import torch
@@ -26,7 +27,10 @@ class NodeKind(enum.Enum):
     IGNORE = "ignore"  # symbolic ints and other non-tensor values
 
 
-_VECTOR_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
+@functools.cache
+def _vector_tags(names: frozenset[str]) -> tuple[torch.Tag, ...]:
+    """The ``torch.Tag`` members named (a name this torch does not know tags no op)."""
+    return tuple(getattr(torch.Tag, name) for name in sorted(names) if hasattr(torch.Tag, name))
 
 
 def _is_tensorish(node: Node) -> bool:
@@ -58,6 +62,6 @@ def classify(node: Node, rules: PrefetchRules | None = None) -> NodeKind:
     if name in rules.vector_ops:
         return NodeKind.VECTOR
     tags = getattr(node.target, "tags", ())
-    if any(tag in tags for tag in _VECTOR_TAGS):
+    if any(tag in tags for tag in _vector_tags(rules.vector_tags)):
         return NodeKind.VECTOR
     return NodeKind.BARRIER

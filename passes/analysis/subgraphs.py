@@ -28,6 +28,7 @@ from torch.fx import GraphModule, Node
 from fxprefetch.passes.analysis.graph_utils import tensor_value
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.weight_trace import known_int, trace_operand
+from fxprefetch.passes.tables.rules import DEFAULT_RULES, PrefetchRules
 
 _CARRIED = "a while_loop's carried value changes at each iteration"
 
@@ -103,7 +104,11 @@ def _non_overlapping(value: torch.Tensor) -> bool:
 
 
 def _what_is_passed(
-    operand: Any, parent: WeightSources, parent_path: str, value: torch.Tensor | None
+    operand: Any,
+    parent: WeightSources,
+    parent_path: str,
+    value: torch.Tensor | None,
+    rules: PrefetchRules,
 ) -> tuple[str, str]:
     """``("weight", path)``, ``("input", note)`` or ``("unknown", reason)`` for one operand
     passed to a body input whose value is ``value``."""
@@ -111,7 +116,7 @@ def _what_is_passed(
         return "unknown", operand
     if not isinstance(operand, Node) or value is None:
         return "input", "not a tensor at the call site"
-    trace = trace_operand(operand)
+    trace = trace_operand(operand, rules)
     root = trace.root
     where = parent_path or "the top graph"
     if root is None:
@@ -161,8 +166,11 @@ class _Site:
     attr: str
 
 
-def hop_bodies(gm: GraphModule, sources: WeightSources) -> list[HopBody]:
-    """Every higher-order-op body reachable from ``gm``, each once, parents first."""
+def hop_bodies(
+    gm: GraphModule, sources: WeightSources, rules: PrefetchRules = DEFAULT_RULES
+) -> list[HopBody]:
+    """Every higher-order-op body reachable from ``gm``, each once, parents first; weights
+    passed to a body are traced under ``rules``."""
     graphs: dict[int, GraphModule] = {id(gm): gm}
     sites: dict[int, list[_Site]] = {}
     stack = [gm]
@@ -192,14 +200,17 @@ def hop_bodies(gm: GraphModule, sources: WeightSources) -> list[HopBody]:
             raise RuntimeError("higher-order-op bodies call each other in a cycle")
         for key in ready:
             pending.remove(key)
-            body = _plan_body(graphs[key], sites[key], known)
+            body = _plan_body(graphs[key], sites[key], known, rules)
             known[key] = (body.sources, body.run_names, body.path)
             bodies.append(body)
     return bodies
 
 
 def _plan_body(
-    body: GraphModule, sites: Sequence[_Site], known: dict[int, tuple[WeightSources, Any, str]]
+    body: GraphModule,
+    sites: Sequence[_Site],
+    known: dict[int, tuple[WeightSources, Any, str]],
+    rules: PrefetchRules,
 ) -> HopBody:
     placeholders = list(body.graph.find_nodes(op="placeholder"))
     values = [tensor_value(p) for p in placeholders]
@@ -211,7 +222,7 @@ def _plan_body(
         if isinstance(ops, str):  # the whole call cannot be mapped
             ops = [ops] * len(placeholders)
         passed = [
-            _what_is_passed(op, parent_sources, parent_path, v)
+            _what_is_passed(op, parent_sources, parent_path, v, rules)
             for op, v in zip(ops, values, strict=True)
         ]
         per_site.append(passed)

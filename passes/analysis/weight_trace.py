@@ -5,7 +5,8 @@ slices, one part of a split fused weight), and sometimes through a conversion (a
 dequantize ``w.to(dt) * scale``) or a tensor index (one expert of a stacked weight). The
 prefetch must name the *stored* bytes, the ones HBM delivers: :func:`trace_operand` walks
 back from the operand to the placeholder or ``get_attr`` that holds them and returns what
-lies between.
+lies between. Which ops it walks through is data (:mod:`tables.weight_ops`, held by the
+rules).
 
 Whether that root is a weight at all (a parameter, buffer or constant, not a user input)
 is decided by the caller, which knows dynamo's sources.
@@ -21,56 +22,7 @@ import torch
 from torch.fx import Node
 
 from fxprefetch.passes.analysis.graph_utils import op_name, tensor_value
-
-# Ops that only view the storage of their first argument: the bytes read are the view's.
-WEIGHT_VIEWS = frozenset(
-    f"aten::{n}"
-    for n in (
-        "t",
-        "permute",
-        "transpose",
-        "view",
-        "reshape",
-        "_unsafe_view",
-        "expand",
-        "unsqueeze",
-        "squeeze",
-        "alias",
-        "detach",
-        "_reshape_alias",
-        "as_strided",
-        "select",
-        "slice",
-        "narrow",
-        "split",
-        "split_with_sizes",
-        "chunk",
-        "unbind",
-        "tensor_split",
-    )
-)
-
-# Ops that read all of their first argument and produce a converted copy (casts, layout copies).
-WEIGHT_CASTS = frozenset(
-    {
-        "prims::convert_element_type",
-        "aten::_to_copy",
-        "aten::to",
-        "aten::clone",
-        "aten::contiguous",
-        "aten::_autocast_to_reduced_precision",
-        "aten::_autocast_to_full_precision",
-    }
-)
-
-# Elementwise ops of a dequantize: ``(w.to(dt) - zero_point) * scale``. The weight is the
-# operand as large as the result; the others (scales, zero points) broadcast.
-WEIGHT_DEQUANTIZE = frozenset(
-    f"aten::{n}" for n in ("mul", "div", "sub", "add", "neg", "reciprocal")
-)
-
-# Ops that pick parts of their first argument with a tensor of indices known only at run time.
-WEIGHT_INDEX = frozenset({"aten::index", "aten::index_select", "aten::_unsafe_index"})
+from fxprefetch.passes.tables.rules import PrefetchRules
 
 
 @dataclass(frozen=True)
@@ -106,8 +58,9 @@ def _dequantized_operand(node: Node) -> Node | None:
     return full[0] if len(full) == 1 else None
 
 
-def trace_operand(operand: Node) -> WeightTrace:
-    """Walk from a matmul operand back to the tensor it reads (see the module docstring)."""
+def trace_operand(operand: Node, rules: PrefetchRules) -> WeightTrace:
+    """Walk from a matmul operand back to the tensor it reads (see the module docstring),
+    through the ops the rules' weight tables name (views, casts, dequantize steps, indexing)."""
     node = operand
     stored = operand  # the last node from which down to the root there are only views
     converted: list[str] = []
@@ -115,22 +68,22 @@ def trace_operand(operand: Node) -> WeightTrace:
     while node.op == "call_function":
         name = op_name(node)
         first = node.args[0] if node.args else None
-        if node.target is operator.getitem or name in WEIGHT_VIEWS:
+        if node.target is operator.getitem or name in rules.weight_views:
             nxt = first
-        elif name in WEIGHT_CASTS:
+        elif name in rules.weight_casts:
             converted.append(name)
             nxt = first
-        elif name in WEIGHT_DEQUANTIZE:
+        elif name in rules.weight_dequantize:
             converted.append(name)
             nxt = _dequantized_operand(node)
-        elif name in WEIGHT_INDEX:
+        elif name in rules.weight_index:
             indexed = indexed or name
             nxt = first
         else:
             return WeightTrace(None, computed_by=name)
         if not isinstance(nxt, Node):
             return WeightTrace(None, computed_by=name)
-        if not (node.target is operator.getitem or name in WEIGHT_VIEWS):
+        if not (node.target is operator.getitem or name in rules.weight_views):
             stored = nxt  # the bytes read are those of this op's input, whatever comes after
         node = nxt
     if node.op not in ("placeholder", "get_attr") or tensor_value(node) is None:

@@ -128,7 +128,7 @@ def find_window(
         collective = _collective_at(window.dependency, rules)
         if collective is None or collective in crossed:
             break
-        behind = _walk(_collective_inputs(collective), index, rules, attention)
+        behind = _walk(_collective_inputs(collective, rules), index, rules, attention)
         if behind is None or not behind.vector_ops:
             break
         crossed.append(collective)
@@ -158,9 +158,6 @@ def _tensor_of(node: Node, via: Mapping[Node, Node]) -> Node:
     return node
 
 
-_COLLECTIVE_INPUTS = ("input", "self", "tensor", "input_tensor", "inp")
-
-
 def _collective_at(node: Node, rules: PrefetchRules) -> Node | None:
     """The collective ``node`` is, or waits on; None for any other node."""
     if is_wait(node, rules):
@@ -170,9 +167,10 @@ def _collective_at(node: Node, rules: PrefetchRules) -> Node | None:
     return node if is_collective(node, rules) else None
 
 
-def _collective_inputs(collective: Node) -> list[Node]:
-    """The tensors a collective sends (its ``input``; the first argument when unnamed)."""
-    for name in _COLLECTIVE_INPUTS:
+def _collective_inputs(collective: Node, rules: PrefetchRules) -> list[Node]:
+    """The tensors a collective sends (its argument the rules name; the first argument when
+    none is named)."""
+    for name in rules.collective_inputs:
         value = get_arg(collective, name)
         if value is not None:
             return [n for n in flatten_nodes(value) if tensor_value(n) is not None]
@@ -184,7 +182,7 @@ def _collective_window(window: Window, rules: PrefetchRules) -> Window:
     collective = _collective_at(window.dependency, rules)
     if collective is None:
         return window
-    inputs = _collective_inputs(collective)
+    inputs = _collective_inputs(collective, rules)
     if not inputs:
         return window
     return Window(inputs[0], window.ops, collective, window.crossed, window.attention)

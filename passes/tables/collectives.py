@@ -38,3 +38,7 @@ OTHER = frozenset(
     }
 )
 COLLECTIVES = ALL_REDUCE | REDUCE_SCATTER | ALL_GATHER | WAIT | OTHER
+
+# The argument of a collective that holds what it sends, by name (the first argument when none
+# of these is named).
+COLLECTIVE_INPUTS: tuple[str, ...] = ("input", "self", "tensor", "input_tensor", "inp")

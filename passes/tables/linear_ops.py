@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from fxprefetch.roles import MOE_GATE_UP
+
 
 @dataclass(frozen=True)
 class LinearOpSpec:
@@ -72,11 +74,9 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         "vllm::rocm_unquantized_gemm": LinearOpSpec("weight", ("x",)),
         "vllm::unquantized_gemm": LinearOpSpec("weight", ("x",)),  # vllm-ascend
         # vLLM's fused MoE looks its expert weights up by layer name: no FX pass sees them
-        "vllm::moe_forward": LinearOpSpec(
-            "moe.gate_up", ("hidden_states",), hidden=True, note=_MOE
-        ),
+        "vllm::moe_forward": LinearOpSpec(MOE_GATE_UP, ("hidden_states",), hidden=True, note=_MOE),
         "vllm::moe_forward_shared": LinearOpSpec(
-            "moe.gate_up", ("hidden_states",), hidden=True, note=_MOE
+            MOE_GATE_UP, ("hidden_states",), hidden=True, note=_MOE
         ),
         # nn.TransformerEncoderLayer / MultiheadAttention fast paths (eval, no grad): every
         # matmul of the layer runs inside one op, with no vector work between for a prefetch

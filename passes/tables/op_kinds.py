@@ -143,8 +143,11 @@ DEFAULT_VECTOR_OPS: frozenset[str] = frozenset(
     }
 )
 
+# torch's op tags (``torch.Tag`` names) that make an op vector work when no table names it.
+DEFAULT_VECTOR_TAGS: frozenset[str] = frozenset({"pointwise", "reduction"})
+
 # Ops that must stop the walk whatever their tags say: collectives are communication, not
-# vector work (collective windows are handled separately, see passes/weight_prefetch.py).
+# vector work (collective windows are handled separately, see analysis/windows.py).
 DEFAULT_BARRIER_OPS: frozenset[str] = frozenset(
     {
         "aten::embedding",
@@ -160,7 +163,7 @@ DEFAULT_BARRIER_OPS: frozenset[str] = frozenset(
 )
 
 # Attention: a barrier to the vector walk, and the window of an attention window (the prefetch
-# of o_proj starts before attention and is joined after it; see passes/windows.py). Only
+# of o_proj starts before attention and is joined after it; see analysis/windows.py). Only
 # where fork and join stay in one graph: vLLM splits its graphs at attention.
 DEFAULT_ATTENTION_OPS: frozenset[str] = frozenset(
     {

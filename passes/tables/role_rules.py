@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_EXPERTS = r"(?:^|\.)(?:experts|local_experts)(?:\.\d+)?"
+from fxprefetch.passes.tables.module_paths import DEFAULT_EXPERTS
+from fxprefetch.roles import ATTN_O, ATTN_QKV, MLP_DOWN, MLP_GATE_UP, MOE_GATE_UP
 
 
 @dataclass(frozen=True)
@@ -29,48 +30,48 @@ DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
     # Adapters and experts first: their names overlap with dense names.
     RoleRule(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B)(?:\.\w+)?$", None, "LoRA adapter"),
     RoleRule(
-        rf"{_EXPERTS}\.(?:gate_up_proj|gate_proj|up_proj|w1|w3|w13)(?:_weight)?$",
-        "moe.gate_up",
+        rf"{DEFAULT_EXPERTS}\.(?:gate_up_proj|gate_proj|up_proj|w1|w3|w13)(?:_weight)?$",
+        MOE_GATE_UP,
         "expert gate/up projection",
     ),
     RoleRule(
-        rf"{_EXPERTS}\.(?:down_proj|w2)(?:_weight)?$",
+        rf"{DEFAULT_EXPERTS}\.(?:down_proj|w2)(?:_weight)?$",
         None,
         "expert down projection (no role in weight_prefetch_config)",
     ),
     RoleRule(
         r"(?:^|\.)(?:qkv_proj|q_proj|k_proj|v_proj|query_key_value|c_attn|Wqkv|wqkv"
         r"|wq|wk|wv|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|fused_qkv_a_proj)$",
-        "attn.qkv",
+        ATTN_QKV,
         "attention input projection",
     ),
     # nn.MultiheadAttention holds its input projection itself (its out_proj is a child)
     RoleRule(
         r"(?:^|\.)(?:in_proj_weight|q_proj_weight|k_proj_weight|v_proj_weight)$",
-        "attn.qkv",
+        ATTN_QKV,
         "MultiheadAttention input projection",
     ),
-    RoleRule(r"(?:^|\.)o_proj$", "attn.o", "attention output projection"),
+    RoleRule(r"(?:^|\.)o_proj$", ATTN_O, "attention output projection"),
     # out_proj / dense / c_proj / wo mean "output of the block": the parent decides which
     RoleRule(
         rf"(?:^|\.){_ATTN}\.(?:out_proj|dense|c_proj|wo|o)$",
-        "attn.o",
+        ATTN_O,
         "output projection under an attention module",
     ),
     RoleRule(
         rf"(?:^|\.){_MLP}\.(?:out_proj|dense|c_proj|wo|fc_out)$",
-        "mlp.down",
+        MLP_DOWN,
         "output projection under an MLP module",
     ),
     RoleRule(
         r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|fc_in|c_fc|dense_h_to_4h"
         r"|wi|wi_0|wi_1|linear1)$",
-        "mlp.gate_up",
+        MLP_GATE_UP,
         "dense MLP gate/up projection",
     ),
     RoleRule(
         r"(?:^|\.)(?:down_proj|w2|fc2|dense_4h_to_h|linear2)$",
-        "mlp.down",
+        MLP_DOWN,
         "dense MLP down projection",
     ),
     RoleRule(r"(?:^|\.)(?:gate|router)$", None, "MoE router"),

@@ -1,92 +1,143 @@
 """The rules the pass decides by, as one frozen, hashable value with a digest.
 
 :class:`PrefetchRules` holds every table the pass reads: linear ops, vector / transparent /
-barrier ops, collectives, role rules, and the role policy (which roles need sequence
-parallelism, what the first matmul of an unnamed experts module is). The defaults are data
-(:data:`DEFAULT_RULES`); an extension makes a new value (``rules.with_linear_op(...)``). The
-pass reads only the value it is given, and the backend puts ``rules.digest`` into the compile
-cache key, so a graph compiled under other rules is never served.
+barrier / attention ops and the op tags that count as vector work, collectives and the
+argument they send, the ops between a stored weight and its matmul (views, casts,
+dequantize steps, indexing), how module paths are read (wrappers, weight suffixes, layer and
+expert containers), role rules, and the role policy (which roles need sequence parallelism,
+what the first matmul of an unnamed experts module is). The defaults are data, in this
+package's other modules (:data:`DEFAULT_RULES`). An extension makes a new value: a
+``with_*`` method (``rules.with_linear_op(...)``) or ``dataclasses.replace`` for any other
+table. The pass reads only the value it is given, and the backend puts ``rules.digest``
+(computed over every field) into the compile cache key, so a graph compiled under other rules
+is never served.
 
-The module-level ``register_*`` / :func:`add_role_rule` are conveniences: they replace the
-process-wide value that :func:`current_rules` returns, which the backend snapshots at each
-compile.
+The module-level ``register_*`` / :func:`add_role_rule` are conveniences over the ``with_*``
+methods: they replace the process-wide value that :func:`current_rules` returns, which the
+backend snapshots at each compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
-from fxprefetch.config import ROLES
 from fxprefetch.passes.tables import collectives as _collectives
+from fxprefetch.passes.tables import module_paths as _paths
 from fxprefetch.passes.tables.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
 from fxprefetch.passes.tables.op_kinds import (
     DEFAULT_ATTENTION_OPS,
     DEFAULT_BARRIER_OPS,
     DEFAULT_TRANSPARENT_OPS,
     DEFAULT_VECTOR_OPS,
+    DEFAULT_VECTOR_TAGS,
 )
 from fxprefetch.passes.tables.role_rules import DEFAULT_ROLE_RULES, RoleRule
+from fxprefetch.passes.tables.weight_ops import (
+    DEFAULT_WEIGHT_CASTS,
+    DEFAULT_WEIGHT_DEQUANTIZE,
+    DEFAULT_WEIGHT_INDEX,
+    DEFAULT_WEIGHT_VIEWS,
+)
+from fxprefetch.roles import MLP_DOWN, MOE_GATE_UP, ROLES
 
 OpKind = Literal["vector", "transparent", "barrier", "attention"]
+WeightOpKind = Literal["view", "cast", "dequantize", "index"]
+_WEIGHT_OP_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "view": "weight_views",
+        "cast": "weight_casts",
+        "dequantize": "weight_dequantize",
+        "index": "weight_index",
+    }
+)
 
 
 @dataclass(frozen=True)
 class PrefetchRules:
-    """Every table the pass reads. Frozen, hashable, picklable (op tables hold names)."""
+    """Every table the pass reads. Frozen, hashable, picklable (op tables hold names).
 
+    Sets may be given as sets and sequences as lists: they are stored frozen.
+    """
+
+    # which ops are linears (see tables.linear_ops)
     linear_ops: tuple[tuple[str, LinearOpSpec], ...] = tuple(sorted(DEFAULT_LINEAR_OPS.items()))
+    # the window walk (see tables.op_kinds)
     vector_ops: frozenset[str] = DEFAULT_VECTOR_OPS
     transparent_ops: frozenset[str] = DEFAULT_TRANSPARENT_OPS
     barrier_ops: frozenset[str] = DEFAULT_BARRIER_OPS
     attention_ops: frozenset[str] = DEFAULT_ATTENTION_OPS  # barriers an attention window crosses
+    vector_tags: frozenset[str] = DEFAULT_VECTOR_TAGS  # torch.Tag names of vector work
+    # collectives (see tables.collectives)
     all_gather_ops: frozenset[str] = _collectives.ALL_GATHER
     reduce_scatter_ops: frozenset[str] = _collectives.REDUCE_SCATTER
     wait_ops: frozenset[str] = _collectives.WAIT
     collective_ops: frozenset[str] = _collectives.COLLECTIVES
+    collective_inputs: tuple[str, ...] = _collectives.COLLECTIVE_INPUTS  # first present wins
+    # between a stored weight and its matmul (see tables.weight_ops)
+    weight_views: frozenset[str] = DEFAULT_WEIGHT_VIEWS
+    weight_casts: frozenset[str] = DEFAULT_WEIGHT_CASTS
+    weight_dequantize: frozenset[str] = DEFAULT_WEIGHT_DEQUANTIZE
+    weight_index: frozenset[str] = DEFAULT_WEIGHT_INDEX
+    # module and parameter paths (see tables.module_paths)
+    module_wrappers: tuple[str, ...] = _paths.DEFAULT_MODULE_WRAPPERS
+    weight_suffixes: tuple[str, ...] = _paths.DEFAULT_WEIGHT_SUFFIXES  # first match wins
+    layer_containers: tuple[str, ...] = _paths.DEFAULT_LAYER_CONTAINERS
+    expert_modules: tuple[str, ...] = _paths.DEFAULT_EXPERT_MODULES
+    # roles (see tables.role_rules and fxprefetch.roles)
     role_rules: tuple[RoleRule, ...] = DEFAULT_ROLE_RULES  # first match wins
-    sequence_parallel_roles: frozenset[str] = frozenset({"mlp.down"})
-    first_expert_role: str | None = "moe.gate_up"  # the first matmul of unnamed experts
-    _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    sequence_parallel_roles: frozenset[str] = frozenset({MLP_DOWN})
+    first_expert_role: str | None = MOE_GATE_UP  # the first matmul of unnamed experts
+    _cache: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset)) and type(value) is not frozenset:
+                object.__setattr__(self, f.name, frozenset(value))
+            elif isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+
+    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = build()
+        return value
 
     @property
     def linear_table(self) -> Mapping[str, LinearOpSpec]:
-        table = self._cache.get("linear_table")
-        if table is None:
-            table = self._cache["linear_table"] = MappingProxyType(dict(self.linear_ops))
-        return table
+        return self._cached("linear_table", lambda: MappingProxyType(dict(self.linear_ops)))
+
+    @property
+    def wrappers_pattern(self) -> re.Pattern[str]:
+        """A wrapper module's path component (``.base_layer``), to be removed from a path."""
+        return self._cached(
+            "wrappers", lambda: re.compile(_paths.wrappers_regex(self.module_wrappers))
+        )
+
+    @property
+    def layer_pattern(self) -> re.Pattern[str]:
+        """A decoder layer in a path; group 1 is its index."""
+        return self._cached("layer", lambda: re.compile(_paths.layer_regex(self.layer_containers)))
+
+    @property
+    def experts_pattern(self) -> re.Pattern[str]:
+        """An experts module in a path (ending the path or followed by a child)."""
+        return self._cached(
+            "experts",
+            lambda: re.compile(rf"{_paths.experts_regex(self.expert_modules)}(?:$|\.)"),
+        )
 
     @property
     def digest(self) -> str:
-        """A stable hash of every table, for compile-cache keys."""
-        value = self._cache.get("digest")
-        if value is None:
-            parts = [
-                repr(self.linear_ops),
-                *(
-                    repr(sorted(s))
-                    for s in (
-                        self.vector_ops,
-                        self.transparent_ops,
-                        self.barrier_ops,
-                        self.all_gather_ops,
-                        self.reduce_scatter_ops,
-                        self.wait_ops,
-                        self.collective_ops,
-                        self.sequence_parallel_roles,
-                        self.attention_ops,
-                    )
-                ),
-                repr(self.role_rules),
-                repr(self.first_expert_role),
-            ]
-            value = self._cache["digest"] = hashlib.sha256("|".join(parts).encode()).hexdigest()
-        return value
+        """A stable hash of every field, for compile-cache keys."""
+        return self._cached("digest", lambda: hashlib.sha256(_canonical(self).encode()).hexdigest())
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}
@@ -109,7 +160,7 @@ class PrefetchRules:
             raise ValueError("a linear op needs at least one activation argument")
         spec = LinearOpSpec(weight, tuple(activations), swappable=swappable)
         table = dict(self.linear_ops) | {qualified_name: spec}
-        return replace(self, linear_ops=tuple(sorted(table.items())), _cache={})
+        return replace(self, linear_ops=tuple(sorted(table.items())))
 
     def with_op_kind(self, qualified_name: str, kind: OpKind) -> PrefetchRules:
         """Count ``qualified_name`` as vector work, transparent, a barrier to the walk, or
@@ -131,7 +182,6 @@ class PrefetchRules:
             transparent_ops=sets["transparent"],
             barrier_ops=sets["barrier"],
             attention_ops=sets["attention"],
-            _cache={},
         )
 
     def with_role_rule(
@@ -141,7 +191,52 @@ class PrefetchRules:
         if role is not None and role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES} or None")
         re.compile(pattern)
-        return replace(self, role_rules=(RoleRule(pattern, role, why), *self.role_rules), _cache={})
+        return replace(self, role_rules=(RoleRule(pattern, role, why), *self.role_rules))
+
+    def with_weight_op(self, qualified_name: str, kind: WeightOpKind) -> PrefetchRules:
+        """Let the weight trace walk through ``qualified_name`` as a view of the weight's
+        storage, a cast (reads all of it), a dequantize step (the operand as large as the
+        result is the weight) or an index (picks a part at run time)."""
+        _check_op_name(qualified_name)
+        if kind not in _WEIGHT_OP_FIELDS:
+            raise ValueError(f"kind must be one of {tuple(_WEIGHT_OP_FIELDS)}, got {kind!r}")
+        changes = {
+            name: getattr(self, name) - {qualified_name} for name in _WEIGHT_OP_FIELDS.values()
+        }
+        changes[_WEIGHT_OP_FIELDS[kind]] |= {qualified_name}
+        return replace(self, **changes)
+
+    def with_module_wrapper(self, name: str) -> PrefetchRules:
+        """Read ``a.<name>.b`` as ``a.b``: ``name`` wraps the real layer one level down."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"expected one module name without dots, got {name!r}")
+        if name in self.module_wrappers:
+            return self
+        return replace(self, module_wrappers=(*self.module_wrappers, name))
+
+
+def _canonical(value: object) -> str:
+    """A text that only equal values share, the same in every process: sets sorted,
+    dataclasses by their compared fields (named), patterns by their source."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if isinstance(value, re.Pattern):
+        return f"re({value.pattern!r}, {value.flags})"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        body = ", ".join(
+            f"{f.name}={_canonical(getattr(value, f.name))}"
+            for f in dataclasses.fields(value)
+            if f.compare
+        )
+        return f"{type(value).__name__}({body})"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(_canonical(v) for v in value)) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_canonical(v) for v in value) + ")"
+    if isinstance(value, Mapping):
+        items = sorted(f"{_canonical(k)}: {_canonical(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"no stable form for a {type(value).__name__} in the rules")
 
 
 def _check_op_name(qualified_name: str) -> None:
