@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fxprefetch.config import ConfigError
+from fxprefetch.validation import ConfigError
 
 EXIT_USAGE = 2
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fxprefetch.config import load_json
+from fxprefetch.validation import load_json
 
 
 @dataclass(frozen=True)
