@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_plan_dir(args: argparse.Namespace) -> int:
     """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
-    from fxprefetch.plan import render_table, render_totals
+    from fxprefetch.plan_render import render_table, render_totals
     from fxprefetch.plan_store import read_plan_dir
 
     unusable = [
@@ -228,7 +228,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from fxprefetch.explainer import explain
     from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options
-    from fxprefetch.plan import render_table, render_totals
+    from fxprefetch.plan_render import render_table, render_totals
 
     options = _config_option(args)
     config = parse_options(options).config if options else None  # validate before building
@@ -290,7 +290,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import fxprefetch
     from fxprefetch.models import build_model, example_inputs
-    from fxprefetch.plan import render_table
+    from fxprefetch.plan_render import render_table
 
     options: dict[str, Any] = {"target": args.target}
     config = _config_option(args)
