@@ -131,8 +131,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxprefetch.models import PRESETS, preset_names
     from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.presets import PRESETS, preset_names
 
     parser = _Parser(prog="fxprefetch", description="Weight-prefetch planning for LLM graphs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -226,9 +226,9 @@ def run_plan(args: argparse.Namespace) -> int:
     args.model = DEFAULT_MODEL if args.model is None else args.model
     args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
-    from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options
     from fxprefetch.plan_render import render_table, render_totals
+    from fxprefetch.presets import PRESETS, build_model, example_inputs, load_config
 
     options = _config_option(args)
     config = parse_options(options).config if options else None  # validate before building
@@ -289,8 +289,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     import fxprefetch
-    from fxprefetch.models import build_model, example_inputs
     from fxprefetch.plan_render import render_table
+    from fxprefetch.presets import build_model, example_inputs
 
     options: dict[str, Any] = {"target": args.target}
     config = _config_option(args)
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        from fxprefetch.models import ModelError
+        from fxprefetch.presets import ModelError
 
         if isinstance(exc, ModelError):
             print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)

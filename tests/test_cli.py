@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fxprefetch.cli import main
-from fxprefetch.models import PRESETS
+from fxprefetch.presets import PRESETS
 from fxprefetch.schema_check import schema_errors
 
 pytest.importorskip("transformers")
