@@ -286,49 +286,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
+    """``fxprefetch demo``: see :mod:`fxprefetch.demo`; exit 1 where the demo did not hold up."""
+    from fxprefetch.demo import run_demo as demo
 
-    import fxprefetch
-    from fxprefetch.plan_render import render_table
-    from fxprefetch.presets import build_model, example_inputs
-
-    options: dict[str, Any] = {"target": args.target}
-    config = _config_option(args)
-    if config:
-        options.update(config)
-    from fxprefetch.options import parse_options
-
-    parse_options(options)  # validate before compiling
-    model = build_model(args.model)
-    inputs = example_inputs(model)
-    fxprefetch.clear_plans()
-    compiled = torch.compile(model, backend="npu_prefetch", options=options)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        out = compiled(**inputs).logits  # compiles
-        with fxprefetch.collect_stats() as ran:
-            out = compiled(**inputs).logits
-    from fxprefetch.backend import resolve_target
-
-    plans = fxprefetch.last_plans()
-    print(
-        f'{args.model} compiled with torch.compile(backend="npu_prefetch"), target '
-        f"{resolve_target(args.target)}:\n"
-    )
-    print(render_table(plans))
-    diff = (out - expected).abs().max().item()
-    match = torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
-    planned = sum(len(p.prefetched) for p in plans)
-    print(f"\noutputs match eager: {'yes' if match else 'NO'} (max abs difference {diff:.2e})")
-    print(f"prefetches planned per forward: {planned}")
-    print(f"  reached the prefetch kernel: {ran.calls} ({ran.bytes_requested} bytes requested)")
-    if ran.hints:
-        print(
-            f"  planned hints counted per graph call: {ran.hints} ({ran.hint_bytes} bytes); "
-            "no kernel ran: on this device a prefetch is only a hint, so the compiled code "
-            "leaves them out"
-        )
-    return 0 if match and ran.calls + ran.hints == planned else 1
+    result = demo(args.model, {"target": args.target, **(_config_option(args) or {})})
+    print(result.text)
+    return 0 if result.passed else 1
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -229,6 +229,27 @@ def test_demo_command_runs():
     assert "planned hints" not in proc.stdout
 
 
+@pytest.mark.parametrize(("passed", "code"), [(True, 0), (False, 1)])
+def test_demo_prints_the_demo_and_exits_1_where_it_did_not_hold_up(
+    passed, code, monkeypatch, capsys
+):
+    import fxprefetch.demo
+    from fxprefetch.demo import DemoResult
+
+    seen = []
+
+    def fake(model_name, options):
+        seen.append((model_name, options))
+        return DemoResult("the demo's text", passed)
+
+    monkeypatch.setattr(fxprefetch.demo, "run_demo", fake)
+    assert main(["demo", "--model", "mixtral-tiny", "--config", '{"enabled": true}']) == code
+    assert capsys.readouterr().out == "the demo's text\n"
+    assert seen == [
+        ("mixtral-tiny", {"target": "auto", "weight_prefetch_config": '{"enabled": true}'})
+    ]
+
+
 def test_schema_file_is_shipped():
     assert Path(str(resources.files("fxprefetch").joinpath("plan_schema.json"))).is_file()
 
