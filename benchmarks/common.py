@@ -45,7 +45,7 @@ def llama_8b_shaped(layers: int) -> torch.nn.Module:
     """Llama-3-8B shapes with any number of layers (even more than 32), on the meta device."""
     import transformers
 
-    from fxprefetch.models import PRESETS
+    from fxprefetch.presets import PRESETS
 
     config = transformers.LlamaConfig(
         **{**PRESETS["llama-3-8b"].kwargs, "num_hidden_layers": layers}

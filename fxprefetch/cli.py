@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fxprefetch.config import ConfigError
+from fxprefetch.validation import ConfigError
 
 EXIT_USAGE = 2
 
@@ -131,8 +131,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxprefetch.models import PRESETS, preset_names
     from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.presets import PRESETS, preset_names
 
     parser = _Parser(prog="fxprefetch", description="Weight-prefetch planning for LLM graphs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_plan_dir(args: argparse.Namespace) -> int:
     """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
-    from fxprefetch.plan import render_table, render_totals
+    from fxprefetch.plan_render import render_table, render_totals
     from fxprefetch.plan_store import read_plan_dir
 
     unusable = [
@@ -226,9 +226,9 @@ def run_plan(args: argparse.Namespace) -> int:
     args.model = DEFAULT_MODEL if args.model is None else args.model
     args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
-    from fxprefetch.models import PRESETS, build_model, example_inputs, load_config
     from fxprefetch.options import parse_options
-    from fxprefetch.plan import render_table, render_totals
+    from fxprefetch.plan_render import render_table, render_totals
+    from fxprefetch.presets import PRESETS, build_model, example_inputs, load_config
 
     options = _config_option(args)
     config = parse_options(options).config if options else None  # validate before building
@@ -286,49 +286,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
+    """``fxprefetch demo``: see :mod:`fxprefetch.demo`; exit 1 where the demo did not hold up."""
+    from fxprefetch.demo import run_demo as demo
 
-    import fxprefetch
-    from fxprefetch.models import build_model, example_inputs
-    from fxprefetch.plan import render_table
-
-    options: dict[str, Any] = {"target": args.target}
-    config = _config_option(args)
-    if config:
-        options.update(config)
-    from fxprefetch.options import parse_options
-
-    parse_options(options)  # validate before compiling
-    model = build_model(args.model)
-    inputs = example_inputs(model)
-    fxprefetch.clear_plans()
-    compiled = torch.compile(model, backend="npu_prefetch", options=options)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        out = compiled(**inputs).logits  # compiles
-        with fxprefetch.collect_stats() as ran:
-            out = compiled(**inputs).logits
-    from fxprefetch.backend import resolve_target
-
-    plans = fxprefetch.last_plans()
-    print(
-        f'{args.model} compiled with torch.compile(backend="npu_prefetch"), target '
-        f"{resolve_target(args.target)}:\n"
-    )
-    print(render_table(plans))
-    diff = (out - expected).abs().max().item()
-    match = torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
-    planned = sum(len(p.prefetched) for p in plans)
-    print(f"\noutputs match eager: {'yes' if match else 'NO'} (max abs difference {diff:.2e})")
-    print(f"prefetches planned per forward: {planned}")
-    print(f"  reached the prefetch kernel: {ran.calls} ({ran.bytes_requested} bytes requested)")
-    if ran.hints:
-        print(
-            f"  planned hints counted per graph call: {ran.hints} ({ran.hint_bytes} bytes); "
-            "no kernel ran: on this device a prefetch is only a hint, so the compiled code "
-            "leaves them out"
-        )
-    return 0 if match and ran.calls + ran.hints == planned else 1
+    result = demo(args.model, {"target": args.target, **(_config_option(args) or {})})
+    print(result.text)
+    return 0 if result.passed else 1
 
 
 def _emit(text: str, output: str | None) -> None:
@@ -354,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        from fxprefetch.models import ModelError
+        from fxprefetch.presets import ModelError
 
         if isinstance(exc, ModelError):
             print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)

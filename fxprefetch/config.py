@@ -22,7 +22,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -36,6 +35,19 @@ from fxprefetch.roles import (
     MOE_GATE_UP,
     ROLES,
 )
+from fxprefetch.validation import (
+    AUTO,
+    ConfigError,
+    describe,
+    did_you_mean,
+    expect_bool,
+    expect_non_negative_int,
+    expect_object,
+    expect_positive_int_or_auto,
+    expect_ratio,
+    parse_json,
+    reject_unknown_keys,
+)
 
 logger = logging.getLogger("fxprefetch")
 
@@ -43,10 +55,9 @@ ROOT_KEY = "weight_prefetch_config"
 DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024
 WINDOW_KINDS: tuple[str, ...] = ("vector", "collective", "attention")
 DEFAULT_WINDOWS: tuple[str, ...] = ("vector",)
-AUTO = "auto"  # a size the device's profile decides: what the window can hide
 
 # Misspellings seen in the wild that difflib alone would not map well.
-_ALIASES = {
+KEY_ALIASES: Mapping[str, str] = {
     "enable": "enabled",
     "on": "enabled",
     "ratio": "prefetch_ratio",
@@ -68,93 +79,30 @@ _ALIASES = {
 }
 
 
-class ConfigError(ValueError):
-    """A ``weight_prefetch_config`` (or backend option) that is not valid.
-
-    ``path`` is the JSON path of the offending value, e.g.
-    ``weight_prefetch_config.prefetch_ratio.mlp.down``.
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
-
-
-def did_you_mean(key: str, allowed: Iterable[str]) -> str:
-    """A ``" (did you mean 'x'?)"`` suffix for ``key``, or ``""`` when nothing is close."""
-    allowed = list(allowed)
-    alias = _ALIASES.get(key.lower()) if isinstance(key, str) else None
-    if alias in allowed:
-        return f" (did you mean {alias!r}?)"
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _reject_unknown_keys(obj: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
-    allowed = tuple(allowed)
-    for key in obj:
-        if key not in allowed:
-            raise ConfigError(
-                f"{path}.{key}",
-                f"unknown key{did_you_mean(key, allowed)}; expected one of {list(allowed)}",
-            )
-
-
-def _expect_object(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected a JSON object, got {_describe(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ConfigError(path, f"keys must be strings, got {_describe(key)}")
-    return value
-
-
-def _expect_bool(value: Any, path: str) -> bool:
-    # The string "false" once switched the feature on elsewhere: only real booleans pass.
-    if not isinstance(value, bool):
-        raise ConfigError(path, f"expected a JSON boolean (true or false), got {_describe(value)}")
-    return value
-
-
-def _expect_ratio(value: Any, path: str) -> float | str:
-    if value == AUTO and isinstance(value, str):
-        return AUTO
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(path, f'expected a number in [0, 1] or "auto", got {_describe(value)}')
-    if isinstance(value, int):  # compare before float(): 10**400 would overflow
-        if not 0 <= value <= 1:
-            raise ConfigError(path, f"expected a number in [0, 1], got {value!r}")
-        return float(value)
-    ratio = float(value)
-    if math.isnan(ratio) or math.isinf(ratio) or not 0.0 <= ratio <= 1.0:
-        raise ConfigError(path, f"expected a number in [0, 1], got {value!r}")
-    return ratio
+    reject_unknown_keys(obj, allowed, path, KEY_ALIASES)
 
 
 def _expect_cap(value: Any, path: str) -> int | str:
-    if value == AUTO and isinstance(value, str):
-        return AUTO
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(
-            path,
-            f'expected a positive integer number of bytes or "auto", got {_describe(value)}',
-        )
-    return value
+    return expect_positive_int_or_auto(value, path, "number of bytes")
+
+
+def _expect_token_count(value: Any, path: str) -> int:
+    return expect_non_negative_int(value, path, "token count")
 
 
 def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(
             path,
-            f"expected a non-empty list drawn from {list(WINDOW_KINDS)}, got {_describe(value)}",
+            f"expected a non-empty list drawn from {list(WINDOW_KINDS)}, got {describe(value)}",
         )
     kinds: list[str] = []
     for i, kind in enumerate(value):
         if not isinstance(kind, str) or kind not in WINDOW_KINDS:
             hint = did_you_mean(kind, WINDOW_KINDS) if isinstance(kind, str) else ""
             raise ConfigError(
-                f"{path}[{i}]", f"expected one of {list(WINDOW_KINDS)}, got {_describe(kind)}{hint}"
+                f"{path}[{i}]", f"expected one of {list(WINDOW_KINDS)}, got {describe(kind)}{hint}"
             )
         if kind in kinds:
             raise ConfigError(f"{path}[{i}]", f"window kind {kind!r} is listed twice")
@@ -169,22 +117,6 @@ def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
     return tuple(sorted(kinds, key=WINDOW_KINDS.index))
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {json.dumps(value)}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    return f"{type(value).__name__} {value!r}"
-
-
 @dataclass(frozen=True)
 class PrefetchRatios:
     """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role"."""
@@ -197,7 +129,7 @@ class PrefetchRatios:
 
     def __post_init__(self) -> None:
         for role in ROLES:
-            ratio = _expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
+            ratio = expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
             # 1 and 1.0, -0.0 and 0.0 compare equal: store one form, so digests agree too
             value = ratio if ratio == AUTO else float(ratio) + 0.0
             object.__setattr__(self, role.replace(".", "_"), value)
@@ -220,7 +152,7 @@ class PrefetchRatios:
 
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.prefetch_ratio") -> PrefetchRatios:
-        sections = _expect_object(value, path)
+        sections = expect_object(value, path)
         layout: dict[str, list[str]] = {}
         for role in ROLES:
             section, name = role.split(".")
@@ -228,22 +160,14 @@ class PrefetchRatios:
         _reject_unknown_keys(sections, layout, path)
         kwargs: dict[str, float | str] = {}
         for section, value_ in sections.items():
-            body = _expect_object(value_, f"{path}.{section}")
+            body = expect_object(value_, f"{path}.{section}")
             _reject_unknown_keys(body, layout[section], f"{path}.{section}")
             for name, ratio in body.items():
-                kwargs[f"{section}_{name}"] = _expect_ratio(ratio, f"{path}.{section}.{name}")
+                kwargs[f"{section}_{name}"] = expect_ratio(ratio, f"{path}.{section}.{name}")
         return cls(**kwargs)
 
 
 TOKEN_KEYS: tuple[str, ...] = ("min_tokens", "max_tokens")
-
-
-def _expect_token_count(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(
-            path, f"expected a non-negative integer token count, got {_describe(value)}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -292,7 +216,7 @@ class TokenRange:
 
     @classmethod
     def from_dict(cls, value: Any, path: str, allowed: Iterable[str] = TOKEN_KEYS) -> TokenRange:
-        obj = _expect_object(value, path)
+        obj = expect_object(value, path)
         _reject_unknown_keys(obj, allowed, path)
         low = _expect_token_count(obj.get("min_tokens", 0), f"{path}.min_tokens")
         high = obj.get("max_tokens")
@@ -354,7 +278,7 @@ class TokenBounds:
 
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.token_range") -> TokenBounds:
-        obj = _expect_object(value, path)
+        obj = expect_object(value, path)
         layout: dict[str, list[str]] = {}
         for role in ROLES:
             section, name = role.split(".")
@@ -365,7 +289,7 @@ class TokenBounds:
         for section, names in layout.items():
             if section not in obj:
                 continue
-            body = _expect_object(obj[section], f"{path}.{section}")
+            body = expect_object(obj[section], f"{path}.{section}")
             _reject_unknown_keys(body, names, f"{path}.{section}")
             for name, bounds in body.items():
                 found = TokenRange.from_dict(bounds, f"{path}.{section}.{name}")
@@ -398,7 +322,7 @@ class WeightPrefetchConfig:
 
     def __post_init__(self) -> None:
         if self.enabled is not None:
-            _expect_bool(self.enabled, f"{ROOT_KEY}.enabled")
+            expect_bool(self.enabled, f"{ROOT_KEY}.enabled")
         if not isinstance(self.prefetch_ratio, PrefetchRatios):
             raise ConfigError(
                 f"{ROOT_KEY}.prefetch_ratio",
@@ -406,7 +330,7 @@ class WeightPrefetchConfig:
             )
         if self.max_prefetch_bytes is not None:
             _expect_cap(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
-        _expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
+        expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
         if self.windows is not None:
             windows = _expect_windows(self.windows, f"{ROOT_KEY}.windows")
             object.__setattr__(self, "windows", windows)
@@ -420,12 +344,12 @@ class WeightPrefetchConfig:
     @classmethod
     def from_dict(cls, value: Any, path: str = ROOT_KEY) -> WeightPrefetchConfig:
         """Build from the ``weight_prefetch_config`` object (already parsed JSON)."""
-        obj = _expect_object(value, path)
+        obj = expect_object(value, path)
         names = [f.name for f in fields(cls)]
         _reject_unknown_keys(obj, names, path)
         kwargs: dict[str, Any] = {}
         if "enabled" in obj:
-            kwargs["enabled"] = _expect_bool(obj["enabled"], f"{path}.enabled")
+            kwargs["enabled"] = expect_bool(obj["enabled"], f"{path}.enabled")
         if "prefetch_ratio" in obj:
             kwargs["prefetch_ratio"] = PrefetchRatios.from_dict(
                 obj["prefetch_ratio"], f"{path}.prefetch_ratio"
@@ -435,7 +359,7 @@ class WeightPrefetchConfig:
                 obj["max_prefetch_bytes"], f"{path}.max_prefetch_bytes"
             )
         if "sequence_parallel" in obj:
-            kwargs["sequence_parallel"] = _expect_bool(
+            kwargs["sequence_parallel"] = expect_bool(
                 obj["sequence_parallel"], f"{path}.sequence_parallel"
             )
         if "windows" in obj:
@@ -460,7 +384,7 @@ class WeightPrefetchConfig:
         Without the section, the result is the default config with ``enabled`` not written.
         """
         obj = parse_json(text, path) if isinstance(text, str) else text
-        obj = _expect_object(obj, path)
+        obj = expect_object(obj, path)
         if ROOT_KEY not in obj:
             for key in obj:
                 close = difflib.get_close_matches(key.lower(), [ROOT_KEY], n=1, cutoff=0.75)
@@ -546,45 +470,3 @@ class WeightPrefetchConfig:
             windows=self.windows,
             token_range=self.token_range,
         )
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-JSON_TOO_DEEP = "JSON nested too deeply"
-
-
-def load_json(text: str, **kwargs: Any) -> Any:
-    """``json.loads``, but JSON nested past the recursion limit is a ValueError, not a crash."""
-    try:
-        return json.loads(text, **kwargs)
-    except RecursionError:
-        raise ValueError(JSON_TOO_DEEP) from None
-
-
-def parse_json(text: str, path: str) -> Any:
-    """Strict JSON: no NaN/Infinity, no duplicate keys; errors carry line and column."""
-    if not isinstance(text, str):
-        raise ConfigError(path, f"expected a JSON string, got {type(text).__name__}")
-    try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-        )
-    except RecursionError:
-        raise ConfigError(path, JSON_TOO_DEEP) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            path, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(path, f"invalid JSON: {exc}") from None

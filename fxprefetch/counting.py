@@ -37,12 +37,13 @@ def planned_prefetches(
     index = {name: i for i, name in enumerate(planner.source_names) if name}
     return tuple(
         runtime_stats.PlannedPrefetch(
-            weight,
-            r.weight_shape,
-            r.dtype,
-            r.prefetch_bytes,
-            r.prefetch_bytes,  # sized within the stored span from offset: all of it is covered
-            index.get(weight),
+            weight=weight,
+            shape=r.weight_shape,
+            dtype=r.dtype,
+            requested=r.prefetch_bytes,
+            # sized within the stored span from offset: all of it is covered
+            nbytes=r.prefetch_bytes,
+            arg_index=index.get(weight),
         )
         for report in planner.reports
         if report.hints_elided == elided

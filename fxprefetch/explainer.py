@@ -3,7 +3,7 @@ running it on a device.
 
 The model is traced by dynamo and AOT autograd exactly as the backend would trace it; the
 pass runs on the aten graphs; nothing is lowered. A model on the meta device (see
-:func:`fxprefetch.models.build_model`) costs no weight memory.
+:func:`fxprefetch.presets.build_model`) costs no weight memory.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fxprefetch.config import ConfigError, WeightPrefetchConfig, did_you_mean, parse_json
+from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
 from fxprefetch.passes.tables.rules import PrefetchRules
+from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 
 TARGETS = ("auto", "npu", "inductor", "eager")
 OPTION_KEYS = (

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from fxprefetch.config import load_json
 from fxprefetch.pipeline import CompileReport, PassResult
 from fxprefetch.plan import PrefetchPlan, SkipReason
 from fxprefetch.schema_check import plan_schema, schema_errors
+from fxprefetch.validation import load_json
 
 logger = logging.getLogger("fxprefetch")
 

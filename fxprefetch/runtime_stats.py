@@ -63,6 +63,31 @@ class PrefetchStats:
     per_weight: Mapping[str, WeightStats] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _WeightTally:
+    """The running counts of one weight tensor in one block (mutable: counted in place on
+    every prefetch; :meth:`snapshot` gives the frozen :class:`WeightStats`)."""
+
+    name: str | None  # None until a graph call names the tensor
+    shape: tuple[int, ...]
+    dtype: str
+    calls: int = 0
+    requested: int = 0
+    prefetched: int = 0
+    hints: int = 0
+
+    def snapshot(self, label: str) -> WeightStats:
+        return WeightStats(
+            name=label,
+            shape=self.shape,
+            dtype=self.dtype,
+            calls=self.calls,
+            bytes_requested=self.requested,
+            bytes_prefetched=self.prefetched,
+            hints=self.hints,
+        )
+
+
 class _Tally:
     """Counts of one scope (the process, or one ``collect_stats`` block)."""
 
@@ -70,18 +95,23 @@ class _Tally:
 
     def __init__(self, per_weight: bool = False) -> None:
         self.calls = self.requested = self.prefetched = self.hints = self.hint_bytes = 0
-        # (data_ptr or name) -> [name, shape, dtype, calls, requested, prefetched, hints]
-        self.per_weight: dict[int | str, list] | None = {} if per_weight else None
+        # keyed by data_ptr, or by name where no pointer is known
+        self.per_weight: dict[int | str, _WeightTally] | None = {} if per_weight else None
 
     def snapshot(self) -> PrefetchStats:
         per_weight: dict[str, WeightStats] = {}
-        for key, (name, shape, dtype, calls, req, pre, hints) in (self.per_weight or {}).items():
-            label = name or (key if isinstance(key, str) else f"tensor@{key:#x}")
+        for key, weight in (self.per_weight or {}).items():
+            label = weight.name or (key if isinstance(key, str) else f"tensor@{key:#x}")
             if label in per_weight:  # another tensor with the same name (another model)
                 label = f"{label} (tensor@{key:#x})" if isinstance(key, int) else f"{label}#2"
-            per_weight[label] = WeightStats(label, shape, dtype, calls, req, pre, hints)
+            per_weight[label] = weight.snapshot(label)
         return PrefetchStats(
-            self.calls, self.requested, self.prefetched, self.hints, self.hint_bytes, per_weight
+            calls=self.calls,
+            bytes_requested=self.requested,
+            bytes_prefetched=self.prefetched,
+            hints=self.hints,
+            hint_bytes=self.hint_bytes,
+            per_weight=per_weight,
         )
 
 
@@ -98,13 +128,16 @@ _LOCK = threading.Lock()
 _THREAD = _ThreadState()
 
 
-def _weight_entry(tally: _Tally, key: int | str, name: str | None, shape, dtype) -> list:
+def _weight_entry(
+    tally: _Tally, key: int | str, name: str | None, shape: tuple[int, ...], dtype: str
+) -> _WeightTally:
+    """The block's running counts of one weight, made on its first prefetch."""
     assert tally.per_weight is not None
     entry = tally.per_weight.get(key)
     if entry is None:
-        entry = tally.per_weight[key] = [name, shape, dtype, 0, 0, 0, 0]
-    elif entry[0] is None and name is not None:
-        entry[0] = name
+        entry = tally.per_weight[key] = _WeightTally(name, shape, dtype)
+    elif entry.name is None and name is not None:
+        entry.name = name
     return entry
 
 
@@ -134,9 +167,9 @@ def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
         block.prefetched += prefetched
         if block.per_weight is not None:
             entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
-            entry[3] += 1
-            entry[4] += requested
-            entry[5] += prefetched
+            entry.calls += 1
+            entry.requested += requested
+            entry.prefetched += prefetched
 
 
 def record_hint(weight: torch.Tensor, nbytes: int) -> None:
@@ -154,7 +187,7 @@ def record_hint(weight: torch.Tensor, nbytes: int) -> None:
         block.hint_bytes += nbytes
         if block.per_weight is not None:
             entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
-            entry[6] += 1
+            entry.hints += 1
 
 
 @dataclass(frozen=True)
@@ -189,11 +222,11 @@ def record_planned(
             key = ptr if ptr is not None else p.weight
             entry = _weight_entry(block, key, p.weight, p.shape, p.dtype)
             if ran:
-                entry[3] += 1
-                entry[4] += p.requested
-                entry[5] += p.nbytes
+                entry.calls += 1
+                entry.requested += p.requested
+                entry.prefetched += p.nbytes
             else:
-                entry[6] += 1
+                entry.hints += 1
 
 
 def _count(tally: _Tally, count: int, requested: int, nbytes: int, ran: bool) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fxprefetch.plan import LinearRecord, PrefetchPlan, _fmt_bytes
+from fxprefetch.plan import LinearRecord, PrefetchPlan
+from fxprefetch.plan_render import format_bytes
 from fxprefetch.roles import MOE_GATE_UP
 
 
@@ -117,7 +118,7 @@ def _draw_layer(ax, label: str, records: list[LinearRecord]) -> None:
         ax.text(
             start + 0.2,
             y + 0.12,
-            f"{_short(r)} {_fmt_bytes(r.prefetch_bytes)}{' capped' if r.capped else ''}",
+            f"{_short(r)} {format_bytes(r.prefetch_bytes)}{' capped' if r.capped else ''}",
             fontsize=6,
             va="bottom",
         )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fxprefetch
-from fxprefetch.models import build_model, example_inputs
+from fxprefetch.presets import build_model, example_inputs
 
 from synthetic import SynthModel, SynthSpec
 

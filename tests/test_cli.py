@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fxprefetch.cli import main
-from fxprefetch.models import PRESETS
+from fxprefetch.presets import PRESETS
 from fxprefetch.schema_check import schema_errors
 
 pytest.importorskip("transformers")
@@ -227,6 +227,27 @@ def test_demo_command_runs():
     assert "prefetches planned per forward: 10" in proc.stdout
     assert "reached the prefetch kernel: 10" in proc.stdout  # the eager target runs the op
     assert "planned hints" not in proc.stdout
+
+
+@pytest.mark.parametrize(("passed", "code"), [(True, 0), (False, 1)])
+def test_demo_prints_the_demo_and_exits_1_where_it_did_not_hold_up(
+    passed, code, monkeypatch, capsys
+):
+    import fxprefetch.demo
+    from fxprefetch.demo import DemoResult
+
+    seen = []
+
+    def fake(model_name, options):
+        seen.append((model_name, options))
+        return DemoResult("the demo's text", passed)
+
+    monkeypatch.setattr(fxprefetch.demo, "run_demo", fake)
+    assert main(["demo", "--model", "mixtral-tiny", "--config", '{"enabled": true}']) == code
+    assert capsys.readouterr().out == "the demo's text\n"
+    assert seen == [
+        ("mixtral-tiny", {"target": "auto", "weight_prefetch_config": '{"enabled": true}'})
+    ]
 
 
 def test_schema_file_is_shipped():

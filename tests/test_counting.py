@@ -129,3 +129,41 @@ def test_compiled_counts_equal_the_prefetches_that_ran(mode, monkeypatch, fresh_
     assert s.calls == len(ran) == 3 * 4
     assert {w.calls for w in s.per_weight.values()} == {3}
     assert set(s.per_weight) == {r.weight for r in plan.prefetched}
+
+
+def test_per_weight_counts_keep_each_field_apart():
+    """Kernel calls, hints and planned counts land in the weight's own named fields."""
+    from fxprefetch import runtime_stats
+    from fxprefetch.runtime_stats import PlannedPrefetch, WeightStats
+
+    weight = torch.zeros(4, 8)  # 128 bytes
+    planned = PlannedPrefetch(
+        weight="w", shape=(4, 8), dtype="torch.float32", requested=96, nbytes=64, arg_index=0
+    )
+    ptrs = {0: weight.data_ptr()}
+    names = {weight.data_ptr(): "layers.0.w"}
+    with fxprefetch.collect_stats(per_weight=True) as s, runtime_stats.naming(names):
+        runtime_stats.record(weight, requested=100, prefetched=80)
+        runtime_stats.record_hint(weight, nbytes=32)
+        runtime_stats.record_planned([planned], ptrs, ran=True)
+        runtime_stats.record_planned([planned], ptrs, ran=False)
+        runtime_stats.record_planned([planned], None, ran=False)  # no pointer: keyed by name
+    assert s.per_weight == {
+        "layers.0.w": WeightStats(
+            name="layers.0.w",
+            shape=(4, 8),
+            dtype="torch.float32",
+            calls=2,
+            bytes_requested=196,
+            bytes_prefetched=144,
+            hints=2,
+        ),
+        "w": WeightStats(name="w", shape=(4, 8), dtype="torch.float32", hints=1),
+    }
+    assert (s.calls, s.bytes_requested, s.bytes_prefetched, s.hints, s.hint_bytes) == (
+        2,
+        196,
+        144,
+        3,
+        32 + 64 + 64,
+    )

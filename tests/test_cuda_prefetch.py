@@ -523,7 +523,7 @@ def _split_actquant():
 
 
 def _llama():
-    from fxprefetch.models import build_model
+    from fxprefetch.presets import build_model
 
     return build_model("llama-tiny", layers=2)
 

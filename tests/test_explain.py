@@ -8,7 +8,7 @@ from torch import nn
 
 import fxprefetch
 from fxprefetch.explainer import explain
-from fxprefetch.models import build_model, example_inputs
+from fxprefetch.presets import build_model, example_inputs
 
 from synthetic import SynthModel, SynthSpec, TwoGraphs
 

@@ -279,7 +279,7 @@ def test_inductor_freezing_prepacked_linears_are_recorded(fresh_dynamo):
 @pytest.mark.compile
 def test_hf_moe_eager_experts_are_listed_outside_compiled_graphs():
     transformers = pytest.importorskip("transformers")
-    from fxprefetch.models import example_inputs, load_config
+    from fxprefetch.presets import example_inputs, load_config
 
     config = load_config("mixtral-tiny", 1)
     torch.manual_seed(0)

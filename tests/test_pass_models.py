@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.models import build_model
 from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.presets import build_model
 
 from tracing import export_aten, run_graph
 

@@ -1,4 +1,4 @@
-"""PrefetchPlan: JSON round trip, summary totals, table rendering."""
+"""PrefetchPlan: JSON round trip, summary totals, the schema, plans written per graph."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
 from fxprefetch.passes import run_weight_prefetch
-from fxprefetch.plan import render_table, render_totals
 
 from synthetic import SynthModel, SynthSpec, TwoGraphs
 from tracing import fake_trace
@@ -38,17 +37,6 @@ def test_json_round_trip_and_summary():
         "no role": 1,
     }
     assert s["by_role"] == {"attn.qkv": 2, "mlp.gate_up": 2}
-
-
-def test_table_rows_fold_and_totals():
-    plan = _plan(layers=3)
-    table = plan.table()
-    assert table.count("\n") > 12 and "layers.2.mlp.gate_up_proj" in table
-    folded = render_table([plan], fold=True)
-    assert "0-2 (x3)" in folded and "layers.*.mlp.gate_up_proj" in folded
-    assert plan.summary_line() in folded
-    totals = render_totals([plan, plan])
-    assert totals.startswith("totals: 26 linears seen, 12 prefetched")
 
 
 def test_plans_are_written_to_fxprefetch_plan_dir_and_follow_the_schema(

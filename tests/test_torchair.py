@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import fxprefetch
-from fxprefetch.models import build_model, example_inputs, load_config
 from fxprefetch.planner import PrefetchPassError
+from fxprefetch.presets import build_model, example_inputs, load_config
 
 from npu_standins import PREFETCH_CALLS
 from synthetic import SynthModel, SynthSpec
