@@ -46,8 +46,6 @@ from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.prediction import DeviceProfile
 
-TARGETS = ("npu", "inductor", "eager")
-
 
 @dataclass(frozen=True)
 class PassContext:
@@ -166,6 +164,7 @@ PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
 }
 # inductor regenerates the code after its post-grad passes; the others run gm.forward
 RECOMPILES: Mapping[str, bool] = {"npu": True, "inductor": False, "eager": True}
+TARGETS = tuple(PIPELINES)  # each entry of fxprefetch.targets.TARGETS runs one of these
 
 
 @dataclass(frozen=True)
