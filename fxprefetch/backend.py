@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fxprefetch.compile_setup import CompileSetup, compile_setup
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
 from fxprefetch.dynamo_registry import entry_point_value
@@ -20,11 +20,11 @@ from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import resolve_target
+from fxprefetch.targets import compile_setup
 
 logger = logging.getLogger("fxprefetch")
 
-__all__ = ["resolve_target", "setup_from_options", "torchair_backend"]  # and npu_prefetch
+__all__ = ["setup_from_options", "torchair_backend"]  # and npu_prefetch, see the end
 
 
 def setup_from_options(

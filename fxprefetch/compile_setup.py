@@ -1,8 +1,9 @@
 """One compile's setup: everything fixed before the passes run, and the key it makes.
 
 The backend, :func:`fxprefetch.explain` and the vLLM pass each build a :class:`CompileSetup`
-with :func:`compile_setup`, the one place where the target (``auto``), the rules (the
-current ones where none are given) and the devices' setup are resolved. A
+with :func:`fxprefetch.targets.compile_setup`, the one place where the target (``auto``),
+the rules (the current ones where none are given) and the devices' setup are resolved (it
+sits above the target registry, which this value stays below). A
 :class:`fxprefetch.planner.GraphPlanner` runs the pipeline under it.
 
 Its cache key (:meth:`CompileSetup.cache_key`) is derived, never listed by hand: every field
@@ -26,15 +27,15 @@ from typing import Any
 
 import fxprefetch.passes.analysis as analysis_package
 import fxprefetch.passes.tables as tables_package
-from fxprefetch import ops, pipeline, plan, planner
 from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.devices import DeviceSetup, device_setup
-from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
-from fxprefetch.targets import AUTO, TargetSpec, resolve_target, target_spec
+from fxprefetch.devices import DeviceSetup
+from fxprefetch.passes.tables.rules import PrefetchRules
+from fxprefetch.pipeline import PIPELINES
 
 _PACKAGE_ROOT = Path(__file__).parent
-# the driver around the passes: how they are run, what they insert, what the plans hold
-_DRIVER_MODULES = (pipeline, planner, ops, plan)
+# the driver around the passes: how they are run, what they insert, what the plans hold, and
+# the targets' lowerings
+_DRIVER_FILES = ("pipeline.py", "planner.py", "ops.py", "plan.py", "targets/*.py")
 # what the passes read besides their own modules
 _READ_PACKAGES = (analysis_package, tables_package)
 
@@ -54,10 +55,6 @@ class CompileSetup:
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
     cudagraphs: bool = False  # the compiled graph is replayed as a CUDA graph
 
-    @property
-    def spec(self) -> TargetSpec:
-        return target_spec(self.target)
-
     def cache_key(self, *parts: str) -> str:
         """The compile-cache key: every field, the source of the passes that run for the
         target (:func:`pass_source_files`), and ``parts`` (what the caller adds)."""
@@ -66,52 +63,6 @@ class CompileSetup:
         h.update(source_digest(pass_source_files(self.target)).encode())
         h.update(json.dumps(list(parts)).encode())
         return h.hexdigest()
-
-
-def compile_setup(
-    config: WeightPrefetchConfig,
-    *,
-    target: str = AUTO,
-    rules: PrefetchRules | None = None,
-    strict: bool = False,
-    split_at_attention: bool = False,
-    mode: str | None = None,
-    cudagraphs: bool | None = None,
-    native_prefetch: str = "auto",
-    cuda_lowering: str = "side_stream",
-    cache_hint: str = "none",
-    devices: DeviceSetup | None = None,
-    devices_for: str | None = None,
-) -> CompileSetup:
-    """The setup of one compile, resolved once.
-
-    ``target``: ``auto`` is ``npu`` where torch_npu sees a device, else ``inductor``.
-    ``rules``: None takes the current rules. ``cudagraphs``: whether the compiled graph is
-    replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
-    ``devices``: the devices' setup as given (a simulated device); None: this process's for
-    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
-    ``cache_hint`` (see :mod:`fxprefetch.devices`).
-    """
-    spec = target_spec(target)
-    if cudagraphs is None:
-        cudagraphs = spec.replays_cudagraphs(mode)
-    if devices is None:
-        devices = device_setup(
-            resolve_target(devices_for) if devices_for is not None else spec.name,
-            cudagraphs=cudagraphs,
-            native_prefetch=native_prefetch,
-            cuda_lowering=cuda_lowering,
-            cache_hint=cache_hint,
-        )
-    return CompileSetup(
-        config=config,
-        rules=rules if rules is not None else current_rules(),
-        target=spec.name,
-        devices=devices,
-        strict=strict,
-        split_at_attention=split_at_attention,
-        cudagraphs=cudagraphs,
-    )
 
 
 def canonical(value: Any) -> Any:
@@ -155,11 +106,12 @@ def _source_file(obj: Any) -> Path:
 
 def pass_source_files(target: str) -> tuple[Path, ...]:
     """Every source file that decides what the passes of ``target`` do: their modules, the
-    analyses and tables they read, the driver and the target's compile module."""
-    spec = target_spec(target)
-    files = {_source_file(p) for p in spec.passes}
-    files.add(_source_file(spec.compile))
-    files.update(_source_file(module) for module in _DRIVER_MODULES)
+    analyses and tables they read, the driver and the targets' lowerings."""
+    if target not in PIPELINES:
+        raise ValueError(f"unknown target {target!r}; expected one of {tuple(PIPELINES)}")
+    files = {_source_file(p) for p in PIPELINES[target]}
+    for pattern in _DRIVER_FILES:
+        files.update(_PACKAGE_ROOT.glob(pattern))
     for package in _READ_PACKAGES:
         files.update(Path(package.__file__).parent.rglob("*.py"))
     return tuple(sorted(files))
@@ -187,4 +139,4 @@ def source_digest(files: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["CompileSetup", "canonical", "compile_setup", "pass_source_files", "source_digest"]
+__all__ = ["CompileSetup", "canonical", "pass_source_files", "source_digest"]

@@ -17,7 +17,6 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
-from fxprefetch.compile_setup import compile_setup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
@@ -26,6 +25,7 @@ from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 
 
 def explain(

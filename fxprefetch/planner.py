@@ -16,21 +16,18 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from torch.fx import GraphModule
 
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
 from fxprefetch.passes.strip_prefetch import strip_prefetch
-from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipeline
+from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
-
-if TYPE_CHECKING:
-    from fxprefetch.compile_setup import CompileSetup
 
 logger = logging.getLogger("fxprefetch")
 
@@ -185,7 +182,7 @@ class GraphPlanner:
                 raise PrefetchPassError(
                     f"weight-prefetch pass failed on {self.name}: {exc}"
                 ) from exc
-            recompile = self.setup.spec.recompiles
+            recompile = RECOMPILES.get(self.target, True)
             removed = sum(
                 strip_prefetch(g, recompile=recompile)
                 for g in gm.modules()

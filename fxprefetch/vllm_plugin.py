@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule
 
-from fxprefetch.compile_setup import CompileSetup, compile_setup
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 
 logger = logging.getLogger("fxprefetch")

@@ -182,7 +182,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
         ),
     )
     monkeypatch.setattr(
-        "fxprefetch.compile_setup.device_setup",
+        "fxprefetch.targets.device_setup",
         lambda target, **_: simulated_setup("h200", {"cpu"}),
     )
     shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}

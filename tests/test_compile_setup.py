@@ -16,13 +16,8 @@ import pytest
 
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch import compile_setup as compile_setup_module
-from fxprefetch.compile_setup import (
-    CompileSetup,
-    canonical,
-    compile_setup,
-    pass_source_files,
-    source_digest,
-)
+from fxprefetch import targets as targets_module
+from fxprefetch.compile_setup import CompileSetup, canonical, pass_source_files, source_digest
 from fxprefetch.config import ConfigError
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.options import parse_options
@@ -31,7 +26,14 @@ from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import PIPELINES, RECOMPILES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.prediction import profile
-from fxprefetch.targets import AUTO, TARGET_NAMES, TARGETS, resolve_target, target_spec
+from fxprefetch.targets import (
+    AUTO,
+    TARGET_NAMES,
+    TARGETS,
+    compile_setup,
+    resolve_target,
+    target_spec,
+)
 
 BASE_SETUP = """
 from fxprefetch import WeightPrefetchConfig
@@ -193,7 +195,7 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
         calls.append((target, kwargs))
         return DeviceSetup(caps={"cpu": 1000})
 
-    monkeypatch.setattr(compile_setup_module, "device_setup", fake_devices)
+    monkeypatch.setattr(targets_module, "device_setup", fake_devices)
     config = WeightPrefetchConfig(enabled=True)
     setup = compile_setup(config, mode="reduce-overhead", cache_hint="evict_last")
     assert setup.target == resolve_target(AUTO) == "inductor"  # no torch_npu here

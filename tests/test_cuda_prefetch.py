@@ -579,7 +579,7 @@ def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
     from fxprefetch.device_profiles import simulated_setup
 
     monkeypatch.setattr(
-        "fxprefetch.compile_setup.device_setup",
+        "fxprefetch.targets.device_setup",
         lambda target, **_: simulated_setup("h200", {"cpu"}),
     )
     model = SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))

@@ -55,7 +55,7 @@ def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
     from fxprefetch.devices import DeviceSetup
 
     monkeypatch.setattr(
-        "fxprefetch.compile_setup.device_setup",
+        "fxprefetch.targets.device_setup",
         lambda target, **_: DeviceSetup(caps={"cpu": 1000}),
     )
     (plan, *_) = fxprefetch.explain(TwoGraphs(), torch.randint(0, 64, (1, 4)))

@@ -12,11 +12,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.compile_setup import CompileSetup, compile_setup
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES, add_role_rule
 from fxprefetch.pipeline import PIPELINES
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
 from synthetic import SynthModel, SynthSpec

@@ -276,9 +276,9 @@ def test_a_private_copy_shares_no_option_object(torchair):
 def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     """GE options are process-global (torchair refuses a second, different initialization), so
     this checks the composition step on torchair's real config rather than a second compile."""
-    from fxprefetch.compile_setup import compile_setup
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
+    from fxprefetch.targets import compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     user = run_eagerly_config(torchair, **{"ge_config.enable_single_stream": True})
@@ -345,9 +345,9 @@ def test_aclgraph_fx_optimization_runs_our_pass(torchair):
     from torchair._utils.graph_transform_observer import GraphTransformObserver
     from torchair.npu_fx_compiler import _optimize_fx
 
-    from fxprefetch.compile_setup import compile_setup
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
+    from fxprefetch.targets import compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     from tracing import fake_trace

@@ -353,9 +353,9 @@ def test_the_plan_json_carries_the_token_range(context):
 
 def _inductor_backend(config: dict, layers: dict, compiles: list):
     """torch.compile backend: the inductor target with the stand-in source, counting compiles."""
-    from fxprefetch.compile_setup import compile_setup
     from fxprefetch.devices import DeviceSetup
     from fxprefetch.planner import GraphPlanner
+    from fxprefetch.targets import compile_setup
     from fxprefetch.targets.inductor import compile_inductor
 
     def backend(gm, example_inputs):

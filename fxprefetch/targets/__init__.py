@@ -8,7 +8,9 @@ after the passes, and whether the compiled graph is replayed as a CUDA graph und
 - ``eager`` (:mod:`.eager`): AOT autograd with the pass and no code generation (debugging);
 - ``npu`` (:mod:`.npu`): torchair's backend with the pass and the ``npu_prefetch`` lowering.
 
-Adding a target is one entry in :data:`TARGETS` and one module with its compile function.
+Adding a target is one entry in :data:`TARGETS` and one module with its compile function
+(plus its pipeline in ``fxprefetch.pipeline``). :func:`compile_setup` resolves a compile's
+setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this registry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from fxprefetch.compile_setup import CompileSetup
+from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import PIPELINES, RECOMPILES, GraphPass
 from fxprefetch.targets.eager import compile_eager
 from fxprefetch.targets.inductor import compile_inductor, uses_cudagraphs
@@ -95,4 +101,58 @@ def target_spec(target: str) -> TargetSpec:
     return TARGETS[name]
 
 
-__all__ = ["AUTO", "TARGETS", "TARGET_NAMES", "TargetSpec", "resolve_target", "target_spec"]
+def compile_setup(
+    config: WeightPrefetchConfig,
+    *,
+    target: str = AUTO,
+    rules: PrefetchRules | None = None,
+    strict: bool = False,
+    split_at_attention: bool = False,
+    mode: str | None = None,
+    cudagraphs: bool | None = None,
+    native_prefetch: str = "auto",
+    cuda_lowering: str = "side_stream",
+    cache_hint: str = "none",
+    devices: DeviceSetup | None = None,
+    devices_for: str | None = None,
+) -> CompileSetup:
+    """The setup of one compile, resolved once.
+
+    ``target``: ``auto`` is ``npu`` where torch_npu sees a device, else ``inductor``.
+    ``rules``: None takes the current rules. ``cudagraphs``: whether the compiled graph is
+    replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
+    ``devices``: the devices' setup as given (a simulated device); None: this process's for
+    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
+    ``cache_hint`` (see :mod:`fxprefetch.devices`).
+    """
+    spec = target_spec(target)
+    if cudagraphs is None:
+        cudagraphs = spec.replays_cudagraphs(mode)
+    if devices is None:
+        devices = device_setup(
+            resolve_target(devices_for) if devices_for is not None else spec.name,
+            cudagraphs=cudagraphs,
+            native_prefetch=native_prefetch,
+            cuda_lowering=cuda_lowering,
+            cache_hint=cache_hint,
+        )
+    return CompileSetup(
+        config=config,
+        rules=rules if rules is not None else current_rules(),
+        target=spec.name,
+        devices=devices,
+        strict=strict,
+        split_at_attention=split_at_attention,
+        cudagraphs=cudagraphs,
+    )
+
+
+__all__ = [
+    "AUTO",
+    "TARGETS",
+    "TARGET_NAMES",
+    "TargetSpec",
+    "compile_setup",
+    "resolve_target",
+    "target_spec",
+]
