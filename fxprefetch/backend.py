@@ -20,7 +20,7 @@ from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import compile_setup, target_spec
 
 logger = logging.getLogger("fxprefetch")
 
@@ -58,7 +58,7 @@ def _compile(
         setup.target,
         setup.config.digest,
     )
-    compiled = setup.spec.compile(
+    compiled = target_spec(setup.target).compile(
         gm, example_inputs, planner, mode=mode, compiler_config=compiler_config
     )
     # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
