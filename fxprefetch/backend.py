@@ -12,54 +12,57 @@ from typing import Any
 
 import torch
 
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
-from fxprefetch.devices import device_setup
 from fxprefetch.dynamo_registry import entry_point_value
 from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
-from fxprefetch.passes.tables.rules import current_rules
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup, target_spec
 
 logger = logging.getLogger("fxprefetch")
 
-
-def resolve_target(target: str) -> str:
-    """``auto`` means ``npu`` where torch_npu sees a device, else ``inductor``."""
-    if target != "auto":
-        return target
-    from fxprefetch.targets.npu import npu_available
-
-    return "npu" if npu_available() else "inductor"
+__all__ = ["setup_from_options", "torchair_backend"]  # and npu_prefetch, see the end
 
 
-def _planner_for(
-    gm: torch.fx.GraphModule, opts: BackendOptions, target: str, cudagraphs: bool = False
-) -> GraphPlanner:
-    """Everything the passes read, fixed now: it also makes the compile-cache key.
-    ``cudagraphs``: the compiled graph is replayed as a CUDA graph."""
-    devices = device_setup(
-        target,
-        cudagraphs=cudagraphs,
+def setup_from_options(
+    opts: BackendOptions, target: str | None = None, mode: str | None = None
+) -> CompileSetup:
+    """The compile setup ``opts`` ask for (``target``: another target than theirs)."""
+    return compile_setup(
+        opts.config,
+        target=target or opts.target,
+        rules=opts.rules,
+        strict=opts.strict,
+        mode=mode,
         native_prefetch=opts.native_prefetch,
         cuda_lowering=opts.cuda_lowering,
         cache_hint=opts.cache_hint,
     )
-    return GraphPlanner(
-        opts.config,
-        target=target,
-        rules=opts.rules if opts.rules is not None else current_rules(),
-        native_devices=devices.native,
-        join_devices=devices.joins,
-        device_caps=devices.caps,
-        native_l2=devices.l2,
-        cache_hint=devices.cache_hint,
-        lowering=devices.lowering,
-        device_profiles=devices.profiles,
-        strict=opts.strict,
-        source_names=placeholder_source_names(gm),
+
+
+def _compile(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    setup: CompileSetup,
+    mode: str | None,
+    compiler_config: Any,
+) -> Callable[..., Any]:
+    """Lower ``gm`` with the setup's target, counting the prefetches that run."""
+    planner = GraphPlanner(setup, source_names=placeholder_source_names(gm))
+    logger.debug(
+        "npu_prefetch: compiling %s for target %s (config %s)",
+        planner.name,
+        setup.target,
+        setup.config.digest,
     )
+    compiled = target_spec(setup.target).compile(
+        gm, example_inputs, planner, mode=mode, compiler_config=compiler_config
+    )
+    # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
+    return with_counting(compiled, planner, replayed=setup.cudagraphs)
 
 
 def npu_prefetch(
@@ -70,35 +73,9 @@ def npu_prefetch(
 ) -> Callable[..., Any]:
     """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
     opts = parse_options(options)
-    target = resolve_target(opts.target)
     mode = mode or opts.mode  # torch.compile refuses mode= beside options=
-    cudagraphs = False
-    if target == "inductor":
-        from fxprefetch.targets.inductor import uses_cudagraphs
-
-        cudagraphs = uses_cudagraphs(mode)
-    planner = _planner_for(gm, opts, target, cudagraphs)
-    logger.debug(
-        "npu_prefetch: compiling %s for target %s (config %s)",
-        planner.name,
-        target,
-        opts.config.digest,
-    )
-    if target == "npu":
-        from fxprefetch.targets.npu import compile_npu
-
-        compiled = compile_npu(gm, example_inputs, planner, opts.torchair_config, mode)
-    elif target == "eager":
-        from fxprefetch.targets.eager import compile_eager
-
-        compiled = compile_eager(gm, example_inputs, planner)
-    else:
-        from fxprefetch.targets.inductor import compile_inductor
-
-        compiled = compile_inductor(gm, example_inputs, planner, mode)
-        # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
-        return with_counting(compiled, planner, replayed=cudagraphs)
-    return with_counting(compiled, planner)
+    setup = setup_from_options(opts, mode=mode)
+    return _compile(gm, example_inputs, setup, mode, opts.torchair_config)
 
 
 def torchair_backend(
@@ -115,10 +92,8 @@ def torchair_backend(
     )
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        from fxprefetch.targets.npu import compile_npu
-
-        planner = _planner_for(gm, opts, "npu")
-        return with_counting(compile_npu(gm, example_inputs, planner, compiler_config), planner)
+        setup = setup_from_options(opts, target="npu")
+        return _compile(gm, example_inputs, setup, None, compiler_config)
 
     return backend
 

@@ -133,6 +133,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
     from fxprefetch.presets import PRESETS, preset_names
+    from fxprefetch.targets import AUTO, TARGET_NAMES
 
     parser = _Parser(prog="fxprefetch", description="Weight-prefetch planning for LLM graphs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "show its plan, run it and compare with eager",
     )
     demo.add_argument("--model", default="llama-tiny", choices=preset_names(tiny=True))
-    demo.add_argument("--target", default="auto", choices=["auto", "inductor", "eager", "npu"])
+    demo.add_argument("--target", default=AUTO, choices=TARGET_NAMES)
     demo.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
 
     plan = sub.add_parser(

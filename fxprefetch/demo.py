@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from fxprefetch.backend import resolve_target
 from fxprefetch.options import parse_options
 from fxprefetch.plan_render import render_table
 from fxprefetch.planner import clear_plans, last_plans
 from fxprefetch.presets import build_model, example_inputs
 from fxprefetch.runtime_stats import collect_stats
+from fxprefetch.targets import resolve_target
 
 DEFAULT_DEMO_MODEL = "llama-tiny"
 

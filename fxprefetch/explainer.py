@@ -17,16 +17,15 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
-from fxprefetch.backend import resolve_target
 from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.devices import device_setup
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
 from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
-from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 
 
 def explain(
@@ -50,8 +49,9 @@ def explain(
     plans: list[PrefetchPlan] = []
     graph_inputs: set[int] = set()  # ids of every tensor some graph took as an input
 
-    rules = opts.rules if opts.rules is not None else current_rules()
-    # the byte caps a compile for this target would use (CUDA: window x bandwidth)
+    # the devices a compile for this target would set up (CUDA: window x bandwidth caps), or
+    # those of the simulated device; the eager pipeline plans without lowering
+    simulated = None
     if device_profile is not None:
         from fxprefetch.device_profiles import simulated_setup
 
@@ -60,23 +60,19 @@ def explain(
             if isinstance(model, torch.nn.Module)
             else set()
         )
-        setup = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
-    else:
-        setup = device_setup(resolve_target(opts.target))
-    device_caps, device_profiles = setup.caps, setup.profiles
+        simulated = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
+    setup = compile_setup(
+        opts.config,
+        target="eager",
+        rules=opts.rules,
+        strict=True,
+        devices=simulated,
+        devices_for=opts.target,
+    )
 
     def backend(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
         graph_inputs.update(id(t) for t in inputs if isinstance(t, torch.Tensor))
-        planner = GraphPlanner(
-            opts.config,
-            target="eager",
-            rules=rules,
-            device_caps=device_caps,
-            device_profiles=device_profiles,
-            strict=True,
-            record=False,
-            source_names=placeholder_source_names(gm),
-        )
+        planner = GraphPlanner(setup, record=False, source_names=placeholder_source_names(gm))
 
         def plan_only(aten_gm: torch.fx.GraphModule, _: Any) -> Callable[..., Any]:
             planner(aten_gm)
@@ -99,7 +95,7 @@ def explain(
     with torch._dynamo.config.patch(limits), torch.no_grad():
         compile_and_run(model, backend, example_inputs, example_kwargs)
     if isinstance(model, torch.nn.Module):
-        outside = outside_graphs_plan(model, graph_inputs, opts.config, rules)
+        outside = outside_graphs_plan(model, graph_inputs, setup.config, setup.rules)
         if outside.records:
             plans.append(outside)
     return plans

@@ -10,9 +10,10 @@ from typing import Any
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
 from fxprefetch.passes.tables.rules import PrefetchRules
+from fxprefetch.targets import AUTO, TARGET_NAMES
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 
-TARGETS = ("auto", "npu", "inductor", "eager")
+TARGETS = TARGET_NAMES  # "auto" and the registered targets
 OPTION_KEYS = (
     "weight_prefetch_config",
     "additional_config",
@@ -100,7 +101,7 @@ def parse_options(options: Any) -> BackendOptions:
         config = _config_from(options["weight_prefetch_config"], "options.weight_prefetch_config")
     else:
         config = WeightPrefetchConfig(enabled=True)
-    target = options.get("target", "auto")
+    target = options.get("target", AUTO)
     if target not in TARGETS:
         hint = did_you_mean(target, TARGETS) if isinstance(target, str) else ""
         raise ConfigError(
@@ -112,7 +113,7 @@ def parse_options(options: Any) -> BackendOptions:
     if not isinstance(strict, bool):
         raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
     torchair_config = options.get("torchair_config")
-    if torchair_config is not None and target not in ("auto", "npu"):
+    if torchair_config is not None and target not in (AUTO, "npu"):
         raise ConfigError(
             "options.torchair_config", f"only used with target 'npu', but target is {target!r}"
         )

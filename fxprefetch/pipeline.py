@@ -59,8 +59,6 @@ __all__ = [
     "run_pipeline",
 ]
 
-TARGETS = ("npu", "inductor", "eager")
-
 NPU_PASSES: tuple[GraphPass, ...] = (plan_prefetches, lower_npu)
 INDUCTOR_PASSES: tuple[GraphPass, ...] = (
     plan_prefetches,
@@ -78,6 +76,7 @@ PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
 }
 # inductor regenerates the code after its post-grad passes; the others run gm.forward
 RECOMPILES: Mapping[str, bool] = {"npu": True, "inductor": False, "eager": True}
+TARGETS = tuple(PIPELINES)  # each entry of fxprefetch.targets.TARGETS runs one of these
 
 _ordered: set[tuple[GraphPass, ...]] = set()  # sequences check_order accepted
 

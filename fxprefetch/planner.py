@@ -19,17 +19,16 @@ from dataclasses import replace
 
 from torch.fx import GraphModule
 
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
 from fxprefetch.passes.invariants import InvariantError
 from fxprefetch.passes.strip_prefetch import strip_prefetch
-from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
-from fxprefetch.prediction import DeviceProfile
 
 logger = logging.getLogger("fxprefetch")
 
@@ -77,49 +76,40 @@ def graph_kind(gm: GraphModule) -> str:
 class GraphPlanner:
     """Runs the target's pipeline on the aten graph(s) of one dynamo graph, safely.
 
-    Holds everything the passes read (config, rules, which devices have a native prefetch,
-    dynamo's sources), fixed when the backend is called: the same values make the compile
-    cache key. Its reports flow forward to the plan registry and the stats wrapping.
+    Runs under a :class:`~fxprefetch.compile_setup.CompileSetup` (everything fixed for the
+    compile, which also makes the compile-cache key), with what is this graph's own: dynamo's
+    sources of its inputs, the weights fused ops look up by name, its name. Its reports flow
+    forward to the plan registry and the stats wrapping.
     """
 
     def __init__(
         self,
-        config: WeightPrefetchConfig,
+        setup: CompileSetup,
         *,
-        target: str = "eager",
-        rules: PrefetchRules | None = None,
-        native_devices: frozenset[str] = frozenset(),
-        join_devices: frozenset[str] = frozenset(),
-        device_caps: Mapping[str, int] | None = None,
-        native_l2: frozenset[str] = frozenset(),
-        cache_hint: str = "none",
-        lowering: Mapping[str, str] | None = None,
-        device_profiles: Mapping[str, DeviceProfile] | None = None,
-        split_at_attention: bool = False,
-        hidden_weights: HiddenWeightSource | None = None,
-        strict: bool = False,
         source_names: Sequence[str | None] = (),
+        hidden_weights: HiddenWeightSource | None = None,
         name: str | None = None,
         record: bool = True,
     ) -> None:
-        self.config = config
-        self.target = target
-        self.rules = rules if rules is not None else current_rules()
-        self.native_devices = frozenset(native_devices)
-        self.join_devices = frozenset(join_devices)
-        self.device_caps = dict(sorted((device_caps or {}).items()))
-        self.native_l2 = frozenset(native_l2)  # lowered to fxprefetch.prefetch_native
-        self.cache_hint = cache_hint
-        self.lowering = dict(sorted((lowering or {}).items()))  # device -> what it uses, why
-        self.device_profiles = dict(sorted((device_profiles or {}).items()))
-        self.split_at_attention = split_at_attention
+        self.setup = setup
+        self.source_names = list(source_names)
         self.hidden_weights = hidden_weights
         self.npu_graph_engine = False  # set by the npu target when torchair builds a GE graph
         self.record = record  # add plans to last_plans()
-        self.strict = strict
-        self.source_names = list(source_names)
         self.name = name or f"graph{next(_graph_ids)}"
         self.reports: list[CompileReport] = []  # what the pipeline did, per aten graph
+
+    @property
+    def config(self) -> WeightPrefetchConfig:
+        return self.setup.config
+
+    @property
+    def target(self) -> str:
+        return self.setup.target
+
+    @property
+    def strict(self) -> bool:
+        return self.setup.strict
 
     @property
     def plans(self) -> list[PrefetchPlan]:
@@ -148,19 +138,20 @@ class GraphPlanner:
         sources: WeightSources | Mapping[str, str] | None = None,
         runs: int | None = 1,
     ) -> PassContext:
+        devices = self.setup.devices
         return PassContext(
-            config=self.config,
-            rules=self.rules,
+            config=self.setup.config,
+            rules=self.setup.rules,
             graph_name=graph_name,
             weight_names=sources if sources is not None else self.weight_names(gm),
-            native_devices=self.native_devices,
-            join_devices=self.join_devices,
-            device_caps=self.device_caps,
-            native_l2=self.native_l2,
-            cache_hint=self.cache_hint,
-            lowering=self.lowering,
-            device_profiles=self.device_profiles,
-            split_at_attention=self.split_at_attention,
+            native_devices=devices.native,
+            join_devices=devices.joins,
+            device_caps=dict(sorted(devices.caps.items())),
+            native_l2=devices.l2,
+            cache_hint=devices.cache_hint,
+            lowering=dict(sorted(devices.lowering.items())),
+            device_profiles=dict(sorted(devices.profiles.items())),
+            split_at_attention=self.setup.split_at_attention,
             runs=runs,
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),

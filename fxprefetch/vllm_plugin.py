@@ -19,15 +19,14 @@ Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
 The pass is a ``VllmInductorPass``: it runs inside vLLM's pass manager (after the fusion
 passes, before its clean-up) on CUDA and vllm-ascend, and as inductor's post-grad pass on the
 CPU. It accepts a ``Graph`` or a ``GraphModule``, holds no ``OpOverload`` (it pickles: vLLM
-ships it to workers), and its ``uuid()`` covers the config (the bound one too), the rules,
-the devices' setup and our source. Fused MoE weights are prefetched by layer name
-(:mod:`fxprefetch.vllm_moe`); ``token_range`` sees vLLM's compile range.
+ships it to workers), and its ``uuid()`` is the compile setup's key
+(:meth:`fxprefetch.compile_setup.CompileSetup.cache_key`) with the bound config. Fused MoE
+weights are prefetched by layer name (:mod:`fxprefetch.vllm_moe`); ``token_range`` sees
+vLLM's compile range.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,11 +37,12 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule
 
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
-from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.passes.analysis.weight_sources import WeightSources
-from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 
 logger = logging.getLogger("fxprefetch")
@@ -170,13 +170,6 @@ def vllm_uses_cudagraphs(vllm_config: Any) -> bool:
     return bool(getattr(compilation, "use_cudagraph", False))
 
 
-def _device_setup(target: str, vllm_config: Any = None) -> DeviceSetup:
-    """The devices' setup for vLLM's graphs: the native prefetch where vLLM replays them as
-    CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
-    vllm_config = vllm_config or _current_vllm_config()
-    return device_setup(target, cudagraphs=vllm_uses_cudagraphs(vllm_config))
-
-
 def _compile_range() -> TokenRange | None:
     """The token counts vLLM compiles this graph for (its pass context's compile range)."""
     try:
@@ -229,22 +222,22 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             return self.bound
         return config_from_vllm(current, default_enabled=True)
 
+    def setup(self, target: str | None = None, vllm_config: Any = None) -> CompileSetup:
+        """The compile setup under ``vllm_config`` (default: the current one): ``target``
+        defaults to vLLM's device's pipeline; the native prefetch where vLLM replays its
+        graphs as CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
+        return compile_setup(
+            self.config(vllm_config),
+            target=target or _device_target(),
+            rules=self.rules,
+            split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
+            cudagraphs=vllm_uses_cudagraphs(vllm_config or _current_vllm_config()),
+        )
+
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
         """The planner for one graph: ``target`` defaults to vLLM's device's pipeline."""
-        target = target or _device_target()
-        devices = _device_setup(target, vllm_config)  # CUDA: native prefetch where replayed
         return _VllmGraphPlanner(
-            self.config(vllm_config),
-            target=target,
-            rules=self.rules if self.rules is not None else current_rules(),
-            native_devices=devices.native,
-            join_devices=devices.joins,
-            device_caps=devices.caps,
-            native_l2=devices.l2,
-            cache_hint=devices.cache_hint,
-            lowering=devices.lowering,
-            device_profiles=devices.profiles,
-            split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
+            self.setup(target, vllm_config),
             hidden_weights=VllmMoeWeights(vllm_config or _current_vllm_config),
         )
 
@@ -257,26 +250,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         self.planner()(gm)
 
     def uuid(self) -> str:
-        from fxprefetch.targets.inductor import source_digest
-
-        rules = self.rules if self.rules is not None else current_rules()
-        target = _device_target()
-        devices = _device_setup(target)
-        parts = [
-            self.config().digest,
-            self.bound.digest if self.bound is not None else "-",  # the pickled pass's config
-            rules.digest,
-            source_digest(),
-            target,
-            ",".join(sorted(devices.native)),
-            ",".join(sorted(devices.joins)),
-            json.dumps(dict(devices.caps), sort_keys=True),
-            ",".join(sorted(devices.l2)),
-            devices.cache_hint,
-            json.dumps(dict(devices.lowering), sort_keys=True),
-            repr(sorted((k, p.key()) for k, p in devices.profiles.items())),
-        ]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        """The compile setup's key, with the config this pass was bound to (it travels
+        pickled to workers where vLLM sets no current config)."""
+        return self.setup().cache_key(self.bound.digest if self.bound is not None else "-")
 
     def __getstate__(self) -> dict[str, Any]:
         return {"pass_name": self.pass_name, "rules": self.rules, "bound": self.bound}

@@ -73,7 +73,7 @@ def test_npu_target_without_torchair_fails_clearly(fresh_dynamo, monkeypatch):
 
 
 def test_auto_target_is_inductor_without_npu():
-    from fxprefetch.backend import resolve_target
+    from fxprefetch.targets import resolve_target
 
     assert resolve_target("auto") == "inductor"
     assert resolve_target("eager") == "eager"

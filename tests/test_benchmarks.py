@@ -167,7 +167,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     import torch
 
     import fxprefetch
-    from fxprefetch import backend, ops
+    from fxprefetch import ops
     from fxprefetch.device_profiles import simulated_setup
 
     events: list[str] = []
@@ -182,7 +182,8 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
         ),
     )
     monkeypatch.setattr(
-        backend, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
+        "fxprefetch.targets.device_setup",
+        lambda target, **_: simulated_setup("h200", {"cpu"}),
     )
     shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
     rows = gpu_bench.layers(

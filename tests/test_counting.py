@@ -12,7 +12,9 @@ import torch
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig, ops
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.counting import with_counting
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.planner import GraphPlanner
@@ -28,10 +30,12 @@ def _planner(native: frozenset[str]) -> tuple[GraphPlanner, list[str]]:
     gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))
     sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]
     planner = GraphPlanner(
-        WeightPrefetchConfig(enabled=True),
-        target="inductor",
-        rules=DEFAULT_RULES,
-        native_devices=native,
+        CompileSetup(
+            WeightPrefetchConfig(enabled=True),
+            DEFAULT_RULES,
+            "inductor",
+            DeviceSetup(native=native),
+        ),
         source_names=sources,
         record=False,
     )

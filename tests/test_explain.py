@@ -52,10 +52,12 @@ def test_explain_takes_a_config_and_sees_graph_breaks():
 def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
     """On a GPU a compile caps at window x bandwidth; explain must show the same bytes.
     (The CPU stands in for the device here, with a 1000-byte cap.)"""
-    from fxprefetch import explainer
     from fxprefetch.devices import DeviceSetup
 
-    monkeypatch.setattr(explainer, "device_setup", lambda target: DeviceSetup(caps={"cpu": 1000}))
+    monkeypatch.setattr(
+        "fxprefetch.targets.device_setup",
+        lambda target, **_: DeviceSetup(caps={"cpu": 1000}),
+    )
     (plan, *_) = fxprefetch.explain(TwoGraphs(), torch.randint(0, 64, (1, 4)))
     assert plan.prefetched and all(r.prefetch_bytes == 1000 and r.capped for r in plan.prefetched)
     (plan, *_) = fxprefetch.explain(

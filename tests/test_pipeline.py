@@ -12,9 +12,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.compile_setup import CompileSetup
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES, add_role_rule
 from fxprefetch.pipeline import PIPELINES
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
 from synthetic import SynthModel, SynthSpec
@@ -72,14 +75,14 @@ def test_a_rule_added_after_a_warm_compile_is_honoured(warm_cache):
 
 def test_the_cache_key_covers_the_rules():
     config = WeightPrefetchConfig(enabled=True)
-    a = PrefetchGraphPass(GraphPlanner(config, target="inductor", rules=DEFAULT_RULES))
+    a = PrefetchGraphPass(GraphPlanner(CompileSetup(config, DEFAULT_RULES, "inductor")))
     other = DEFAULT_RULES.with_op_kind("aten::cat", "barrier")
-    b = PrefetchGraphPass(GraphPlanner(config, target="inductor", rules=other))
+    b = PrefetchGraphPass(GraphPlanner(CompileSetup(config, other, "inductor")))
     native = GraphPlanner(
-        config, target="inductor", rules=DEFAULT_RULES, native_devices=frozenset({"cpu"})
+        CompileSetup(config, DEFAULT_RULES, "inductor", DeviceSetup(native=frozenset({"cpu"})))
     )
     capped = GraphPlanner(
-        config, target="inductor", rules=DEFAULT_RULES, device_caps={"cuda": 8 << 20}
+        CompileSetup(config, DEFAULT_RULES, "inductor", DeviceSetup(caps={"cuda": 8 << 20}))
     )
     uuids = {a.uuid(), b.uuid(), PrefetchGraphPass(native).uuid(), PrefetchGraphPass(capped).uuid()}
     assert len(uuids) == 4
@@ -193,7 +196,7 @@ def test_no_back_channels_between_compile_and_runtime():
     assert "fxprefetch.runtime_stats" not in _imports(ROOT / "fxprefetch" / "backend.py")
     assert not hasattr(fxprefetch.runtime_stats, "name_weight")
     # no side flags: what lowering did is in the report, and the pipeline decides recompiles
-    planner = GraphPlanner(WeightPrefetchConfig(enabled=True), target="inductor")
+    planner = GraphPlanner(compile_setup(WeightPrefetchConfig(enabled=True), target="inductor"))
     graph_pass = PrefetchGraphPass(planner)
     assert not hasattr(graph_pass, "elided") and not hasattr(planner, "recompile")
 

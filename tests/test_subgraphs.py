@@ -23,6 +23,7 @@ from torch.testing._internal.two_tensor import TwoTensor
 
 import fxprefetch
 from fxprefetch import ops
+from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.plan import SkipReason
@@ -312,8 +313,7 @@ def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
 
     gm, _ = fake_trace(SynthModel(SynthSpec(layers=1)), torch.randint(0, 64, (1, 4)))
     planner = GraphPlanner(
-        fxprefetch.WeightPrefetchConfig(enabled=True),
-        rules=DEFAULT_RULES,
+        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES),
         source_names=["a", None],  # fewer sources than the graph has inputs
         record=False,
     )
@@ -349,8 +349,7 @@ def test_body_inputs_follow_the_call_site_or_are_unknown(hop, args_of, runs, ski
     """A body input is the weight its call site passes; where the op's operands are not
     mapped (``scan``), nobody can tell, and the record says so."""
     planner = GraphPlanner(
-        fxprefetch.WeightPrefetchConfig(enabled=True),
-        rules=DEFAULT_RULES,
+        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES),
         source_names=[None, "mlp.gate_proj.weight"],
         record=False,
     )
@@ -399,9 +398,7 @@ def test_shared_region_runs_count_against_each_call_sites_weight():
 
     names = [None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)]
     planner = GraphPlanner(
-        fxprefetch.WeightPrefetchConfig(enabled=True),
-        target="inductor",
-        rules=DEFAULT_RULES,
+        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "inductor"),
         source_names=names,
         record=False,
     )
@@ -529,9 +526,7 @@ def test_stored_reports_keep_each_runs_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plan_store, "_store_dir", lambda: tmp_path)
     planner = GraphPlanner(
-        fxprefetch.WeightPrefetchConfig(enabled=True),
-        target="inductor",
-        rules=DEFAULT_RULES,
+        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "inductor"),
         source_names=[None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)],
         record=False,
     )

@@ -354,14 +354,19 @@ def test_the_plan_json_carries_the_token_range(context):
 
 def _inductor_backend(config: dict, layers: dict, compiles: list):
     """torch.compile backend: the inductor target with the stand-in source, counting compiles."""
+    from fxprefetch.devices import DeviceSetup
     from fxprefetch.planner import GraphPlanner
+    from fxprefetch.targets import compile_setup
     from fxprefetch.targets.inductor import compile_inductor
 
     def backend(gm, example_inputs):
-        planner = GraphPlanner(
+        setup = compile_setup(
             WeightPrefetchConfig.from_dict(config),
             target="inductor",
-            native_devices=frozenset({"cpu"}),
+            devices=DeviceSetup(native=frozenset({"cpu"})),
+        )
+        planner = GraphPlanner(
+            setup,
             hidden_weights=vllm_moe.VllmMoeWeights(StandInConfig(layers)),
             record=False,
         )

@@ -131,7 +131,8 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     vllm_pass = WeightPrefetchPass()
     plain_uuid = vllm_pass.uuid()
     monkeypatch.setattr(
-        vllm_plugin, "device_setup", lambda target, **_: simulated_setup("h200", {"cpu"})
+        "fxprefetch.targets.device_setup",
+        lambda target, **_: simulated_setup("h200", {"cpu"}),
     )
     assert vllm_pass.uuid() != plain_uuid
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))

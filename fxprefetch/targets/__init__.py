@@ -1,6 +1,158 @@
-"""Lowerings of a dynamo graph once the pass has planned its prefetches.
+"""The target registry: what each ``target`` option compiles to.
 
-- :mod:`.inductor`: ``compile_fx`` with the pass as ``post_grad_custom_post_pass`` (CPU/GPU);
-- :mod:`.eager`: AOT autograd with the pass and no code generation (debugging, fastest);
-- :mod:`.npu`: torchair's backend with the pass and the ``npu_prefetch`` lowering (Ascend).
+A :class:`TargetSpec` names a target, the passes of its pipeline (``fxprefetch.pipeline``),
+the function that lowers a dynamo graph with them, whether the driver regenerates the code
+after the passes, and whether the compiled graph is replayed as a CUDA graph under a mode.
+
+- ``inductor`` (:mod:`.inductor`): ``compile_fx`` with the pass as its post-grad pass (CPU/GPU);
+- ``eager`` (:mod:`.eager`): AOT autograd with the pass and no code generation (debugging);
+- ``npu`` (:mod:`.npu`): torchair's backend with the pass and the ``npu_prefetch`` lowering.
+
+Adding a target is one entry in :data:`TARGETS` and one module with its compile function
+(plus its pipeline in ``fxprefetch.pipeline``). :func:`compile_setup` resolves a compile's
+setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this registry.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from fxprefetch.compile_setup import CompileSetup
+from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
+from fxprefetch.pipeline import PIPELINES, RECOMPILES, GraphPass
+from fxprefetch.targets.eager import compile_eager
+from fxprefetch.targets.inductor import compile_inductor, uses_cudagraphs
+from fxprefetch.targets.npu import compile_npu, npu_available
+
+if TYPE_CHECKING:
+    from fxprefetch.planner import GraphPlanner
+
+AUTO = "auto"  # npu where torch_npu sees a device, else inductor
+
+
+class TargetCompiler(Protocol):
+    """Lowers a dynamo graph, running ``planner`` on its aten graph(s)."""
+
+    def __call__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: Sequence[Any],
+        planner: GraphPlanner,
+        *,
+        mode: str | None = None,
+        compiler_config: Any = None,
+    ) -> Callable[..., Any]: ...
+
+
+def _never_replayed(mode: str | None) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One target: its pipeline, its compile function, and how its graphs run."""
+
+    name: str
+    compile: TargetCompiler
+    # torch.compile's mode -> whether the compiled graph is replayed as a CUDA graph
+    replays_cudagraphs: Callable[[str | None], bool] = _never_replayed
+
+    @property
+    def passes(self) -> tuple[GraphPass, ...]:
+        """The passes that run on each aten graph, in order."""
+        return tuple(PIPELINES[self.name])
+
+    @property
+    def recompiles(self) -> bool:
+        """Whether the driver regenerates the code (inductor does it itself)."""
+        return RECOMPILES[self.name]
+
+
+TARGETS: Mapping[str, TargetSpec] = MappingProxyType(
+    {
+        "npu": TargetSpec("npu", compile_npu),
+        "inductor": TargetSpec("inductor", compile_inductor, uses_cudagraphs),
+        "eager": TargetSpec("eager", compile_eager),
+    }
+)
+# the ``target`` option's values
+TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGETS)
+
+
+def resolve_target(target: str) -> str:
+    """``auto`` means ``npu`` where torch_npu sees a device, else ``inductor``."""
+    if target != AUTO:
+        return target
+    return "npu" if npu_available() else "inductor"
+
+
+def target_spec(target: str) -> TargetSpec:
+    """The registered target ``target`` (``auto`` resolved); ``ValueError`` if unknown."""
+    name = resolve_target(target)
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; expected one of {tuple(TARGETS)}")
+    return TARGETS[name]
+
+
+def compile_setup(
+    config: WeightPrefetchConfig,
+    *,
+    target: str = AUTO,
+    rules: PrefetchRules | None = None,
+    strict: bool = False,
+    split_at_attention: bool = False,
+    mode: str | None = None,
+    cudagraphs: bool | None = None,
+    native_prefetch: str = "auto",
+    cuda_lowering: str = "side_stream",
+    cache_hint: str = "none",
+    devices: DeviceSetup | None = None,
+    devices_for: str | None = None,
+) -> CompileSetup:
+    """The setup of one compile, resolved once.
+
+    ``target``: ``auto`` is ``npu`` where torch_npu sees a device, else ``inductor``.
+    ``rules``: None takes the current rules. ``cudagraphs``: whether the compiled graph is
+    replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
+    ``devices``: the devices' setup as given (a simulated device); None: this process's for
+    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
+    ``cache_hint`` (see :mod:`fxprefetch.devices`).
+    """
+    spec = target_spec(target)
+    if cudagraphs is None:
+        cudagraphs = spec.replays_cudagraphs(mode)
+    if devices is None:
+        devices = device_setup(
+            resolve_target(devices_for) if devices_for is not None else spec.name,
+            cudagraphs=cudagraphs,
+            native_prefetch=native_prefetch,
+            cuda_lowering=cuda_lowering,
+            cache_hint=cache_hint,
+        )
+    return CompileSetup(
+        config=config,
+        rules=rules if rules is not None else current_rules(),
+        target=spec.name,
+        devices=devices,
+        strict=strict,
+        split_at_attention=split_at_attention,
+        cudagraphs=cudagraphs,
+    )
+
+
+__all__ = [
+    "AUTO",
+    "TARGETS",
+    "TARGET_NAMES",
+    "TargetSpec",
+    "compile_setup",
+    "resolve_target",
+    "target_spec",
+]

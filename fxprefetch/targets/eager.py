@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
-from fxprefetch.planner import GraphPlanner
+if TYPE_CHECKING:
+    from fxprefetch.planner import GraphPlanner
 
 
 def compile_eager(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], planner: GraphPlanner
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    planner: GraphPlanner,
+    *,
+    mode: str | None = None,
+    compiler_config: Any = None,
 ) -> Callable[..., Any]:
+    """The eager target: ``mode`` and ``compiler_config`` change nothing here."""
+
     def compiler(aten_gm: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Callable[..., Any]:
         planner(aten_gm)  # the eager pipeline: plan only
         return make_boxed_func(aten_gm.forward)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fxprefetch.pipeline import CompileReport
 from fxprefetch.plan_store import load_plans, plan_key, save_plans
-from fxprefetch.planner import GraphPlanner
+
+if TYPE_CHECKING:
+    from fxprefetch.pipeline import CompileReport
+    from fxprefetch.planner import GraphPlanner
 
 try:  # torch >= 2.9
     from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
@@ -23,20 +22,6 @@ except ImportError:  # pragma: no cover - older torch
     CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
 
 logger = logging.getLogger("fxprefetch")
-
-_HERE = Path(__file__).resolve()
-_SOURCE_ROOTS = (_HERE.parents[1], _HERE.parents[2] / "passes")
-
-
-@functools.cache
-def source_digest() -> str:
-    """Hash of the pass's own source, so a new fxprefetch version never reuses cached graphs."""
-    h = hashlib.sha256()
-    for root in _SOURCE_ROOTS:
-        for path in sorted(root.rglob("*.py")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _as_list(user_pass: Any) -> list[Callable[..., None]]:
@@ -50,9 +35,9 @@ def _as_list(user_pass: Any) -> list[Callable[..., None]]:
 class PrefetchGraphPass(CustomGraphPass):
     """Runs the user's own post-grad pass(es) first, then the inductor pipeline.
 
-    ``uuid()`` covers the config digest, the rules digest, the pass source, the weight
-    names, the devices with a native prefetch and the user's pass, so inductor's FX graph
-    cache never serves a graph compiled under another config or other rules.
+    ``uuid()`` is the compile setup's key (``CompileSetup.cache_key``: every field, and the
+    source of the passes that run) with dynamo's weight names and the user's passes' uuids,
+    so inductor's FX graph cache never serves a graph compiled otherwise.
     """
 
     def __init__(self, planner: GraphPlanner, user_pass: Any = None) -> None:
@@ -75,22 +60,7 @@ class PrefetchGraphPass(CustomGraphPass):
             self.planner(gm)
 
     def uuid(self) -> str | None:
-        parts = [
-            self.planner.config.digest,
-            self.planner.rules.digest,
-            source_digest(),
-            json.dumps(self.planner.source_names),
-            str(self.planner.strict),
-            ",".join(sorted(self.planner.native_devices)),  # decides which hints are elided
-            ",".join(sorted(self.planner.join_devices)),  # decides where joins go
-            json.dumps(self.planner.device_caps),  # decides sizes the config leaves open
-            ",".join(sorted(self.planner.native_l2)),  # decides what is lowered natively
-            self.planner.cache_hint,
-            json.dumps(self.planner.lowering),  # the plans say it
-            # decide window kinds, mlp.down, "auto" sizes and predictions
-            repr([(k, p.key()) for k, p in self.planner.device_profiles.items()]),
-            str(self.planner.split_at_attention),
-        ]
+        parts = [json.dumps(self.planner.source_names)]
         for user_pass in self.user_passes:
             uuid = getattr(user_pass, "uuid", None)
             if uuid is None:
@@ -99,7 +69,7 @@ class PrefetchGraphPass(CustomGraphPass):
             if value is None:
                 return None
             parts.append(value.hex() if isinstance(value, bytes) else str(value))
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        return self.planner.setup.cache_key(*parts)
 
 
 _NO_GRAPH_CACHE = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
@@ -118,6 +88,7 @@ def compile_inductor(
     example_inputs: Sequence[Any],
     planner: GraphPlanner,
     mode: str | None = None,
+    compiler_config: Any = None,
 ) -> Callable[..., Any]:
     """``compile_fx`` with the inductor pipeline as its ``post_grad_custom_post_pass``.
 
@@ -125,6 +96,7 @@ def compile_inductor(
     cache hit (the pass does not run then). When a hit finds them missing (deleted,
     truncated, or never there with a remote cache), the graph is compiled again with the FX
     graph cache bypassed, so the pass runs and the plans exist again: never silently empty.
+    ``compiler_config`` changes nothing here (inductor reads its own config).
     """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fxprefetch.planner import GraphPlanner
+if TYPE_CHECKING:
+    from fxprefetch.planner import GraphPlanner
 
 logger = logging.getLogger("fxprefetch")
 
@@ -148,6 +149,8 @@ def compile_npu(
     compiler_config: Any = None,
     mode: str | None = None,
 ) -> Callable[..., Any]:
+    """The npu target: torchair's backend with ``compiler_config`` (torchair's
+    ``CompilerConfig``, never changed) and our pass composed into a private copy."""
     torchair = import_torchair()
     cfg = configure_torchair(planner, compiler_config, mode)
     return torchair.get_npu_backend(compiler_config=cfg)(gm, example_inputs)

@@ -1,0 +1,254 @@
+"""The compile setup, its one factory, its cache key, and the target registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fxprefetch import WeightPrefetchConfig
+from fxprefetch import compile_setup as compile_setup_module
+from fxprefetch import targets as targets_module
+from fxprefetch.compile_setup import CompileSetup, canonical, pass_source_files, source_digest
+from fxprefetch.config import ConfigError
+from fxprefetch.devices import DeviceSetup
+from fxprefetch.options import parse_options
+from fxprefetch.passes import DEFAULT_RULES
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
+from fxprefetch.pipeline import PIPELINES, RECOMPILES
+from fxprefetch.planner import GraphPlanner
+from fxprefetch.prediction import profile
+from fxprefetch.targets import (
+    AUTO,
+    TARGET_NAMES,
+    TARGETS,
+    compile_setup,
+    resolve_target,
+    target_spec,
+)
+
+BASE_SETUP = """
+from fxprefetch import WeightPrefetchConfig
+from fxprefetch.compile_setup import CompileSetup
+from fxprefetch.devices import DeviceSetup
+from fxprefetch.passes import DEFAULT_RULES
+from fxprefetch.prediction import profile
+
+SETUP = CompileSetup(
+    config=WeightPrefetchConfig(enabled=True, max_prefetch_bytes=1 << 20),
+    rules=DEFAULT_RULES,
+    target="inductor",
+    devices=DeviceSetup(
+        native=frozenset({"cpu", "cuda"}),
+        joins=frozenset({"cuda"}),
+        caps={"cuda": 8 << 20, "cpu": 1 << 20},
+        l2=frozenset({"cuda"}),
+        cache_hint="none",
+        lowering={"cuda": "native L2 prefetch", "cpu": "hints"},
+        profiles={"cuda": profile("h200")},
+    ),
+)
+"""
+
+
+def _base() -> CompileSetup:
+    scope: dict[str, Any] = {}
+    exec(BASE_SETUP, scope)
+    return scope["SETUP"]
+
+
+def _changed(value: Any, path: str) -> Any:
+    """A value other than ``value``, of its kind (a new kind of field must add its own)."""
+    if path.endswith(".target"):
+        return next(name for name in TARGETS if name != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, WeightPrefetchConfig):
+        return value.with_enabled(not value.enabled)
+    if isinstance(value, PrefetchRules):
+        return value.with_op_kind("aten::cat", "barrier")
+    if isinstance(value, frozenset):
+        return value | {"changed"}
+    if isinstance(value, Mapping):
+        return {**value, "changed": next(iter(value.values()))}
+    raise AssertionError(f"{path}: no way to change a {type(value).__name__} here; add one")
+
+
+def _variants(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(path, value changed at path)`` for every leaf field under ``value``: dataclasses are
+    walked, except those keyed by their own digest or key."""
+    own_key = hasattr(value, "digest") or callable(getattr(value, "key", None))
+    if dataclasses.is_dataclass(value) and not own_key:
+        for field in dataclasses.fields(value):
+            inner = getattr(value, field.name)
+            for sub_path, changed in _variants(inner, f"{path}.{field.name}"):
+                yield sub_path, dataclasses.replace(value, **{field.name: changed})
+    else:
+        yield path, _changed(value, path)
+
+
+# -- the key --------------------------------------------------------------------------------
+
+
+def test_changing_any_field_of_the_setup_changes_the_key():
+    base = _base()
+    variants = dict(_variants(base, "setup"))
+    touched = {path.split(".")[1] for path in variants}
+    assert touched == {f.name for f in dataclasses.fields(CompileSetup)}
+    keys = {path: setup.cache_key() for path, setup in variants.items()}
+    assert base.cache_key() not in keys.values()
+    assert len(set(keys.values())) == len(keys), "two different setups share a key"
+
+
+def test_a_device_profile_changes_the_key_by_its_values():
+    base = _base()
+    other = dataclasses.replace(
+        base, devices=dataclasses.replace(base.devices, profiles={"cuda": profile("h100")})
+    )
+    assert other.cache_key() != base.cache_key()
+
+
+def test_the_parts_a_caller_adds_change_the_key():
+    base = _base()
+    assert len({base.cache_key(), base.cache_key("a"), base.cache_key("b")}) == 3
+    assert base.cache_key("a", "b") != base.cache_key("ab")
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_changing_any_pass_source_changes_the_key(target, monkeypatch):
+    setup = dataclasses.replace(_base(), target=target)
+    files = pass_source_files(target)
+    for graph_pass in target_spec(target).passes:  # the passes' own modules are read
+        found = inspect.getsourcefile(inspect.unwrap(getattr(graph_pass, "run", graph_pass)))
+        assert Path(found) in files
+    assert any("analysis" in f.parts for f in files) and any("tables" in f.parts for f in files)
+    original = setup.cache_key()
+    read = compile_setup_module._read_source
+    for changed in files:
+
+        def read_changed(path: Path, changed: Path = changed) -> bytes:
+            return read(path) + (b"#" if path == changed else b"")
+
+        monkeypatch.setattr(compile_setup_module, "_read_source", read_changed)
+        source_digest.cache_clear()
+        assert setup.cache_key() != original, f"{changed} is not in the key"
+    monkeypatch.setattr(compile_setup_module, "_read_source", read)
+    source_digest.cache_clear()
+    assert setup.cache_key() == original
+
+
+def test_equal_setups_give_equal_keys_across_processes():
+    """No id(), no address, no hash(): a fresh process (another hash seed) agrees."""
+    keys = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run(
+            [sys.executable, "-c", BASE_SETUP + "print(SETUP.cache_key('x'))"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        keys.add(done.stdout.strip())
+    assert keys == {_base().cache_key("x")}
+
+
+def test_a_value_with_no_stable_form_is_refused():
+    with pytest.raises(TypeError, match="no stable form"):
+        canonical(object())
+    assert canonical({"b": frozenset({2, 1}), "a": (1.5, None)}) == canonical(
+        {"a": [1.5, None], "b": {1, 2}}
+    )
+    json.dumps(canonical(_base()))  # all of it is JSON
+
+
+def test_both_cache_keys_are_the_setups_key():
+    from fxprefetch.targets.inductor import PrefetchGraphPass
+    from fxprefetch.vllm_plugin import WeightPrefetchPass
+
+    setup = compile_setup(WeightPrefetchConfig(enabled=True), target="inductor")
+    planner = GraphPlanner(setup, source_names=["w", None], record=False)
+    assert PrefetchGraphPass(planner).uuid() == setup.cache_key(json.dumps(["w", None]))
+    vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
+    assert vllm_pass.uuid() == vllm_pass.setup().cache_key(vllm_pass.bound.digest)
+
+
+# -- the factory ----------------------------------------------------------------------------
+
+
+def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
+    calls = []
+
+    def fake_devices(target: str, **kwargs: Any) -> DeviceSetup:
+        calls.append((target, kwargs))
+        return DeviceSetup(caps={"cpu": 1000})
+
+    monkeypatch.setattr(targets_module, "device_setup", fake_devices)
+    config = WeightPrefetchConfig(enabled=True)
+    setup = compile_setup(config, mode="reduce-overhead", cache_hint="evict_last")
+    assert setup.target == resolve_target(AUTO) == "inductor"  # no torch_npu here
+    assert setup.rules is current_rules() and setup.cudagraphs
+    assert setup.devices == DeviceSetup(caps={"cpu": 1000})
+    assert calls == [
+        (
+            "inductor",
+            {
+                "cudagraphs": True,
+                "native_prefetch": "auto",
+                "cuda_lowering": "side_stream",
+                "cache_hint": "evict_last",
+            },
+        )
+    ]
+    eager = compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
+    assert eager.target == "eager" and calls[-1][0] == "inductor" and not eager.cudagraphs
+    given = DeviceSetup(native=frozenset({"meta"}))
+    assert compile_setup(config, target="npu", devices=given).devices is given
+    assert len(calls) == 2
+
+
+def test_the_setup_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _base().strict = True  # type: ignore[misc]
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+
+def test_the_registry_names_every_target_once():
+    assert (AUTO, *TARGETS) == TARGET_NAMES
+    assert set(TARGETS) == set(PIPELINES) == set(RECOMPILES)
+    for name, spec in TARGETS.items():
+        assert spec.name == name and spec.passes == tuple(PIPELINES[name])
+        parameters = inspect.signature(spec.compile).parameters
+        assert {"mode", "compiler_config"} <= set(parameters)
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        target_spec("tpu")
+
+
+def test_options_take_their_target_names_from_the_registry():
+    with pytest.raises(
+        ConfigError, match=r"expected one of \['auto', 'npu', 'inductor', 'eager'\]"
+    ):
+        parse_options({"target": "tpu"})
+    for name in TARGET_NAMES:
+        assert parse_options({"target": name}).target == name
+
+
+def test_only_inductor_replays_cuda_graphs():
+    assert TARGETS["inductor"].replays_cudagraphs("reduce-overhead")
+    assert not TARGETS["inductor"].replays_cudagraphs("max-autotune-no-cudagraphs")
+    assert not TARGETS["npu"].replays_cudagraphs("reduce-overhead")
+    assert not TARGETS["eager"].replays_cudagraphs("reduce-overhead")
