@@ -116,8 +116,8 @@ def outside_graphs_plan(
     for name, param in model.named_parameters():
         if id(param) in graph_inputs or param.dim() < 2:
             continue
-        owner = owner_path(name)
-        rule = match_role(owner, rules.role_rules)
+        owner = owner_path(name, rules)
+        rule = match_role(owner, rules)
         if rule is None or rule.role is None:
             continue
         records.append(
@@ -126,7 +126,7 @@ def outside_graphs_plan(
                 op="-",
                 module=owner,
                 weight=name,
-                layer=layer_index(owner),
+                layer=layer_index(owner, rules),
                 role=rule.role,
                 weight_shape=tuple(param.shape),
                 dtype=str(param.dtype),

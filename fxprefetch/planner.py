@@ -169,7 +169,7 @@ class GraphPlanner:
             sources = WeightSources.of(self.weight_names(gm))
             graphs = [(gm, graph_name, sources, 1, ())] + [
                 (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs, b.run_names or ())
-                for b in hop_bodies(gm, sources)
+                for b in hop_bodies(gm, sources, self.setup.rules)
             ]
             reports = [
                 replace(
