@@ -30,7 +30,7 @@ import fxprefetch.passes.tables as tables_package
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes.tables.rules import PrefetchRules
-from fxprefetch.pipeline import PIPELINES
+from fxprefetch.pipeline import Pipeline
 
 _PACKAGE_ROOT = Path(__file__).parent
 # the driver around the passes: how they are run, what they insert, what the plans hold, and
@@ -49,18 +49,23 @@ class CompileSetup:
 
     config: WeightPrefetchConfig
     rules: PrefetchRules
-    target: str = "eager"  # a name of fxprefetch.targets.TARGETS, never "auto"
+    pipeline: Pipeline  # the target's (fxprefetch.targets.TARGETS), never "auto"'s
     devices: DeviceSetup = dataclasses.field(default_factory=DeviceSetup)
     strict: bool = False  # raise where the pass fails, instead of compiling without prefetch
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
     cudagraphs: bool = False  # the compiled graph is replayed as a CUDA graph
 
+    @property
+    def target(self) -> str:
+        """The target's name (``npu``, ``inductor``, ``eager``)."""
+        return self.pipeline.target
+
     def cache_key(self, *parts: str) -> str:
-        """The compile-cache key: every field, the source of the passes that run for the
-        target (:func:`pass_source_files`), and ``parts`` (what the caller adds)."""
+        """The compile-cache key: every field, the source of the passes that run
+        (:func:`pass_source_files`), and ``parts`` (what the caller adds)."""
         h = hashlib.sha256()
         h.update(json.dumps(canonical(self), sort_keys=True).encode())
-        h.update(source_digest(pass_source_files(self.target)).encode())
+        h.update(source_digest(pass_source_files(self.pipeline)).encode())
         h.update(json.dumps(list(parts)).encode())
         return h.hexdigest()
 
@@ -104,12 +109,10 @@ def _source_file(obj: Any) -> Path:
     return Path(found)
 
 
-def pass_source_files(target: str) -> tuple[Path, ...]:
-    """Every source file that decides what the passes of ``target`` do: their modules, the
+def pass_source_files(pipeline: Pipeline) -> tuple[Path, ...]:
+    """Every source file that decides what the pipeline's passes do: their modules, the
     analyses and tables they read, the driver and the targets' lowerings."""
-    if target not in PIPELINES:
-        raise ValueError(f"unknown target {target!r}; expected one of {tuple(PIPELINES)}")
-    files = {_source_file(p) for p in PIPELINES[target]}
+    files = {_source_file(p) for p in pipeline.passes}
     for pattern in _DRIVER_FILES:
         files.update(_PACKAGE_ROOT.glob(pattern))
     for package in _READ_PACKAGES:

@@ -1,6 +1,9 @@
-"""The driver: what runs on each post-autograd aten graph, in order, per target.
+"""The driver: runs a target's pipeline on each post-autograd aten graph, in order.
 
-::
+A :class:`Pipeline` is a value: a target's passes in order, whether the driver regenerates
+the code after them, and how the plan describes what the prefetches became. Each target
+module defines its own (``fxprefetch.targets.npu.PIPELINE`` and so on); the driver lists no
+target::
 
     npu:      plan_prefetches -> lower_npu                                   -> clean-up
     inductor: plan_prefetches -> lower_native -> relax_dependencies
@@ -11,72 +14,37 @@ The bodies of higher-order ops (``torch.cond`` branches, nested compile regions)
 of their own: :class:`fxprefetch.planner.GraphPlanner` runs the pipeline on each, with the
 weight sources their call sites give and how often they run (``PassContext.runs``).
 
-Only plain ``fxprefetch.prefetch`` nodes are lowered to ``prefetch_native`` (and joined where
-they fork onto a side stream). Run-time-checked (``prefetch_in_range``) and by-name
-(``fxprefetch.vllm_moe``) prefetches stay as they are: their kernels prefetch on the compute
-stream, so they need no join, and they stay in the code, counting what really runs.
-
 Every pass keeps one contract (:mod:`fxprefetch.passes.contract`): ``(gm, ctx) -> PassResult``,
-with the passes it requires before it and those it conflicts with, which :func:`run_passes`
-checks once per sequence. Passes never lint nor regenerate code: the driver lints after each
+with the passes it requires before it and those it conflicts with; a pipeline's order is
+checked when it is built. Passes never lint nor regenerate code: the driver lints after each
 pass that changed the graph, checks the invariants after every pass where
 ``FXPREFETCH_CHECK_INVARIANTS=1`` (:mod:`fxprefetch.passes.invariants`), and regenerates the
-code at the end where the target needs it (inductor does that itself).
+code at the end where the pipeline says so (inductor does that itself).
 :func:`run_pipeline` returns a :class:`CompileReport`, which flows forward to whoever needs
 it: the plan registry behind ``last_plans()``, and the stats wrapping of the compiled graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from torch.fx import GraphModule
 
 from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
-from fxprefetch.passes.elide_hints import elide_hints
-from fxprefetch.passes.insert_joins import insert_joins
 from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
-from fxprefetch.passes.lower_native import lower_native
-from fxprefetch.passes.lower_npu import lower_npu
-from fxprefetch.passes.plan_prefetches import plan_prefetches
-from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.plan import PrefetchPlan
 
 __all__ = [
-    "EAGER_PASSES",
-    "INDUCTOR_PASSES",
-    "NPU_PASSES",
-    "PIPELINES",
-    "RECOMPILES",
-    "TARGETS",
     "CompileReport",
     "GraphPass",
     "PassContext",
     "PassResult",
-    "describe_lowering",
+    "Pipeline",
     "run_passes",
     "run_pipeline",
 ]
-
-NPU_PASSES: tuple[GraphPass, ...] = (plan_prefetches, lower_npu)
-INDUCTOR_PASSES: tuple[GraphPass, ...] = (
-    plan_prefetches,
-    lower_native,
-    relax_dependencies,
-    elide_hints,
-    insert_joins,
-)
-EAGER_PASSES: tuple[GraphPass, ...] = (plan_prefetches,)
-
-PIPELINES: Mapping[str, tuple[GraphPass, ...]] = {
-    "npu": NPU_PASSES,
-    "inductor": INDUCTOR_PASSES,
-    "eager": EAGER_PASSES,
-}
-# inductor regenerates the code after its post-grad passes; the others run gm.forward
-RECOMPILES: Mapping[str, bool] = {"npu": True, "inductor": False, "eager": True}
-TARGETS = tuple(PIPELINES)  # each entry of fxprefetch.targets.TARGETS runs one of these
 
 _ordered: set[tuple[GraphPass, ...]] = set()  # sequences check_order accepted
 
@@ -115,6 +83,46 @@ class CompileReport:
         return self.changed("elide_hint_prefetches") > 0
 
 
+LoweringNote = Callable[[CompileReport, PassContext], str | None]
+
+
+def _no_note(report: CompileReport, ctx: PassContext) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One target's passes, in order, and what the driver does around them.
+
+    ``recompiles``: the driver regenerates ``gm.code`` after the passes (False where the
+    compiler does it itself, as inductor does after its post-grad passes). ``lowering_note``:
+    what the plan's prefetches became in the compiled code, for the plan (asked only where the
+    plan prefetches something). The order is checked when the pipeline is built.
+    """
+
+    target: str
+    passes: tuple[GraphPass, ...]
+    recompiles: bool = True
+    lowering_note: LoweringNote = _no_note
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", tuple(self.passes))
+        check_order(self.passes)
+
+    def with_passes(self, passes: Sequence[GraphPass]) -> Pipeline:
+        """This pipeline running ``passes`` instead (order checked)."""
+        return replace(self, passes=tuple(passes))
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the pipeline in a cache key (the passes' sources are added by
+        :meth:`fxprefetch.compile_setup.CompileSetup.cache_key`)."""
+        return {
+            "target": self.target,
+            "passes": [p.name for p in self.passes],
+            "recompiles": self.recompiles,
+        }
+
+
 def run_passes(
     gm: GraphModule, passes: Sequence[GraphPass], ctx: PassContext
 ) -> tuple[PassResult, ...]:
@@ -139,40 +147,12 @@ def run_passes(
     return tuple(results)
 
 
-def run_pipeline(gm: GraphModule, target: str, ctx: PassContext) -> CompileReport:
-    """Run the target's passes in order on ``gm`` (in place), then the clean-up."""
-    if target not in PIPELINES:
-        raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-    results = run_passes(gm, PIPELINES[target], ctx)
-    if RECOMPILES[target] and any(r.changed for r in results):
+def run_pipeline(gm: GraphModule, pipeline: Pipeline, ctx: PassContext) -> CompileReport:
+    """Run the pipeline's passes in order on ``gm`` (in place), then the clean-up."""
+    results = run_passes(gm, pipeline.passes, ctx)
+    if pipeline.recompiles and any(r.changed for r in results):
         gm.recompile()
-    report = CompileReport(target, results, ctx.runs)
-    report.plan.lowering = describe_lowering(report, ctx)
+    report = CompileReport(pipeline.target, results, ctx.runs)
+    if report.plan.prefetched:
+        report.plan.lowering = pipeline.lowering_note(report, ctx)
     return report
-
-
-def describe_lowering(report: CompileReport, ctx: PassContext) -> str | None:
-    """What the plan's prefetches became in the compiled code, for the plan."""
-    if not report.plan.prefetched:
-        return None
-    if report.target == "npu":
-        return "npu_prefetch"
-    if report.target == "eager":
-        return "fxprefetch.prefetch, run eagerly"
-    notes = dict(ctx.lowering or {})
-    if report.changed("lower_native_prefetches"):
-        devices = sorted(ctx.native_l2 & ctx.native_devices)
-        if report.changed("insert_prefetch_joins") == 0 and ctx.join_devices & set(devices):
-            notes = {
-                d: f"{notes.get(d, '')}; on the compute stream instead: inductor partitions "
-                "this graph for CUDA graphs at nodes between which a fork and its join could "
-                "fall"
-                for d in devices
-            }
-    elif report.hints_elided:
-        return "hints, left out of the compiled code" + "".join(
-            f"; {device}: {note}" for device, note in sorted(notes.items())
-        )
-    else:
-        devices = sorted(ctx.native_devices)
-    return "; ".join(f"{d}: {notes.get(d, 'fxprefetch.prefetch')}" for d in devices) or None

@@ -26,7 +26,7 @@ from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
 from fxprefetch.passes.invariants import InvariantError
 from fxprefetch.passes.strip_prefetch import strip_prefetch
-from fxprefetch.pipeline import RECOMPILES, CompileReport, PassContext, PassResult, run_pipeline
+from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
 
@@ -173,7 +173,7 @@ class GraphPlanner:
             ]
             reports = [
                 replace(
-                    run_pipeline(g, self.target, self.context(g, name, src, runs)),
+                    run_pipeline(g, self.setup.pipeline, self.context(g, name, src, runs)),
                     run_names=run_names,
                 )
                 for g, name, src, runs, run_names in graphs
@@ -185,7 +185,7 @@ class GraphPlanner:
                 raise PrefetchPassError(
                     f"weight-prefetch pass failed on {self.name}: {exc}"
                 ) from exc
-            recompile = RECOMPILES.get(self.target, True)
+            recompile = self.setup.pipeline.recompiles
             removed = sum(
                 strip_prefetch(g, recompile=recompile)
                 for g in gm.modules()

@@ -17,6 +17,7 @@ import fxprefetch
 from fxprefetch.presets import build_model, example_inputs
 
 from synthetic import SynthModel, SynthSpec
+from tracing import swap_passes
 
 pytestmark = pytest.mark.compile
 pytest.importorskip("transformers")
@@ -119,14 +120,13 @@ def test_cache_never_mixes_configs(fresh_dynamo, tmp_path, monkeypatch):
 
 
 def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, caplog):
-    from fxprefetch import pipeline
     from fxprefetch.passes.contract import graph_pass
 
     @graph_pass(name="plan_prefetches")
     def boom(gm, ctx):
         raise RuntimeError("synthetic pass failure")
 
-    monkeypatch.setitem(pipeline.PIPELINES, "eager", (boom,))
+    swap_passes(monkeypatch, "eager", (boom,))
     model = SynthModel(SynthSpec(layers=1)).eval()
     ids = torch.randint(0, 64, (1, 4))
     with caplog.at_level(logging.WARNING, logger="fxprefetch"), torch.no_grad():

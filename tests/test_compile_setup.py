@@ -23,7 +23,7 @@ from fxprefetch.devices import DeviceSetup
 from fxprefetch.options import parse_options
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
-from fxprefetch.pipeline import PIPELINES, RECOMPILES
+from fxprefetch.pipeline import Pipeline
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.prediction import profile
 from fxprefetch.targets import (
@@ -41,11 +41,12 @@ from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.prediction import profile
+from fxprefetch.targets import TARGETS
 
 SETUP = CompileSetup(
     config=WeightPrefetchConfig(enabled=True, max_prefetch_bytes=1 << 20),
     rules=DEFAULT_RULES,
-    target="inductor",
+    pipeline=TARGETS["inductor"].pipeline,
     devices=DeviceSetup(
         native=frozenset({"cpu", "cuda"}),
         joins=frozenset({"cuda"}),
@@ -67,8 +68,8 @@ def _base() -> CompileSetup:
 
 def _changed(value: Any, path: str) -> Any:
     """A value other than ``value``, of its kind (a new kind of field must add its own)."""
-    if path.endswith(".target"):
-        return next(name for name in TARGETS if name != value)
+    if isinstance(value, Pipeline):  # another target's
+        return next(spec.pipeline for spec in TARGETS.values() if spec.pipeline != value)
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -120,6 +121,12 @@ def test_a_device_profile_changes_the_key_by_its_values():
     assert other.cache_key() != base.cache_key()
 
 
+def test_the_same_target_running_other_passes_has_another_key():
+    base = _base()
+    fewer = base.pipeline.with_passes(base.pipeline.passes[:1])
+    assert dataclasses.replace(base, pipeline=fewer).cache_key() != base.cache_key()
+
+
 def test_the_parts_a_caller_adds_change_the_key():
     base = _base()
     assert len({base.cache_key(), base.cache_key("a"), base.cache_key("b")}) == 3
@@ -128,9 +135,9 @@ def test_the_parts_a_caller_adds_change_the_key():
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_changing_any_pass_source_changes_the_key(target, monkeypatch):
-    setup = dataclasses.replace(_base(), target=target)
-    files = pass_source_files(target)
-    for graph_pass in target_spec(target).passes:  # the passes' own modules are read
+    setup = dataclasses.replace(_base(), pipeline=TARGETS[target].pipeline)
+    files = pass_source_files(setup.pipeline)
+    for graph_pass in setup.pipeline.passes:  # the passes' own modules are read
         found = inspect.getsourcefile(inspect.unwrap(getattr(graph_pass, "run", graph_pass)))
         assert Path(found) in files
     assert any("analysis" in f.parts for f in files) and any("tables" in f.parts for f in files)
@@ -229,9 +236,9 @@ def test_the_setup_is_frozen():
 
 def test_the_registry_names_every_target_once():
     assert (AUTO, *TARGETS) == TARGET_NAMES
-    assert set(TARGETS) == set(PIPELINES) == set(RECOMPILES)
     for name, spec in TARGETS.items():
-        assert spec.name == name and spec.passes == tuple(PIPELINES[name])
+        assert spec.name == spec.pipeline.target == name
+        assert spec.pipeline.recompiles == (name != "inductor")  # inductor regenerates itself
         parameters = inspect.signature(spec.compile).parameters
         assert {"mode", "compiler_config"} <= set(parameters)
     with pytest.raises(ValueError, match="unknown target 'tpu'"):

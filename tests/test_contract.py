@@ -29,17 +29,11 @@ from fxprefetch.passes.lower_native import lower_native
 from fxprefetch.passes.lower_npu import lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.relax_dependencies import relax_dependencies
-from fxprefetch.pipeline import (
-    EAGER_PASSES,
-    INDUCTOR_PASSES,
-    NPU_PASSES,
-    PIPELINES,
-    run_passes,
-    run_pipeline,
-)
+from fxprefetch.pipeline import Pipeline, run_passes, run_pipeline
+from fxprefetch.targets import TARGETS
 
 from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from tracing import fake_trace, pipeline_of
 
 PASSES_DIR = Path(__file__).resolve().parents[1] / "passes"
 PASS_MODULES = (
@@ -66,17 +60,16 @@ def _prefetch_count(gm: GraphModule) -> int:
 # -- declared order ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("passes", [NPU_PASSES, INDUCTOR_PASSES, EAGER_PASSES])
-def test_the_real_pipelines_are_in_a_declared_order(passes):
-    check_order(passes)
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_the_real_pipelines_are_in_a_declared_order(target):
+    check_order(pipeline_of(target).passes)
 
 
-def test_every_target_runs_one_of_the_named_sequences():
-    assert dict(PIPELINES) == {
-        "npu": NPU_PASSES,
-        "inductor": INDUCTOR_PASSES,
-        "eager": EAGER_PASSES,
-    }
+def test_a_pipeline_in_a_wrong_order_cannot_be_built():
+    with pytest.raises(PipelineOrderError, match="'lower_npu' requires 'plan_prefetches'"):
+        Pipeline("npu", (lower_npu,))
+    with pytest.raises(PipelineOrderError, match="'lower_npu' cannot run after"):
+        pipeline_of("npu").with_passes((plan_prefetches, relax_dependencies, lower_npu))
 
 
 @pytest.mark.parametrize(
@@ -178,7 +171,9 @@ def test_a_pass_run_alone_leaves_the_code_stale_until_the_driver_runs():
     assert gm.code == code and "fxprefetch.prefetch" not in gm.code  # the pass left it
 
     gm, ctx = _traced()
-    report = run_pipeline(gm, "eager", ctx)  # eager regenerates, inductor leaves it to inductor
+    report = run_pipeline(
+        gm, pipeline_of("eager"), ctx
+    )  # eager regenerates, inductor leaves it to inductor
     assert report.changed("plan_prefetches") == 4
     assert gm.code.count("torch.ops.fxprefetch.prefetch.default") == 4
 
@@ -201,7 +196,7 @@ def test_the_inductor_passes_neither_lint_nor_recompile(monkeypatch, context):
     calls = []
     monkeypatch.setattr(torch.fx.Graph, "lint", lambda self: calls.append("lint"))
     monkeypatch.setattr(GraphModule, "recompile", lambda self: calls.append("recompile"))
-    changed = {p.name: p(gm, ctx).changed for p in INDUCTOR_PASSES}
+    changed = {p.name: p(gm, ctx).changed for p in pipeline_of("inductor").passes}
     assert calls == [] and changed["plan_prefetches"] == 4
     if context:
         assert changed["lower_native"] == changed["insert_joins"] == 4

@@ -21,7 +21,7 @@ from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import uses_cudagraphs
 
 from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from tracing import fake_trace, pipeline_of
 
 
 def _planner(native: frozenset[str]) -> tuple[GraphPlanner, list[str]]:
@@ -33,7 +33,7 @@ def _planner(native: frozenset[str]) -> tuple[GraphPlanner, list[str]]:
         CompileSetup(
             WeightPrefetchConfig(enabled=True),
             DEFAULT_RULES,
-            "inductor",
+            pipeline_of("inductor"),
             DeviceSetup(native=native),
         ),
         source_names=sources,

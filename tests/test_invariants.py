@@ -31,12 +31,13 @@ from fxprefetch.passes.invariants import (
     invariants_enabled,
 )
 from fxprefetch.passes.plan_prefetches import plan_prefetches
-from fxprefetch.pipeline import INDUCTOR_PASSES, PIPELINES, run_passes, run_pipeline
+from fxprefetch.pipeline import run_passes, run_pipeline
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.targets import compile_setup
 
 from npu_standins import install_op_standins
 from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from tracing import fake_trace, pipeline_of, swap_passes
 
 JOINED = {
     "native_devices": frozenset({"cpu"}),
@@ -59,7 +60,7 @@ def _planned() -> tuple[GraphModule, PassContext, list]:
 
 def _joined() -> tuple[GraphModule, PassContext]:
     gm, ctx = _traced(**JOINED)
-    run_passes(gm, INDUCTOR_PASSES, ctx)
+    run_passes(gm, pipeline_of("inductor").passes, ctx)
     assert len(gm.graph.find_nodes(op="call_function", target=JOIN_OP)) == 4
     return gm, ctx
 
@@ -86,9 +87,11 @@ def test_the_real_pipelines_keep_every_invariant(target, context):
     if target == "npu":
         install_op_standins()
     gm, ctx = _traced(**context)
-    report = run_pipeline(gm, target, ctx)  # checks after every pass (the suite enables it)
+    report = run_pipeline(
+        gm, pipeline_of(target), ctx
+    )  # checks after every pass (the suite enables it)
     assert len(report.plan.prefetched) == 4
-    ran = [p.name for p in PIPELINES[target]]
+    ran = [p.name for p in pipeline_of(target).passes]
     check_invariants(gm, ctx, ran[-1], ran=ran)
 
 
@@ -152,7 +155,7 @@ def test_a_graph_that_does_not_lint_is_caught():
 
 def test_a_fork_without_a_join_is_caught():
     gm, ctx = _joined()
-    ran = [p.name for p in INDUCTOR_PASSES]
+    ran = [p.name for p in pipeline_of("inductor").passes]
     join = gm.graph.find_nodes(op="call_function", target=JOIN_OP)[0]
     fork = join_meta(join).joins
     gm.graph.erase_node(join)
@@ -164,7 +167,7 @@ def test_a_fork_without_a_join_is_caught():
 
 def test_a_join_before_its_fork_or_a_second_join_is_caught():
     gm, ctx = _joined()
-    ran = [p.name for p in INDUCTOR_PASSES]
+    ran = [p.name for p in pipeline_of("inductor").passes]
     join = gm.graph.find_nodes(op="call_function", target=JOIN_OP)[0]
     with gm.graph.inserting_after(join):
         second = gm.graph.call_function(JOIN_OP, join.args)
@@ -207,25 +210,27 @@ def harmless(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def test_the_driver_names_the_pass_that_broke_an_invariant(monkeypatch):
-    monkeypatch.setitem(PIPELINES, "eager", (plan_prefetches, drop_a_record, harmless))
+    swap_passes(monkeypatch, "eager", (plan_prefetches, drop_a_record, harmless))
     gm, ctx = _traced()
     with pytest.raises(InvariantError, match=r"g: after drop_a_record: .* has no PrefetchMeta"):
-        run_pipeline(gm, "eager", ctx)
+        run_pipeline(gm, pipeline_of("eager"), ctx)
 
 
 def test_the_driver_checks_nothing_when_switched_off(monkeypatch):
-    monkeypatch.setitem(PIPELINES, "eager", (plan_prefetches, drop_a_record))
+    swap_passes(monkeypatch, "eager", (plan_prefetches, drop_a_record))
     monkeypatch.setenv(CHECK_INVARIANTS_ENV, "0")
     gm, ctx = _traced()
-    assert run_pipeline(gm, "eager", ctx).changed("drop_a_record") == 1
+    assert run_pipeline(gm, pipeline_of("eager"), ctx).changed("drop_a_record") == 1
 
 
 def test_a_broken_invariant_is_never_hidden_by_the_fallback(monkeypatch):
     """The planner turns a failing pass into a graph without prefetch; a broken invariant is
     a bug in a pass, so it surfaces instead."""
-    monkeypatch.setitem(PIPELINES, "eager", (plan_prefetches, drop_a_record))
+    swap_passes(monkeypatch, "eager", (plan_prefetches, drop_a_record))
     gm, ctx = _traced()
-    planner = GraphPlanner(WeightPrefetchConfig(enabled=True), target="eager", record=False)
+    planner = GraphPlanner(
+        compile_setup(WeightPrefetchConfig(enabled=True), target="eager"), record=False
+    )
     monkeypatch.setattr(planner, "weight_names", lambda _: ctx.weight_names)
     with pytest.raises(InvariantError, match="after drop_a_record"):
         planner(gm)
@@ -239,5 +244,5 @@ def test_prefetches_the_model_placed_are_its_own(monkeypatch):
         by_hand = gm.graph.call_function(PREFETCH_OP, (placeholders[0], None, 64))
     by_hand.meta["val"] = None
     assert hand_placed(gm.graph) == {by_hand.name}
-    report = run_pipeline(gm, "eager", ctx)
+    report = run_pipeline(gm, pipeline_of("eager"), ctx)
     assert report.changed("plan_prefetches") == 4 and prefetch_meta(by_hand) is None

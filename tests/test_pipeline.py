@@ -15,13 +15,12 @@ from fxprefetch import WeightPrefetchConfig
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES, add_role_rule
-from fxprefetch.pipeline import PIPELINES
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import TARGETS, compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
 from synthetic import SynthModel, SynthSpec
-from tracing import run_synth_pipeline
+from tracing import pipeline_of, run_synth_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,14 +74,20 @@ def test_a_rule_added_after_a_warm_compile_is_honoured(warm_cache):
 
 def test_the_cache_key_covers_the_rules():
     config = WeightPrefetchConfig(enabled=True)
-    a = PrefetchGraphPass(GraphPlanner(CompileSetup(config, DEFAULT_RULES, "inductor")))
+    a = PrefetchGraphPass(
+        GraphPlanner(CompileSetup(config, DEFAULT_RULES, pipeline_of("inductor")))
+    )
     other = DEFAULT_RULES.with_op_kind("aten::cat", "barrier")
-    b = PrefetchGraphPass(GraphPlanner(CompileSetup(config, other, "inductor")))
+    b = PrefetchGraphPass(GraphPlanner(CompileSetup(config, other, pipeline_of("inductor"))))
     native = GraphPlanner(
-        CompileSetup(config, DEFAULT_RULES, "inductor", DeviceSetup(native=frozenset({"cpu"})))
+        CompileSetup(
+            config, DEFAULT_RULES, pipeline_of("inductor"), DeviceSetup(native=frozenset({"cpu"}))
+        )
     )
     capped = GraphPlanner(
-        CompileSetup(config, DEFAULT_RULES, "inductor", DeviceSetup(caps={"cuda": 8 << 20}))
+        CompileSetup(
+            config, DEFAULT_RULES, pipeline_of("inductor"), DeviceSetup(caps={"cuda": 8 << 20})
+        )
     )
     uuids = {a.uuid(), b.uuid(), PrefetchGraphPass(native).uuid(), PrefetchGraphPass(capped).uuid()}
     assert len(uuids) == 4
@@ -130,7 +135,7 @@ def test_explain_leaves_other_compiled_code_alone(fresh_dynamo):
 
 
 def test_each_target_lists_its_passes_in_order():
-    names = {target: [p.name for p in passes] for target, passes in PIPELINES.items()}
+    names = {name: [p.name for p in spec.pipeline.passes] for name, spec in TARGETS.items()}
     assert names == {
         "npu": ["plan_prefetches", "lower_npu"],
         "inductor": [

@@ -29,6 +29,8 @@ from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.plan import SkipReason
 from fxprefetch.planner import GraphPlanner
 
+from tracing import pipeline_of
+
 CONFIG = {
     "prefetch_ratio": {"mlp": {"gate_up": 1.0, "down": 1.0}},
     "sequence_parallel": True,  # so that mlp.down is prefetched too
@@ -313,7 +315,9 @@ def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
 
     gm, _ = fake_trace(SynthModel(SynthSpec(layers=1)), torch.randint(0, 64, (1, 4)))
     planner = GraphPlanner(
-        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES),
+        CompileSetup(
+            fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, pipeline_of("eager")
+        ),
         source_names=["a", None],  # fewer sources than the graph has inputs
         record=False,
     )
@@ -349,7 +353,9 @@ def test_body_inputs_follow_the_call_site_or_are_unknown(hop, args_of, runs, ski
     """A body input is the weight its call site passes; where the op's operands are not
     mapped (``scan``), nobody can tell, and the record says so."""
     planner = GraphPlanner(
-        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES),
+        CompileSetup(
+            fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, pipeline_of("eager")
+        ),
         source_names=[None, "mlp.gate_proj.weight"],
         record=False,
     )
@@ -398,7 +404,9 @@ def test_shared_region_runs_count_against_each_call_sites_weight():
 
     names = [None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)]
     planner = GraphPlanner(
-        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "inductor"),
+        CompileSetup(
+            fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, pipeline_of("inductor")
+        ),
         source_names=names,
         record=False,
     )
@@ -526,7 +534,9 @@ def test_stored_reports_keep_each_runs_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plan_store, "_store_dir", lambda: tmp_path)
     planner = GraphPlanner(
-        CompileSetup(fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "inductor"),
+        CompileSetup(
+            fxprefetch.WeightPrefetchConfig(enabled=True), DEFAULT_RULES, pipeline_of("inductor")
+        ),
         source_names=[None] + [f"layers.{i}.mlp.gate_proj.weight" for i in range(3)],
         record=False,
     )

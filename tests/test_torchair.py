@@ -24,6 +24,7 @@ from fxprefetch.presets import build_model, example_inputs, load_config
 
 from npu_standins import PREFETCH_CALLS
 from synthetic import SynthModel, SynthSpec
+from tracing import swap_passes
 
 pytestmark = pytest.mark.compile
 transformers = pytest.importorskip("transformers")
@@ -406,14 +407,14 @@ def test_a_prefetch_without_dependency_never_reaches_the_converter(torchair, ge,
 
 
 def test_a_failing_pass_falls_back_with_real_torchair(torchair, ge, monkeypatch, caplog):
-    import fxprefetch.pipeline as pipeline_module
     from fxprefetch.passes.contract import graph_pass
+    from fxprefetch.passes.lower_npu import lower_npu
 
     @graph_pass(name="plan_prefetches")
     def broken(gm, ctx):
         raise RuntimeError("synthetic pass failure")
 
-    monkeypatch.setitem(pipeline_module.PIPELINES, "npu", (broken, pipeline_module.lower_npu))
+    swap_passes(monkeypatch, "npu", (broken, lower_npu))
     cfg = run_eagerly_config(torchair)
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         out, expected = compile_and_run(synth(), {"torchair_config": cfg})

@@ -23,6 +23,8 @@ from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import PassContext, run_pipeline
 from fxprefetch.plan import SkipReason
 
+from tracing import pipeline_of
+
 vllm_moe = pytest.importorskip("fxprefetch.vllm_moe")
 
 EXPERTS, HIDDEN, INTER = 4, 16, 8
@@ -117,7 +119,7 @@ def _pipeline(gm, config, layers, target="eager", **kw):
         hidden_weights=vllm_moe.VllmMoeWeights(StandInConfig(layers)),
         **kw,
     )
-    return run_pipeline(gm, target, ctx).plan
+    return run_pipeline(gm, pipeline_of(target), ctx).plan
 
 
 def _trace(tokens: int):
@@ -174,7 +176,7 @@ def test_gate_up_of_the_fused_moe_is_prefetched_by_layer_name_behind_the_gating_
 def test_without_a_source_the_fused_moe_stays_recorded_as_hidden(moe_op):
     _, gm, _ = _trace(4)
     ctx = PassContext(WeightPrefetchConfig.from_dict(GUIDE_MOE), DEFAULT_RULES, "g")
-    plan = run_pipeline(gm, "eager", ctx).plan
+    plan = run_pipeline(gm, pipeline_of("eager"), ctx).plan
     hidden = plan.by_role("moe.gate_up")
     assert len(hidden) == 2 and all(r.skip_reason == SkipReason.HIDDEN_WEIGHTS for r in hidden)
     assert not prefetch_nodes(gm.graph)

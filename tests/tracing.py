@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pytest
 import torch
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx import GraphModule
+
+if TYPE_CHECKING:
+    from fxprefetch.pipeline import Pipeline
 
 
 def export_aten(
@@ -100,4 +108,21 @@ def run_synth_pipeline(
         weight_names=names,
         **context,
     )
-    return gm, run_pipeline(gm, target, ctx)
+    return gm, run_pipeline(gm, pipeline_of(target), ctx)
+
+
+def pipeline_of(target: str) -> Pipeline:
+    """The registered pipeline of ``target`` (``npu``, ``inductor``, ``eager``)."""
+    from fxprefetch.targets import TARGETS
+
+    return TARGETS[target].pipeline
+
+
+def swap_passes(monkeypatch: pytest.MonkeyPatch, target: str, passes: Sequence[object]) -> None:
+    """For this test, ``target``'s pipeline runs ``passes`` instead (the registry entry is
+    replaced, so the backend, explain() and the vLLM pass all run them)."""
+    from fxprefetch.targets import TARGETS
+
+    spec = TARGETS[target]
+    swapped = dataclasses.replace(spec, pipeline=spec.pipeline.with_passes(passes))
+    monkeypatch.setitem(TARGETS, target, swapped)

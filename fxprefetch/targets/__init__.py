@@ -1,23 +1,23 @@
 """The target registry: what each ``target`` option compiles to.
 
-A :class:`TargetSpec` names a target, the passes of its pipeline (``fxprefetch.pipeline``),
-the function that lowers a dynamo graph with them, whether the driver regenerates the code
-after the passes, and whether the compiled graph is replayed as a CUDA graph under a mode.
+A :class:`TargetSpec` holds a target's pipeline (:class:`fxprefetch.pipeline.Pipeline`: its
+passes, whether the driver regenerates the code after them, how the plan names what the
+prefetches became), the function that lowers a dynamo graph with it, and whether the compiled
+graph is replayed as a CUDA graph under a mode.
 
 - ``inductor`` (:mod:`.inductor`): ``compile_fx`` with the pass as its post-grad pass (CPU/GPU);
 - ``eager`` (:mod:`.eager`): AOT autograd with the pass and no code generation (debugging);
 - ``npu`` (:mod:`.npu`): torchair's backend with the pass and the ``npu_prefetch`` lowering.
 
-Adding a target is one entry in :data:`TARGETS` and one module with its compile function
-(plus its pipeline in ``fxprefetch.pipeline``). :func:`compile_setup` resolves a compile's
+Adding a target is one module (its ``PIPELINE`` and its compile function) and one entry in
+:data:`TARGETS`; see the README's "Extending" section. :func:`compile_setup` resolves a compile's
 setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -26,10 +26,9 @@ from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
-from fxprefetch.pipeline import PIPELINES, RECOMPILES, GraphPass
-from fxprefetch.targets.eager import compile_eager
-from fxprefetch.targets.inductor import compile_inductor, uses_cudagraphs
-from fxprefetch.targets.npu import compile_npu, npu_available
+from fxprefetch.pipeline import Pipeline
+from fxprefetch.targets import eager, inductor, npu
+from fxprefetch.targets.npu import npu_available
 
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
@@ -59,29 +58,25 @@ def _never_replayed(mode: str | None) -> bool:
 class TargetSpec:
     """One target: its pipeline, its compile function, and how its graphs run."""
 
-    name: str
+    pipeline: Pipeline
     compile: TargetCompiler
     # torch.compile's mode -> whether the compiled graph is replayed as a CUDA graph
     replays_cudagraphs: Callable[[str | None], bool] = _never_replayed
 
     @property
-    def passes(self) -> tuple[GraphPass, ...]:
-        """The passes that run on each aten graph, in order."""
-        return tuple(PIPELINES[self.name])
-
-    @property
-    def recompiles(self) -> bool:
-        """Whether the driver regenerates the code (inductor does it itself)."""
-        return RECOMPILES[self.name]
+    def name(self) -> str:
+        return self.pipeline.target
 
 
-TARGETS: Mapping[str, TargetSpec] = MappingProxyType(
-    {
-        "npu": TargetSpec("npu", compile_npu),
-        "inductor": TargetSpec("inductor", compile_inductor, uses_cudagraphs),
-        "eager": TargetSpec("eager", compile_eager),
-    }
-)
+#: The registered targets, by name (the ``target`` option's values besides ``auto``).
+TARGETS: dict[str, TargetSpec] = {
+    spec.name: spec
+    for spec in (
+        TargetSpec(npu.PIPELINE, npu.compile_npu),
+        TargetSpec(inductor.PIPELINE, inductor.compile_inductor, inductor.uses_cudagraphs),
+        TargetSpec(eager.PIPELINE, eager.compile_eager),
+    )
+}
 # the ``target`` option's values
 TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGETS)
 
@@ -139,7 +134,7 @@ def compile_setup(
     return CompileSetup(
         config=config,
         rules=rules if rules is not None else current_rules(),
-        target=spec.name,
+        pipeline=spec.pipeline,
         devices=devices,
         strict=strict,
         split_at_attention=split_at_attention,

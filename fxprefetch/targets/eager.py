@@ -10,8 +10,19 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
+
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
+
+
+def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
+    return "fxprefetch.prefetch, run eagerly"
+
+
+#: plan only: the prefetch nodes run as they are, through the op's eager kernels
+PIPELINE = Pipeline("eager", (plan_prefetches,), recompiles=True, lowering_note=_lowering_note)
 
 
 def compile_eager(

@@ -10,10 +10,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from fxprefetch.passes.elide_hints import elide_hints
+from fxprefetch.passes.insert_joins import insert_joins
+from fxprefetch.passes.lower_native import lower_native
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.passes.relax_dependencies import relax_dependencies
+from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
 from fxprefetch.plan_store import load_plans, plan_key, save_plans
 
 if TYPE_CHECKING:
-    from fxprefetch.pipeline import CompileReport
     from fxprefetch.planner import GraphPlanner
 
 try:  # torch >= 2.9
@@ -22,6 +27,38 @@ except ImportError:  # pragma: no cover - older torch
     CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
 
 logger = logging.getLogger("fxprefetch")
+
+
+def _lowering_note(report: CompileReport, ctx: PassContext) -> str | None:
+    """Per device, what its prefetches became: native prefetches (on a side stream, or on
+    the compute stream where CUDA-graph partitions could split a fork from its join), hints
+    left out of the code, or ``fxprefetch.prefetch`` kernels."""
+    notes = dict(ctx.lowering or {})
+    if report.changed("lower_native_prefetches"):
+        devices = sorted(ctx.native_l2 & ctx.native_devices)
+        if report.changed("insert_prefetch_joins") == 0 and ctx.join_devices & set(devices):
+            notes = {
+                d: f"{notes.get(d, '')}; on the compute stream instead: inductor partitions "
+                "this graph for CUDA graphs at nodes between which a fork and its join could "
+                "fall"
+                for d in devices
+            }
+    elif report.hints_elided:
+        return "hints, left out of the compiled code" + "".join(
+            f"; {device}: {note}" for device, note in sorted(notes.items())
+        )
+    else:
+        devices = sorted(ctx.native_devices)
+    return "; ".join(f"{d}: {notes.get(d, 'fxprefetch.prefetch')}" for d in devices) or None
+
+
+#: inductor regenerates the code itself after its post-grad passes
+PIPELINE = Pipeline(
+    "inductor",
+    (plan_prefetches, lower_native, relax_dependencies, elide_hints, insert_joins),
+    recompiles=False,
+    lowering_note=_lowering_note,
+)
 
 
 def _as_list(user_pass: Any) -> list[Callable[..., None]]:

@@ -14,12 +14,26 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fxprefetch.passes.lower_npu import lower_npu
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
+
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
 
 logger = logging.getLogger("fxprefetch")
 
 SINGLE_STREAM_OPTION = "ge_config.enable_single_stream"
+
+
+def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
+    return "npu_prefetch"
+
+
+#: plan, then lower to ``npu.npu_prefetch``; the driver regenerates the code torchair runs
+PIPELINE = Pipeline(
+    "npu", (plan_prefetches, lower_npu), recompiles=True, lowering_note=_lowering_note
+)
 
 
 class NpuUnavailableError(RuntimeError):
