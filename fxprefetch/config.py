@@ -26,15 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fxprefetch.roles import (
-    ATTN_O,
-    ATTN_QKV,
-    DEFAULT_RATIOS,
-    MLP_DOWN,
-    MLP_GATE_UP,
-    MOE_GATE_UP,
-    ROLES,
-)
+from fxprefetch.roles import ROLE_TABLE, ROLES
 from fxprefetch.validation import (
     AUTO,
     ConfigError,
@@ -117,31 +109,51 @@ def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
     return tuple(sorted(kinds, key=WINDOW_KINDS.index))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PrefetchRatios:
-    """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role"."""
+    """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role".
 
-    attn_qkv: float = DEFAULT_RATIOS[ATTN_QKV]
-    attn_o: float = DEFAULT_RATIOS[ATTN_O]
-    moe_gate_up: float = DEFAULT_RATIOS[MOE_GATE_UP]
-    mlp_gate_up: float = DEFAULT_RATIOS[MLP_GATE_UP]
-    mlp_down: float = DEFAULT_RATIOS[MLP_DOWN]
+    One ratio per role of :data:`fxprefetch.roles.ROLE_TABLE` (the role's default where none
+    is given), given by the role's attribute name (``PrefetchRatios(attn_qkv=1.0,
+    mlp_down=0.5)``) and read back by role (``ratios["attn.qkv"]``) or attribute
+    (``ratios.attn_qkv``). A role added to the table is a ratio here, with no change to
+    this class.
+    """
 
-    def __post_init__(self) -> None:
-        for role in ROLES:
-            ratio = expect_ratio(self[role], f"{ROOT_KEY}.prefetch_ratio.{role}")
+    by_role: tuple[tuple[str, float | str], ...]  # (role, ratio), in the table's order
+
+    def __init__(self, **ratios: float | str) -> None:
+        attributes = [role.attribute for role in ROLE_TABLE]
+        for name in ratios:
+            if name not in attributes:
+                raise TypeError(
+                    f"PrefetchRatios has no role {name!r}{did_you_mean(name, attributes)}; "
+                    f"expected keywords among {attributes}"
+                )
+        by_role = []
+        for role in ROLE_TABLE:
+            written = ratios.get(role.attribute, role.default_ratio)
+            ratio = expect_ratio(written, f"{ROOT_KEY}.{role.json_path}")
             # 1 and 1.0, -0.0 and 0.0 compare equal: store one form, so digests agree too
-            value = ratio if ratio == AUTO else float(ratio) + 0.0
-            object.__setattr__(self, role.replace(".", "_"), value)
+            by_role.append((role.name, ratio if ratio == AUTO else float(ratio) + 0.0))
+        object.__setattr__(self, "by_role", tuple(by_role))
+
+    def __getattr__(self, name: str) -> float | str:
+        """``ratios.attn_qkv``: the ratio of the role whose attribute is ``name``."""
+        role = next((r for r in ROLE_TABLE if r.attribute == name), None)
+        if role is None or name == "by_role":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self[role.name]
 
     def __getitem__(self, role: str) -> float | str:
         """The written ratio: a number in [0, 1], or ``"auto"``."""
-        if role not in ROLES:
+        found = dict(self.by_role)
+        if role not in found:
             raise KeyError(f"unknown role {role!r}{did_you_mean(role, ROLES)}; roles are {ROLES}")
-        return getattr(self, role.replace(".", "_"))
+        return found[role]
 
     def items(self) -> list[tuple[str, float | str]]:
-        return [(role, self[role]) for role in ROLES]
+        return list(self.by_role)
 
     def to_dict(self) -> dict[str, dict[str, float | str]]:
         nested: dict[str, dict[str, float | str]] = {}
@@ -154,9 +166,8 @@ class PrefetchRatios:
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.prefetch_ratio") -> PrefetchRatios:
         sections = expect_object(value, path)
         layout: dict[str, list[str]] = {}
-        for role in ROLES:
-            section, name = role.split(".")
-            layout.setdefault(section, []).append(name)
+        for role in ROLE_TABLE:
+            layout.setdefault(role.section, []).append(role.key)
         _reject_unknown_keys(sections, layout, path)
         kwargs: dict[str, float | str] = {}
         for section, value_ in sections.items():
@@ -280,9 +291,8 @@ class TokenBounds:
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.token_range") -> TokenBounds:
         obj = expect_object(value, path)
         layout: dict[str, list[str]] = {}
-        for role in ROLES:
-            section, name = role.split(".")
-            layout.setdefault(section, []).append(name)
+        for role in ROLE_TABLE:
+            layout.setdefault(role.section, []).append(role.key)
         _reject_unknown_keys(obj, [*TOKEN_KEYS, *layout], path)
         overall = TokenRange.from_dict({k: obj[k] for k in TOKEN_KEYS if k in obj}, path)
         roles: list[tuple[str, TokenRange]] = []

@@ -18,7 +18,7 @@ FX dead-code elimination, AOT autograd and inductor's scheduler all keep it.
 Where a device registers a native L2 prefetch (:func:`register_native_l2`: CUDA), the
 inductor pipeline lowers ``prefetch`` to ``prefetch_native`` (side stream or compute
 stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``; both carry
-an ``order`` list that pins their place in inductor's schedule (``passes/native_prefetch.py``).
+an ``order`` list that pins their place in inductor's schedule (``passes/lower_native.py``).
 
 ``prefetch_in_range`` (a prefetch that checks its token count when it runs) and the by-name
 prefetches of integrations (``fxprefetch.vllm_moe``) are not lowered: their kernels call the
@@ -212,7 +212,7 @@ for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
 # (CUDA). ``stream``: "side" forks onto a side stream that a ``prefetch_join`` closes, or
 # "compute" runs on the current stream with no join. ``order``: tensors the op is declared to
 # mutate, so that inductor's scheduler must keep it after their producers and before their
-# later readers; the op itself writes nothing. ``passes/native_prefetch.py`` fills it.
+# later readers; the op itself writes nothing. ``passes/lower_native.py`` fills it.
 NATIVE_SCHEMA = (
     "prefetch_native(Tensor weight, Tensor(a!)[] order, int max_size, int offset, "
     "str stream, str cache_hint) -> ()"

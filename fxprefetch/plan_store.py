@@ -20,6 +20,7 @@ import torch
 
 from fxprefetch.pipeline import CompileReport, PassResult
 from fxprefetch.plan import PrefetchPlan, SkipReason
+from fxprefetch.roles import ROLES
 from fxprefetch.schema_check import plan_schema, schema_errors
 from fxprefetch.validation import load_json
 
@@ -154,16 +155,20 @@ def read_plan_dir(directory: str | os.PathLike[str]) -> list[PrefetchPlan]:
 
 def check_plan_data(data: Any) -> None:
     """ValueError naming what is wrong, unless ``data`` is a ``plan`` of ``plan_schema.json``
-    whose skip reasons are ones fxprefetch writes."""
+    whose roles and skip reasons are ones this fxprefetch knows (the schema names neither)."""
     errors = schema_errors(data, {"$ref": "#/$defs/plan"}, plan_schema())
     if not errors:
         known = {str(reason) for reason in SkipReason}
-        errors = [
-            f"linears[{i}].skip_reason: expected a reason fxprefetch gives "
-            f"(e.g. {str(SkipReason.NO_ROLE)!r}), got {linear['skip_reason']!r}"
-            for i, linear in enumerate(data["linears"])
-            if linear["skip_reason"] is not None and linear["skip_reason"] not in known
-        ]
+        for i, linear in enumerate(data["linears"]):
+            if linear["role"] is not None and linear["role"] not in ROLES:
+                errors.append(
+                    f"linears[{i}].role: expected one of {list(ROLES)}, got {linear['role']!r}"
+                )
+            if linear["skip_reason"] is not None and linear["skip_reason"] not in known:
+                errors.append(
+                    f"linears[{i}].skip_reason: expected a reason fxprefetch gives "
+                    f"(e.g. {str(SkipReason.NO_ROLE)!r}), got {linear['skip_reason']!r}"
+                )
     if errors:
         more = f" (and {len(errors) - 2} more)" if len(errors) > 2 else ""
         raise ValueError("; ".join(errors[:2]) + more)

@@ -1,8 +1,8 @@
 """Validate JSON data against ``plan_schema.json`` without third-party packages.
 
 jsonschema is a test dependency only, so the keywords the schema uses are checked here
-(types, required and additional properties, items, local ``$ref``, const, enum, minimum and
-maximum). A keyword this module does not know raises :class:`SchemaError`: validation is
+(types, required and additional properties, items, local ``$ref``, const, enum, pattern,
+minimum and maximum). A keyword this module does not know raises :class:`SchemaError`: validation is
 never silently partial. tests/test_cli.py checks that it agrees with jsonschema.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -67,6 +68,9 @@ def schema_errors(
             if not any(_same(value, option) for option in rule):
                 options = ", ".join(json.dumps(o) for o in rule)
                 errors.append(f"{where}: expected one of {options}, got {_show(value)}")
+        elif key == "pattern":
+            if isinstance(value, str) and re.search(rule, value) is None:
+                errors.append(f"{where}: expected a string matching {rule!r}, got {_show(value)}")
         elif key in ("minimum", "maximum"):
             if _TYPES["number"](value) and (value < rule if key == "minimum" else value > rule):
                 bound = "at least" if key == "minimum" else "at most"

@@ -419,6 +419,14 @@ BAD_PLANS = {
         'linears[0].capped: expected boolean, got "yes"',
     ),
     "unknown field": (_set(("linears", 1, "speed"), 3), "linears[1]: unknown field 'speed'"),
+    "role not a role": (
+        _set(("linears", 0, "role"), "attn"),
+        "linears[0].role: expected a string matching",
+    ),
+    "unknown role": (
+        _set(("linears", 0, "role"), "attn.gate"),
+        "linears[0].role: expected one of ['attn.qkv', 'attn.o', 'moe.gate_up', ",
+    ),
     "bogus skip reason": (
         _set(("linears", 1, "skip_reason"), "felt like it"),
         "linears[1].skip_reason: expected a reason fxprefetch gives",
@@ -496,10 +504,12 @@ def test_schema_check_agrees_with_jsonschema():
     for case, (mutate, _) in BAD_PLANS.items():
         data = mutate(_plan_data())
         ours = schema_errors(data, plan_schema, SCHEMA)
-        # a skip reason is any string to the schema; fxprefetch checks it against SkipReason
-        assert bool(ours) == (not validator.is_valid(data)) == (case != "bogus skip reason")
-    with pytest.raises(SchemaError, match="'pattern' is not supported"):
-        schema_errors("x", {"pattern": "^a"})
+        # a skip reason or a role-shaped name is any string to the schema; fxprefetch checks
+        # them against SkipReason and the role table
+        schema_only = case not in ("bogus skip reason", "unknown role")
+        assert bool(ours) == (not validator.is_valid(data)) == schema_only
+    with pytest.raises(SchemaError, match="'minLength' is not supported"):
+        schema_errors("x", {"minLength": 2})
 
 
 def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):

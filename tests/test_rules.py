@@ -28,6 +28,7 @@ from fxprefetch.passes.analysis.weight_trace import WeightTrace, trace_operand
 from fxprefetch.passes.tables import rules as rules_module
 from fxprefetch.passes.tables.role_rules import RoleRule
 from fxprefetch.passes.tables.rules import DEFAULT_RULES, PrefetchRules, current_rules, set_rules
+from fxprefetch.schema_check import schema_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = [f.name for f in dataclasses.fields(PrefetchRules) if f.init]
@@ -238,27 +239,36 @@ def test_every_condition_a_linear_op_names_exists():
 def test_the_config_uses_the_role_table():
     assert config.ROLES is roles.ROLES
     ratios = config.PrefetchRatios()
-    assert [f.name for f in dataclasses.fields(ratios)] == [r.attribute for r in roles.ROLE_TABLE]
+    assert [getattr(ratios, r.attribute) for r in roles.ROLE_TABLE] == list(
+        roles.DEFAULT_RATIOS.values()
+    )
     assert ratios.items() == [(r.name, r.default_ratio) for r in roles.ROLE_TABLE]
     assert [f"{r.section}.{r.key}" for r in roles.ROLE_TABLE] == list(roles.ROLES)
 
 
-def _role_enums(node: object):
-    """Every ``enum`` the plan schema gives a ``role`` property."""
+def _role_schemas(node: object):
+    """Every schema the plan schema gives a ``role`` property."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "role" and isinstance(value, dict) and "enum" in value:
-                yield value["enum"]
-            yield from _role_enums(value)
+            if key == "role" and isinstance(value, dict) and "pattern" in value:
+                yield value
+            yield from _role_schemas(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _role_enums(value)
+            yield from _role_schemas(value)
 
 
-def test_the_plan_schema_lists_the_roles():
+def test_the_plan_schema_takes_every_role_and_only_role_shaped_names():
+    """The schema lists no roles (a role added to the table needs no schema change); its
+    pattern takes every role of the table and refuses what cannot be one."""
     schema = json.loads((ROOT / "fxprefetch" / "plan_schema.json").read_text())
-    enums = list(_role_enums(schema))
-    assert enums and all(e == [*roles.ROLES, None] for e in enums)
+    found = list(_role_schemas(schema))
+    assert found and all(set(s["examples"]) <= set(roles.ROLES) for s in found)
+    for role_schema in found:
+        for role in (*roles.ROLES, None, "moe.down"):
+            assert schema_errors(role, role_schema) == [], role
+        for bad in ("attn", "attn.qkv.extra", "Attn.qkv", "attn.", 3):
+            assert schema_errors(bad, role_schema), bad
 
 
 def test_every_role_the_tables_name_is_a_role():
