@@ -16,7 +16,7 @@ from torch import nn
 import fxprefetch
 from fxprefetch.presets import build_model, example_inputs
 
-from synthetic import SynthModel, SynthSpec
+from support.synthetic import SynthModel, SynthSpec
 
 pytestmark = pytest.mark.compile
 pytest.importorskip("transformers")

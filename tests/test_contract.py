@@ -38,8 +38,8 @@ from fxprefetch.pipeline import (
     run_pipeline,
 )
 
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace
 
 PASSES_DIR = Path(__file__).resolve().parents[1] / "passes"
 PASS_MODULES = (

@@ -28,9 +28,9 @@ from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 from fxprefetch.passes.analysis.prefetch_meta import join_meta
 
-from emitted_order import check_fork_window_join_gemm, emitted_events
-from synthetic import SynthModel, SynthSpec
-from tracing import run_synth_pipeline
+from support.emitted_order import check_fork_window_join_gemm, emitted_events
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import run_synth_pipeline
 
 triton = pytest.importorskip("triton")
 

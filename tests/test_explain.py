@@ -10,7 +10,7 @@ import fxprefetch
 from fxprefetch.explainer import explain
 from fxprefetch.presets import build_model, example_inputs
 
-from synthetic import SynthModel, SynthSpec, TwoGraphs
+from support.synthetic import SynthModel, SynthSpec, TwoGraphs
 
 pytest.importorskip("transformers")
 

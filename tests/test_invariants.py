@@ -34,9 +34,9 @@ from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.pipeline import INDUCTOR_PASSES, PIPELINES, run_passes, run_pipeline
 from fxprefetch.planner import GraphPlanner
 
-from npu_standins import install_op_standins
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from support.npu_standins import install_op_standins
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace
 
 JOINED = {
     "native_devices": frozenset({"cpu"}),

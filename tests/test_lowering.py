@@ -14,9 +14,9 @@ from fxprefetch.passes.elide_hints import elide_hints, hint_only
 from fxprefetch.passes.lower_npu import NpuLoweringError
 from fxprefetch.passes.relax_dependencies import relax_dependencies
 
-from npu_standins import install_op_standins
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from support.npu_standins import install_op_standins
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace
 
 ON = WeightPrefetchConfig(enabled=True)
 

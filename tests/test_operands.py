@@ -23,7 +23,7 @@ from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch
 from fxprefetch.passes.analysis.graph_utils import op_name
 
-from tracing import fake_trace
+from support.tracing import fake_trace
 
 KINDS = ("param", "swapped", "fused", "dtype_view", "dequant", "user", "indexed")
 ON = WeightPrefetchConfig(enabled=True)

@@ -26,9 +26,9 @@ from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.analysis.roles import match_role
 from fxprefetch.passes.tables.collectives import COLLECTIVES
 
-from npu_standins import install_op_standins
-from synthetic import SynthModel, SynthSpec
-from tracing import export_aten, fake_trace, run_graph
+from support.npu_standins import install_op_standins
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import export_aten, fake_trace, run_graph
 
 ON = WeightPrefetchConfig(enabled=True)
 
@@ -454,7 +454,7 @@ def test_moe_experts_behind_gating_and_routing():
     assert experts.prefetch_bytes == int(0.8 * 4 * 128 * 32 * 4)
 
 
-# -- torch_npu ops (stand-ins with the exact schemas; see tests/npu_standins.py) -------------
+# -- torch_npu ops (stand-ins with the exact schemas; see tests/support/npu_standins.py) -------------
 
 
 class W8A8Attention(nn.Module):

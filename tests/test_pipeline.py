@@ -20,8 +20,8 @@ from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
-from synthetic import SynthModel, SynthSpec
-from tracing import run_synth_pipeline
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import run_synth_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from fxprefetch import WeightPrefetchConfig
 from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.passes.analysis.roles import match_role, owner_path
 
-from tracing import fake_trace
+from support.tracing import fake_trace
 
 transformers = pytest.importorskip("transformers")
 

@@ -308,8 +308,8 @@ def test_hint_counts_are_what_ran(seen_graphs, fresh_dynamo):
 def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
     """A graph whose inputs cannot be mapped to dynamo's sources: no prefetch, and the
     records say why."""
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     gm, _ = fake_trace(SynthModel(SynthSpec(layers=1)), torch.randint(0, 64, (1, 4)))
     planner = GraphPlanner(

@@ -121,7 +121,7 @@ def _pipeline(gm, config, layers, target="eager", **kw):
 
 
 def _trace(tokens: int):
-    from tracing import fake_trace
+    from support.tracing import fake_trace
 
     model = Model()
     gm, names = fake_trace(model, torch.randn(tokens, HIDDEN))
@@ -261,7 +261,7 @@ def test_by_name_prefetches_run_on_the_compute_stream_and_need_no_join(context, 
     events, prepared = cpu_side_stream
     model = Model()
     model.layers = nn.ModuleList(AttnBlock(i) for i in range(2))
-    from tracing import fake_trace
+    from support.tracing import fake_trace
 
     gm, names = fake_trace(model, torch.randn(4, HIDDEN))
     plan = _pipeline(

@@ -86,8 +86,8 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     def vllm_config(mode: str) -> SimpleNamespace:
         compilation = SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode))
@@ -125,8 +125,8 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     from fxprefetch.device_profiles import simulated_setup
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     vllm_pass = WeightPrefetchPass()
     plain_uuid = vllm_pass.uuid()

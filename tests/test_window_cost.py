@@ -13,7 +13,7 @@ from fxprefetch.passes.analysis.window_cost import tensor_bytes
 from fxprefetch.passes.analysis.windows import attention_matmuls
 from fxprefetch.prediction import profile
 
-from tracing import fake_trace
+from support.tracing import fake_trace
 
 T, H, INTER = 3, 16, 32  # tokens, hidden, intermediate (fp32: 4 bytes each)
 
