@@ -50,6 +50,14 @@ def _fresh_state():
     set_rules(DEFAULT_RULES)  # undo register_* / add_role_rule of the test
 
 
+@pytest.fixture(scope="module")
+def dense():
+    """Two fused Llama-style layers, token ids and their aten export (support.planning)."""
+    from support.planning import dense_llama
+
+    return dense_llama()
+
+
 @pytest.fixture
 def fresh_dynamo():
     """Reset dynamo before and after a compile test; keep inductor's FX graph cache off."""

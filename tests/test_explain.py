@@ -66,7 +66,7 @@ def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
     assert all(r.prefetch_bytes == 512 for r in plan.prefetched)  # a written cap wins
 
 
-# -- issue #19, part 4: explain() leaves the process alone --------------------------------------
+# -- explain() leaves the process alone ----------------------------------------------------------
 
 
 class _BrokenQkv(nn.Module):

@@ -1,5 +1,5 @@
 """Property tests: generated transformer-like models, traced to aten graphs, random valid
-configs; every invariant of the pass (passes/weight_prefetch.py docstring) must hold."""
+configs; every invariant of the pass (passes/plan_prefetches.py docstring) must hold."""
 
 from __future__ import annotations
 

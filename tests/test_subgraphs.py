@@ -1,5 +1,6 @@
-"""Weights in every graph the pass sees (issue #19): higher-order-op bodies (nested compile
-regions, ``torch.cond`` branches), tensor-subclass parameters and fields of forward arguments.
+"""Weights in every graph the pass sees (``analysis.subgraphs``): higher-order-op bodies
+(nested compile regions, ``torch.cond`` branches), tensor-subclass parameters and fields of
+forward arguments.
 
 Prefetches that really ran are seen through a native CPU prefetch registered by the test
 (the op's CPU kernel hands each one to it): each must lie inside a parameter or buffer (or an
@@ -126,7 +127,7 @@ def _records(plans):
     return [r for p in plans for r in p.records]
 
 
-# -- the models of the issue -----------------------------------------------------------------
+# -- the models: regions, cond branches, subclass parameters, argument fields ----------------
 
 
 @torch.compiler.nested_compile_region
@@ -142,7 +143,7 @@ class _Mlp(nn.Module):
 
 
 class RegionModel(nn.Module):
-    """The issue's repro: a region called with a weight, a forward argument and a computed
+    """A region called with a weight, a forward argument and a computed
     tensor in the weight slot, all inside ``mlp`` (so each would get a role)."""
 
     def __init__(self) -> None:

@@ -151,7 +151,7 @@ def test_the_vllm_environment_loads_the_plugin_from_an_installed_fxprefetch(vllm
     assert Path(found["plugin_file"]).resolve().is_relative_to(REPO)
 
 
-# -- MoE through vLLM's fused MoE (issue 22) ----------------------------------------------------
+# -- MoE through vLLM's fused MoE ----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def served_moe(vllm_python, tmp_path_factory) -> dict:
     """A tiny Mixtral (2 layers, 4 experts, random weights), once per scenario: no flag, the

@@ -1,4 +1,4 @@
-"""passes/window_cost.py: the bytes a window moves and the kernels it launches, read from
+"""passes/analysis/window_cost.py: the bytes a window moves and the kernels it launches, read from
 ``meta['val']`` on the FX graph (the prediction model's input)."""
 
 from __future__ import annotations
