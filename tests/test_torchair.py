@@ -1,4 +1,4 @@
-"""The ``npu`` target against torchair's REAL code (tests/support/torchair_real.py), without CANN.
+"""The ``npu`` target against torchair's REAL code (tests/torchair_real.py), without CANN.
 
 torchair's FX passes, its FX->GE converter (``npu_prefetch`` -> ``Cmo``) and its GE graph
 passes (``explicit_order_for_cmo``) run for real; with ``debug.run_eagerly`` torchair then runs
