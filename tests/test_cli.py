@@ -254,7 +254,7 @@ def test_schema_file_is_shipped():
     assert Path(str(resources.files("fxprefetch").joinpath("plan_schema.json"))).is_file()
 
 
-# -- issue #11, defect 7: every user error exits 2 with one line ---------------------------------
+# -- every user error exits 2 with one line ------------------------------------------------------
 
 
 def _config_json(tmp_path, **fields):
@@ -312,7 +312,7 @@ def _latin1(tmp_path, name="config.bin"):
             "num_hidden_layers must be at least 1, got 0",
         ),
         (lambda t: ["plan", "--model", "llama-3-8b", "--tokens", "2000000000"], "at most 131072"),
-        # issue #19, part 5
+        # a config.json whose sizes make no model
         (
             lambda t: ["plan", "--model", _config_json(t, hidden_size=0)],
             "hidden_size must be at least 1, got 0",
@@ -353,7 +353,7 @@ def test_user_errors_exit_2_with_one_line(make_args, message, tmp_path, capsys):
     assert "--layers" not in err
 
 
-# -- issue #19, part 5: --from-dir validates plan files and takes only the options it uses -------
+# -- --from-dir validates plan files and takes only the options it uses --------------------------
 
 
 def _plan_data() -> dict:
@@ -513,7 +513,7 @@ def test_schema_check_agrees_with_jsonschema():
 
 
 def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
-    """Issue #21: `fxprefetch plan --device h200 --tokens 1`: the GPU's windows (o behind
+    """`fxprefetch plan --device h200 --tokens 1`: the GPU's windows (o behind
     attention, down behind SiLU-and-mul) and the model's saving per layer and per step."""
     assert (
         main(["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]) == 0

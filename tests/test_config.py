@@ -339,7 +339,7 @@ def test_valid_configs_round_trip_with_their_values(value):
             assert math.isclose(cfg.ratio(f"{section}.{name}"), float(ratio))
 
 
-# -- issue #11, defect 6: config edges ----------------------------------------------------------
+# -- config edges: odd but valid values ----------------------------------------------------------
 
 
 def test_an_object_and_the_same_json_mean_the_same_under_the_backend():
@@ -419,7 +419,7 @@ def test_deeply_nested_json_is_a_config_error(depth):
         WeightPrefetchConfig.from_additional_config('{"x": ' + "[" * depth + "]" * depth + "}")
 
 
-# -- issue #21: "auto" sizes and attention windows ---------------------------------------------
+# -- "auto" sizes and attention windows ---------------------------------------------
 
 
 def test_auto_sizes_are_validated_and_digest_covered():

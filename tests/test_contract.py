@@ -32,8 +32,8 @@ from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.pipeline import Pipeline, run_passes, run_pipeline
 from fxprefetch.targets import TARGETS
 
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace, pipeline_of
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace, pipeline_of
 
 PASSES_DIR = Path(__file__).resolve().parents[1] / "passes"
 PASS_MODULES = (

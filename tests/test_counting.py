@@ -20,8 +20,8 @@ from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import uses_cudagraphs
 
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace, pipeline_of
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace, pipeline_of
 
 
 def _planner(native: frozenset[str]) -> tuple[GraphPlanner, list[str]]:

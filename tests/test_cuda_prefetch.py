@@ -1,5 +1,6 @@
-"""The native CUDA L2 prefetch (issue #14): machine code, ranges and fork/join placement here,
-behaviour on a GPU where one is present (those tests skip without CUDA)."""
+"""The native CUDA L2 prefetch (``fxprefetch.cuda_prefetch``): machine code, ranges and the
+runtime fork/join here, behaviour on a GPU where one is present (those tests skip without CUDA).
+The lowering passes it serves are tested in test_lower_native.py and test_insert_joins.py."""
 
 from __future__ import annotations
 
@@ -23,14 +24,9 @@ from fxprefetch.cuda_prefetch import (
     register,
     tensor_range,
 )
-from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
-from fxprefetch.passes import DEFAULT_RULES
-from fxprefetch.passes.analysis.op_classes import NodeKind, classify
-from fxprefetch.passes.analysis.prefetch_meta import join_meta
 
-from emitted_order import check_fork_window_join_gemm, emitted_events
-from synthetic import SynthModel, SynthSpec
-from tracing import run_synth_pipeline
+from support.emitted_order import check_fork_window_join_gemm, emitted_events
+from support.synthetic import SynthModel, SynthSpec
 
 triton = pytest.importorskip("triton")
 
@@ -169,121 +165,6 @@ def test_without_cuda_nothing_is_registered():
     from fxprefetch import ops
 
     assert "cuda" not in ops.native_prefetch_devices() and "cuda" not in ops.native_l2_devices()
-
-
-# -- lowering and joins on FX graphs (the CPU stands in as a native, side-stream device) --------
-
-
-def _pipeline(join_devices, model=None, native_l2=frozenset({"cpu"})):
-    devices = frozenset({"cpu"})
-    return run_synth_pipeline(
-        "inductor",
-        native_devices=devices,
-        join_devices=frozenset(join_devices),
-        native_l2=native_l2,
-        model=model,
-    )
-
-
-def _forks_and_joins(gm):
-    forks = list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP))
-    joins = list(gm.graph.find_nodes(op="call_function", target=JOIN_OP))
-    return forks, joins
-
-
-def _check_pairs(gm, forks, joins):
-    """One join per fork node, each mutating its own fork's token and nothing else's."""
-    assert len(joins) == len(forks)
-    tokens = [f.args[1][0] for f in forks]
-    assert len(set(tokens)) == len(tokens)
-    for join in joins:
-        (token,) = [t for t in join.args[1] if t in tokens]
-        (fork,) = [f for f in forks if f.args[1][0] is token]
-        assert join_meta(join).joins == fork.name
-        assert [u for u in token.users if u.target is JOIN_OP] == [join]
-
-
-def test_joins_close_every_fork_after_the_window_and_before_the_linear():
-    gm, report = _pipeline({"cpu"})
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    forks, joins = _forks_and_joins(gm)
-    assert not list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
-    assert report.changed("insert_prefetch_joins") == len(joins) == len(forks) == 4
-    _check_pairs(gm, forks, joins)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for record in report.plan.prefetched:
-        fork = by_name[record.prefetch_node]
-        linear = by_name[record.node]
-        (join,) = [j for j in joins if join_meta(j).joins == fork.name]
-        assert order[fork] < order[join] < order[linear]
-        window_ops = [
-            n
-            for n in gm.graph.nodes
-            if order[fork] < order[n] < order[linear]
-            and classify(n, DEFAULT_RULES) is NodeKind.VECTOR
-        ]
-        assert window_ops and all(order[n] < order[join] for n in window_ops)
-        assert join not in linear.all_input_nodes  # the join is not a data input
-        # the fork "mutates" its dependency, so every window op reading it follows the fork;
-        # the join "mutates" the linear's activation, so the linear follows the join
-        _token, *dependency = fork.args[1]
-        assert [n.name for n in dependency] == [record.dependency]
-        (activation,) = join.args[1][1:]
-        assert activation in linear.all_input_nodes and fork.args[0] not in join.args[1]
-        assert fork.args[4:] == ("side", "none")
-
-
-def test_a_weight_read_by_two_linears_gets_a_join_per_prefetch():
-    """One layer used twice: 4 prefetches of 2 weights, and 4 joins (one per fork), not 2."""
-    model = SynthModel(SynthSpec(layers=2))
-    model.layers[1] = model.layers[0]
-    gm, report = _pipeline({"cpu"}, model=model)
-    forks, joins = _forks_and_joins(gm)
-    assert len(forks) == len(report.plan.prefetched) == 4
-    assert len({f.args[0] for f in forks}) == 2
-    _check_pairs(gm, forks, joins)
-
-
-def test_the_compute_stream_lowering_has_no_joins_and_no_tokens():
-    gm, report = _pipeline(set())  # native, but not on a side stream
-    forks, joins = _forks_and_joins(gm)
-    assert len(forks) == 4 and not joins
-    assert all(f.args[4] == "compute" and len(f.args[1]) == 1 for f in forks)  # dependency only
-    assert report.plan.lowering == "cpu: fxprefetch.prefetch"  # no lowering note in the context
-
-
-def test_a_graph_inductor_may_partition_is_lowered_without_forks():
-    """Inductor's graph partitioning (CUDA graphs) splits at nodes it cannot capture; a fork
-    and its join on both sides would break the captures. Such a graph gets no fork at all."""
-    from torch._inductor import config
-
-    with config.patch({"triton.cudagraphs": True, "custom_should_partition_ops": ["aten::rsqrt"]}):
-        gm, report = _pipeline({"cpu"})
-    forks, joins = _forks_and_joins(gm)
-    assert len(forks) == 4 and not joins
-    assert {f.args[4] for f in forks} == {"compute"}
-    assert "inductor partitions this graph" in report.plan.lowering
-    with config.patch({"triton.cudagraphs": True}):  # nothing to partition at: side stream
-        gm, _ = _pipeline({"cpu"})
-    forks, joins = _forks_and_joins(gm)
-    assert len(joins) == len(forks) == 4
-
-
-def test_no_native_lowering_where_the_device_has_none():
-    gm, _ = _pipeline(set(), native_l2=frozenset())
-    forks, joins = _forks_and_joins(gm)
-    assert not forks and not joins
-    assert len(list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))) == 4
-
-
-def test_strip_removes_forks_joins_and_tokens():
-    from fxprefetch.passes.strip_prefetch import strip_prefetch
-
-    gm, _ = _pipeline({"cpu"})
-    before = len(gm.graph.nodes)
-    assert strip_prefetch(gm) == 4
-    assert len(gm.graph.nodes) == before - 3 * 4  # fork, join and token per prefetch
-    gm.graph.lint()
 
 
 # -- the runtime fork/join (CUDA stream calls recorded, on the CPU) ------------------------------
@@ -571,7 +452,7 @@ def test_inductor_emits_fork_window_join_gemm_on_the_cpu(
 def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
     cpu_side_stream, fresh_dynamo, monkeypatch
 ):
-    """Issue #21: with a GPU's device setup (an H200's, the CPU standing in), o_proj hides
+    """With a GPU's device setup (an H200's, the CPU standing in), o_proj hides
     behind attention and down_proj behind SiLU-and-mul: 4 forks per layer, each fork ->
     window -> join -> GEMM in the code inductor emits, every fork closed, outputs equal."""
     from torch._inductor.utils import run_and_get_code

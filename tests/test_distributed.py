@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from support.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.compile]
 
@@ -20,7 +20,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 @pytest.fixture(scope="module")
 def ranks():
-    return run_ranks("dist_workloads:tp_sp_workload", world=2, timeout=420)
+    return run_ranks("support.dist_workloads:tp_sp_workload", world=2, timeout=420)
 
 
 VARIANTS = ["tp", "tp-collective", "sp", "sp-collective", "sp-collective-inductor"]
@@ -96,4 +96,4 @@ def test_sequence_parallel_collective_windows(ranks, variant):
 
 def test_a_failing_rank_fails_fast_and_cleanly():
     with pytest.raises(RuntimeError, match="rank 1 failed"):
-        run_ranks("dist_workloads:fail_on_rank_one", world=2, timeout=120)
+        run_ranks("support.dist_workloads:fail_on_rank_one", world=2, timeout=120)

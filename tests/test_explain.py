@@ -10,7 +10,7 @@ import fxprefetch
 from fxprefetch.explainer import explain
 from fxprefetch.presets import build_model, example_inputs
 
-from synthetic import SynthModel, SynthSpec, TwoGraphs
+from support.synthetic import SynthModel, SynthSpec, TwoGraphs
 
 pytest.importorskip("transformers")
 
@@ -66,7 +66,7 @@ def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
     assert all(r.prefetch_bytes == 512 for r in plan.prefetched)  # a written cap wins
 
 
-# -- issue #19, part 4: explain() leaves the process alone --------------------------------------
+# -- explain() leaves the process alone ----------------------------------------------------------
 
 
 class _BrokenQkv(nn.Module):

@@ -35,9 +35,9 @@ from fxprefetch.pipeline import run_passes, run_pipeline
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import compile_setup
 
-from npu_standins import install_op_standins
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace, pipeline_of, swap_passes
+from support.npu_standins import install_op_standins
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace, pipeline_of, swap_passes
 
 JOINED = {
     "native_devices": frozenset({"cpu"}),

@@ -7,6 +7,9 @@
   backend, the vLLM modules, the CLI).
 - No import circle among fxprefetch's modules, and no import deferred into a function to
   dodge one inside ``fxprefetch.passes``.
+- Tests follow the modules: each pass, each analysis and ``tables/rules.py`` has its
+  ``tests/test_<module>.py``, or an entry in :data:`TESTED_ELSEWHERE` naming the file that
+  tests it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ CORE = {
     "fxprefetch.validation",
 }
 ROOMS = {"tables": 0, "analysis": 1, "": 2}  # "": the passes themselves, at passes/*.py
+TESTS = ROOT / "tests"
+# modules of passes/ without a test file of their own, and the file that tests each
+TESTED_ELSEWHERE = {
+    "hidden_weights": "test_vllm_moe.py",  # vLLM's fused MoE looks its experts up by name
+    "token_bounds": "test_vllm_moe.py",  # token bounds on vLLM's static and dynamic graphs
+    "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
+    "weight_sources": "test_linears.py",  # only stored weights are prefetched
+}
 
 
 def _module_name(path: Path) -> str:
@@ -133,6 +144,29 @@ def test_no_import_circle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def _modules_needing_tests() -> list[str]:
+    """Each pass, each analysis and the rules: the modules of passes/ that do something."""
+    files = [*PASSES.glob("*.py"), *(PASSES / "analysis").glob("*.py"), PASSES / "tables/rules.py"]
+    return sorted(p.stem for p in files if p.stem != "__init__")
+
+
+def test_each_pass_and_analysis_has_its_test_file():
+    modules = _modules_needing_tests()
+    assert {"plan_prefetches", "windows", "rules"} <= set(modules)  # the walk finds them
+    missing = [
+        m for m in modules if m not in TESTED_ELSEWHERE and not (TESTS / f"test_{m}.py").exists()
+    ]
+    assert not missing, f"no tests/test_<module>.py (nor an entry in TESTED_ELSEWHERE): {missing}"
+
+
+def test_the_tested_elsewhere_list_names_real_modules_and_files():
+    modules = _modules_needing_tests()
+    for module, test_file in TESTED_ELSEWHERE.items():
+        assert module in modules, f"TESTED_ELSEWHERE names {module}, not a module of passes/"
+        assert not (TESTS / f"test_{module}.py").exists(), f"{module} has its own test file now"
+        assert (TESTS / test_file).is_file(), f"{module}: {test_file} does not exist"
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_collect_stats_per_weight_names_from_the_graph_call():
     assert fxprefetch.stats().calls == 4  # process totals count outside the block too
 
 
-# -- issue #11, defect 5: stats semantics -------------------------------------------------------
+# -- stats: nested blocks, resets, threads and per-weight names ----------------------------------
 
 
 def test_nested_blocks_each_count_their_own_span():

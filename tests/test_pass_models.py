@@ -11,7 +11,7 @@ from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.presets import build_model
 
-from tracing import export_aten, run_graph
+from support.tracing import export_aten, run_graph
 
 pytest.importorskip("transformers")
 

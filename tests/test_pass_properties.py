@@ -1,5 +1,5 @@
 """Property tests: generated transformer-like models, traced to aten graphs, random valid
-configs; every invariant of the pass (passes/weight_prefetch.py docstring) must hold."""
+configs; every invariant of the pass (passes/plan_prefetches.py docstring) must hold."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.analysis.sizing import prefetch_bytes
 
-from synthetic import SynthModel, SynthSpec, expected_roles
-from tracing import export_aten, run_graph
+from support.synthetic import SynthModel, SynthSpec, expected_roles
+from support.tracing import export_aten, run_graph
 
 specs = st.builds(
     SynthSpec,

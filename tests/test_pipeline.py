@@ -1,4 +1,4 @@
-"""One visible pipeline, rules in the cache key, plans that survive every cache path (#11)."""
+"""One visible pipeline, rules in the cache key, plans that survive every cache path."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import TARGETS, compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
-from synthetic import SynthModel, SynthSpec
-from tracing import pipeline_of, run_synth_pipeline
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import pipeline_of, run_synth_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

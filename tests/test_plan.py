@@ -10,8 +10,8 @@ import torch
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
 from fxprefetch.passes import run_weight_prefetch
 
-from synthetic import SynthModel, SynthSpec, TwoGraphs
-from tracing import fake_trace
+from support.synthetic import SynthModel, SynthSpec, TwoGraphs
+from support.tracing import fake_trace
 
 
 def _plan(layers: int = 2, **config) -> PrefetchPlan:

@@ -15,8 +15,8 @@ from fxprefetch.plan_render import (
     summary_line,
 )
 
-from synthetic import SynthModel, SynthSpec
-from tracing import fake_trace
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import fake_trace
 
 
 def _plan(layers: int = 2) -> PrefetchPlan:

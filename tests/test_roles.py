@@ -1,4 +1,4 @@
-"""Roles of the naming schemes of the main model families (issue #10, defect 5).
+"""Roles (``analysis.roles``) of the naming schemes of the main model families.
 
 Each family's real module tree (transformers' models, built on the meta device) or a
 module tree written the way the code base names things (Meta/torchtitan/gpt-fast, vLLM,
@@ -13,10 +13,11 @@ from torch import nn
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.passes import add_role_rule, run_weight_prefetch
 from fxprefetch.passes.analysis.roles import match_role, owner_path
 
-from tracing import fake_trace
+from support.planning import ON, fresh_export
+from support.tracing import fake_trace
 
 transformers = pytest.importorskip("transformers")
 
@@ -375,3 +376,48 @@ def test_multihead_attention_through_the_pass():
     }
     qkv = next(r for r in plan.records if r.role == QKV)
     assert qkv.weight_shape == (96, 32) and qkv.weight_bytes == 96 * 32 * 4
+
+
+# -- role rules users extend, through the pass -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "role"),
+    [
+        ("model.layers.3.self_attn.qkv_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.q_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.v_proj", "attn.qkv"),
+        ("model.layers.3.self_attn.o_proj", "attn.o"),
+        ("transformer.h.0.self_attention.dense", "attn.o"),
+        ("model.layers.0.self_attn.q_a_proj", "attn.qkv"),
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa", "attn.qkv"),
+        ("model.layers.0.self_attn.kv_b_proj", "attn.qkv"),
+        ("model.layers.0.self_attn.fused_qkv_a_proj", "attn.qkv"),
+        ("model.layers.0.mlp.gate_up_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.gate_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.down_proj", "mlp.down"),
+        ("model.layers.0.mlp.shared_experts.gate_up_proj", "mlp.gate_up"),
+        ("model.layers.0.mlp.experts.w13_weight", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.gate_up_proj", "moe.gate_up"),
+        ("model.layers.0.block_sparse_moe.experts.3.w1", "moe.gate_up"),
+        ("model.layers.0.block_sparse_moe.experts.3.w3", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.7.up_proj", "moe.gate_up"),
+        ("model.layers.0.mlp.experts.w2_weight", None),
+        ("model.layers.0.block_sparse_moe.experts.3.w2", None),
+        ("model.layers.0.mlp.gate", None),
+        ("lm_head", None),
+    ],
+)
+def test_default_role_rules(path, role):
+    rule = match_role(path)
+    assert rule is not None and rule.role == role
+
+
+def test_user_role_rule_wins(dense):
+    _, _, gm, names = fresh_export(dense)
+    add_role_rule(r"\.lm_head$|^lm_head$", "mlp.gate_up", "tied head")
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    head = next(r for r in plan if r.weight == "lm_head.weight")
+    assert head.role == "mlp.gate_up" and head.prefetched
+    with pytest.raises(ValueError, match="unknown role"):
+        add_role_rule("x", "mlp.up")

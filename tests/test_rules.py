@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxprefetch import config, roles
+from fxprefetch.passes import register_linear_op, run_weight_prefetch
 from fxprefetch.passes.analysis.linear_ops import LINEAR_CONDITIONS
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 from fxprefetch.passes.analysis.roles import (
@@ -29,6 +31,9 @@ from fxprefetch.passes.tables import rules as rules_module
 from fxprefetch.passes.tables.role_rules import RoleRule
 from fxprefetch.passes.tables.rules import DEFAULT_RULES, PrefetchRules, current_rules, set_rules
 from fxprefetch.schema_check import schema_errors
+
+from support.planning import ON, fresh_export
+from support.tracing import fake_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = [f.name for f in dataclasses.fields(PrefetchRules) if f.init]
@@ -281,3 +286,42 @@ def test_every_role_the_tables_name_is_a_role():
 def test_a_role_rule_must_name_a_role():
     with pytest.raises(ValueError, match=r"unknown role 'attn\.v'"):
         DEFAULT_RULES.with_role_rule(r"v_proj$", "attn.v")
+
+
+# -- rules given as a value, and linear ops users register -------------------------------------
+
+
+def test_rules_passed_as_a_value_are_the_only_rules_read(dense):
+    _, _, gm, names = fresh_export(dense)
+    rules = DEFAULT_RULES.with_role_rule(r"(^|\.)lm_head$", "mlp.gate_up", "tied head")
+    assert rules.digest != DEFAULT_RULES.digest and current_rules() == DEFAULT_RULES
+    plan = run_weight_prefetch(gm, ON, weight_names=names, rules=rules)
+    assert next(r for r in plan if r.weight == "lm_head.weight").prefetched
+    # the value is frozen, hashable and survives pickling (vLLM ships it to workers)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(rules))
+    assert again == rules and hash(again) == hash(rules) and again.digest == rules.digest
+
+
+def test_user_linear_op():
+    lib = torch.library.Library("fxtest", "FRAGMENT")
+    lib.define("gemm(Tensor act, Tensor w) -> Tensor")
+    lib.impl("gemm", lambda a, w: a @ w.t(), "CompositeExplicitAutograd")
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.ops.fxtest.gemm(torch.relu(x), self.o_proj.weight)
+
+    gm, names = fake_trace(M(), torch.randn(2, 8))
+    assert not run_weight_prefetch(gm, ON, weight_names=names).records
+    register_linear_op("fxtest::gemm", "w", ("act",))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    (rec,) = plan.records
+    assert rec.role == "attn.o" and rec.prefetched and rec.window == ("aten::relu",)
+    with pytest.raises(ValueError, match="qualified"):
+        register_linear_op("gemm", "w", ("act",))

@@ -1,5 +1,6 @@
-"""Weights in every graph the pass sees (issue #19): higher-order-op bodies (nested compile
-regions, ``torch.cond`` branches), tensor-subclass parameters and fields of forward arguments.
+"""Weights in every graph the pass sees (``analysis.subgraphs``): higher-order-op bodies
+(nested compile regions, ``torch.cond`` branches), tensor-subclass parameters and fields of
+forward arguments.
 
 Prefetches that really ran are seen through a native CPU prefetch registered by the test
 (the op's CPU kernel hands each one to it): each must lie inside a parameter or buffer (or an
@@ -29,7 +30,7 @@ from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.plan import SkipReason
 from fxprefetch.planner import GraphPlanner
 
-from tracing import pipeline_of
+from support.tracing import pipeline_of
 
 CONFIG = {
     "prefetch_ratio": {"mlp": {"gate_up": 1.0, "down": 1.0}},
@@ -128,7 +129,7 @@ def _records(plans):
     return [r for p in plans for r in p.records]
 
 
-# -- the models of the issue -----------------------------------------------------------------
+# -- the models: regions, cond branches, subclass parameters, argument fields ----------------
 
 
 @torch.compiler.nested_compile_region
@@ -144,7 +145,7 @@ class _Mlp(nn.Module):
 
 
 class RegionModel(nn.Module):
-    """The issue's repro: a region called with a weight, a forward argument and a computed
+    """A region called with a weight, a forward argument and a computed
     tensor in the weight slot, all inside ``mlp`` (so each would get a role)."""
 
     def __init__(self) -> None:
@@ -310,8 +311,8 @@ def test_hint_counts_are_what_ran(seen_graphs, fresh_dynamo):
 def test_unmapped_graph_inputs_are_not_guessed_to_be_weights():
     """A graph whose inputs cannot be mapped to dynamo's sources: no prefetch, and the
     records say why."""
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     gm, _ = fake_trace(SynthModel(SynthSpec(layers=1)), torch.randint(0, 64, (1, 4)))
     planner = GraphPlanner(

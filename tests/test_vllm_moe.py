@@ -23,7 +23,7 @@ from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import PassContext, run_pipeline
 from fxprefetch.plan import SkipReason
 
-from tracing import pipeline_of
+from support.tracing import pipeline_of
 
 vllm_moe = pytest.importorskip("fxprefetch.vllm_moe")
 
@@ -123,7 +123,7 @@ def _pipeline(gm, config, layers, target="eager", **kw):
 
 
 def _trace(tokens: int):
-    from tracing import fake_trace
+    from support.tracing import fake_trace
 
     model = Model()
     gm, names = fake_trace(model, torch.randn(tokens, HIDDEN))
@@ -263,7 +263,7 @@ def test_by_name_prefetches_run_on_the_compute_stream_and_need_no_join(context, 
     events, prepared = cpu_side_stream
     model = Model()
     model.layers = nn.ModuleList(AttnBlock(i) for i in range(2))
-    from tracing import fake_trace
+    from support.tracing import fake_trace
 
     gm, names = fake_trace(model, torch.randn(4, HIDDEN))
     plan = _pipeline(

@@ -86,8 +86,8 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     def vllm_config(mode: str) -> SimpleNamespace:
         compilation = SimpleNamespace(cudagraph_mode=SimpleNamespace(name=mode))
@@ -118,15 +118,15 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
 
 
 def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeypatch):
-    """Issue #21: on a GPU (an H200's setup, the CPU standing in) down_proj behind
+    """On a GPU (an H200's setup, the CPU standing in) down_proj behind
     SiLU-and-mul is a window in vLLM too, but attention is not: vLLM splits its graphs at
     attention, so a fork before it could not rejoin before o_proj. The uuid covers it."""
     from fxprefetch import vllm_plugin
     from fxprefetch.device_profiles import simulated_setup
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
-    from synthetic import SynthModel, SynthSpec
-    from tracing import fake_trace
+    from support.synthetic import SynthModel, SynthSpec
+    from support.tracing import fake_trace
 
     vllm_pass = WeightPrefetchPass()
     plain_uuid = vllm_pass.uuid()

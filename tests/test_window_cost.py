@@ -1,4 +1,4 @@
-"""passes/window_cost.py: the bytes a window moves and the kernels it launches, read from
+"""passes/analysis/window_cost.py: the bytes a window moves and the kernels it launches, read from
 ``meta['val']`` on the FX graph (the prediction model's input)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fxprefetch.passes.analysis.window_cost import tensor_bytes
 from fxprefetch.passes.analysis.windows import attention_matmuls
 from fxprefetch.prediction import profile
 
-from tracing import fake_trace
+from support.tracing import fake_trace
 
 T, H, INTER = 3, 16, 32  # tokens, hidden, intermediate (fp32: 4 bytes each)
 

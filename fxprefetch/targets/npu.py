@@ -2,7 +2,7 @@
 then ``fxprefetch.prefetch`` becomes ``npu.npu_prefetch`` (GE op ``Cmo``).
 
 Written against torchair's hook (``fn(gm, example_inputs, config)``) and tested against
-torchair's real Python code from the torch-npu 2.13.0 wheel (``tests/torchair_real.py``).
+torchair's real Python code from the torch-npu 2.13.0 wheel (``tests/support/torchair_real.py``).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def run_synth_pipeline(
     from fxprefetch.passes import DEFAULT_RULES
     from fxprefetch.pipeline import PassContext, run_pipeline
 
-    from synthetic import SynthModel, SynthSpec
+    from support.synthetic import SynthModel, SynthSpec
 
     model = model if model is not None else SynthModel(SynthSpec(layers=2))
     gm, names = fake_trace(model, torch.randint(0, 64, (1, 4)))

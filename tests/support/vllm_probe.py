@@ -1,4 +1,4 @@
-"""Run inside the vLLM environment (tests/vllm_env.py) by tests/test_vllm.py; prints JSON.
+"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/test_vllm.py; prints JSON.
 
 ``units``: fxprefetch's vLLM pass against vLLM's real classes (``CompilationConfig``,
 ``PostGradPassManager``, ``VllmConfig``, the plugin loader). vllm-ascend's real

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMAS = Path(__file__).parent / "data" / "torch_npu_schemas.txt"
+SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "torch_npu_schemas.txt"
 _lib: torch.library.Library | None = None
 
 

@@ -10,7 +10,8 @@ pip can only download the sdist after building its metadata, which needs a chip 
 folder for that one ``pip download``, so this script needs nothing but pip.
 
 0.23.0.post1 is the last release that ships the built-in weight prefetch
-(``vllm_ascend/ops/weight_prefetch.py``). Run ``python tests/vllm_ascend_real.py`` to fetch.
+(``vllm_ascend/ops/weight_prefetch.py``). Run ``python tests/support/vllm_ascend_real.py`` to
+fetch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from torchair_real import _sha256  # one pinned-download check for both sources
+if __package__ in (None, ""):  # run by path: make the ``support`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# one pinned-download check for both sources
+from support.torchair_real import _sha256
 
 VERSION = "0.23.0.post1"
 SDIST = f"vllm_ascend-{VERSION}.tar.gz"
@@ -84,5 +89,6 @@ def fetch(dest: Path | None = None) -> Path:
     return dest
 
 
-if __name__ == "__main__":  # `python tests/vllm_ascend_real.py`: fetch once (CI may do this)
+# `python tests/support/vllm_ascend_real.py`: fetch once (CI may do this)
+if __name__ == "__main__":
     print(fetch())

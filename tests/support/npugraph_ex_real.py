@@ -1,6 +1,6 @@
 """npugraph_ex's REAL Python code, from the same torch-npu 2.13.0 wheel as torchair.
 
-``tests/torchair_real.py`` extracts everything under ``torch_npu/dynamo/``, so npugraph_ex
+``tests/support/torchair_real.py`` extracts everything under ``torch_npu/dynamo/``, so npugraph_ex
 (``torch_npu/dynamo/npugraph_ex``) sits beside torchair, pinned by the same sha256. It needs
 more of torch_npu than torchair's GE path does: it captures NPU graphs, so it asks for the
 current stream and imports ``torch_npu`` itself. What is a STAND-IN here, and only that:
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from npu_standins import install_meta_standins
-from torchair_real import TorchairUnavailableError, load_torchair
+from support.npu_standins import install_meta_standins
+from support.torchair_real import TorchairUnavailableError, load_torchair
 
 # torch_npu.npu's runtime entry points npugraph_ex names (each raises "needs CANN")
 NPU_RUNTIME_CLASSES = ("Stream", "Event", "ExternalEvent", "NPUGraph")

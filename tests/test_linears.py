@@ -1,4 +1,5 @@
-"""Only real weights are prefetched, and every matmul is in the plan (issue #10, defects 1, 4, 6).
+"""Only real weights are prefetched, and every matmul is in the plan (``analysis.linears``,
+``analysis.weight_sources``).
 
 Generated layers put each shape of code real models contain in front of a matmul: a plain
 parameter, a weight in the first operand (``W @ x.T``), one part of a fused weight, a dtype
@@ -23,7 +24,7 @@ from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch
 from fxprefetch.passes.analysis.graph_utils import op_name
 
-from tracing import fake_trace
+from support.tracing import fake_trace
 
 KINDS = ("param", "swapped", "fused", "dtype_view", "dequant", "user", "indexed")
 ON = WeightPrefetchConfig(enabled=True)
@@ -296,7 +297,7 @@ def test_hf_moe_eager_experts_are_listed_outside_compiled_graphs():
     assert sum(len(p.records) for p in plans[:-1]) >= 5  # q, k, v, o, router, lm_head
 
 
-# -- issue 19: every matmul in the plan ---------------------------------------------------------
+# -- every matmul in the plan -------------------------------------------------------------------
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
