@@ -15,29 +15,29 @@ adds per compile (dynamo's weight names, the user's passes, vLLM's bound config)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fxprefetch.passes.analysis as analysis_package
-import fxprefetch.passes.tables as tables_package
+import fxprefetch.passes as passes_package
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.pipeline import Pipeline
 
 _PACKAGE_ROOT = Path(__file__).parent
+_PASSES_ROOT = Path(passes_package.__file__).parent  # passes/ (fxprefetch/passes installed)
 # the driver around the passes: how they are run, what they insert, what the plans hold, and
 # the targets' lowerings
 _DRIVER_FILES = ("pipeline.py", "planner.py", "ops.py", "plan.py", "targets/*.py")
-# what the passes read besides their own modules
-_READ_PACKAGES = (analysis_package, tables_package)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class CompileSetup:
 
     @property
     def target(self) -> str:
-        """The target's name (``npu``, ``inductor``, ``eager``)."""
+        """The target's name (a key of ``fxprefetch.targets.TARGETS``)."""
         return self.pipeline.target
 
     def cache_key(self, *parts: str) -> str:
@@ -111,13 +111,53 @@ def _source_file(obj: Any) -> Path:
 
 def pass_source_files(pipeline: Pipeline) -> tuple[Path, ...]:
     """Every source file that decides what the pipeline's passes do: their modules, the
-    analyses and tables they read, the driver and the targets' lowerings."""
-    files = {_source_file(p) for p in pipeline.passes}
+    driver and the targets' lowerings, and every fxprefetch module those import, directly or
+    not, at module level or in a function (the analyses and tables, the config, the roles,
+    the prediction model...): nothing is listed by hand."""
+    roots = {_source_file(p) for p in pipeline.passes}
     for pattern in _DRIVER_FILES:
-        files.update(_PACKAGE_ROOT.glob(pattern))
-    for package in _READ_PACKAGES:
-        files.update(Path(package.__file__).parent.rglob("*.py"))
-    return tuple(sorted(files))
+        roots.update(_PACKAGE_ROOT.glob(pattern))
+    return imported_closure(frozenset(roots))
+
+
+@functools.cache
+def imported_closure(roots: frozenset[Path]) -> tuple[Path, ...]:
+    """``roots`` and the source files of every fxprefetch module they import, transitively."""
+    seen: set[Path] = set()
+    stack = sorted(roots)
+    while stack:
+        path = stack.pop()
+        if path not in seen:
+            seen.add(path)
+            stack.extend(sorted(_imported_sources(path) - seen))
+    return tuple(sorted(seen))
+
+
+def _imported_sources(path: Path) -> set[Path]:
+    """Source files of the fxprefetch modules ``path`` imports (``from m import name`` counts
+    ``m``, and ``m.name`` where that is a module)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    # the package's own __init__ only gathers the public names: "from fxprefetch import ops"
+    # depends on fxprefetch.ops, not on everything __init__ imports
+    ours = (n for n in names if n.split(".")[0] == "fxprefetch" and n != "fxprefetch")
+    found = (_module_source(n) for n in ours)
+    return {f for f in found if f is not None}
+
+
+def _module_source(name: str) -> Path | None:
+    """The ``.py`` file of module ``name`` (None: a name inside a module, not a module)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:  # "m.name" where m is a module, not a package
+        return None
+    origin = spec.origin if spec is not None else None
+    return Path(origin) if origin is not None and origin.endswith(".py") else None
 
 
 def _read_source(path: Path) -> bytes:
@@ -126,10 +166,10 @@ def _read_source(path: Path) -> bytes:
 
 def _stable_name(path: Path) -> str:
     """``path`` relative to the package, so the key is the same wherever it is installed."""
-    try:
-        return path.relative_to(_PACKAGE_ROOT).as_posix()
-    except ValueError:
-        return path.name
+    for root, prefix in ((_PASSES_ROOT, "passes/"), (_PACKAGE_ROOT, "")):
+        if path.is_relative_to(root):
+            return prefix + path.relative_to(root).as_posix()
+    return path.name
 
 
 @functools.cache

@@ -109,7 +109,7 @@ def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
     return tuple(sorted(kinds, key=WINDOW_KINDS.index))
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, repr=False)
 class PrefetchRatios:
     """Fraction of each role's weight to prefetch; 0 means "do not prefetch this role".
 
@@ -117,12 +117,20 @@ class PrefetchRatios:
     is given), given by the role's attribute name (``PrefetchRatios(attn_qkv=1.0,
     mlp_down=0.5)``) and read back by role (``ratios["attn.qkv"]``) or attribute
     (``ratios.attn_qkv``). A role added to the table is a ratio here, with no change to
-    this class.
+    this class. ``dataclasses.replace(ratios, mlp_down=0.5)`` changes one ratio.
     """
 
     by_role: tuple[tuple[str, float | str], ...]  # (role, ratio), in the table's order
 
-    def __init__(self, **ratios: float | str) -> None:
+    def __init__(
+        self, by_role: Iterable[tuple[str, float | str]] = (), **ratios: float | str
+    ) -> None:
+        """``by_role``: ``(role, ratio)`` pairs to start from (what ``dataclasses.replace``
+        passes); keywords by attribute override them; other roles take their default."""
+        start = dict(by_role)
+        for role_name in start:
+            if role_name not in ROLES:
+                raise ValueError(f"by_role: unknown role {role_name!r}; roles are {ROLES}")
         attributes = [role.attribute for role in ROLE_TABLE]
         for name in ratios:
             if name not in attributes:
@@ -132,11 +140,15 @@ class PrefetchRatios:
                 )
         by_role = []
         for role in ROLE_TABLE:
-            written = ratios.get(role.attribute, role.default_ratio)
+            written = ratios.get(role.attribute, start.get(role.name, role.default_ratio))
             ratio = expect_ratio(written, f"{ROOT_KEY}.{role.json_path}")
             # 1 and 1.0, -0.0 and 0.0 compare equal: store one form, so digests agree too
             by_role.append((role.name, ratio if ratio == AUTO else float(ratio) + 0.0))
         object.__setattr__(self, "by_role", tuple(by_role))
+
+    def __repr__(self) -> str:
+        written = ", ".join(f"{r.attribute}={self[r.name]!r}" for r in ROLE_TABLE)
+        return f"PrefetchRatios({written})"
 
     def __getattr__(self, name: str) -> float | str:
         """``ratios.attn_qkv``: the ratio of the role whose attribute is ``name``."""

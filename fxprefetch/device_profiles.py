@@ -1,17 +1,14 @@
-"""The device profile (``fxprefetch.prediction``) of the device a compile runs on, or of a
-device simulated where there is none (``fxprefetch plan --device h200`` on the meta device;
-tests that stand the CPU in for a GPU)."""
+"""The device profile (``fxprefetch.prediction``) of the device a compile runs on, and the
+byte cap a profile implies (``fxprefetch.devices.simulated_setup`` builds a whole setup from
+a profile where there is no such device)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from dataclasses import replace
 
 import torch
 
-from fxprefetch.devices import DeviceSetup, device_setup
-from fxprefetch.prediction import DeviceProfile, gpu_profile, match_profile, profile
+from fxprefetch.prediction import DeviceProfile, gpu_profile, match_profile
 
 
 def cuda_profile(device: torch.device | int | None = None) -> DeviceProfile:
@@ -47,18 +44,3 @@ def default_cap(device: DeviceProfile) -> int | None:
     from fxprefetch.cuda_prefetch import cap_for
 
     return cap_for(device.hbm_bytes_per_s, device.l2_bytes)
-
-
-def simulated_setup(name: str, device_types: Iterable[str] = ("meta",)) -> DeviceSetup:
-    """A compile's setup as on the device profile ``name``, for weights on ``device_types``
-    (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
-    device's default cap, window policy and predictions. Native prefetches stay those
-    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``)."""
-    device = profile(name)
-    cap = default_cap(device)
-    types = sorted(set(device_types))
-    return replace(
-        device_setup("inductor", native_prefetch="always"),
-        caps={t: cap for t in types} if cap is not None else {},
-        profiles={t: device for t in types},
-    )

@@ -19,13 +19,14 @@ linear) or ``"compute_stream"`` (a fire-and-forget kernel on the compute stream,
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
-from fxprefetch.prediction import DeviceProfile
+from fxprefetch.prediction import DeviceProfile, profile
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -53,34 +54,35 @@ def _native_cuda_prefetch() -> bool:
 
 
 def device_setup(
-    target: str,
     *,
+    native_l2: bool = False,
+    ascend: bool = False,
     cudagraphs: bool = False,
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
 ) -> DeviceSetup:
-    """The setup for ``target``: the inductor target turns on the CUDA prefetch where the
-    machine has one (with its window x bandwidth cap and the GPU's profile: window policy,
-    "auto" sizes, predictions, ``fxprefetch.device_profiles``) and where it pays (see the
-    module docstring); ``cudagraphs``: the compiled graph is replayed as a CUDA graph. The
-    npu target gets the Ascend profile where torch_npu names a known device."""
+    """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
+
+    ``native_l2``: its pipeline lowers to native L2 prefetches (inductor's): the CUDA prefetch
+    is turned on where the machine has one (with its window x bandwidth cap and the GPU's
+    profile: window policy, "auto" sizes, predictions, ``fxprefetch.device_profiles``) and
+    where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
+    as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
+    names a known device."""
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
-    if target == "inductor" and torch.cuda.is_available() and _native_cuda_prefetch():
-        from fxprefetch.cuda_prefetch import default_cap
-        from fxprefetch.device_profiles import cuda_profile
+    if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
+        from fxprefetch.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
 
-        caps["cuda"] = default_cap()
+        caps["cuda"] = cuda_default_cap()
         profiles["cuda"] = cuda_profile()
-    if target == "npu":
-        from fxprefetch.device_profiles import npu_profile
-
+    if ascend:
         found = npu_profile()
         if found is not None:
             profiles["npu"] = found
     native = set(native_prefetch_devices())
-    l2 = native_l2_devices() & native if target == "inductor" else set()
+    l2 = native_l2_devices() & native if native_l2 else set()
     use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
     why = f"native_prefetch {native_prefetch!r}" + (
         f", {'' if cudagraphs else 'no '}CUDA graphs" if native_prefetch == "auto" else ""
@@ -98,4 +100,19 @@ def device_setup(
     joins = l2 if cuda_lowering == "side_stream" else set()
     return DeviceSetup(
         frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering, profiles
+    )
+
+
+def simulated_setup(name: str, device_types: Iterable[str] = ("meta",)) -> DeviceSetup:
+    """A compile's setup as on the device profile ``name``, for weights on ``device_types``
+    (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
+    device's default cap, window policy and predictions. Native prefetches stay those
+    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``)."""
+    device = profile(name)
+    cap = default_cap(device)
+    types = sorted(set(device_types))
+    return replace(
+        device_setup(native_l2=True, native_prefetch="always"),
+        caps={t: cap for t in types} if cap is not None else {},
+        profiles={t: device for t in types},
     )

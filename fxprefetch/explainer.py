@@ -53,7 +53,7 @@ def explain(
     # those of the simulated device; the eager pipeline plans without lowering
     simulated = None
     if device_profile is not None:
-        from fxprefetch.device_profiles import simulated_setup
+        from fxprefetch.devices import simulated_setup
 
         weights_on = (
             {p.device.type for p in model.parameters()}

@@ -106,8 +106,7 @@ def parse_options(options: Any) -> BackendOptions:
         hint = did_you_mean(target, TARGETS) if isinstance(target, str) else ""
         raise ConfigError(
             "options.target",
-            f"expected one of {list(TARGETS)}, got "
-            f"{json.dumps(target) if isinstance(target, str) else target!r}{hint}",
+            f"expected one of {list(TARGETS)}, got {target!r}{hint}",
         )
     strict = options.get("strict", False)
     if not isinstance(strict, bool):

@@ -3,7 +3,7 @@
 A :class:`Pipeline` is a value: a target's passes in order, whether the driver regenerates
 the code after them, and how the plan describes what the prefetches became. Each target
 module defines its own (``fxprefetch.targets.npu.PIPELINE`` and so on); the driver lists no
-target::
+target. The built-in ones::
 
     npu:      plan_prefetches -> lower_npu                                   -> clean-up
     inductor: plan_prefetches -> lower_native -> relax_dependencies
@@ -72,7 +72,11 @@ class CompileReport:
 
     @property
     def plan(self) -> PrefetchPlan:
-        return next(r.plan for r in self.results if r.plan is not None)
+        found = next((r.plan for r in self.results if r.plan is not None), None)
+        if found is None:
+            ran = [r.name for r in self.results]
+            raise ValueError(f"no pass of the {self.target} pipeline made a plan (ran {ran})")
+        return found
 
     def changed(self, name: str) -> int:
         return sum(r.changed for r in self.results if r.name == name)
@@ -106,7 +110,21 @@ class Pipeline:
     lowering_note: LoweringNote = _no_note
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not self.target:
+            raise ValueError(f"Pipeline.target: expected a target's name, got {self.target!r}")
         object.__setattr__(self, "passes", tuple(self.passes))
+        if not self.passes:
+            raise ValueError(f"pipeline {self.target!r} has no pass; it needs a planning pass")
+        for graph_pass in self.passes:
+            if not isinstance(graph_pass, GraphPass):
+                raise TypeError(
+                    f"pipeline {self.target!r}: {graph_pass!r} is not a declared pass; "
+                    "decorate a (gm, ctx) -> PassResult function with @graph_pass"
+                )
+        names = [p.name for p in self.passes]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"pipeline {self.target!r} runs {repeated[0]!r} twice: {names}")
         check_order(self.passes)
 
     def with_passes(self, passes: Sequence[GraphPass]) -> Pipeline:

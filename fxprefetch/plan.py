@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fxprefetch import plan_render
+
 PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan; token bounds
 #: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -183,9 +185,7 @@ class PrefetchPlan:
 
     def summary_line(self) -> str:
         """One line for logs: linears seen and prefetched, bytes, skips, predicted saving."""
-        from fxprefetch.plan_render import summary_line  # the renderer reads this module
-
-        return summary_line(self)
+        return plan_render.summary_line(self)
 
     def to_dict(self) -> dict[str, Any]:
         predicted = self.predicted()
@@ -233,9 +233,7 @@ class PrefetchPlan:
 
     def table(self, fold: bool = False) -> str:
         """A fixed-width table, one row per linear (``fold`` merges identical layers)."""
-        from fxprefetch.plan_render import render_table  # the renderer reads this module
-
-        return render_table([self], fold=fold)
+        return plan_render.render_table([self], fold=fold)
 
 
 @dataclass(frozen=True)

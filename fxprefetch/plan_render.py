@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fxprefetch.plan import LinearRecord, PrefetchPlan
+if TYPE_CHECKING:  # the plan's methods call this module: it reads plans, never builds them
+    from fxprefetch.plan import LinearRecord, PrefetchPlan
 
 
 def summary_line(plan: PrefetchPlan) -> str:

@@ -8,7 +8,9 @@ role policy) refers to roles through these constants.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -18,6 +20,9 @@ MOE_GATE_UP = "moe.gate_up"
 MLP_GATE_UP = "mlp.gate_up"
 MLP_DOWN = "mlp.down"
 
+#: What a role's name looks like: ``section.key``, lower case (the plan schema's pattern).
+ROLE_NAME = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*$")
+
 
 @dataclass(frozen=True)
 class Role:
@@ -25,6 +30,20 @@ class Role:
 
     name: str
     default_ratio: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not ROLE_NAME.match(self.name):
+            raise ValueError(
+                f"role name {self.name!r}: expected 'section.key' in lower case (e.g. "
+                "'attn.qkv'), its path under weight_prefetch_config.prefetch_ratio"
+            )
+        ratio = self.default_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not (math.isfinite(ratio) and 0 <= ratio <= 1)
+        ):
+            raise ValueError(f"role {self.name!r}: default ratio must be in [0, 1], got {ratio!r}")
 
     @property
     def section(self) -> str:
@@ -47,13 +66,27 @@ class Role:
         return f"prefetch_ratio.{self.name}"
 
 
+def checked_table(roles: Sequence[Role]) -> tuple[Role, ...]:
+    """``roles``, refused where two share a name or an attribute (``attn.qkv`` and
+    ``attn_qkv`` would be one keyword of ``PrefetchRatios``)."""
+    seen: dict[str, str] = {}
+    for role in roles:
+        for key in (role.name, role.attribute):
+            if key in seen:
+                raise ValueError(f"role {role.name!r} repeats {seen[key]!r} ({key!r})")
+            seen[key] = role.name
+    return tuple(roles)
+
+
 #: Every role, in the order the guide lists them, with the guide's default ratios.
-ROLE_TABLE: tuple[Role, ...] = (
-    Role(ATTN_QKV, 1.0),
-    Role(ATTN_O, 1.0),
-    Role(MOE_GATE_UP, 0.8),
-    Role(MLP_GATE_UP, 1.0),
-    Role(MLP_DOWN, 1.0),
+ROLE_TABLE: tuple[Role, ...] = checked_table(
+    (
+        Role(ATTN_QKV, 1.0),
+        Role(ATTN_O, 1.0),
+        Role(MOE_GATE_UP, 0.8),
+        Role(MLP_GATE_UP, 1.0),
+        Role(MLP_DOWN, 1.0),
+    )
 )
 ROLES: tuple[str, ...] = tuple(role.name for role in ROLE_TABLE)
 DEFAULT_RATIOS: Mapping[str, float] = MappingProxyType(

@@ -28,10 +28,17 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
 from typing import Any
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
+from fxprefetch.targets.npu import configure_torchair
+from fxprefetch.vllm_compiling import (
+    compiling,
+    compiling_for,
+    compiling_vllm_config,
+    current_vllm_config,
+    parameter_inputs,
+)
 
 logger = logging.getLogger("fxprefetch")
 
@@ -39,8 +46,7 @@ OWNER_FXPREFETCH = "fxprefetch"
 OWNER_BUILTIN = "vllm-ascend built-in"
 OWNER_NONE = "none"
 _MARK = "_fxprefetch"
-# (VllmConfig, our pass) while the platform's compiler compiles for a config holding our pass
-_COMPILING: ContextVar[tuple[Any, Any] | None] = ContextVar("fxprefetch_compiling", default=None)
+PREFETCH_PASS_MARK = "_fxprefetch_prefetch_pass"  # set on vllm_plugin.WeightPrefetchPass
 _warned: set[str] = set()
 
 
@@ -56,14 +62,18 @@ def compiles_graphs(vllm_config: Any) -> bool:
     return mode is None or int(mode) != 0  # CompilationMode.NONE == 0
 
 
+def _is_prefetch_pass(value: Any) -> bool:
+    """Whether ``value`` is fxprefetch's vLLM pass (``vllm_plugin.WeightPrefetchPass``, which
+    imports this module: it is known by its mark)."""
+    return getattr(type(value), PREFETCH_PASS_MARK, False) is True
+
+
 def find_prefetch_pass(holder: Any) -> Any:
     """Our pass, where ``holder`` is it or a pass manager holding it (``.passes``); else None."""
-    from fxprefetch.vllm_plugin import WeightPrefetchPass
-
-    if isinstance(holder, WeightPrefetchPass):
+    if _is_prefetch_pass(holder):
         return holder
     for pass_ in getattr(holder, "passes", None) or ():
-        if isinstance(pass_, WeightPrefetchPass):
+        if _is_prefetch_pass(pass_):
             return pass_
     return None
 
@@ -77,12 +87,6 @@ def _pass_in(*configs: Any) -> Any:
     return None
 
 
-def compiling_vllm_config() -> Any:
-    """The VllmConfig the platform's compiler is compiling for right now, if any."""
-    compiling = _COMPILING.get()
-    return compiling[0] if compiling is not None else None
-
-
 # -- FULL / FULL_DECODE_ONLY: npugraph_ex's and torchair's own custom-pass hook ----------------
 
 
@@ -94,11 +98,9 @@ def _compose_into(module: Any) -> bool:
 
     @functools.wraps(original)
     def get_npu_backend(*args: Any, compiler_config: Any = None, **kwargs: Any) -> Any:
-        compiling = _COMPILING.get()
-        if compiling is not None:
-            from fxprefetch.targets.npu import configure_torchair
-
-            vllm_config, pass_ = compiling
+        found = compiling_for()
+        if found is not None:
+            vllm_config, pass_ = found
             cfg = compiler_config if compiler_config is not None else module.CompilerConfig()
             planner = pass_.planner(target="npu", vllm_config=vllm_config)
             compiler_config = configure_torchair(planner, cfg)
@@ -139,19 +141,14 @@ def _compilation_passes(vllm_config: Any) -> Mapping[str, Any]:
 @contextlib.contextmanager
 def _compiling(compiler: Any, compiler_config: Any) -> Iterator[None]:
     """While the platform's compiler compiles: which VllmConfig, and our hooks armed."""
-    from fxprefetch.vllm_plugin import _current_vllm_config
-
-    vllm_config = getattr(compiler, "vllm_config", None) or _current_vllm_config()
+    vllm_config = getattr(compiler, "vllm_config", None) or current_vllm_config()
     pass_ = _pass_in(compiler_config, _compilation_passes(vllm_config))
     if pass_ is None:
         yield  # our pass is not in this vLLM config: nothing to do
         return
     arm_npu_backends()
-    token = _COMPILING.set((vllm_config, pass_))
-    try:
+    with compiling(vllm_config, pass_):
         yield
-    finally:
-        _COMPILING.reset(token)
 
 
 def wrap_compiler(cls: type) -> bool:
@@ -165,8 +162,6 @@ def wrap_compiler(cls: type) -> bool:
     ) -> Callable[..., Any]:
         @functools.wraps(method)
         def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-            from fxprefetch.vllm_plugin import parameter_inputs
-
             compiler_config = kwargs.get("compiler_config")
             if compiler_config is None and config_index is not None and len(args) > config_index:
                 compiler_config = args[config_index]

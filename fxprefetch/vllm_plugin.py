@@ -29,20 +29,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch.fx import Graph, GraphModule
 
+from fxprefetch import vllm_ascend
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import compile_setup
+from fxprefetch.vllm_compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 
 logger = logging.getLogger("fxprefetch")
@@ -62,18 +61,6 @@ def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchC
     """The ``weight_prefetch_config`` of a ``VllmConfig`` (validated; ``ConfigError``)."""
     config = WeightPrefetchConfig.from_additional_config(_additional_config(vllm_config))
     return config.settled(default_enabled)
-
-
-def _current_vllm_config() -> Any:
-    from fxprefetch.vllm_ascend import compiling_vllm_config
-
-    if (compiling := compiling_vllm_config()) is not None:
-        return compiling  # the platform's compiler is compiling for it (vllm-ascend)
-    try:
-        from vllm.config import get_current_vllm_config_or_none
-    except ImportError:
-        return None
-    return get_current_vllm_config_or_none()
 
 
 def _device_target() -> str:
@@ -115,31 +102,11 @@ def _static_input_names(gm: GraphModule) -> dict[str, str] | None:
     return {placeholders[i].name: placeholders[i].name for i in static if i < len(placeholders)}
 
 
-# Positions of the compiler's example inputs that are parameters, while a platform compiler
-# that runs AOT autograd itself (vllm-ascend's npugraph_ex, torchair) compiles a graph: those
-# compile AOT graphs without static-input metadata, so the inputs themselves say which are
-# weights.
-_PARAMETER_INPUTS: ContextVar[frozenset[int] | None] = ContextVar(
-    "fxprefetch_parameter_inputs", default=None
-)
-
-
-@contextmanager
-def parameter_inputs(example_inputs: Sequence[Any]) -> Iterator[None]:
-    """While compiling from ``example_inputs``: the positions of those that are parameters."""
-    found = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-    token = _PARAMETER_INPUTS.set(found)
-    try:
-        yield
-    finally:
-        _PARAMETER_INPUTS.reset(token)
-
-
 def _parameter_input_sources(gm: GraphModule) -> WeightSources | None:
     """Which placeholders are parameters, from the compiler's example inputs (see
     :func:`parameter_inputs`): through AOT's input descriptors where the graph has them, by
     position where it has none and matches the inputs one to one. None outside a compile."""
-    params = _PARAMETER_INPUTS.get()
+    params = parameter_positions()
     if params is None:
         return None
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -203,6 +170,8 @@ class _VllmGraphPlanner(GraphPlanner):
 class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     """fxprefetch's planning pass and device lowering, as a vLLM inductor pass."""
 
+    _fxprefetch_prefetch_pass = True  # vllm_ascend.PREFETCH_PASS_MARK: how vllm_ascend knows it
+
     def __init__(
         self, rules: PrefetchRules | None = None, bound: WeightPrefetchConfig | None = None
     ) -> None:
@@ -217,7 +186,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
         """The config of ``vllm_config`` (default: the current one); where vLLM sets none
         (its CPU path compiles with no current config), the bound one."""
-        current = vllm_config or _current_vllm_config()
+        current = vllm_config or current_vllm_config()
         if current is None and self.bound is not None:
             return self.bound
         return config_from_vllm(current, default_enabled=True)
@@ -231,14 +200,14 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             target=target or _device_target(),
             rules=self.rules,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
-            cudagraphs=vllm_uses_cudagraphs(vllm_config or _current_vllm_config()),
+            cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
         """The planner for one graph: ``target`` defaults to vLLM's device's pipeline."""
         return _VllmGraphPlanner(
             self.setup(target, vllm_config),
-            hidden_weights=VllmMoeWeights(vllm_config or _current_vllm_config),
+            hidden_weights=VllmMoeWeights(vllm_config or current_vllm_config),
         )
 
     def __call__(self, graph: Graph | GraphModule) -> None:
@@ -298,8 +267,6 @@ def install(vllm_config: Any) -> bool:
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Idempotent: vLLM calls it in every process."""
     from vllm.config import VllmConfig
-
-    from fxprefetch import vllm_ascend
 
     vllm_ascend.register()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
     original = VllmConfig.__post_init__

@@ -168,7 +168,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
 
     import fxprefetch
     from fxprefetch import ops
-    from fxprefetch.device_profiles import simulated_setup
+    from fxprefetch.devices import simulated_setup
 
     events: list[str] = []
     monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
@@ -183,7 +183,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     )
     monkeypatch.setattr(
         "fxprefetch.targets.device_setup",
-        lambda target, **_: simulated_setup("h200", {"cpu"}),
+        lambda **_: simulated_setup("h200", {"cpu"}),
     )
     shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
     rows = gpu_bench.layers(

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -17,7 +18,13 @@ import pytest
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch import compile_setup as compile_setup_module
 from fxprefetch import targets as targets_module
-from fxprefetch.compile_setup import CompileSetup, canonical, pass_source_files, source_digest
+from fxprefetch.compile_setup import (
+    CompileSetup,
+    _stable_name,
+    canonical,
+    pass_source_files,
+    source_digest,
+)
 from fxprefetch.config import ConfigError
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.options import parse_options
@@ -156,6 +163,17 @@ def test_changing_any_pass_source_changes_the_key(target, monkeypatch):
     assert setup.cache_key() == original
 
 
+def test_the_key_reads_every_module_the_passes_import():
+    """Not a list kept by hand: the passes' and the driver's imports, followed through every
+    module (into functions too), decide which sources the key hashes."""
+    names = {_stable_name(p) for p in pass_source_files(_base().pipeline)}
+    read_by_passes = {"config.py", "roles.py", "prediction.py", "validation.py", "plan.py"}
+    contract = {"passes/contract.py", "passes/invariants.py", "passes/strip_prefetch.py"}
+    imported_in_a_function = {"cuda_prefetch.py"}  # devices.py imports it where CUDA is used
+    assert read_by_passes | contract | imported_in_a_function <= names
+    assert {"cli.py", "vllm_plugin.py", "backend.py"}.isdisjoint(names)  # nothing the passes use
+
+
 def test_equal_setups_give_equal_keys_across_processes():
     """No id(), no address, no hash(): a fresh process (another hash seed) agrees."""
     keys = set()
@@ -198,8 +216,8 @@ def test_both_cache_keys_are_the_setups_key():
 def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
     calls = []
 
-    def fake_devices(target: str, **kwargs: Any) -> DeviceSetup:
-        calls.append((target, kwargs))
+    def fake_devices(**kwargs: Any) -> DeviceSetup:
+        calls.append(kwargs)
         return DeviceSetup(caps={"cpu": 1000})
 
     monkeypatch.setattr(targets_module, "device_setup", fake_devices)
@@ -208,22 +226,24 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
     assert setup.target == resolve_target(AUTO) == "inductor"  # no torch_npu here
     assert setup.rules is current_rules() and setup.cudagraphs
     assert setup.devices == DeviceSetup(caps={"cpu": 1000})
+    inductor_devices = {"native_l2": True, "ascend": False}  # the inductor entry's flags
     assert calls == [
-        (
-            "inductor",
-            {
-                "cudagraphs": True,
-                "native_prefetch": "auto",
-                "cuda_lowering": "side_stream",
-                "cache_hint": "evict_last",
-            },
-        )
+        {
+            **inductor_devices,
+            "cudagraphs": True,
+            "native_prefetch": "auto",
+            "cuda_lowering": "side_stream",
+            "cache_hint": "evict_last",
+        }
     ]
     eager = compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
-    assert eager.target == "eager" and calls[-1][0] == "inductor" and not eager.cudagraphs
+    assert eager.target == "eager" and not eager.cudagraphs
+    assert {k: calls[-1][k] for k in inductor_devices} == inductor_devices  # auto: inductor's
+    compile_setup(config, target="npu")
+    assert (calls[-1]["native_l2"], calls[-1]["ascend"]) == (False, True)
     given = DeviceSetup(native=frozenset({"meta"}))
     assert compile_setup(config, target="npu", devices=given).devices is given
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_the_setup_is_frozen():
@@ -246,9 +266,7 @@ def test_the_registry_names_every_target_once():
 
 
 def test_options_take_their_target_names_from_the_registry():
-    with pytest.raises(
-        ConfigError, match=r"expected one of \['auto', 'npu', 'inductor', 'eager'\]"
-    ):
+    with pytest.raises(ConfigError, match=re.escape(f"expected one of {list(TARGET_NAMES)}")):
         parse_options({"target": "tpu"})
     for name in TARGET_NAMES:
         assert parse_options({"target": name}).target == name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -19,11 +20,15 @@ def test_defaults_are_the_guides():
     # not written: off where vllm-ascend's additional_config says nothing (the guide's default)
     assert cfg.enabled is None and cfg.settled(default_enabled=False).enabled is False
     assert WeightPrefetchConfig.from_additional_config("{}").settled(False).enabled is False
-    assert cfg.to_dict()["prefetch_ratio"] == {
+    guide = {
         "attn": {"qkv": 1.0, "o": 1.0},
         "moe": {"gate_up": 0.8},
         "mlp": {"gate_up": 1.0, "down": 1.0},
     }
+    written = cfg.to_dict()["prefetch_ratio"]  # the guide's roles (and any role added since)
+    assert {
+        section: {k: written[section][k] for k in keys} for section, keys in guide.items()
+    } == guide
     # the cap, not written: the device's own where it has one, else the guide's 18 MiB
     assert cfg.max_prefetch_bytes is None and "max_prefetch_bytes" not in cfg.to_dict()
     assert cfg.cap() == DEFAULT_MAX_PREFETCH_BYTES == 18 * 1024 * 1024
@@ -85,9 +90,9 @@ def test_additional_config_warns_on_a_near_miss(caplog):
             "'qkv'",
         ),
         (
-            '{"prefetch_ratio": {"moe": {"down": 1}}}',
-            "weight_prefetch_config.prefetch_ratio.moe.down",
-            "expected one of ['gate_up']",
+            '{"prefetch_ratio": {"moe": {"gate": 1}}}',
+            "weight_prefetch_config.prefetch_ratio.moe.gate",
+            "'gate_up'",
         ),
     ],
 )
@@ -448,3 +453,18 @@ def test_attention_windows_are_a_window_kind_that_widens_vector_windows():
     assert cfg.windows == ("vector", "collective", "attention")
     with pytest.raises(ConfigError, match=r'\["vector", "attention"\]'):
         WeightPrefetchConfig.from_dict({"windows": ["attention"]})
+
+
+def test_ratios_read_back_by_role_or_attribute_and_change_with_replace():
+    ratios = PrefetchRatios(mlp_down=0.5)
+    assert ratios["mlp.down"] == ratios.mlp_down == 0.5 and ratios.attn_qkv == 1.0
+    changed = dataclasses.replace(ratios, attn_qkv=0.25)
+    assert changed.attn_qkv == 0.25 and changed.mlp_down == 0.5  # the rest is kept
+    assert eval(repr(changed), {"PrefetchRatios": PrefetchRatios}) == changed
+    assert repr(PrefetchRatios()).startswith("PrefetchRatios(attn_qkv=1.0, attn_o=1.0, ")
+    with pytest.raises(TypeError, match=r"no role 'mlp_dwn' \(did you mean 'mlp_down'\?\)"):
+        PrefetchRatios(mlp_dwn=0.5)
+    with pytest.raises(ValueError, match=r"by_role: unknown role 'mlp\.dwn'"):
+        PrefetchRatios(by_role=[("mlp.dwn", 0.5)])
+    with pytest.raises(AttributeError, match="no attribute 'mlp'"):
+        ratios.mlp  # noqa: B018

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.fx import GraphModule
 
+import fxprefetch.passes as passes_package
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
@@ -35,7 +36,7 @@ from fxprefetch.targets import TARGETS
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import fake_trace, pipeline_of
 
-PASSES_DIR = Path(__file__).resolve().parents[1] / "passes"
+PASSES_DIR = Path(passes_package.__file__).parent  # passes/, wherever it is imported from
 PASS_MODULES = (
     "plan_prefetches",
     "lower_npu",
@@ -202,3 +203,34 @@ def test_the_inductor_passes_neither_lint_nor_recompile(monkeypatch, context):
         assert changed["lower_native"] == changed["insert_joins"] == 4
     monkeypatch.undo()
     gm.graph.lint()
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: Pipeline("x", ()), ValueError, "pipeline 'x' has no pass"),
+        (lambda: Pipeline("", (plan_prefetches,)), ValueError, "expected a target's name"),
+        (
+            lambda: Pipeline("x", (plan_prefetches, plan_prefetches)),
+            ValueError,
+            "runs 'plan_prefetches' twice",
+        ),
+        (lambda: Pipeline("x", (lambda gm, ctx: None,)), TypeError, "decorate .* @graph_pass"),
+    ],
+    ids=["empty", "no-target", "twice", "undeclared"],
+)
+def test_a_pipeline_refuses_what_the_driver_could_not_run(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_a_pipeline_that_makes_no_plan_is_named_in_the_error():
+    @graph_pass()
+    def no_plan(gm: GraphModule, ctx: PassContext) -> PassResult:
+        """Plans nothing."""
+        return PassResult("no_plan", 0)
+
+    gm, ctx = _traced()
+    message = r"no pass of the x pipeline made a plan \(ran \['no_plan'\]\)"
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(gm, Pipeline("x", (no_plan,)), ctx)

@@ -458,11 +458,11 @@ def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
     from torch._inductor.utils import run_and_get_code
 
     import fxprefetch
-    from fxprefetch.device_profiles import simulated_setup
+    from fxprefetch.devices import simulated_setup
 
     monkeypatch.setattr(
         "fxprefetch.targets.device_setup",
-        lambda target, **_: simulated_setup("h200", {"cpu"}),
+        lambda **_: simulated_setup("h200", {"cpu"}),
     )
     model = SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))

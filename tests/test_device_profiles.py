@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile, simulated_setup
+from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile
+from fxprefetch.devices import simulated_setup
 from fxprefetch.prediction import profile
 
 

@@ -56,7 +56,7 @@ def test_explain_uses_the_caps_a_compile_for_the_device_would_use(monkeypatch):
 
     monkeypatch.setattr(
         "fxprefetch.targets.device_setup",
-        lambda target, **_: DeviceSetup(caps={"cpu": 1000}),
+        lambda **_: DeviceSetup(caps={"cpu": 1000}),
     )
     (plan, *_) = fxprefetch.explain(TwoGraphs(), torch.randint(0, 64, (1, 4)))
     assert plan.prefetched and all(r.prefetch_bytes == 1000 and r.capped for r in plan.prefetched)

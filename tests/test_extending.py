@@ -4,7 +4,9 @@ Each worked example is a ``diff`` block after an ``<!-- extending: NAME -->`` ma
 headed ``--- PATH`` replace their context and ``-`` lines (found exactly once) with their
 context and ``+`` lines; ``--- /dev/null`` / ``+++ PATH`` creates a file. The patched copy
 runs in a fresh interpreter, so the examples are shown to be complete (one table and one
-module each) and to work.
+module each) and to work; the tests of the modules an extension touches (config, options,
+rules, compile setup, pass contract) then run against the patched copy too, so none of them
+pins the table an extension grows.
 """
 
 from __future__ import annotations
@@ -82,6 +84,34 @@ def _patched_copy(tmp_path: Path, example: str) -> Path:
     return root
 
 
+# the tests that read the role table and the target registry; they must pass with either grown
+SUITE_AFTER_EXTENDING = (
+    "tests/test_config.py",
+    "tests/test_options.py",
+    "tests/test_rules.py",
+    "tests/test_compile_setup.py",
+    "tests/test_contract.py",
+)
+
+
+def _suite_passes(root: Path) -> None:
+    """Run :data:`SUITE_AFTER_EXTENDING` against the patched copy at ``root``."""
+    shutil.copytree(ROOT / "tests", root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    done = subprocess.run(
+        [*command, *SUITE_AFTER_EXTENDING],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
 def _run(root: Path, script: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run(
@@ -142,6 +172,7 @@ def test_a_role_is_one_table_row_and_one_rule(tmp_path):
     for weight_bytes, prefetch_bytes, skipped in result["on"]:
         assert prefetch_bytes == weight_bytes // 2 and skipped is None
     assert [skipped for _, _, skipped in result["off"]] == ["ratio is 0"] * 2
+    _suite_passes(root)
 
 
 def test_a_target_is_one_module_and_one_registry_entry(tmp_path):
@@ -185,3 +216,4 @@ def test_a_target_is_one_module_and_one_registry_entry(tmp_path):
     assert result["ran"] == result["planned"]  # every planned prefetch reached the kernel
     assert result["lowering"] == "fxprefetch.prefetch, run eagerly (aot_eager)"
     assert result["cli"] == "aot_eager" and result["own_key"]
+    _suite_passes(root)

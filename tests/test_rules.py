@@ -39,8 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLES = [f.name for f in dataclasses.fields(PrefetchRules) if f.init]
 
 
-def _changed(value: object) -> object:
-    """Another value of the same table: one entry more or one fewer."""
+def _changed(value: object, name: str = "") -> object:
+    """Another value of the same table: one entry more or one fewer (roles stay roles)."""
+    if name == "sequence_parallel_roles":
+        return value | {roles.ATTN_O}
+    if name == "first_expert_role":
+        return roles.MLP_GATE_UP
     if isinstance(value, frozenset):
         return value | {"fxtest::added"}
     if isinstance(value, tuple) and value:
@@ -72,14 +76,16 @@ def test_the_rules_hold_the_tables_the_analyses_read():
 
 @pytest.mark.parametrize("name", TABLES)
 def test_changing_any_field_changes_the_digest(name):
-    changed = dataclasses.replace(DEFAULT_RULES, **{name: _changed(getattr(DEFAULT_RULES, name))})
+    changed = dataclasses.replace(
+        DEFAULT_RULES, **{name: _changed(getattr(DEFAULT_RULES, name), name)}
+    )
     assert changed != DEFAULT_RULES
     assert changed.digest != DEFAULT_RULES.digest
 
 
 def test_each_field_changes_the_digest_its_own_way():
     digests = {
-        dataclasses.replace(DEFAULT_RULES, **{n: _changed(getattr(DEFAULT_RULES, n))}).digest
+        dataclasses.replace(DEFAULT_RULES, **{n: _changed(getattr(DEFAULT_RULES, n), n)}).digest
         for n in TABLES
     }
     assert len(digests) == len(TABLES) and DEFAULT_RULES.digest not in digests
@@ -123,7 +129,7 @@ def test_replace_does_not_share_the_derived_values():
 
 
 def test_a_field_without_a_stable_form_is_refused():
-    odd = dataclasses.replace(DEFAULT_RULES, first_expert_role=object())
+    odd = dataclasses.replace(DEFAULT_RULES, collective_inputs=(object(),))
     with pytest.raises(TypeError, match="no stable form"):
         odd.digest  # noqa: B018
 
@@ -325,3 +331,58 @@ def test_user_linear_op():
     assert rec.role == "attn.o" and rec.prefetched and rec.window == ("aten::relu",)
     with pytest.raises(ValueError, match="qualified"):
         register_linear_op("gemm", "w", ("act",))
+
+
+# -- what the rules and the role table refuse ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"role_rules": (RoleRule(".*", "bogus"),)}, ValueError, r"role_rules\[0\]: unknown role"),
+        ({"role_rules": (RoleRule("(", None),)}, ValueError, r"pattern '\(' is not a regular"),
+        ({"sequence_parallel_roles": {"mlp.dwn"}}, ValueError, "sequence_parallel_roles: unknown"),
+        ({"first_expert_role": "experts"}, ValueError, "first_expert_role: unknown role"),
+        ({"vector_ops": "aten::mul"}, TypeError, "vector_ops: expected a collection"),
+        ({"module_wrappers": "base_layer"}, TypeError, "module_wrappers: expected a collection"),
+    ],
+    ids=["rule-role", "rule-regex", "sp-role", "expert-role", "str-set", "str-tuple"],
+)
+def test_rules_refuse_what_the_pass_could_not_use(change, error, message):
+    with pytest.raises(error, match=message):
+        dataclasses.replace(DEFAULT_RULES, **change)
+
+
+def test_extensions_refuse_malformed_arguments():
+    with pytest.raises(TypeError, match=r"got the string 'input' \(write \('input',\)\)"):
+        DEFAULT_RULES.with_linear_op("myns::gemm", "w", "input")
+    for name in ("::", "aten::", "::mm", "a b::mm", "mm"):
+        with pytest.raises(ValueError, match="expected a qualified op name"):
+            DEFAULT_RULES.with_op_kind(name, "vector")
+    assert "myns::gemm" in DEFAULT_RULES.with_linear_op("myns::gemm", "w", ("x",)).linear_table
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: roles.Role("gate", 1.0), "expected 'section.key' in lower case"),
+        (lambda: roles.Role("moe.shared.gate_up", 1.0), "expected 'section.key'"),
+        (lambda: roles.Role("Attn.qkv", 1.0), "expected 'section.key'"),
+        (lambda: roles.Role("attn.gate", 1.5), r"default ratio must be in \[0, 1\]"),
+        (lambda: roles.Role("attn.gate", float("nan")), "default ratio"),
+        (
+            lambda: roles.checked_table([roles.Role("attn.qkv", 1.0), roles.Role("attn.qkv", 0.5)]),
+            "role 'attn.qkv' repeats 'attn.qkv'",
+        ),
+    ],
+    ids=["no-section", "three-parts", "upper-case", "ratio", "nan", "repeated"],
+)
+def test_the_role_table_refuses_what_cannot_be_a_role(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_role_name_is_what_the_plan_schema_takes():
+    schema = json.loads((ROOT / "fxprefetch" / "plan_schema.json").read_text())
+    (role_schema, *_) = _role_schemas(schema)
+    assert role_schema["pattern"] == roles.ROLE_NAME.pattern

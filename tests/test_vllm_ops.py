@@ -97,7 +97,7 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     plain_uuid = vllm_pass.uuid()
     monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: None)
     monkeypatch.setitem(ops._NATIVE_L2, "cpu", ops.NativeL2(print, print, print))
-    monkeypatch.setattr(vllm_plugin, "_current_vllm_config", lambda: vllm_config("PIECEWISE"))
+    monkeypatch.setattr(vllm_plugin, "current_vllm_config", lambda: vllm_config("PIECEWISE"))
     graphs_uuid = vllm_pass.uuid()
     assert graphs_uuid != plain_uuid
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
@@ -109,7 +109,7 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     assert len(forks) == len(joins) == 4
     assert {j.args[0] for j in joins} == {f.args[0] for f in forks}
 
-    monkeypatch.setattr(vllm_plugin, "_current_vllm_config", lambda: vllm_config("NONE"))
+    monkeypatch.setattr(vllm_plugin, "current_vllm_config", lambda: vllm_config("NONE"))
     assert vllm_pass.uuid() not in (plain_uuid, graphs_uuid)
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))
     vllm_pass(gm.graph)  # no CUDA graphs: hints, left out of the code
@@ -122,7 +122,7 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     SiLU-and-mul is a window in vLLM too, but attention is not: vLLM splits its graphs at
     attention, so a fork before it could not rejoin before o_proj. The uuid covers it."""
     from fxprefetch import vllm_plugin
-    from fxprefetch.device_profiles import simulated_setup
+    from fxprefetch.devices import simulated_setup
     from fxprefetch.vllm_plugin import WeightPrefetchPass
 
     from support.synthetic import SynthModel, SynthSpec
@@ -132,7 +132,7 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     plain_uuid = vllm_pass.uuid()
     monkeypatch.setattr(
         "fxprefetch.targets.device_setup",
-        lambda target, **_: simulated_setup("h200", {"cpu"}),
+        lambda **_: simulated_setup("h200", {"cpu"}),
     )
     assert vllm_pass.uuid() != plain_uuid
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2)), torch.randint(0, 64, (1, 4)))

@@ -56,12 +56,20 @@ def _never_replayed(mode: str | None) -> bool:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """One target: its pipeline, its compile function, and how its graphs run."""
+    """One target: its pipeline, its compile function, and how its graphs run.
+
+    ``native_l2``: the pipeline lowers to native L2 prefetches, so the devices' setup turns
+    on the CUDA prefetch (its cap, the GPU's profile) where the machine has one; ``ascend``:
+    the graphs run on Ascend, so the NPU's profile applies (see
+    :func:`fxprefetch.devices.device_setup`).
+    """
 
     pipeline: Pipeline
     compile: TargetCompiler
     # torch.compile's mode -> whether the compiled graph is replayed as a CUDA graph
     replays_cudagraphs: Callable[[str | None], bool] = _never_replayed
+    native_l2: bool = False
+    ascend: bool = False
 
     @property
     def name(self) -> str:
@@ -72,8 +80,10 @@ class TargetSpec:
 TARGETS: dict[str, TargetSpec] = {
     spec.name: spec
     for spec in (
-        TargetSpec(npu.PIPELINE, npu.compile_npu),
-        TargetSpec(inductor.PIPELINE, inductor.compile_inductor, inductor.uses_cudagraphs),
+        TargetSpec(npu.PIPELINE, npu.compile_npu, ascend=True),
+        TargetSpec(
+            inductor.PIPELINE, inductor.compile_inductor, inductor.uses_cudagraphs, native_l2=True
+        ),
         TargetSpec(eager.PIPELINE, eager.compile_eager),
     )
 }
@@ -124,8 +134,10 @@ def compile_setup(
     if cudagraphs is None:
         cudagraphs = spec.replays_cudagraphs(mode)
     if devices is None:
+        for_devices = target_spec(devices_for) if devices_for is not None else spec
         devices = device_setup(
-            resolve_target(devices_for) if devices_for is not None else spec.name,
+            native_l2=for_devices.native_l2,
+            ascend=for_devices.ascend,
             cudagraphs=cudagraphs,
             native_prefetch=native_prefetch,
             cuda_lowering=cuda_lowering,

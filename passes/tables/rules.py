@@ -99,10 +99,43 @@ class PrefetchRules:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            collection = str(f.type).startswith(("frozenset", "tuple"))
+            if collection and isinstance(value, str):  # a set of one name is {"name"}
+                raise TypeError(
+                    f"PrefetchRules.{f.name}: expected a collection ({f.type}), got the "
+                    f"string {value!r}"
+                )
             if isinstance(value, (set, frozenset)) and type(value) is not frozenset:
                 object.__setattr__(self, f.name, frozenset(value))
             elif isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        self._check_roles()
+
+    def _check_roles(self) -> None:
+        """Every role the tables name is a role of ``fxprefetch.roles``; rules compile."""
+
+        def check(role: object, where: str) -> None:
+            if role is not None and role not in ROLES:
+                raise ValueError(
+                    f"PrefetchRules.{where}: unknown role {role!r}; expected one of {ROLES} "
+                    "or None (a new role is a row in fxprefetch.roles.ROLE_TABLE)"
+                )
+
+        for i, rule in enumerate(self.role_rules):
+            check(rule.role, f"role_rules[{i}]")
+            try:
+                re.compile(rule.pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(
+                    f"PrefetchRules.role_rules[{i}]: pattern {rule.pattern!r} is not a "
+                    f"regular expression: {exc}"
+                ) from None
+        for role in sorted(self.sequence_parallel_roles, key=str):
+            check(role, "sequence_parallel_roles")
+        check(self.first_expert_role, "first_expert_role")
+        for name, spec in self.linear_ops:
+            if spec.hidden:
+                check(spec.weight or None, f"linear_ops[{name!r}].weight")
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:
         value = self._cache.get(key)
@@ -156,6 +189,11 @@ class PrefetchRules:
     ) -> PrefetchRules:
         """Teach the pass a linear op, e.g. ``("myns::gemm", "w", ("x",))``."""
         _check_op_name(qualified_name)
+        if isinstance(activations, str):
+            raise TypeError(
+                f"activations: expected a tuple of argument names, got the string "
+                f"{activations!r} (write ({activations!r},))"
+            )
         if not activations:
             raise ValueError("a linear op needs at least one activation argument")
         spec = LinearOpSpec(weight, tuple(activations), swappable=swappable)
@@ -240,7 +278,8 @@ def _canonical(value: object) -> str:
 
 
 def _check_op_name(qualified_name: str) -> None:
-    if not isinstance(qualified_name, str) or "::" not in qualified_name:
+    namespace, _, op = qualified_name.partition("::") if isinstance(qualified_name, str) else "  "
+    if not namespace or not op or not namespace.isidentifier():
         raise ValueError(
             f"expected a qualified op name like 'namespace::op', got {qualified_name!r}"
         )
