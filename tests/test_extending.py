@@ -98,33 +98,28 @@ def _suite_passes(root: Path) -> None:
     """Run :data:`SUITE_AFTER_EXTENDING` against the patched copy at ``root``."""
     shutil.copytree(ROOT / "tests", root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    pytest = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SUITE_AFTER_EXTENDING]
+    _python(root, pytest, timeout=900)
+
+
+def _python(root: Path, arguments: list[str], timeout: int) -> str:
+    """Run this interpreter with ``arguments`` on the patched copy at ``root``; its stdout."""
     done = subprocess.run(
-        [*command, *SUITE_AFTER_EXTENDING],
+        [sys.executable, *arguments],
         capture_output=True,
         check=False,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(root)},
         cwd=root,
-        timeout=900,
+        timeout=timeout,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def _run(root: Path, script: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True,
-        check=False,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    stdout = _python(root, ["-c", textwrap.dedent(script)], timeout=600)
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert Path(result.pop("package")).is_relative_to(root)  # the patched copy ran
     return result
 

@@ -356,7 +356,7 @@ def test_rules_refuse_what_the_pass_could_not_use(change, error, message):
 def test_extensions_refuse_malformed_arguments():
     with pytest.raises(TypeError, match=r"got the string 'input' \(write \('input',\)\)"):
         DEFAULT_RULES.with_linear_op("myns::gemm", "w", "input")
-    for name in ("::", "aten::", "::mm", "a b::mm", "mm"):
+    for name in ("::", "aten::", "::mm", "a b::mm", "mm", None, 3):
         with pytest.raises(ValueError, match="expected a qualified op name"):
             DEFAULT_RULES.with_op_kind(name, "vector")
     assert "myns::gemm" in DEFAULT_RULES.with_linear_op("myns::gemm", "w", ("x",)).linear_table

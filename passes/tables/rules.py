@@ -278,7 +278,10 @@ def _canonical(value: object) -> str:
 
 
 def _check_op_name(qualified_name: str) -> None:
-    namespace, _, op = qualified_name.partition("::") if isinstance(qualified_name, str) else "  "
+    if isinstance(qualified_name, str):
+        namespace, _, op = qualified_name.partition("::")
+    else:
+        namespace = op = ""
     if not namespace or not op or not namespace.isidentifier():
         raise ValueError(
             f"expected a qualified op name like 'namespace::op', got {qualified_name!r}"
