@@ -64,7 +64,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fused_prefetch as fp
+import fused_prefetch as fp  # noqa: I001 (both from benchmarks/, on sys.path above)
 from common import parser, table, write
 
 MB, MiB = 10**6, 1 << 20
@@ -242,7 +242,7 @@ class Ops:
         b, h = x.shape
         fp.launch(
             "rmsnorm", b, extra, x, x if res is None else res, w, y, resid, b,
-            H=h, RES=res is not None,
+            hidden=h, res_add=res is not None,
         )  # fmt: skip
         return y, resid
 
@@ -253,7 +253,7 @@ class Ops:
             fp.torch_window("silu_mul", gu, y)
             return y
         blk = 512
-        fp.launch("silu_mul", b * (inter // blk), extra, gu, y, b, I=inter, BLK=blk)
+        fp.launch("silu_mul", b * (inter // blk), extra, gu, y, b, inter=inter, blk=blk)
         return y
 
     def spin(self, us: float, extra: fp.Extra) -> None:
@@ -286,7 +286,7 @@ def build(shapes, layers, batch, device, dtype, seed=0) -> tuple[list[Weights], 
             rnd(h, nq * d),
             rnd(2 * i, h),
             rnd(h, i),
-        )  # fmt: skip
+        )
         for _ in range(layers)
     ]
     length = shapes["past"] + 1  # the past and this step's slot
@@ -301,38 +301,38 @@ def build(shapes, layers, batch, device, dtype, seed=0) -> tuple[list[Weights], 
 def decode_step(ops: Ops, ws: list[Weights], state: dict, arm: str, cap: int, ar_us: float):
     """One decode step of ``arm``; ``ar_us`` > 0: the tp4 decoder's all-reduce stand-ins."""
     x, res, pending = state["x"], None, None  # pending: the next qkv's (extra, join) in tp4
-    for i, L in enumerate(ws):
+    for i, layer in enumerate(ws):
         nxt = ws[(i + 1) % len(ws)]
         b = x.shape[0]
         if ar_us and i == 0:  # the last layer's stand-in prefetched it, the step before
             extra, join = fp.NONE, lambda: None
         else:
-            extra, join = pending or ops.slot(arm, L.wqkv, cap)
-        h, resid = ops.norm(x, res, L.n1, extra if pending is None else fp.NONE)
+            extra, join = pending or ops.slot(arm, layer.wqkv, cap)
+        h, resid = ops.norm(x, res, layer.n1, extra if pending is None else fp.NONE)
         pending = None
         join()
-        qkv = F.linear(h, L.wqkv)
+        qkv = F.linear(h, layer.wqkv)
         nkv, length, d = state["kv"][i][0].shape[1:]
         nq = qkv.shape[1] // d - 2 * nkv
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], -1)
         kc, vc = state["kv"][i]
         kc[:, :, length - 1].copy_(k.view(b, nkv, d))
         vc[:, :, length - 1].copy_(v.view(b, nkv, d))
-        _, join = ops.slot(arm, L.wo, cap, via="compute" if arm == "fused" else None)
+        _, join = ops.slot(arm, layer.wo, cap, via="compute" if arm == "fused" else None)
         attn = F.scaled_dot_product_attention(q.view(b, nq, 1, d), kc, vc, enable_gqa=True)
         join()
-        o = F.linear(attn.reshape(b, nq * d), L.wo)
-        extra, join = ops.slot(arm, L.wgu, cap)
+        o = F.linear(attn.reshape(b, nq * d), layer.wo)
+        extra, join = ops.slot(arm, layer.wgu, cap)
         if ar_us:
             ops.spin(ar_us, extra)
             extra = fp.NONE
-        h2, resid2 = ops.norm(o, resid, L.n2, extra)
+        h2, resid2 = ops.norm(o, resid, layer.n2, extra)
         join()
-        gu = F.linear(h2, L.wgu)
-        extra, join = ops.slot(arm, L.wd, cap)
+        gu = F.linear(h2, layer.wgu)
+        extra, join = ops.slot(arm, layer.wd, cap)
         s = ops.silu_mul(gu, extra)
         join()
-        x, res = F.linear(s, L.wd), resid2
+        x, res = F.linear(s, layer.wd), resid2
         if ar_us:
             extra, join = ops.slot(arm, nxt.wqkv, cap)
             ops.spin(ar_us, extra)

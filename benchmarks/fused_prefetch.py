@@ -5,7 +5,7 @@ Each kernel is an ordinary decode window (RMSNorm with the residual add, SiLU-an
 spin standing in for an all-reduce) launched with extra programs: programs past the window's
 own work each issue ``cp.async.bulk.prefetch.L2`` (the instruction fxprefetch's own kernel
 uses on sm_90, ``fxprefetch.cuda_prefetch``) over their share of the next weight, one
-instruction per lane. With no extra program (``PF=False``) the kernels are the window alone:
+instruction per lane. With no extra program (``pf=False``) the kernels are the window alone:
 the ``base``, ``side`` and ``compute`` arms launch the same kernels, so every arm computes the
 same bits. :func:`torch_window` holds the same math in torch for the CPU (dry run, reference).
 
@@ -63,9 +63,9 @@ def kernels() -> dict[str, Any]:
     import triton.language as tl
 
     @triton.jit
-    def _prefetch(pid, address, nbytes, per_program, LANES: tl.constexpr):  # noqa: N803
-        per_lane = per_program // LANES
-        first = pid.to(tl.int64) * per_program + tl.arange(0, LANES).to(tl.int64) * per_lane
+    def _prefetch(pid, address, nbytes, per_program, lanes: tl.constexpr):
+        per_lane = per_program // lanes
+        first = pid.to(tl.int64) * per_program + tl.arange(0, lanes).to(tl.int64) * per_lane
         left = tl.maximum(tl.minimum(nbytes - first, per_lane), 0).to(tl.int32)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], "
@@ -73,41 +73,42 @@ def kernels() -> dict[str, Any]:
             "=r,l,r", [address + first, left], dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
 
-    @triton.jit(do_not_specialize=["B", "address", "nbytes", "per_program"])
+    @triton.jit(do_not_specialize=["rows", "address", "nbytes", "per_program"])
     def rmsnorm(
-        x, res, w, y, res_out, B, address, nbytes, per_program,
-        H: tl.constexpr, RES: tl.constexpr, PF: tl.constexpr, LANES: tl.constexpr,  # noqa: N803
+        x, res, w, y, res_out, rows, address, nbytes, per_program,
+        hidden: tl.constexpr, res_add: tl.constexpr, pf: tl.constexpr, lanes: tl.constexpr,
     ):  # fmt: skip
         """y = rmsnorm(x (+ res)) * w; res_out = x + res (bf16)."""
         pid = tl.program_id(0)
-        if pid < B:
-            o = tl.arange(0, H)
-            v = tl.load(x + pid * H + o).to(tl.float32)
-            if RES:
-                v = (v + tl.load(res + pid * H + o).to(tl.float32)).to(tl.bfloat16)
-                tl.store(res_out + pid * H + o, v)
+        if pid < rows:
+            o = tl.arange(0, hidden)
+            v = tl.load(x + pid * hidden + o).to(tl.float32)
+            if res_add:
+                v = (v + tl.load(res + pid * hidden + o).to(tl.float32)).to(tl.bfloat16)
+                tl.store(res_out + pid * hidden + o, v)
                 v = v.to(tl.float32)
-            rs = tl.rsqrt(tl.sum(v * v, 0) / H + 1e-5)
-            tl.store(y + pid * H + o, (v * rs * tl.load(w + o).to(tl.float32)).to(tl.bfloat16))
-        elif PF:
-            _prefetch(pid - B, address, nbytes, per_program, LANES)
+            rs = tl.rsqrt(tl.sum(v * v, 0) / hidden + 1e-5)
+            w_ = tl.load(w + o).to(tl.float32)
+            tl.store(y + pid * hidden + o, (v * rs * w_).to(tl.bfloat16))
+        elif pf:
+            _prefetch(pid - rows, address, nbytes, per_program, lanes)
 
-    @triton.jit(do_not_specialize=["B", "address", "nbytes", "per_program"])
+    @triton.jit(do_not_specialize=["rows", "address", "nbytes", "per_program"])
     def silu_mul(
-        gu, y, B, address, nbytes, per_program,
-        I: tl.constexpr, BLK: tl.constexpr, PF: tl.constexpr, LANES: tl.constexpr,  # noqa: N803
+        gu, y, rows, address, nbytes, per_program,
+        inter: tl.constexpr, blk: tl.constexpr, pf: tl.constexpr, lanes: tl.constexpr,
     ):  # fmt: skip
         """y = silu(gate) * up, gate and up the halves of each row of gu."""
         pid = tl.program_id(0)
-        blocks = I // BLK
-        if pid < B * blocks:
+        blocks = inter // blk
+        if pid < rows * blocks:
             b = pid // blocks
-            c = (pid % blocks) * BLK + tl.arange(0, BLK)
-            g = tl.load(gu + b * 2 * I + c).to(tl.float32)
-            u = tl.load(gu + b * 2 * I + I + c).to(tl.float32)
-            tl.store(y + b * I + c, (g / (1 + tl.exp(-g)) * u).to(tl.bfloat16))
-        elif PF:
-            _prefetch(pid - B * blocks, address, nbytes, per_program, LANES)
+            c = (pid % blocks) * blk + tl.arange(0, blk)
+            g = tl.load(gu + b * 2 * inter + c).to(tl.float32)
+            u = tl.load(gu + b * 2 * inter + inter + c).to(tl.float32)
+            tl.store(y + b * inter + c, (g / (1 + tl.exp(-g)) * u).to(tl.bfloat16))
+        elif pf:
+            _prefetch(pid - rows * blocks, address, nbytes, per_program, lanes)
 
     @triton.jit
     def _now(x):
@@ -116,7 +117,7 @@ def kernels() -> dict[str, Any]:
         )
 
     @triton.jit(do_not_specialize=["ns", "address", "nbytes", "per_program"])
-    def spin(ns, address, nbytes, per_program, PF: tl.constexpr, LANES: tl.constexpr):  # noqa: N803
+    def spin(ns, address, nbytes, per_program, pf: tl.constexpr, lanes: tl.constexpr):
         """Program 0 spins ``ns`` ns on the global timer (memory idle: an all-reduce's
         stand-in); the others prefetch."""
         pid = tl.program_id(0)
@@ -125,8 +126,8 @@ def kernels() -> dict[str, Any]:
             t = t0
             while t - t0 < ns:
                 t = _now(pid)
-        elif PF:
-            _prefetch(pid - 1, address, nbytes, per_program, LANES)
+        elif pf:
+            _prefetch(pid - 1, address, nbytes, per_program, lanes)
 
     return {"rmsnorm": rmsnorm, "silu_mul": silu_mul, "spin": spin}
 
@@ -135,7 +136,7 @@ def launch(name: str, work: int, extra: Extra, *args: Any, **constexprs: Any) ->
     """Launch kernel ``name``: ``work`` programs of window work, then ``extra``'s programs."""
     kernels()[name][(work + extra.programs,)](
         *args, extra.address, extra.nbytes, extra.per_program,
-        PF=extra.programs > 0, LANES=LANES, num_warps=WARPS, **constexprs,
+        pf=extra.programs > 0, lanes=LANES, num_warps=WARPS, **constexprs,
     )  # fmt: skip
 
 
@@ -160,7 +161,7 @@ def torch_window(name: str, *args: Any) -> None:
 
 def compile_check(capability: int = 90) -> list[str]:
     """Compile every kernel with and without its extra programs for ``sm_<capability>`` (no
-    GPU needed); one ``name/PF=...: ok`` line each, ``MISSING`` where a prefetching build
+    GPU needed); one ``name/pf=...: ok`` line each, ``MISSING`` where a prefetching build
     lacks the prefetch instruction."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -170,16 +171,16 @@ def compile_check(capability: int = 90) -> list[str]:
     pf = {"address": "i64", "nbytes": i, "per_program": i}
     specs = {
         "rmsnorm": (
-            {"x": p, "res": p, "w": p, "y": p, "res_out": p, "B": i, **pf},
-            {"H": 4096, "RES": True},
+            {"x": p, "res": p, "w": p, "y": p, "res_out": p, "rows": i, **pf},
+            {"hidden": 4096, "res_add": True},
         ),
-        "silu_mul": ({"gu": p, "y": p, "B": i, **pf}, {"I": 3584, "BLK": 512}),
+        "silu_mul": ({"gu": p, "y": p, "rows": i, **pf}, {"inter": 3584, "blk": 512}),
         "spin": ({"ns": i, **pf}, {}),
     }
     lines = []
     for name, (signature, fixed) in specs.items():
         for on in (False, True):
-            constexprs = {**fixed, "PF": on, "LANES": LANES}
+            constexprs = {**fixed, "pf": on, "lanes": LANES}
             sig = {**signature, **{c: "constexpr" for c in constexprs}}
             ptx = triton.compile(
                 ASTSource(fn=k[name], signature=sig, constexprs=constexprs),
@@ -187,5 +188,5 @@ def compile_check(capability: int = 90) -> list[str]:
                 options={"num_warps": WARPS},
             ).asm["ptx"]
             found = "cp.async.bulk.prefetch.L2.global" in ptx
-            lines.append(f"{name}/PF={on}: " + ("ok" if found == on else "MISSING"))
+            lines.append(f"{name}/pf={on}: " + ("ok" if found == on else "MISSING"))
     return lines

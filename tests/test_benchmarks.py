@@ -251,7 +251,7 @@ def test_gpu_check_dry_run_runs_the_cpu_forms_and_says_what_it_would_run(tmp_pat
             assert rows[config, arm]["prefetches_per_layer"] == 4  # qkv, o, gate/up, down
             assert rows[config, arm]["predicted_saved_us"] is not None
     assert lowerings["sm90_compile"] == [
-        f"{k}/PF={on}: ok" for k in ("rmsnorm", "silu_mul", "spin") for on in (False, True)
+        f"{k}/pf={on}: ok" for k in ("rmsnorm", "silu_mul", "spin") for on in (False, True)
     ] or lowerings["sm90_compile"].startswith("skipped")
     assert "gpu_check: decision: [dry run, CPU times mean nothing]" in summary
     assert summary.splitlines()[-1].startswith("gpu_check: done")
