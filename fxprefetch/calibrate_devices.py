@@ -76,14 +76,19 @@ def read_launch(nbytes: int, sms: int) -> tuple[int, int, int]:
 
 
 def _nvidia_driver() -> str:
+    """The kernel driver's version (``570.86.15``) where /proc says it, else the CUDA driver
+    API version torch reports (``CUDA driver API 12080``), else ``unknown``."""
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
     except OSError:
-        return "unknown"
+        text = ""
     for word in text.split():
         if word.count(".") >= 1 and word.replace(".", "").isdigit():
             return word
-    return "unknown"
+    try:
+        return f"CUDA driver API {torch._C._cuda_getDriverVersion()}"
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 class CudaDevice:
