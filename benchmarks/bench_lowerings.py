@@ -11,7 +11,7 @@ torch's SDPA over a static KV cache, all replayed as CUDA graphs:
   down_proj: the long windows.
 
 Arms, each prefetching qkv, o, gate/up and down of every layer, ``min(weight, cap)`` bytes
-(the cap a compile on this GPU uses, ``fxprefetch.cuda_prefetch.default_cap``):
+(the cap a compile on this GPU uses, ``fxprefetch.devices.cuda_prefetch.default_cap``):
 
 - ``base``: no prefetch;
 - ``side``: fxprefetch's side stream (``cuda_prefetch.fork`` before the window, ``join``
@@ -173,7 +173,7 @@ def _builtin_for(profile: str) -> str | None:
     """The built-in profile of a profile file's device (``NVIDIA H200`` -> ``h200``)."""
     import json
 
-    from fxprefetch.prediction import match_profile
+    from fxprefetch.devices.prediction import match_profile
 
     try:
         data = json.loads(Path(profile).read_text())
@@ -196,7 +196,7 @@ class Ops:
         self.prefetched_bytes: dict[str, int] = {arm: 0 for arm in ARMS}
         self.open_forks = 0
         if cuda:
-            from fxprefetch import cuda_prefetch
+            from fxprefetch.devices import cuda_prefetch
 
             self.cp = cuda_prefetch
             self.sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -489,8 +489,8 @@ def main() -> int:
             header["sm90_compile"] = f"skipped: {exc}"
             print("sm_90 compile check skipped:", exc)
     if cuda:
-        from fxprefetch.cuda_prefetch import default_cap
-        from fxprefetch.prediction import match_profile
+        from fxprefetch.devices.cuda_prefetch import default_cap
+        from fxprefetch.devices.prediction import match_profile
 
         cap, device, dtype = default_cap(), "cuda", torch.bfloat16
         found = match_profile(torch.cuda.get_device_name())

@@ -9,7 +9,7 @@
 #                    dist-info on PYTHONPATH when pip cannot
 #   calibrate.txt, device-profile.json   fxprefetch calibrate: the device's measured
 #                    constants (B_read, δ, each lowering's c_fixed and β, a small kernel)
-#   gpu_tests.txt    pytest -m gpu tests/test_cuda_prefetch.py
+#   gpu_tests.txt    pytest -m gpu tests/devices/test_cuda_prefetch.py
 #   lowerings.*      bench_lowerings.py: side stream, compute stream and fused (extra
 #                    programs of the window kernel) on dense and TP4-shaped decode layers
 #                    (15 µs all-reduce stand-ins), measured beside predicted, the decision
@@ -174,7 +174,7 @@ if [[ -n "$DRY" ]]; then
 fi
 part calibrate 130 calibrate.txt $PY -m fxprefetch calibrate -o "$PROFILE"
 part gpu_tests 90 gpu_tests.txt \
-  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_prefetch.py
+  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/devices/test_cuda_prefetch.py
 [[ -f "$PROFILE" || -n "$DRY" ]] && LOWERING_PROFILE=(--device-profile "$PROFILE") ||
   LOWERING_PROFILE=()
 part lowerings 120 lowerings.txt $PY benchmarks/bench_lowerings.py "${LOWERING_PROFILE[@]}" \

@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fxprefetch.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
-from fxprefetch.calibrate_sim import SIMULATED
 from fxprefetch.validation import ConfigError
 
 EXIT_USAGE = 2
@@ -135,7 +133,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.devices.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
+    from fxprefetch.devices.calibrate_sim import SIMULATED
+    from fxprefetch.devices.prediction import PROFILES as PROFILES_BY_NAME
     from fxprefetch.presets import PRESETS, preset_names
     from fxprefetch.targets import AUTO, TARGET_NAMES
 
@@ -231,6 +231,8 @@ def _profile_name(text: str) -> str:
 
 
 def _budget(text: str) -> float:
+    from fxprefetch.devices.calibrate import MAX_BUDGET_S, MIN_BUDGET_S
+
     try:
         value = float(text)
     except ValueError:
@@ -264,17 +266,22 @@ def run_calibrate(args: argparse.Namespace) -> int:
     write the profile file; exit 2 with one line where there is no GPU or NPU."""
     from datetime import UTC, datetime
 
-    from fxprefetch.calibrate import CalibrationError, calibrate, profile_document, render_table
-    from fxprefetch.prediction import match_profile
+    from fxprefetch.devices.calibrate import (
+        CalibrationError,
+        calibrate,
+        profile_document,
+        render_table,
+    )
+    from fxprefetch.devices.prediction import match_profile
 
     output = _output_path(args.output) if args.output else None
     try:
         if args.simulate:
-            from fxprefetch.calibrate_sim import SimulatedDevice
+            from fxprefetch.devices.calibrate_sim import SIMULATED, SimulatedDevice
 
             device = SimulatedDevice(SIMULATED[args.simulate])
         else:
-            from fxprefetch.calibrate_devices import detect
+            from fxprefetch.devices.calibrate_hw import detect
 
             device = detect()
         facts = device.facts()
@@ -306,8 +313,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_plan_dir(args: argparse.Namespace) -> int:
     """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
-    from fxprefetch.plan_render import render_table, render_totals
-    from fxprefetch.plan_store import read_plan_dir
+    from fxprefetch.plan.render import render_table, render_totals
+    from fxprefetch.plan.store import read_plan_dir
 
     unusable = [
         "--" + name.replace("_", "-")
@@ -340,7 +347,7 @@ def run_plan(args: argparse.Namespace) -> int:
     args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
     from fxprefetch.options import parse_options
-    from fxprefetch.plan_render import render_table, render_totals
+    from fxprefetch.plan.render import render_table, render_totals
     from fxprefetch.presets import PRESETS, build_model, example_inputs, load_config
 
     options = _config_option(args)
@@ -383,11 +390,11 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.prediction import profile, render_prediction
+                from fxprefetch.devices.prediction import profile, render_prediction
 
                 text += "\n\n" + render_prediction(plans, profile(args.device), total_layers)
     for text_path, path in pictures:
-        from fxprefetch.timeline import draw_timeline
+        from fxprefetch.plan.timeline import draw_timeline
 
         with progress.stage(f"drawing {text_path}"):
             try:

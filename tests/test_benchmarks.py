@@ -236,7 +236,7 @@ def test_gpu_check_dry_run_runs_the_cpu_forms_and_says_what_it_would_run(tmp_pat
         assert f"gpu_check: {part} (no-GPU form): exit 0" in summary, summary
     for part in ("install", "calibrate", "gpu_tests", "lowerings", "bench_b1", "bench_b16"):
         assert f"would run {part} (budget" in summary, summary
-    assert "-m gpu tests/test_cuda_prefetch.py" in summary
+    assert "-m gpu tests/devices/test_cuda_prefetch.py" in summary
     assert "--only layers --check --batch 16" in summary
     assert json.loads((tmp_path / "facts.json").read_text())["torch"]
     profile = json.loads((tmp_path / "device-profile.json").read_text())

@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from fxprefetch import calibrate as cal
-from fxprefetch.calibrate_sim import SIMULATED, SimulatedDevice
 from fxprefetch.cli import main
+from fxprefetch.devices import calibrate as cal
+from fxprefetch.devices.calibrate_sim import SIMULATED, SimulatedDevice
 
 H200 = SIMULATED["h200"]
 MB, MiB = 10**6, 1 << 20
@@ -228,10 +228,10 @@ def test_cli_quiet_shows_no_progress_and_names_the_file_after_the_profile(
 def test_cli_without_a_gpu_or_npu_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     import torch
 
-    from fxprefetch import calibrate_devices
+    from fxprefetch.devices import calibrate_hw
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(calibrate_devices, "torch_npu_present", lambda: False)
+    monkeypatch.setattr(calibrate_hw, "torch_npu_present", lambda: False)
     out = tmp_path / "p.json"
     assert main(["calibrate", "-o", str(out)]) == 2
     captured = capsys.readouterr()
@@ -260,7 +260,7 @@ def test_cli_argument_errors_are_one_line_and_exit_2(args, message, capsys):
 
 def test_the_cuda_read_kernel_compiles_for_sm_90_with_wide_cached_loads():
     pytest.importorskip("triton")
-    from fxprefetch.calibrate_devices import compile_read_kernel, read_launch
+    from fxprefetch.devices.calibrate_hw import compile_read_kernel, read_launch
 
     ptx = compile_read_kernel(90).asm["ptx"]
     assert "ld.global.cg.v4.b32" in ptx  # 16-byte loads, L2 only

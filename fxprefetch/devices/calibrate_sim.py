@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprefetch.calibrate import Facts
+from fxprefetch.devices.calibrate import Facts
 
 MB = 10**6
 MiB = 1 << 20

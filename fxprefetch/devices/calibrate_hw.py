@@ -5,7 +5,7 @@ run on an NPU).
 CUDA: the streaming read is :func:`read_kernel` (a Triton kernel of 16-byte loads that
 bypass L1, summed into a sink so nothing is optimized away); the window is
 ``torch.cuda._sleep`` (a spin, memory idle) calibrated in cycles per µs; the prefetches are
-fxprefetch's own (``fxprefetch.cuda_prefetch``: ``fork``/``join`` on the side stream, or the
+fxprefetch's own (``fxprefetch.devices.cuda_prefetch``: ``fork``/``join`` on the side stream, or the
 compute-stream launch), as compiled graphs run them.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fxprefetch.calibrate import CalibrationError, Facts
+from fxprefetch.devices.calibrate import CalibrationError, Facts
 
 READ_TILE = 4096  # int32 per load step: 16 KiB
 READ_PROGRAMS_PER_SM = 4
@@ -97,7 +97,7 @@ class CudaDevice:
     lowerings = ("side_stream", "compute_stream")
 
     def __init__(self, index: int = 0) -> None:
-        from fxprefetch import cuda_prefetch
+        from fxprefetch.devices import cuda_prefetch
 
         if not cuda_prefetch.available():
             raise CalibrationError("the CUDA prefetch needs Triton and an sm_80+ GPU")

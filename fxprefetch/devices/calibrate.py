@@ -4,7 +4,7 @@ Every timing is a graph (a CUDA graph, or an NPU graph) replayed between two dev
 Arms are interleaved, their order reversed every other round, and each difference is paired
 per round; a constant is the median over rounds, reported with its quartiles. The device is
 the small :class:`Device` interface, so a simulated device with known constants
-(``fxprefetch.calibrate_sim``) drives this same code on the CPU.
+(``fxprefetch.devices.calibrate_sim``) drives this same code on the CPU.
 
 Parts, in order:
 
@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
-MB = 10**6  # the model's MB (fxprefetch.prediction)
+MB = 10**6  # the model's MB (fxprefetch.devices.prediction)
 MiB = 1 << 20
 K = 4096  # the linear's input features: a Llama-sized hidden dimension
 TOKENS = (1, 16)
