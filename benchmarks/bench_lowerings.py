@@ -532,8 +532,8 @@ def main() -> int:
         print(f"{config}: the arms' output against the same step in torch: max rel err {err:.3g}")
         if err > REFERENCE_TOLERANCE:
             bad_reference.append(config)
-        rows += rows_for(config, times, same, counts, layers, prediction)
-        rows[-1]["reference_rel_err"] = err
+        for row in rows_for(config, times, same, counts, layers, prediction):
+            rows.append({**row, "reference_rel_err": err})
         del ws, state
         if cuda:
             torch.cuda.empty_cache()

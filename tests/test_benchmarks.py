@@ -244,7 +244,7 @@ def test_gpu_check_dry_run_runs_the_cpu_forms_and_says_what_it_would_run(tmp_pat
     lowerings = json.loads((tmp_path / "lowerings.json").read_text())
     rows = {(r["config"], r["arm"]): r for r in lowerings["rows"]}
     assert set(rows) == {(c, a) for c in ("dense-b1", "tp4-b1") for a in LOWERING_ARMS}
-    assert all(r["same_output"] for r in rows.values())
+    assert all(r["same_output"] and r["reference_rel_err"] == 0 for r in rows.values())
     for config in ("dense-b1", "tp4-b1"):
         assert rows[config, "base"]["prefetches_per_layer"] == 0
         for arm in LOWERING_ARMS[1:]:
