@@ -108,6 +108,9 @@ class LinearRecord:
     min_tokens: int | None = None
     max_tokens: int | None = None
     token_check: str | None = None
+    # the lowering its prefetch got, where the target names one (the npu target:
+    # "ascend_cmo", "ascend_side_stream" or "ascend_in_stream"); None elsewhere
+    lowering: str | None = None
 
     def __post_init__(self) -> None:
         if self.span_bytes is None:
