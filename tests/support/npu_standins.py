@@ -315,6 +315,7 @@ class _Stream:
 
     def __init__(self, recorder: StreamRecorder, sid: int) -> None:
         self.recorder, self.stream_id = recorder, sid
+        self.device_index, self.device_type = 0, 20  # as the stand-in torch_npu gives
 
     def wait_stream(self, other: _Stream) -> None:
         self.recorder.events.append(StreamEvent("wait", self.stream_id, other=other.stream_id))
