@@ -17,10 +17,10 @@ Each lowered node's record says which (:data:`ASCEND_CMO`, :data:`ASCEND_SIDE_ST
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch.fx import GraphModule, Node
-
-from dataclasses import replace
 
 from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS, native_l2_devices, prepare_native
 from fxprefetch.passes.analysis.graph_utils import get_arg, tensor_value

@@ -77,10 +77,14 @@ def _pairs(gm):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     joins = list(gm.graph.find_nodes(op="call_function", target=ops.JOIN_OP))
     forks = list(gm.graph.find_nodes(op="call_function", target=ops.NATIVE_OP))
-    return order, [
-        (fork, [j for j in joins if join_meta(j).joins == fork.name and order[j] > order[fork]])
-        for fork in forks
-    ], joins
+    return (
+        order,
+        [
+            (fork, [j for j in joins if join_meta(j).joins == fork.name and order[j] > order[fork]])
+            for fork in forks
+        ],
+        joins,
+    )
 
 
 def test_a_ge_graph_keeps_cmo_and_a_captured_one_forks():

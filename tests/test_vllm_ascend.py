@@ -114,8 +114,10 @@ def test_piecewise_prefetches_run_on_the_prefetch_stream(probes):
     nbytes = {module: size for module, _, size in PLAN}
     for r in ran:
         assert r["lowering"] == "ascend_side_stream"
-        assert r["fork"] == [["wait", 1, 0, None],
-                             ["prefetch", 1, f"{r['module']}.weight", nbytes[r["module"]]]]
+        assert r["fork"] == [
+            ["wait", 1, 0, None],
+            ["prefetch", 1, f"{r['module']}.weight", nbytes[r["module"]]],
+        ]
         assert r["join"] == [["wait", 0, 1]]
         assert r["dependency_first"] and r["join_first"]
 

@@ -117,9 +117,7 @@ def compile_with(config, compiler_config) -> dict:
 
     import fxprefetch
 
-    from support.npu_standins import PREFETCH_CALLS
-
-    from support.npu_standins import StreamRecorder
+    from support.npu_standins import PREFETCH_CALLS, StreamRecorder
 
     init_ascend_config(config)
     compiler = AscendCompiler()
@@ -185,12 +183,15 @@ def streams(recorder, plans, weights) -> list:
             if r.prefetch_node not in ran:
                 continue
             fork_at = recorder.index("node", r.prefetch_node)
-            join = next(e.what for e in recorder.events[fork_at:]
-                        if e.kind == "node" and str(e.what).startswith("prefetch_join"))
+            join = next(
+                e.what
+                for e in recorder.events[fork_at:]
+                if e.kind == "node" and str(e.what).startswith("prefetch_join")
+            )
             fork, joined = recorder.fork_join(r.prefetch_node, join)
+            queued = [[e.kind, e.stream, weights.get(e.what, e.other), e.size] for e in fork[1:]]
             out.append({
-                "module": r.module, "lowering": r.lowering,
-                "fork": [[e.kind, e.stream, weights.get(e.what, e.other), e.size] for e in fork[1:]],
+                "module": r.module, "lowering": r.lowering, "fork": queued,
                 "join": [[e.kind, e.stream, e.other] for e in joined[1:]],
                 "dependency_first": recorder.index("node", r.dependency) < fork_at,
                 "join_first": recorder.index("node", join) < recorder.index("node", r.node),
