@@ -7,7 +7,7 @@
 - a graph captured op by op (aclgraph, npugraph_ex): ``fxprefetch.prefetch_native`` on the
   prefetch stream (``stream="side"``), with the CUDA lowering's ordering tokens
   (``lower_native.lower_to_native``); ``insert_joins`` then joins each before its linear.
-  Its kernels fork and join on the NPU (``fxprefetch.npu_streams``).
+  Its kernels fork and join on the NPU (``fxprefetch.devices.npu_streams``).
 - ``ascend_lowering="in_stream"`` (experiments): ``npu.npu_prefetch`` queued in the
   captured compute stream, as before the prefetch stream existed.
 
@@ -87,7 +87,7 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     stream (forks, with their tokens); returns the count. ``insert_joins`` joins them.
 
     All or nothing, like :func:`lower_prefetch_to_npu`. Each weight's device type needs the
-    prefetch stream registered for it (``fxprefetch.npu_streams.register``): a prefetch
+    prefetch stream registered for it (``fxprefetch.devices.npu_streams.register``): a prefetch
     whose kernel would find none is refused here, never dropped when it runs.
     """
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
@@ -101,7 +101,7 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     if missing:
         raise NpuLoweringError(
             f"no Ascend prefetch stream for {missing[0]} tensors: torch_npu's stream runtime "
-            "is not loaded (fxprefetch.npu_streams.register); use ascend_lowering "
+            "is not loaded (fxprefetch.devices.npu_streams.register); use ascend_lowering "
             "'in_stream' or load torch_npu"
         )
     count = lower_to_native(gm.graph, set(devices), set(devices), cache_hint)

@@ -1,6 +1,6 @@
 """NPU lowering (``lower_npu``): in a GE graph prefetches become torch_npu's ``npu_prefetch``
 with the same arguments, all or none of them; in a graph captured op by op they fork onto the
-prefetch stream and are joined before their linear (``fxprefetch.npu_streams``, run here on
+prefetch stream and are joined before their linear (``fxprefetch.devices.npu_streams``, run here on
 the STAND-IN stream runtime of ``support.npu_standins``)."""
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def test_an_unknown_ascend_lowering_is_refused():
 def test_a_zero_size_prefetch_still_forks_and_joins():
     """A fork with nothing left to prefetch still makes the prefetch stream wait and is
     counted open, so its join waits for it: every join has its fork."""
-    from fxprefetch import npu_streams
+    from fxprefetch.devices import npu_streams
 
     from support.npu_standins import StreamEvent, StreamRecorder
 
@@ -147,7 +147,7 @@ def test_a_zero_size_prefetch_still_forks_and_joins():
 def test_each_thread_gets_its_own_prefetch_stream():
     import threading
 
-    from fxprefetch import npu_streams
+    from fxprefetch.devices import npu_streams
 
     from support.npu_standins import StreamRecorder
 
@@ -182,7 +182,7 @@ def test_every_fork_has_one_join_before_its_linear(spec, tied, split):
     npugraph_ex's pass gets the same context; vLLM's graphs split at attention): each fork
     has exactly one join, after it and before the linear that reads its weight, and run on
     the stand-in stream runtime every fork is joined within the graph's own run."""
-    from fxprefetch import npu_streams
+    from fxprefetch.devices import npu_streams
 
     from support.npu_standins import StreamRecorder
 

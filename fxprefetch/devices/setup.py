@@ -62,7 +62,7 @@ def _native_cuda_prefetch() -> bool:
 
 def _npu_streams() -> bool:
     """Register the Ascend prefetch stream where torch_npu's stream runtime is loaded."""
-    from fxprefetch.npu_streams import register
+    from fxprefetch.devices.npu_streams import register
 
     return register()
 

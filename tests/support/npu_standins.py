@@ -325,7 +325,7 @@ class StreamRecorder:
     """STAND-IN for torch_npu's stream runtime while active (see the module docstring).
 
     Stream 0 is the compute stream. While active it also registers the Ascend prefetch
-    stream (``fxprefetch.npu_streams``) for CPU tensors, which stand in for NPU ones, and
+    stream (``fxprefetch.devices.npu_streams``) for CPU tensors, which stand in for NPU ones, and
     restores everything it changed on exit.
     """
 
@@ -354,7 +354,8 @@ class StreamRecorder:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StreamRecorder]:
-        from fxprefetch import npu_streams, ops
+        from fxprefetch import ops
+        from fxprefetch.devices import npu_streams
 
         npu = getattr(torch, "npu", None)
         holder = npu if npu is not None else types.SimpleNamespace()
@@ -368,6 +369,7 @@ class StreamRecorder:
         StreamRecorder.active = self
         npu_streams._STREAMS.__init__()  # this thread's streams: made under this runtime
         try:
+            install_op_standins()  # npu_prefetch, which the prefetch stream issues
             assert npu_streams.register("cpu")
             yield self
         finally:
