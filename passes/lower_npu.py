@@ -11,6 +11,10 @@
 - ``ascend_lowering="in_stream"`` (experiments): ``npu.npu_prefetch`` queued in the
   captured compute stream, as before the prefetch stream existed.
 
+Prefetches decided at run time (``prefetch_in_range``, the by-name ``prefetch_layer_weight``)
+are not forked yet: their kernels issue ``npu_prefetch`` in the current stream, and their
+records say :data:`ASCEND_IN_STREAM`.
+
 Each lowered node's record says which (:data:`ASCEND_CMO`, :data:`ASCEND_SIDE_STREAM`,
 :data:`ASCEND_IN_STREAM`); the plan's records carry it (``LinearRecord.lowering``).
 """
@@ -79,6 +83,12 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
         meta = prefetch_meta(node)
         if meta is not None:
             set_meta(node, replace(meta, lowering=lowering))
+    # prefetches decided at run time (token bounds, weights found by name) keep their own
+    # kernels, which issue npu_prefetch in the current stream: not yet on the prefetch stream
+    for node in gm.graph.nodes:
+        meta = prefetch_meta(node) if node.op == "call_function" else None
+        if meta is not None and meta.lowering is None and node.target in PREFETCH_OPS:
+            set_meta(node, replace(meta, lowering=ASCEND_IN_STREAM))
     return PassResult(name, count)
 
 

@@ -122,6 +122,39 @@ def test_without_a_stream_runtime_the_captured_lowering_is_refused():
     assert {r.lowering for r in report.plan.prefetched} == {"ascend_in_stream"}
 
 
+def test_a_prefetch_decided_at_run_time_is_recorded_in_stream():
+    """prefetch_in_range keeps its kernel (npu_prefetch in the current stream) in a captured
+    graph: its record says so, while the plain prefetches fork."""
+    from dataclasses import replace
+
+    from fxprefetch.passes.analysis.prefetch_meta import set_meta
+    from fxprefetch.passes.lower_npu import lower_npu
+
+    from support.npu_standins import StreamRecorder
+    from support.tracing import run_synth_pipeline
+
+    with StreamRecorder().installed():
+        gm, report = run_synth_pipeline("eager")  # planned only
+        first = prefetch_nodes(gm)[0]
+        with gm.graph.inserting_after(first):
+            bounded = gm.graph.call_function(
+                ops.RANGE_OP, (first.args[0], first.args[1], 64, 0, 8, 96, 4096)
+            )
+        set_meta(bounded, replace(prefetch_meta(first), max_size=64))
+        lower_npu(gm, _context())
+    assert prefetch_meta(bounded).lowering == "ascend_in_stream"
+    assert prefetch_meta(first).lowering == "ascend_side_stream"
+    assert bounded.target is ops.RANGE_OP and first.target is ops.NATIVE_OP
+
+
+def _context(**fields):
+    from fxprefetch import WeightPrefetchConfig
+    from fxprefetch.passes import DEFAULT_RULES
+    from fxprefetch.pipeline import PassContext
+
+    return PassContext(WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "g", **fields)
+
+
 def test_an_unknown_ascend_lowering_is_refused():
     with pytest.raises(ValueError, match=r"ascend_lowering: expected one of \['side_stream'"):
         _npu_pipeline(ascend_lowering="side")
