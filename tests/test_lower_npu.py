@@ -134,7 +134,7 @@ def test_a_prefetch_decided_at_run_time_is_recorded_in_stream():
     from support.tracing import run_synth_pipeline
 
     with StreamRecorder().installed():
-        gm, report = run_synth_pipeline("eager")  # planned only
+        gm, _ = run_synth_pipeline("eager")  # planned only
         first = prefetch_nodes(gm)[0]
         with gm.graph.inserting_after(first):
             bounded = gm.graph.call_function(
