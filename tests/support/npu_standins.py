@@ -406,9 +406,10 @@ class StreamRecorder:
         its kernel did (up to the next node)."""
         at_fork = self.index("node", fork)
         at_join = self.index("node", join, at_fork)
-        return self._own(at_fork), self._own(at_join)
+        return self.queued_at(at_fork), self.queued_at(at_join)
 
-    def _own(self, at: int) -> list[StreamEvent]:
+    def queued_at(self, at: int) -> list[StreamEvent]:
+        """The node event at ``at`` and what its kernel queued (up to the next node)."""
         end = next((i for i in range(at + 1, len(self.events)) if self.events[i].kind == "node"),
                    len(self.events))  # fmt: skip
         return self.events[at:end]

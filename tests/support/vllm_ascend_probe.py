@@ -183,18 +183,18 @@ def streams(recorder, plans, weights) -> list:
             if r.prefetch_node not in ran:
                 continue
             fork_at = recorder.index("node", r.prefetch_node)
-            join = next(
-                e.what
-                for e in recorder.events[fork_at:]
-                if e.kind == "node" and str(e.what).startswith("prefetch_join")
-            )
-            fork, joined = recorder.fork_join(r.prefetch_node, join)
+            join = next((e.what for e in recorder.events[fork_at:]
+                         if e.kind == "node" and str(e.what).startswith("prefetch_join")),
+                        None)  # fmt: skip
+            fork = recorder.queued_at(fork_at)
+            joined = recorder.queued_at(recorder.index("node", join, fork_at)) if join else []
             queued = [[e.kind, e.stream, weights.get(e.what, e.other), e.size] for e in fork[1:]]
             out.append({
                 "module": r.module, "lowering": r.lowering, "fork": queued,
                 "join": [[e.kind, e.stream, e.other] for e in joined[1:]],
                 "dependency_first": recorder.index("node", r.dependency) < fork_at,
-                "join_first": recorder.index("node", join) < recorder.index("node", r.node),
+                "join_first": join is not None
+                and recorder.index("node", join) < recorder.index("node", r.node),
             })  # fmt: skip
     return out
 
