@@ -60,7 +60,7 @@ class _PrefetchStreams(threading.local):
     def get(self, index: int) -> Any:
         stream = self.streams.get(index)
         if stream is None:
-            stream = self.streams[index] = _npu().Stream()
+            stream = self.streams[index] = _npu().Stream(device=index)
         return stream
 
 
@@ -91,7 +91,7 @@ def fork(weight: torch.Tensor, max_size: int, offset: int, stream: str, cache_hi
     npu = _npu()
     index = _index(weight.device)
     side = _STREAMS.get(index)
-    side.wait_stream(npu.current_stream())
+    side.wait_stream(npu.current_stream(index))
     _STREAMS.open[index] = _STREAMS.open.get(index, 0) + 1
     with npu.stream(side):
         _issue(weight, max_size, offset)
@@ -104,7 +104,7 @@ def join(weight: torch.Tensor) -> None:
     if not _STREAMS.open.get(index):
         return
     _STREAMS.open[index] -= 1
-    _npu().current_stream().wait_stream(_STREAMS.get(index))
+    _npu().current_stream(index).wait_stream(_STREAMS.get(index))
 
 
 def prepare(device: torch.device) -> None:
