@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxprefetch.config import WeightPrefetchConfig
-from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
+from fxprefetch.devices import ASCEND_LOWERINGS, CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
@@ -25,6 +25,7 @@ OPTION_KEYS = (
     "native_prefetch",
     "cuda_lowering",
     "cache_hint",
+    "ascend_lowering",
 )
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -42,6 +43,7 @@ class BackendOptions:
     native_prefetch: str = "auto"  # native prefetch where CUDA graphs replay, else hints
     cuda_lowering: str = "side_stream"  # or "compute_stream" (no fork/join)
     cache_hint: str = "none"  # or "evict_last"
+    ascend_lowering: str = "side_stream"  # or "in_stream" (captured Ascend graphs; experiments)
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
@@ -136,4 +138,5 @@ def parse_options(options: Any) -> BackendOptions:
         _choice(options, "native_prefetch", NATIVE_POLICIES),
         _choice(options, "cuda_lowering", CUDA_LOWERINGS),
         _choice(options, "cache_hint", CACHE_HINTS),
+        _choice(options, "ascend_lowering", ASCEND_LOWERINGS),
     )

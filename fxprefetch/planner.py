@@ -156,6 +156,7 @@ class GraphPlanner:
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),
             npu_graph_engine=self.npu_graph_engine,
+            ascend_lowering=devices.ascend_lowering,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

@@ -528,6 +528,6 @@ def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
     data = json.loads(path.read_text())
     jsonschema.validate(data, SCHEMA)
     (plan,) = data["plans"]
-    assert plan["schema_version"] == 2 and plan["prediction"]["device"] == "h200"
+    assert plan["schema_version"] == 3 and plan["prediction"]["device"] == "h200"
     assert all(r["prediction"] is not None for r in plan["linears"] if r["prefetch_node"])
     assert main([*argv[:-3], "--device", "h300"]) == 2  # not a profile: a usage error

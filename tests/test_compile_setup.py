@@ -243,6 +243,7 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
             "native_prefetch": "auto",
             "cuda_lowering": "side_stream",
             "cache_hint": "evict_last",
+            "ascend_lowering": "side_stream",
         }
     ]
     eager = compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
@@ -253,6 +254,21 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
     given = DeviceSetup(native=frozenset({"meta"}))
     assert compile_setup(config, target="npu", devices=given).devices is given
     assert len(calls) == 3
+
+
+def test_the_ascend_lowering_is_in_the_key():
+    """``ascend_lowering`` changes the compiled graph (forks and joins, or npu_prefetch in the
+    compute stream): its two values never share a compile-cache key."""
+    config = WeightPrefetchConfig(enabled=True)
+    side = compile_setup(config, target="npu")
+    in_stream = compile_setup(config, target="npu", ascend_lowering="in_stream")
+    assert (side.devices.ascend_lowering, in_stream.devices.ascend_lowering) == (
+        "side_stream",
+        "in_stream",
+    )
+    assert side.cache_key() != in_stream.cache_key()
+    with pytest.raises(ValueError, match="ascend_lowering: expected one of"):
+        compile_setup(config, target="npu", ascend_lowering="side")
 
 
 def test_the_setup_is_frozen():

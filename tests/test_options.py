@@ -74,6 +74,12 @@ def test_bad_options_name_what_is_wrong(options, path, text):
     assert text in str(err.value)
 
 
+def test_the_ascend_lowering_option():
+    """Ascend's captured graphs: the prefetch stream by default, in-stream on request."""
+    assert parse_options(None).ascend_lowering == "side_stream"
+    assert parse_options({"ascend_lowering": "in_stream"}).ascend_lowering == "in_stream"
+
+
 def test_native_prefetch_lowering_and_cache_hint_options():
     opts = parse_options(None)
     assert (opts.native_prefetch, opts.cuda_lowering, opts.cache_hint) == (
@@ -102,6 +108,11 @@ def test_native_prefetch_lowering_and_cache_hint_options():
         ({"native_prefetch": True}, r"options\.native_prefetch: expected one of .* got True"),
         ({"cuda_lowering": "side"}, r"options\.cuda_lowering: expected one of"),
         ({"cache_hint": "evict_first"}, r"options\.cache_hint: expected one of"),
+        (
+            {"ascend_lowering": "instream"},
+            r"options\.ascend_lowering: expected one of \['side_stream', 'in_stream'\], "
+            r"got \"instream\" \(did you mean 'in_stream'\?\)",
+        ),
     ],
 )
 def test_bad_native_prefetch_options_are_refused(options, message):

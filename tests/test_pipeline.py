@@ -137,7 +137,7 @@ def test_explain_leaves_other_compiled_code_alone(fresh_dynamo):
 def test_each_target_lists_its_passes_in_order():
     names = {name: [p.name for p in spec.pipeline.passes] for name, spec in TARGETS.items()}
     assert {name: names[name] for name in ("npu", "inductor", "eager")} == {
-        "npu": ["plan_prefetches", "lower_npu"],
+        "npu": ["plan_prefetches", "lower_npu", "insert_joins"],
         "inductor": [
             "plan_prefetches",
             "lower_native",

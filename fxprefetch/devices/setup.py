@@ -14,6 +14,11 @@ Where a native prefetch pays (``native_prefetch``):
 linear) or ``"compute_stream"`` (a fire-and-forget kernel on the compute stream, no join);
 ``cache_hint``: the L2 hint of the prefetch instruction (``"none"`` or ``"evict_last"``).
 ``benchmarks/probe_gpu_kernel.py`` measures both choices.
+
+``ascend_lowering`` (the npu target, graphs captured op by op): ``"side_stream"`` (default:
+each prefetch forked onto the prefetch stream, joined before its linear) or ``"in_stream"``
+(``npu_prefetch`` in the captured compute stream, for experiments). GE graphs always get
+``Cmo``. See ``docs/ascend.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fxprefetch.ops import native_l2_devices, native_prefetch_devices
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
 CACHE_HINTS = ("none", "evict_last")
+ASCEND_LOWERINGS = ("side_stream", "in_stream")
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,20 @@ class DeviceSetup:
     lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
     # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    ascend_lowering: str = "side_stream"  # captured Ascend graphs: or "in_stream"
 
 
 @functools.cache
 def _native_cuda_prefetch() -> bool:
     """Register the CUDA L2 prefetch once, where CUDA, Triton and sm_80+ are present."""
     from fxprefetch.devices.cuda_prefetch import register
+
+    return register()
+
+
+def _npu_streams() -> bool:
+    """Register the Ascend prefetch stream where torch_npu's stream runtime is loaded."""
+    from fxprefetch.devices.npu_streams import register
 
     return register()
 
@@ -61,6 +75,7 @@ def device_setup(
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
+    ascend_lowering: str = "side_stream",
 ) -> DeviceSetup:
     """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
 
@@ -69,7 +84,12 @@ def device_setup(
     profile: window policy, "auto" sizes, predictions, ``fxprefetch.devices.profiles``) and
     where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
     as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
-    names a known device."""
+    names a known device, and its prefetch stream where torch_npu is loaded
+    (``ascend_lowering``, see the module docstring)."""
+    if ascend_lowering not in ASCEND_LOWERINGS:
+        raise ValueError(
+            f"ascend_lowering: expected one of {list(ASCEND_LOWERINGS)}, got {ascend_lowering!r}"
+        )
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
     if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
@@ -81,6 +101,8 @@ def device_setup(
         found = npu_profile()
         if found is not None:
             profiles["npu"] = found
+        if ascend_lowering == "side_stream":
+            _npu_streams()
     native = set(native_prefetch_devices())
     l2 = native_l2_devices() & native if native_l2 else set()
     use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
@@ -99,7 +121,14 @@ def device_setup(
     l2 = l2 & native
     joins = l2 if cuda_lowering == "side_stream" else set()
     return DeviceSetup(
-        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering, profiles
+        frozenset(native),
+        frozenset(joins),
+        caps,
+        frozenset(l2),
+        cache_hint,
+        lowering,
+        profiles,
+        ascend_lowering,
     )
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from fxprefetch.plan import render as plan_render
 
-PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan; token bounds
+PLAN_SCHEMA_VERSION = 3  # 2: span_bytes; "prediction" per linear and per plan; token bounds;
+# 3: "lowering" per linear
 #: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
-READABLE_SCHEMA_VERSIONS = (1, 2)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 class SkipReason(str, enum.Enum):
@@ -108,6 +109,9 @@ class LinearRecord:
     min_tokens: int | None = None
     max_tokens: int | None = None
     token_check: str | None = None
+    # the lowering its prefetch got, where the target names one (the npu target:
+    # "ascend_cmo", "ascend_side_stream" or "ascend_in_stream"); None elsewhere
+    lowering: str | None = None
 
     def __post_init__(self) -> None:
         if self.span_bytes is None:

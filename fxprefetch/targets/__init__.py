@@ -118,6 +118,7 @@ def compile_setup(
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
+    ascend_lowering: str = "side_stream",
     devices: DeviceSetup | None = None,
     devices_for: str | None = None,
 ) -> CompileSetup:
@@ -127,8 +128,8 @@ def compile_setup(
     ``rules``: None takes the current rules. ``cudagraphs``: whether the compiled graph is
     replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
     ``devices``: the devices' setup as given (a simulated device); None: this process's for
-    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
-    ``cache_hint`` (see :mod:`fxprefetch.devices`).
+    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering``,
+    ``cache_hint`` and ``ascend_lowering`` (see :mod:`fxprefetch.devices`).
     """
     spec = target_spec(target)
     if cudagraphs is None:
@@ -142,6 +143,7 @@ def compile_setup(
             native_prefetch=native_prefetch,
             cuda_lowering=cuda_lowering,
             cache_hint=cache_hint,
+            ascend_lowering=ascend_lowering,
         )
     return CompileSetup(
         config=config,

@@ -333,7 +333,7 @@ def test_the_plan_json_carries_the_token_range(context):
     from fxprefetch.plan import PrefetchPlan
 
     data = plan.to_dict()
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     moe = [r for r in data["linears"] if r["role"] == "moe.gate_up"]
     assert {(r["min_tokens"], r["max_tokens"], r["token_check"]) for r in moe} == {
         (96, None, "graph")
