@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from fxprefetch.passes.analysis.graph_utils import module_path, normalize_source_path

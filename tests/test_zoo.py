@@ -44,6 +44,7 @@ CONFIG = WeightPrefetchConfig.from_dict(
         "windows": ["vector", "attention"],
     }
 )
+QKV_ROLE = "attn.qkv"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
 
@@ -69,7 +70,7 @@ def test_family_through_the_pass(family):
     model, args, kwargs = _built(family)
     with torch.no_grad():
         eager = model(*args, **kwargs)
-        eager = eager[0] if isinstance(eager, tuple) else next(iter(eager.values()))
+        eager = _first(eager)
         gm, names, state = trace(model, args, kwargs)
         reference = gm(state, *args)
         plan = run_weight_prefetch(gm, CONFIG, weight_names=names)
@@ -110,3 +111,63 @@ def test_docs_list_the_zoo():
     """docs/architectures.md shows the zoo's table as it is."""
     text = DOCS.read_text()
     assert roles_table() in text, "regenerate the table: tests/support/zoo.py roles_table()"
+
+
+# -- compiled end to end ---------------------------------------------------------------------
+
+
+def _first(output):
+    """A model's first output (a tuple's first item, a ModelOutput's first field)."""
+    return output[0] if isinstance(output, tuple) else next(iter(output.values()))
+
+
+def _compile_and_run(model, target, args, kwargs):
+    options = {"target": target, "weight_prefetch_config": CONFIG.to_dict()}
+    compiled = torch.compile(model, backend="npu_prefetch", options=options)
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        with fxprefetch.collect_stats(per_weight=True) as stats:
+            out = compiled(*args, **kwargs)
+    torch.testing.assert_close(_first(out), _first(expected), rtol=1e-4, atol=1e-4)
+    return fxprefetch.last_plans(), stats
+
+
+def _planned(plans) -> list[tuple[str, int]]:
+    """Every prefetch the plans list per call of the model, by the weight of each call site
+    (a graph run by several modules: once per module)."""
+    planned = []
+    for plan in plans:
+        sites = plan.call_sites or [None]
+        for record in plan.prefetched:
+            for site in sites:
+                weight = record.weight
+                if site is not None and site != sites[0]:
+                    weight = site + weight.removeprefix(sites[0])
+                planned.append((weight, record.prefetch_bytes))
+    return sorted(planned)
+
+
+@pytest.mark.compile
+def test_one_graph_for_every_layer_names_each_layers_weights(fresh_dynamo):
+    """A graph break inside each decoder layer (experts looped over in Python): dynamo
+    compiles the layer's frame once and runs that graph for both layers. The plan names the
+    weights by parameter path, lists both layers as call sites, and lists every prefetch
+    that runs; per-weight stats name each layer's own weights."""
+    family = next(f for f in ZOO if f.name == "Qwen3-MoE")
+    model, args, kwargs = _built(family)
+    model.set_experts_implementation("eager")
+    plans, stats = _compile_and_run(model, "eager", args, kwargs)
+    (layer,) = [p for p in plans if any(r.role == QKV_ROLE for r in p.records)]
+    assert layer.call_sites == ["model.layers.0", "model.layers.1"]
+    q = next(r for r in layer.records if r.weight.endswith("q_proj.weight"))
+    assert q.weight == "model.layers.0.self_attn.q_proj.weight" and q.layer == 0
+    assert q.module == "model.layers.0.self_attn.q_proj"
+    assert "model.layers.1.self_attn.q_proj.weight" in q.note
+    params = dict(model.named_parameters())
+    planned = _planned(plans)
+    assert all(weight in params for weight, _ in planned)
+    assert stats.calls == len(planned)  # planned equals ran
+    assert stats.bytes_requested == sum(n for _, n in planned)
+    ran = [(n, w.bytes_requested // w.calls) for n, w in stats.per_weight.items()]
+    assert all(w.calls == 1 for w in stats.per_weight.values())
+    assert sorted(ran) == planned

@@ -136,8 +136,8 @@ def module_path(node: Node) -> str | None:
     kernels wrapping a function) has no path there, so the innermost module of the model
     around it is the node's.
     """
-    for raw in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
-        raw = str(raw[0] if isinstance(raw, tuple) else raw)
+    for entry in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        raw = str(entry[0] if isinstance(entry, tuple) else entry)
         if not raw.lstrip().startswith("G["):
             return normalize_source_path(raw)
     return None
