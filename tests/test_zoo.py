@@ -147,12 +147,37 @@ def _planned(plans) -> list[tuple[str, int]]:
     return sorted(planned)
 
 
+def _assert_planned_ran(model, plans, stats) -> None:
+    """Every prefetch the plans list (a graph that dynamo compiled for one layer's frame and
+    runs for every layer: once per call site, by that layer's weight) reads a parameter and
+    runs, with its bytes; per-weight stats name each by its parameter path."""
+    planned = _planned(plans)
+    params = dict(model.named_parameters())
+    assert planned and all(weight in params for weight, _ in planned)
+    assert stats.calls + stats.hints == len(planned)  # planned equals ran
+    assert stats.bytes_requested + stats.hint_bytes == sum(n for _, n in planned)
+    ran = [name for name, w in stats.per_weight.items() for _ in range(w.calls + w.hints)]
+    assert sorted(ran) == [weight for weight, _ in planned]
+
+
+# a graph break inside every block (the vision tower's .tolist()), and a family through
+# inductor (on the CPU its prefetches are counted as planned hints)
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    ("name", "target"), [("Qwen2.5-VL (vision tower)", "eager"), ("BERT", "inductor")]
+)
+def test_compiled_end_to_end(fresh_dynamo, name, target):
+    model, args, kwargs = _built(next(f for f in ZOO if f.name == name))
+    plans, stats = _compile_and_run(model, target, args, kwargs)
+    _assert_planned_ran(model, plans, stats)
+
+
 @pytest.mark.compile
 def test_one_graph_for_every_layer_names_each_layers_weights(fresh_dynamo):
     """A graph break inside each decoder layer (experts looped over in Python): dynamo
     compiles the layer's frame once and runs that graph for both layers. The plan names the
-    weights by parameter path, lists both layers as call sites, and lists every prefetch
-    that runs; per-weight stats name each layer's own weights."""
+    weights and modules by parameter path, lists both layers as call sites and, in each
+    record's note, both layers' weights, and every prefetch that runs."""
     family = next(f for f in ZOO if f.name == "Qwen3-MoE")
     model, args, kwargs = _built(family)
     model.set_experts_implementation("eager")
@@ -163,11 +188,7 @@ def test_one_graph_for_every_layer_names_each_layers_weights(fresh_dynamo):
     assert q.weight == "model.layers.0.self_attn.q_proj.weight" and q.layer == 0
     assert q.module == "model.layers.0.self_attn.q_proj"
     assert "model.layers.1.self_attn.q_proj.weight" in q.note
-    params = dict(model.named_parameters())
-    planned = _planned(plans)
-    assert all(weight in params for weight, _ in planned)
-    assert stats.calls == len(planned)  # planned equals ran
-    assert stats.bytes_requested == sum(n for _, n in planned)
-    ran = [(n, w.bytes_requested // w.calls) for n, w in stats.per_weight.items()]
-    assert all(w.calls == 1 for w in stats.per_weight.values())
-    assert sorted(ran) == planned
+    assert "one graph for 2 call sites" in layer.summary_line()
+    (router,) = [p for p in plans if any(r.weight.endswith("mlp.gate.weight") for r in p.records)]
+    assert router.records[0].weight == "model.layers.0.mlp.gate.weight"
+    _assert_planned_ran(model, plans, stats)
