@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fxprefetch.call_sites import frame_call_sites
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.counting import with_counting
@@ -52,7 +53,15 @@ def _compile(
     compiler_config: Any,
 ) -> Callable[..., Any]:
     """Lower ``gm`` with the setup's target, counting the prefetches that run."""
-    planner = GraphPlanner(setup, source_names=placeholder_source_names(gm))
+    names = placeholder_source_names(gm)
+    # a graph compiled for a module's own frame (a graph break inside each layer) and reused
+    # for every layer: named by parameter paths, each layer that runs it recorded
+    sites = frame_call_sites(gm, example_inputs, names)
+    planner = GraphPlanner(
+        setup,
+        source_names=sites.source_names if sites else names,
+        module_prefix=sites.prefix if sites else "",
+    )
     logger.debug(
         "npu_prefetch: compiling %s for target %s (config %s)",
         planner.name,
@@ -62,8 +71,10 @@ def _compile(
     compiled = target_spec(setup.target).compile(
         gm, example_inputs, planner, mode=mode, compiler_config=compiler_config
     )
+    if sites is not None:
+        sites.attach(planner.plans)
     # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
-    return with_counting(compiled, planner, replayed=setup.cudagraphs)
+    return with_counting(compiled, planner, replayed=setup.cudagraphs, call_sites=sites)
 
 
 def npu_prefetch(

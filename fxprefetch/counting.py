@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fxprefetch import runtime_stats
+from fxprefetch.call_sites import CallSites
 from fxprefetch.planner import GraphPlanner
 
 
@@ -83,15 +84,20 @@ def _stored_tensors(tensor: torch.Tensor, name: str) -> list[tuple[int, str]]:
 
 
 def with_counting(
-    compiled: Callable[..., Any], planner: GraphPlanner, replayed: bool = False
+    compiled: Callable[..., Any],
+    planner: GraphPlanner,
+    replayed: bool = False,
+    call_sites: CallSites | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``compiled`` (boxed or not) so that its calls count as described above;
-    ``replayed``: the compiled graph may run as a CUDA-graph replay."""
+    ``replayed``: the compiled graph may run as a CUDA-graph replay; ``call_sites``: the
+    graph was compiled for a module's frame and may run for several modules (each call
+    names its weights by that module's parameter paths, and records it as a call site)."""
     hints = planned_prefetches(planner, elided=True)
     ran = planned_prefetches(planner, elided=False) if replayed else ()
     names = [(i, n) for i, n in enumerate(planner.source_names) if n]
     boxed = getattr(compiled, "_boxed_call", False)
-    if not hints and not ran and not names:
+    if not hints and not ran and not names and call_sites is None:
         return compiled
 
     def run(*args: Any) -> Any:
@@ -101,6 +107,7 @@ def with_counting(
         inputs: Sequence[Any] = args[0] if boxed_call else args
         ptrs: dict[int, int] | None = None
         naming = nullcontext()
+        site = call_sites.names_for(inputs) if call_sites is not None else None
         if names and runtime_stats.per_weight_wanted():
             ptrs = {
                 i: inputs[i].data_ptr()
@@ -112,15 +119,16 @@ def with_counting(
                     ptr: path
                     for i, name in names
                     if i in ptrs
-                    for ptr, path in _stored_tensors(inputs[i], name)
+                    for ptr, path in _stored_tensors(inputs[i], (site or {}).get(i, name))
                 }
             )
-        with naming, runtime_stats.counted_per_call() if ran else nullcontext():
-            out = compiled(*args)
-        if hints:
-            runtime_stats.record_planned(hints, ptrs, ran=False)
-        if ran:
-            runtime_stats.record_planned(ran, ptrs, ran=True)
+        with naming:
+            with runtime_stats.counted_per_call() if ran else nullcontext():
+                out = compiled(*args)
+            if hints:
+                runtime_stats.record_planned(hints, ptrs, ran=False)
+            if ran:
+                runtime_stats.record_planned(ran, ptrs, ran=True)
         return out
 
     if boxed:

@@ -90,9 +90,12 @@ class GraphPlanner:
         hidden_weights: HiddenWeightSource | None = None,
         name: str | None = None,
         record: bool = True,
+        module_prefix: str = "",
     ) -> None:
         self.setup = setup
         self.source_names = list(source_names)
+        # the path of the module whose frame the graph was compiled for (see call_sites.py)
+        self.module_prefix = module_prefix
         self.hidden_weights = hidden_weights
         self.npu_graph_engine = False  # set by the npu target when torchair builds a GE graph
         self.record = record  # add plans to last_plans()
@@ -167,9 +170,16 @@ class GraphPlanner:
             return None  # weights are prefetched for the forward computation only
         graph_name = f"{self.name} ({kind})"
         try:
-            sources = WeightSources.of(self.weight_names(gm))
+            prefix = {"module_prefix": self.module_prefix}
+            sources = replace(WeightSources.of(self.weight_names(gm)), **prefix)
             graphs = [(gm, graph_name, sources, 1, ())] + [
-                (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs, b.run_names or ())
+                (
+                    b.gm,
+                    f"{graph_name} / {b.path}",
+                    replace(b.sources, **prefix),
+                    b.runs,
+                    b.run_names or (),
+                )
                 for b in hop_bodies(gm, sources, self.setup.rules)
             ]
             reports = [

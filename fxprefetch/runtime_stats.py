@@ -220,7 +220,9 @@ def record_planned(
         for p in prefetches:
             ptr = ptrs.get(p.arg_index) if ptrs and p.arg_index is not None else None
             key = ptr if ptr is not None else p.weight
-            entry = _weight_entry(block, key, p.weight, p.shape, p.dtype)
+            # the call's own name for the tensor (a graph run by several layers: each's)
+            name = (_name_of(ptr) if ptr is not None else None) or p.weight
+            entry = _weight_entry(block, key, name, p.shape, p.dtype)
             if ran:
                 entry.calls += 1
                 entry.requested += p.requested

@@ -153,6 +153,10 @@ class PrefetchPlan:
     sequence_parallel: bool = False
     error: str | None = None  # set when the pass failed and the graph was compiled without it
     lowering: str | None = None  # what the prefetches became in the compiled code (per device)
+    # the modules whose calls ran this graph, where dynamo compiled it for one module's own
+    # frame and reuses it for others (a graph break inside each decoder layer): records name
+    # the first call site's weights, their notes every call site's; empty: the graph's own
+    call_sites: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LinearRecord]:
         return iter(self.records)
@@ -201,6 +205,7 @@ class PrefetchPlan:
             "sequence_parallel": self.sequence_parallel,
             "error": self.error,
             "lowering": self.lowering,
+            "call_sites": list(self.call_sites),
             "summary": asdict(self.summary()),
             "prediction": predicted.to_dict() if predicted is not None else None,
             "linears": [r.to_dict() for r in self.records],
@@ -233,6 +238,7 @@ class PrefetchPlan:
             sequence_parallel=data["sequence_parallel"],
             error=data["error"],
             lowering=data.get("lowering"),
+            call_sites=list(data.get("call_sites", [])),
         )
 
     def table(self, fold: bool = False) -> str:

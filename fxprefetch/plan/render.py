@@ -20,6 +20,8 @@ def summary_line(plan: PrefetchPlan) -> str:
     )
     if skipped:
         line += f"; skipped: {skipped}"
+    if len(plan.call_sites) > 1:
+        line += f"; one graph for {len(plan.call_sites)} call sites ({', '.join(plan.call_sites)})"
     if plan.error:
         line += f"; pass failed: {plan.error}"
     predicted = plan.predicted()

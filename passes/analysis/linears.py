@@ -84,7 +84,7 @@ def _operands(node: Node, spec: LinearOpSpec) -> list[tuple[str, Node]]:
 
 
 def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources, rules: PrefetchRules):
-    module = module_path(node)
+    module = sources.module(module_path(node))
     starts = tuple(n for a in spec.activations for n in flatten_nodes(get_arg(node, a)))
     empty = dict(
         node=node,
@@ -125,7 +125,9 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources, rules: P
             continue
         if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
             starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
-        return _weight_use(node, spec, starts, trace, sources, _linear_module(node, operand))
+        return _weight_use(
+            node, spec, starts, trace, sources, sources.module(_linear_module(node, operand))
+        )
     if unknown is not None:
         return LinearUse(
             **empty,
