@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 from torch.fx import Graph, GraphModule
@@ -43,6 +42,7 @@ from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import compile_setup
 from fxprefetch.vllm_compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
+from fxprefetch.vllm_settings import flag_given, settings
 
 logger = logging.getLogger("fxprefetch")
 
@@ -52,15 +52,10 @@ except ImportError:  # vLLM absent: the pass still works as a plain post-grad ca
     VllmInductorPass = object  # type: ignore[assignment,misc]
 
 
-def _additional_config(vllm_config: Any) -> Mapping[str, Any]:
-    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
-    return additional if isinstance(additional, Mapping) else {}
-
-
 def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchConfig:
-    """The ``weight_prefetch_config`` of a ``VllmConfig`` (validated; ``ConfigError``)."""
-    config = WeightPrefetchConfig.from_additional_config(_additional_config(vllm_config))
-    return config.settled(default_enabled)
+    """The settings for a ``VllmConfig``: its ``weight_prefetch_config``, else
+    ``FXPREFETCH_CONFIG`` (:func:`fxprefetch.vllm_settings.settings`; ``ConfigError``)."""
+    return settings(vllm_config).settled(default_enabled)
 
 
 def _device_target() -> str:
@@ -186,10 +181,9 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
     def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
         """The config of ``vllm_config`` (default: the current one); where vLLM sets none
         (its CPU path compiles with no current config), the bound one."""
-        current = vllm_config or current_vllm_config()
-        if current is None and self.bound is not None:
+        if self.bound is not None:  # the flag's settings (also in a dataclasses.replace copy)
             return self.bound
-        return config_from_vllm(current, default_enabled=True)
+        return config_from_vllm(vllm_config or current_vllm_config(), default_enabled=True)
 
     def setup(self, target: str | None = None, vllm_config: Any = None) -> CompileSetup:
         """The compile setup under ``vllm_config`` (default: the current one): ``target``
@@ -240,8 +234,9 @@ def install(vllm_config: Any) -> bool:
 
     Without the section (or with ``enabled`` false or not written) nothing changes.
     """
-    additional = _additional_config(vllm_config)
-    config = WeightPrefetchConfig.from_additional_config(additional).settled(False)
+    if not flag_given(vllm_config):
+        return False  # FXPREFETCH_CONFIG alone adds no pass: it carries the explicit route's
+    config = settings(vllm_config).settled(False)
     if not config.enabled:
         return False
     from vllm.platforms import current_platform
@@ -274,6 +269,10 @@ def register() -> None:
         return
 
     def post_init_with_prefetch(self: Any, *args: Any, **kwargs: Any) -> None:
+        # before the platform reads additional_config: our settings first (a bad ratio stops
+        # here with our message), then whether this vllm-ascend can take the flag at all
+        settings(self)
+        vllm_ascend.prepare_flag(self)
         original(self, *args, **kwargs)
         install(self)
         vllm_ascend.at_start_up(self)  # graph mode: who prefetches; no graph: warn once
