@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import _required_in_ci
 
+from fxprefetch.config import WeightPrefetchConfig
+
 HERE = Path(__file__).parent
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
@@ -104,7 +106,8 @@ def test_with_the_plugin_the_flag_starts_and_reaches_fxprefetch(runs, version):
     run = runs[version]["with_plugin"]
     assert run["init_error"] is None and run["worker_init_error"] is None
     assert run["own_setting_kept"] is True
-    assert run["fxprefetch_reads"] == SECTION and run["worker_fxprefetch_reads"] == SECTION
+    written = WeightPrefetchConfig.from_dict(SECTION).to_dict()
+    assert run["fxprefetch_reads"] == written and run["worker_fxprefetch_reads"] == written
     # only on the strict releases is our section taken out; nothing else changes
     expected = OWN if version in STRICT else {**OWN, "weight_prefetch_config": SECTION}
     assert run["additional_config"] == expected

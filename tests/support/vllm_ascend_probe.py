@@ -131,7 +131,9 @@ def compile_with(config, compiler_config) -> dict:
 
     init_ascend_config(config)
     compiler = AscendCompiler()
-    compiler.compute_hash(config)
+    # as vLLM's backend keys the compiler: compute_hash up to vLLM 0.33, compile_factors in 0.34
+    factors = getattr(compiler, "compile_factors", None) or compiler.compute_hash
+    factors(config)
     compiler.initialize_cache(tempfile.mkdtemp(prefix="fxprefetch-ascend-cache-"), False)
     compile_range = Range(1, 8)
 

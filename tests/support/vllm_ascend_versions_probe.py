@@ -51,7 +51,10 @@ def config_route(with_plugin: bool) -> dict:
     from vllm.config import VllmConfig
     from vllm_ascend.ascend_config import init_ascend_config
 
-    from fxprefetch.vllm_settings import additional_config
+    from fxprefetch.vllm_plugin import config_from_vllm
+
+    def reads(config) -> dict:  # the settings fxprefetch reads for this config
+        return config_from_vllm(config, default_enabled=False).to_dict()
 
     out: dict = {}
     written = {**OWN, "weight_prefetch_config": SECTION}
@@ -62,7 +65,7 @@ def config_route(with_plugin: bool) -> dict:
         compilation = ascend[0].ascend_compilation_config
         out["own_setting_kept"] = compilation.enable_npugraph_ex is False
     out["additional_config"] = dict(config.additional_config)
-    out["fxprefetch_reads"] = additional_config(config).get("weight_prefetch_config")
+    out["fxprefetch_reads"] = reads(config)
     if not with_plugin:
         return out
     # the engine core and the workers get the config pickled; vllm-ascend's worker calls
@@ -71,7 +74,7 @@ def config_route(with_plugin: bool) -> dict:
     out["worker_init_error"] = _error(
         lambda: init_ascend_config(copy).__class__  # refresh: a new config object
     )
-    out["worker_fxprefetch_reads"] = additional_config(copy).get("weight_prefetch_config")
+    out["worker_fxprefetch_reads"] = reads(copy)
     out["bad_ratio_error"] = _error(
         lambda: VllmConfig(additional_config={"weight_prefetch_config": BAD})
     )
