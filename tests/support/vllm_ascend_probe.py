@@ -56,6 +56,8 @@ def no_fusion() -> dict:
     names = [f"fuse_{n}" for n in FUSIONS] if open_ended else []
     names += [n for n in params if n.startswith("fuse_") and n not in names]
     return dict.fromkeys(names, False)
+
+
 BUILTIN_CALLS: list[tuple[str, int]] = []  # (weight name, bytes) per built-in prefetch
 
 
