@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 VERSIONS = ("0.23.0.post1", "0.26.0rc1", "0.30.0rc2")
 STRICT = {"0.30.0rc2"}  # AscendConfig refuses keys it does not know (0.27.1rc1 and later)
 WITH_MODES = {"0.26.0rc1", "0.30.0rc2"}  # 0.23.0.post1's: tests/test_vllm_ascend.py
+# npugraph_ex and torchair from the torch-npu wheel each release pins (0.23.0.post1's modes run
+# elsewhere, with the 2.13.0 wheel's)
+TORCH_NPU = {"0.23.0.post1": "2.13.0", "0.26.0rc1": "2.10.0.post4", "0.30.0rc2": "2.10.0.post4"}
 OWN = {"ascend_compilation_config": {"enable_npugraph_ex": False}}
 SECTION = {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 0.5}}}
 QKV, GATE_UP = 96 * 32 * 4, 128 * 32 * 4
@@ -60,7 +63,7 @@ def sources() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def runs(vllm_python, sources) -> dict[str, dict]:
-    env = {k: v for k, v in os.environ.items() if k != "FXPREFETCH_PLAN_DIR"}
+    base = {k: v for k, v in os.environ.items() if k != "FXPREFETCH_PLAN_DIR"}
     probe = HERE / "support" / "vllm_ascend_versions_probe.py"
     procs = {}
     for v in VERSIONS:
@@ -72,7 +75,7 @@ def runs(vllm_python, sources) -> dict[str, dict]:
             stderr=subprocess.PIPE,
             text=True,
             cwd=HERE.parent,
-            env=env,
+            env={**base, "FXPREFETCH_TORCH_NPU": TORCH_NPU[v]},
         )
     results = {}
     for version, proc in procs.items():
@@ -141,6 +144,10 @@ def test_mode_none_warns_once(runs, version):
 
 @pytest.mark.parametrize("version", sorted(WITH_MODES))
 def test_full_decode_only_hands_npugraph_ex_our_npu_prefetch_nodes(runs, version):
+    """AscendCompiler.compile -> npugraph_ex (from the torch-npu 2.10.0.post4 wheel these
+    releases pin): the graph it keeps for capture holds one npu_prefetch per planned weight,
+    exact bytes, each with a dependency; then capture stops where it needs CANN."""
+    assert runs[version]["torch_npu_wheel"] == "2.10.0.post4"
     full = runs[version]["full_decode_only"]
     assert full["plans"] == [PLAN]
     assert full["captured"] == CAPTURED

@@ -98,7 +98,9 @@ def main(root: str, version: str, with_modes: bool) -> dict:
     probe.setup(root, npugraph_ex=True)
     from vllm_ascend.platform import NPUPlatform
 
-    result: dict = {"version": version}
+    from support.torchair_real import selected_version
+
+    result: dict = {"version": version, "torch_npu_wheel": selected_version()}
     source = inspect.getsource(NPUPlatform.check_and_update_config)
     result["platform_calls_init_ascend_config"] = "init_ascend_config(vllm_config)" in source
     result["without_plugin"] = config_route(with_plugin=False)
