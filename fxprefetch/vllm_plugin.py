@@ -1,20 +1,22 @@
 """Weight prefetch inside vLLM and vllm-ascend (``pip install 'fxprefetch[vllm]'``).
 
-Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
-``additional_config`` with fxprefetch's validation:
+Two ways to switch it on, both validated by fxprefetch (docs/vllm.md):
 
 - the flag vllm-ascend users already type, ``--additional-config
   '{"weight_prefetch_config": {"enabled": true}}'``: the ``vllm.general_plugins`` entry point
-  :func:`register` hooks the end of ``VllmConfig.__post_init__`` (the narrowest point that sees
-  both ``additional_config`` and the compilation config). There it validates the section, so a
-  bad config stops the engine at start-up with our ``ConfigError``, and, when enabled, puts
+  :func:`register` hooks ``VllmConfig.__post_init__``. At its start (before the platform reads
+  ``additional_config``) it validates the section, so a bad config stops the engine at
+  start-up with our ``ConfigError``, and lets vllm-ascend start with it
+  (:func:`fxprefetch.vllm_ascend.prepare_flag`); at its end (the narrowest point that sees
+  both ``additional_config`` and the final compilation config), when enabled, it puts
   a :class:`WeightPrefetchPass` bound to that config under the platform's pass key (it
   travels with the ``VllmConfig``: vLLM's CPU path compiles with no current config).
 - the explicit route, ``--compilation-config '{"inductor_passes": {"<pass_key>":
   "fxprefetch.vllm_plugin.weight_prefetch_pass"}}'``, with ``post_grad_custom_post_pass`` on
-  CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend. vLLM resolves the name as
-  ``__import__(module).__dict__[name]``, which looks in the *top-level* package: importing
-  this module therefore also binds ``fxprefetch.weight_prefetch_pass``.
+  CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend; its settings come from
+  ``FXPREFETCH_CONFIG`` (:mod:`fxprefetch.vllm_settings`; ``additional_config`` wins). vLLM
+  resolves the name as ``__import__(module).__dict__[name]``, which looks in the *top-level*
+  package: importing this module therefore also binds ``fxprefetch.weight_prefetch_pass``.
 
 The pass is a ``VllmInductorPass``: it runs inside vLLM's pass manager (after the fusion
 passes, before its clean-up) on CUDA and vllm-ascend, and as inductor's post-grad pass on the
@@ -179,8 +181,8 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         self.bound = bound
 
     def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
-        """The config of ``vllm_config`` (default: the current one); where vLLM sets none
-        (its CPU path compiles with no current config), the bound one."""
+        """The config the flag bound this pass to; else that of ``vllm_config`` (default: the
+        current one) or ``FXPREFETCH_CONFIG``."""
         if self.bound is not None:  # the flag's settings (also in a dataclasses.replace copy)
             return self.bound
         return config_from_vllm(vllm_config or current_vllm_config(), default_enabled=True)
