@@ -1,5 +1,5 @@
 """Run inside the vLLM environment (tests/support/vllm_env.py) by
-tests/test_vllm_ascend_versions.py: the guide's flag on one vllm-ascend release's REAL source
+tests/vllm/test_vllm_ascend_versions.py: the guide's flag on one vllm-ascend release's REAL source
 (tests/support/vllm_ascend_real.py); prints JSON.
 
 ``python vllm_ascend_versions_probe.py <source root> <version> [modes]``:

@@ -4,7 +4,7 @@ vLLM 0.34 pins torch 2.14.0, which no environment here holds: the wheel (CUDA bu
 240 MB) is downloaded once a machine, checked against the pinned sha256, and only the
 ``.py`` files under ``vllm/`` are taken out of the zip, into ``~/.cache/fxprefetch/vllm-0.34.0``
 (``$FXPREFETCH_VLLM_SOURCE_DIR`` overrides); the wheel itself is then deleted. Read with
-:mod:`ast` by tests/test_vllm_symbols.py, never imported. Run
+:mod:`ast` by tests/vllm/test_vllm_symbols.py, never imported. Run
 ``python tests/support/vllm_wheel.py`` to fetch.
 """
 

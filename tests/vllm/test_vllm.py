@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fxprefetch.plan_store import read_plan_dir
+from fxprefetch.plan.store import read_plan_dir
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/ (this file is in tests/vllm/)
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 

@@ -2,10 +2,10 @@
 
 vLLM 0.34 pins torch 2.14, so it is not run here: its wheel is fetched once
 (tests/support/vllm_wheel.py, pinned by sha256) and its Python files are parsed with
-:mod:`ast`. The names are those fxprefetch/vllm_plugin.py, vllm_ascend.py, vllm_compiling.py
-and vllm_moe.py import or read, and the plugin loading order the flag relies on (vLLM loads
+:mod:`ast`. The names are those fxprefetch/vllm/plugin.py, ascend.py, compiling.py and
+moe.py import or read, and the plugin loading order the flag relies on (vLLM loads
 ``vllm.general_plugins`` before it builds a ``VllmConfig``, and again in each worker before
-the worker exists). vLLM 0.32 runs them for real in tests/test_vllm.py.
+the worker exists). vLLM 0.32 runs them for real in tests/vllm/test_vllm.py.
 """
 
 from __future__ import annotations
