@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from fxprefetch.errors import NpuLoweringError
 from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS
 from fxprefetch.passes.analysis.graph_utils import get_arg
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
-
-
-class NpuLoweringError(RuntimeError):
-    """The graph cannot be lowered to ``npu.npu_prefetch``."""
 
 
 def npu_prefetch_op() -> torch._ops.OpOverload:

@@ -5,13 +5,17 @@
 - Inside ``fxprefetch.passes`` the rooms import downward only: tables <- analysis <- passes;
   all three may use fxprefetch's core, and nothing above it (pipeline, planner, targets,
   backend, the vLLM modules, the CLI).
-- No import circle among fxprefetch's modules, counting the imports deferred into functions
-  (a deferred import that closes a circle only hides it); imports for type checkers alone
-  (``if TYPE_CHECKING:``) run nothing and are not counted. Inside ``fxprefetch.passes`` no
-  import is deferred into a function at all.
+- fxprefetch's rooms import downward only, in the order of :data:`LAYERS` (core <- plan <-
+  devices <- passes <- driver <- targets <- vllm <- front ends), counting every import: at
+  module level, deferred into a function, and made only for type checkers.
+- No import circle of any kind among fxprefetch's modules: imports deferred into functions
+  and imports for type checkers (``if TYPE_CHECKING:``) count (either only hides a circle).
+  Inside ``fxprefetch.passes`` no import is deferred into a function at all.
 - Tests follow the modules: each pass, each analysis and ``tables/rules.py`` has its
   ``tests/test_<module>.py``, or an entry in :data:`TESTED_ELSEWHERE` naming the file that
-  tests it.
+  tests it; each module of fxprefetch's core has ``tests/test_<module>.py`` and each module of
+  a room ``fxprefetch/<room>/`` has ``tests/<room>/test_<module>.py``, or an entry in
+  :data:`MIRRORED_ELSEWHERE`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import ast
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,7 @@ PASSES = ROOT / "passes"
 # prediction model, the role names)
 CORE = {
     "fxprefetch.config",
+    "fxprefetch.errors",
     "fxprefetch.ops",
     "fxprefetch.plan",
     "fxprefetch.devices.prediction",
@@ -37,6 +43,26 @@ CORE = {
     "fxprefetch.validation",
 }
 ROOMS = {"tables": 0, "analysis": 1, "": 2}  # "": the passes themselves, at passes/*.py
+# fxprefetch's layers, lowest first: a module imports only from its own layer and those
+# before it. A module belongs to the layer of the longest prefix naming it.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # data and checks, the op's schema and kernels, counters; the model presets (torch only)
+    ("core", ("fxprefetch.errors", "fxprefetch.validation", "fxprefetch.roles",
+              "fxprefetch.config", "fxprefetch.runtime_stats", "fxprefetch.ops",
+              "fxprefetch.presets")),
+    ("plan", ("fxprefetch.plan",)),  # what the pass saw and did, as data and text
+    ("devices", ("fxprefetch.devices",)),  # setup, profiles, the prediction model, CUDA kernel
+    ("passes", ("fxprefetch.passes",)),  # tables <- analysis <- passes (checked below)
+    # the driver: runs the passes, fixes a compile's setup, plans graphs, keeps plans. The plan
+    # store lives in plan/ but keeps the pipeline's reports between compiles: it sits here.
+    ("driver", ("fxprefetch.pipeline", "fxprefetch.compile_setup", "fxprefetch.planner",
+                "fxprefetch.counting", "fxprefetch.plan.store")),
+    ("targets", ("fxprefetch.targets", "fxprefetch.dynamo_registry")),
+    ("vllm", ("fxprefetch.vllm", "fxprefetch.vllm_plugin")),
+    ("front ends", ("fxprefetch.options", "fxprefetch.backend", "fxprefetch.isolated_compile",
+                    "fxprefetch.explainer", "fxprefetch.demo", "fxprefetch.cli",
+                    "fxprefetch.__main__", "fxprefetch")),
+)  # fmt: skip
 TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
@@ -142,16 +168,59 @@ def test_no_import_deferred_into_a_function_in_passes():
         assert not {m for m in deferred if m in modules}, f"{name} defers {sorted(deferred)}"
 
 
-def test_no_import_circle():
+def _imported_modules(path: Path, modules: Mapping[str, Path]) -> set[str]:
+    """Every fxprefetch module ``path`` imports, of any kind: at module level, in a function,
+    or for type checkers alone. ``from package import module`` imports the module (the
+    package's ``__init__`` runs for any of its modules; it is not counted)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            found |= submodules
+            if len(submodules) < len(node.names):  # names defined by the module itself
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules}
+
+
+def _layer(module: str) -> int:
+    best = max(
+        ((len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS)
+         for prefix in prefixes if module == prefix or module.startswith(prefix + ".")),
+        default=None,
+    )  # fmt: skip
+    assert best is not None, f"{module} is in no layer of LAYERS"
+    return best[1]
+
+
+def test_every_module_has_a_layer_and_every_layer_entry_names_modules():
     modules = _sources()
-    graph = {
-        name: {m for m in _imports(path, top_level_only=False) if m in modules and m != name}
-        for name, path in modules.items()
-    }
-    # a package's __init__ importing its own children is not a circle through them
-    graph = {
-        name: {m for m in found if not m.startswith(name + ".")} for name, found in graph.items()
-    }
+    for name in modules:
+        _layer(name)
+    for layer, prefixes in LAYERS:
+        for prefix in prefixes:
+            assert any(m == prefix or m.startswith(prefix + ".") for m in modules), (
+                f"LAYERS[{layer!r}] names {prefix}, which is no module"
+            )
+
+
+def test_rooms_import_downward_only():
+    """Counting deferred imports and imports for type checkers."""
+    modules = _sources()
+    upward = [
+        f"{name} ({LAYERS[_layer(name)][0]}) imports {imported} ({LAYERS[_layer(imported)][0]})"
+        for name, path in sorted(modules.items())
+        for imported in sorted(_imported_modules(path, modules))
+        if _layer(imported) > _layer(name)
+    ]
+    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    """Of any kind: deferred imports and imports for type checkers count."""
+    modules = _sources()
+    graph = {name: _imported_modules(path, modules) - {name} for name, path in modules.items()}
     state: dict[str, int] = {}  # 1: on the stack, 2: done
 
     def visit(node: str, stack: list[str]) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fxprefetch.errors import NpuUnavailableError
 from fxprefetch.passes.lower_npu import lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
@@ -34,10 +35,6 @@ def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
 PIPELINE = Pipeline(
     "npu", (plan_prefetches, lower_npu), recompiles=True, lowering_note=_lowering_note
 )
-
-
-class NpuUnavailableError(RuntimeError):
-    """target 'npu' was asked for, but torchair/torch_npu cannot be imported."""
 
 
 def import_torchair() -> Any:
