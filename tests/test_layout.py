@@ -66,8 +66,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
-    "hidden_weights": "vllm/test_vllm_moe.py",  # vLLM's fused MoE looks its experts up by name
-    "token_bounds": "vllm/test_vllm_moe.py",  # token bounds on vLLM's static and dynamic graphs
+    "hidden_weights": "vllm/test_moe.py",  # vLLM's fused MoE looks its experts up by name
+    "token_bounds": "vllm/test_moe.py",  # token bounds on vLLM's static and dynamic graphs
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
 }
@@ -259,6 +259,66 @@ def test_the_tested_elsewhere_list_names_real_modules_and_files():
         assert module in modules, f"TESTED_ELSEWHERE names {module}, not a module of passes/"
         assert not (TESTS / f"test_{module}.py").exists(), f"{module} has its own test file now"
         assert (TESTS / test_file).is_file(), f"{module}: {test_file} does not exist"
+
+
+# modules of fxprefetch (outside passes/) without their mirrored test file, and the files
+# (relative to tests/) that test each
+MIRRORED_ELSEWHERE = {
+    "fxprefetch.__main__": ("test_cli.py",),  # ``python -m fxprefetch`` is the CLI
+    "fxprefetch.dynamo_registry": ("test_backend.py",),  # the backend's registration
+    "fxprefetch.isolated_compile": ("test_explainer.py",),  # explain() compiles in isolation
+    "fxprefetch.plan.schema": ("test_cli.py",),  # agrees with jsonschema on the shipped schema
+    "fxprefetch.plan.timeline": ("test_cli.py",),  # `fxprefetch plan --svg/--png`
+    "fxprefetch.presets.build": ("test_presets.py",),
+    "fxprefetch.presets.catalog": ("test_presets.py",),
+    "fxprefetch.targets": ("test_compile_setup.py",),  # the registry and compile_setup()
+    "fxprefetch.targets.eager": ("test_backend.py",),
+    "fxprefetch.targets.inductor": ("test_backend.py",),
+    "fxprefetch.targets.npu": ("test_torchair.py",),
+    "fxprefetch.vllm.compiling": ("vllm/test_vllm_ops.py",),  # the compile range the pass sees
+    "fxprefetch.vllm.plugin": ("vllm/test_vllm.py", "vllm/test_vllm_ops.py"),  # real vLLM
+    "fxprefetch.vllm_plugin": ("vllm/test_ascend.py",),  # the user-facing alias
+}
+
+
+def _mirrored_test(module: str) -> Path | None:
+    """``tests/test_<module>.py`` for a core module, ``tests/<room>/test_<module>.py`` for a
+    module of a room; None for a package's ``__init__`` that only gathers names."""
+    parts = module.split(".")[1:]
+    if not parts or module == "fxprefetch.passes" or parts[0] == "passes":
+        return None  # passes/: test_each_pass_and_analysis_has_its_test_file
+    if module in ("fxprefetch.plan", "fxprefetch.devices", "fxprefetch.vllm", "fxprefetch.presets"):
+        return None  # re-exports only
+    return TESTS.joinpath(*parts[:-1], f"test_{parts[-1]}.py")
+
+
+def test_tests_mirror_the_rooms():
+    missing = [
+        f"{module}: {test.relative_to(ROOT)}"
+        for module in sorted(_sources())
+        if (test := _mirrored_test(module)) is not None
+        and module not in MIRRORED_ELSEWHERE
+        and not test.is_file()
+    ]
+    assert not missing, "no mirrored test file (nor an entry in MIRRORED_ELSEWHERE):\n" + (
+        "\n".join(missing)
+    )
+
+
+def test_the_mirrored_elsewhere_list_names_real_modules_and_files():
+    modules = _sources()
+    for module, test_files in MIRRORED_ELSEWHERE.items():
+        assert module in modules, f"MIRRORED_ELSEWHERE names {module}, not a module"
+        own = _mirrored_test(module)
+        assert own is None or not own.is_file(), f"{module} has its own test file now"
+        for test_file in test_files:
+            assert (TESTS / test_file).is_file(), f"{module}: {test_file} does not exist"
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by their base name (tests/ has no ``__init__.py``)."""
+    names = [p.name for p in TESTS.rglob("test_*.py") if "support" not in p.parts]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
 @pytest.fixture(scope="module")
