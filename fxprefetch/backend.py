@@ -22,7 +22,7 @@ from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import compile_setup, target_spec
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 __all__ = ["setup_from_options", "torchair_backend"]  # and npu_prefetch, see the end
 

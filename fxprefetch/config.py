@@ -41,7 +41,7 @@ from fxprefetch.validation import (
     reject_unknown_keys,
 )
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 ROOT_KEY = "weight_prefetch_config"
 DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024

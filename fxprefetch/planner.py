@@ -31,7 +31,7 @@ from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipe
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan.store import PLAN_DIR_ENV, write_plan_file
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 _plans: list[PrefetchPlan] = []
 _plans_lock = threading.Lock()

@@ -4,6 +4,7 @@ for ``last_plans()``, and never breaks the user's model when the pass fails (unl
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,3 +77,36 @@ def test_a_failing_pass_raises_in_strict_mode(monkeypatch):
     with pytest.raises(fxprefetch.PrefetchPassError, match="failed on g: boom"):
         planner(gm)
     assert planner.reports == []
+
+
+def test_a_user_can_quiet_fxprefetch_vllm_alone(monkeypatch, caplog):
+    """Loggers are per module, under ``fxprefetch.``: quieting ``fxprefetch.vllm`` silences
+    the vLLM integration's warnings while the planner's still reach the ``fxprefetch`` logger."""
+    from fxprefetch.vllm import ascend
+
+    monkeypatch.setattr(ascend, "_warned", set())
+    monkeypatch.setattr(planner_module, "run_pipeline", _boom)
+    quiet = logging.getLogger("fxprefetch.vllm")
+    quiet.setLevel(logging.ERROR)
+    monkeypatch.setattr(quiet, "level", logging.ERROR)  # restored at the end
+    no_graph = SimpleNamespace(
+        additional_config={"weight_prefetch_config": {"enabled": True}},
+        model_config=SimpleNamespace(enforce_eager=True),
+        compilation_config=SimpleNamespace(mode=3, inductor_compile_config={}),
+    )
+    gm, names = _graph()
+    with caplog.at_level(logging.INFO, logger="fxprefetch"):
+        ascend.at_start_up(no_graph)  # warns where no graph runs the pass: quieted
+        _Named(names, setup=compile_setup(ON, target="eager"), name="g")(gm)
+    warned = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [name for name, _ in warned] == ["fxprefetch.planner"]
+    assert "weight-prefetch pass failed on g" in warned[0][1]
+    quiet.setLevel(logging.NOTSET)
+    with caplog.at_level(logging.INFO, logger="fxprefetch"):
+        monkeypatch.setattr(ascend, "_warned", set())
+        ascend.at_start_up(no_graph)
+    assert any(r.name == "fxprefetch.vllm.ascend" for r in caplog.records)
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("boom")

@@ -22,7 +22,7 @@ from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 SINGLE_STREAM_OPTION = "ge_config.enable_single_stream"
 

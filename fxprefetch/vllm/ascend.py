@@ -40,7 +40,7 @@ from fxprefetch.vllm.compiling import (
     parameter_inputs,
 )
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 OWNER_FXPREFETCH = "fxprefetch"
 OWNER_BUILTIN = "vllm-ascend built-in"

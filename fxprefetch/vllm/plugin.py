@@ -44,7 +44,7 @@ from fxprefetch.vllm import ascend as vllm_ascend
 from fxprefetch.vllm.compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm.moe import VllmMoeWeights  # also defines the by-name prefetch op
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 try:
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
