@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 import zipfile
@@ -271,7 +272,7 @@ MIRRORED_ELSEWHERE = {
     "fxprefetch.plan.timeline": ("test_cli.py",),  # `fxprefetch plan --svg/--png`
     "fxprefetch.presets.build": ("test_presets.py",),
     "fxprefetch.presets.catalog": ("test_presets.py",),
-    "fxprefetch.targets": ("test_compile_setup.py",),  # the registry and compile_setup()
+    "fxprefetch.targets": ("test_compile_setup.py",),  # the registry and make_compile_setup()
     "fxprefetch.targets.eager": ("test_backend.py",),
     "fxprefetch.targets.inductor": ("test_backend.py",),
     "fxprefetch.targets.npu": ("test_torchair.py",),
@@ -351,3 +352,31 @@ def test_the_wheel_installs_fxprefetch_only(wheel):
         "fxprefetch/passes/py.typed",
     ):
         assert data in names
+
+
+def test_one_meaning_per_name():
+    """A public name means one thing: a name two modules export is the same object, and no
+    function or value is named like another module of fxprefetch."""
+    import importlib
+
+    names = sorted(n for n in _sources() if n != "fxprefetch.__main__")  # that one runs the CLI
+    modules = {n: importlib.import_module(n) for n in names}
+    seen: dict[str, tuple[str, object]] = {}
+    clashes = []
+    for name, module in modules.items():
+        for public in getattr(module, "__all__", ()):
+            value = getattr(module, public)
+            # a module's one job may carry its name (a pass, ``compiling()``); another's may not
+            others = [
+                m
+                for m in modules
+                if m.rsplit(".", 1)[-1] == public
+                and m != name
+                and getattr(modules[m], public, None) is not value  # a package re-exporting it
+            ]
+            if others and not inspect.ismodule(value):
+                clashes.append(f"{name}.{public} is named like the module {others[0]}")
+            first = seen.setdefault(public, (name, value))
+            if first[1] is not value:
+                clashes.append(f"{name}.{public} is not {first[0]}.{public}")
+    assert not clashes, "\n".join(clashes)

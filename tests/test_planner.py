@@ -13,7 +13,7 @@ import fxprefetch
 from fxprefetch import planner as planner_module
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 
 from support.planning import prefetch_nodes
 from support.synthetic import SynthModel, SynthSpec
@@ -40,7 +40,7 @@ def _graph():
 @pytest.mark.parametrize("record", [True, False])
 def test_a_planned_graph_is_prefetched_and_its_plan_kept(record):
     gm, names = _graph()
-    planner = _Named(names, setup=compile_setup(ON, target="eager"), name="g", record=record)
+    planner = _Named(names, setup=make_compile_setup(ON, target="eager"), name="g", record=record)
     report = planner(gm)
     assert report is not None and report.plan is planner.plans[0]
     assert len(report.plan.prefetched) == 4  # qkv, o, gate/up, down: two layers
@@ -57,7 +57,7 @@ def test_a_failing_pass_warns_and_leaves_the_graph_without_prefetch(monkeypatch,
         raise RuntimeError("boom")
 
     monkeypatch.setattr(planner_module, "run_pipeline", fail)
-    planner = _Named(names, setup=compile_setup(ON, target="eager"), name="g")
+    planner = _Named(names, setup=make_compile_setup(ON, target="eager"), name="g")
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         report = planner(gm)
     assert report.plan.error == "RuntimeError: boom"
@@ -73,7 +73,7 @@ def test_a_failing_pass_raises_in_strict_mode(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(planner_module, "run_pipeline", fail)
-    planner = _Named(names, setup=compile_setup(ON, target="eager", strict=True), name="g")
+    planner = _Named(names, setup=make_compile_setup(ON, target="eager", strict=True), name="g")
     with pytest.raises(fxprefetch.PrefetchPassError, match="failed on g: boom"):
         planner(gm)
     assert planner.reports == []
@@ -97,7 +97,7 @@ def test_a_user_can_quiet_fxprefetch_vllm_alone(monkeypatch, caplog):
     gm, names = _graph()
     with caplog.at_level(logging.INFO, logger="fxprefetch"):
         ascend.at_start_up(no_graph)  # warns where no graph runs the pass: quieted
-        _Named(names, setup=compile_setup(ON, target="eager"), name="g")(gm)
+        _Named(names, setup=make_compile_setup(ON, target="eager"), name="g")(gm)
     warned = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert [name for name, _ in warned] == ["fxprefetch.planner"]
     assert "weight-prefetch pass failed on g" in warned[0][1]

@@ -265,7 +265,7 @@ def _builtin_ascend_config() -> Any:
 # -- entry points (from fxprefetch.vllm.plugin) ------------------------------------------------
 
 
-def register() -> None:
+def hook_platform() -> None:
     """In every process (the plugin's entry point): hook the platform's compiler and
     vllm-ascend's config. Never raises: a failure is logged and prefetch stays where it was."""
     for what, hook in (("compiler", _platform_compiler), ("config", _builtin_ascend_config)):
@@ -327,8 +327,8 @@ __all__ = [
     "compiling_vllm_config",
     "find_prefetch_pass",
     "fxprefetch_wanted",
+    "hook_platform",
     "prefetch_owner",
-    "register",
     "settle_builtin",
     "wrap_compiler",
 ]
