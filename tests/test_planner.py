@@ -79,16 +79,22 @@ def test_a_failing_pass_raises_in_strict_mode(monkeypatch):
     assert planner.reports == []
 
 
-def test_a_user_can_quiet_fxprefetch_vllm_alone(monkeypatch, caplog):
+@pytest.fixture
+def quiet_vllm():
+    """The ``fxprefetch.vllm`` logger set to ERROR, as a user quieting it would."""
+    quiet = logging.getLogger("fxprefetch.vllm")
+    quiet.setLevel(logging.ERROR)
+    yield quiet
+    quiet.setLevel(logging.NOTSET)
+
+
+def test_a_user_can_quiet_fxprefetch_vllm_alone(quiet_vllm, monkeypatch, caplog):
     """Loggers are per module, under ``fxprefetch.``: quieting ``fxprefetch.vllm`` silences
     the vLLM integration's warnings while the planner's still reach the ``fxprefetch`` logger."""
     from fxprefetch.vllm import ascend
 
     monkeypatch.setattr(ascend, "_warned", set())
     monkeypatch.setattr(planner_module, "run_pipeline", _boom)
-    quiet = logging.getLogger("fxprefetch.vllm")
-    quiet.setLevel(logging.ERROR)
-    monkeypatch.setattr(quiet, "level", logging.ERROR)  # restored at the end
     no_graph = SimpleNamespace(
         additional_config={"weight_prefetch_config": {"enabled": True}},
         model_config=SimpleNamespace(enforce_eager=True),
@@ -101,9 +107,9 @@ def test_a_user_can_quiet_fxprefetch_vllm_alone(monkeypatch, caplog):
     warned = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert [name for name, _ in warned] == ["fxprefetch.planner"]
     assert "weight-prefetch pass failed on g" in warned[0][1]
-    quiet.setLevel(logging.NOTSET)
+    quiet_vllm.setLevel(logging.NOTSET)
+    monkeypatch.setattr(ascend, "_warned", set())
     with caplog.at_level(logging.INFO, logger="fxprefetch"):
-        monkeypatch.setattr(ascend, "_warned", set())
         ascend.at_start_up(no_graph)
     assert any(r.name == "fxprefetch.vllm.ascend" for r in caplog.records)
 
