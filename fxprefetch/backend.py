@@ -21,9 +21,9 @@ from fxprefetch.dynamo_registry import register as register_with_dynamo
 from fxprefetch.options import BackendOptions, parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup, target_spec
+from fxprefetch.targets import make_compile_setup, target_spec
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 __all__ = ["setup_from_options", "torchair_backend"]  # and npu_prefetch, see the end
 
@@ -32,7 +32,7 @@ def setup_from_options(
     opts: BackendOptions, target: str | None = None, mode: str | None = None
 ) -> CompileSetup:
     """The compile setup ``opts`` ask for (``target``: another target than theirs)."""
-    return compile_setup(
+    return make_compile_setup(
         opts.config,
         target=target or opts.target,
         rules=opts.rules,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fxprefetch.roles import ROLE_TABLE, ROLES
@@ -41,7 +41,7 @@ from fxprefetch.validation import (
     reject_unknown_keys,
 )
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 ROOT_KEY = "weight_prefetch_config"
 DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024
@@ -177,9 +177,7 @@ class PrefetchRatios:
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.prefetch_ratio") -> PrefetchRatios:
         sections = expect_object(value, path)
-        layout: dict[str, list[str]] = {}
-        for role in ROLE_TABLE:
-            layout.setdefault(role.section, []).append(role.key)
+        layout = _role_layout()
         _reject_unknown_keys(sections, layout, path)
         kwargs: dict[str, float | str] = {}
         for section, value_ in sections.items():
@@ -188,6 +186,16 @@ class PrefetchRatios:
             for name, ratio in body.items():
                 kwargs[f"{section}_{name}"] = expect_ratio(ratio, f"{path}.{section}.{name}")
         return cls(**kwargs)
+
+
+def _role_layout() -> dict[str, list[str]]:
+    """The JSON sections of the role table and the keys in each (``{"mlp": ["gate_up",
+    "down"], ...}``), in the table's order: what ``prefetch_ratio`` and ``token_range``
+    accept per role."""
+    layout: dict[str, list[str]] = {}
+    for role in ROLE_TABLE:
+        layout.setdefault(role.section, []).append(role.key)
+    return layout
 
 
 TOKEN_KEYS: tuple[str, ...] = ("min_tokens", "max_tokens")
@@ -302,9 +310,7 @@ class TokenBounds:
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.token_range") -> TokenBounds:
         obj = expect_object(value, path)
-        layout: dict[str, list[str]] = {}
-        for role in ROLE_TABLE:
-            layout.setdefault(role.section, []).append(role.key)
+        layout = _role_layout()
         _reject_unknown_keys(obj, [*TOKEN_KEYS, *layout], path)
         overall = TokenRange.from_dict({k: obj[k] for k in TOKEN_KEYS if k in obj}, path)
         roles: list[tuple[str, TokenRange]] = []
@@ -484,11 +490,5 @@ class WeightPrefetchConfig:
         return self if self.enabled is not None else self.with_enabled(default_enabled)
 
     def with_enabled(self, enabled: bool = True) -> WeightPrefetchConfig:
-        return WeightPrefetchConfig(
-            enabled=enabled,
-            prefetch_ratio=self.prefetch_ratio,
-            max_prefetch_bytes=self.max_prefetch_bytes,
-            sequence_parallel=self.sequence_parallel,
-            windows=self.windows,
-            token_range=self.token_range,
-        )
+        """This config with ``enabled`` set (every other field kept)."""
+        return replace(self, enabled=enabled)

@@ -25,7 +25,7 @@ from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 
 
 def explain(
@@ -61,7 +61,7 @@ def explain(
             else set()
         )
         simulated = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
-    setup = compile_setup(
+    setup = make_compile_setup(
         opts.config,
         target="eager",
         rules=opts.rules,

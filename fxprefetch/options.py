@@ -13,7 +13,6 @@ from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 
-TARGETS = TARGET_NAMES  # "auto" and the registered targets
 OPTION_KEYS = (
     "weight_prefetch_config",
     "additional_config",
@@ -104,11 +103,11 @@ def parse_options(options: Any) -> BackendOptions:
     else:
         config = WeightPrefetchConfig(enabled=True)
     target = options.get("target", AUTO)
-    if target not in TARGETS:
-        hint = did_you_mean(target, TARGETS) if isinstance(target, str) else ""
+    if target not in TARGET_NAMES:
+        hint = did_you_mean(target, TARGET_NAMES) if isinstance(target, str) else ""
         raise ConfigError(
             "options.target",
-            f"expected one of {list(TARGETS)}, got {target!r}{hint}",
+            f"expected one of {list(TARGET_NAMES)}, got {target!r}{hint}",
         )
     strict = options.get("strict", False)
     if not isinstance(strict, bool):

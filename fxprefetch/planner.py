@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.errors import PrefetchPassError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
@@ -30,7 +31,7 @@ from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipe
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan.store import PLAN_DIR_ENV, write_plan_file
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 _plans: list[PrefetchPlan] = []
 _plans_lock = threading.Lock()
@@ -57,10 +58,6 @@ def _remember(plan: PrefetchPlan) -> None:
             write_plan_file(plan, directory)
         except OSError as exc:
             logger.warning("%s=%s: cannot write the plan: %s", PLAN_DIR_ENV, directory, exc)
-
-
-class PrefetchPassError(RuntimeError):
-    """The weight-prefetch pass failed on a graph (raised only in strict mode)."""
 
 
 def graph_kind(gm: GraphModule) -> str:

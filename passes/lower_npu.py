@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 from torch.fx import GraphModule, Node
 
+from fxprefetch.errors import NpuLoweringError
 from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS, native_l2_devices, prepare_native
 from fxprefetch.passes.analysis.graph_utils import get_arg, tensor_value
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta, set_meta
@@ -36,10 +37,6 @@ ASCEND_CMO = "ascend_cmo"  # GE: npu_prefetch -> Cmo, control edge from its depe
 ASCEND_SIDE_STREAM = "ascend_side_stream"  # captured: forked onto the prefetch stream, joined
 ASCEND_IN_STREAM = "ascend_in_stream"  # captured: npu_prefetch in the compute stream
 ASCEND_LOWERINGS = ("side_stream", "in_stream")  # the ``ascend_lowering`` option's values
-
-
-class NpuLoweringError(RuntimeError):
-    """The graph cannot be lowered to ``npu.npu_prefetch``."""
 
 
 def npu_prefetch_op() -> torch._ops.OpOverload:

@@ -44,7 +44,7 @@ from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 
 def _existing_prefetches(graph: Graph) -> set[str]:

@@ -14,6 +14,8 @@ import re
 from importlib import resources
 from typing import Any
 
+from fxprefetch.errors import SchemaError
+
 # annotations that constrain nothing
 _IGNORED = frozenset({"$schema", "$id", "title", "description", "$comment", "$defs", "examples"})
 _TYPES: dict[str, Any] = {
@@ -29,10 +31,6 @@ _TYPES: dict[str, Any] = {
         or (isinstance(v, float) and v.is_integer())
     ),
 }
-
-
-class SchemaError(RuntimeError):
-    """The schema itself uses a keyword this validator does not implement."""
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from fxprefetch.plan.schema import plan_schema, schema_errors
 from fxprefetch.roles import ROLES
 from fxprefetch.validation import load_json
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 
 def plan_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], pass_uuid: str) -> str:

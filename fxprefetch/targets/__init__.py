@@ -10,8 +10,9 @@ graph is replayed as a CUDA graph under a mode.
 - ``npu`` (:mod:`.npu`): torchair's backend with the pass and the ``npu_prefetch`` lowering.
 
 Adding a target is one module (its ``PIPELINE`` and its compile function) and one entry in
-:data:`TARGETS`; see the README's "Extending" section. :func:`compile_setup` resolves a compile's
-setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this registry.
+:data:`TARGET_SPECS`; see the README's "Extending" section. :func:`make_compile_setup`
+resolves a compile's setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this
+registry.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class TargetSpec:
 
 
 #: The registered targets, by name (the ``target`` option's values besides ``auto``).
-TARGETS: dict[str, TargetSpec] = {
+TARGET_SPECS: dict[str, TargetSpec] = {
     spec.name: spec
     for spec in (
         TargetSpec(npu.PIPELINE, npu.compile_npu, ascend=True),
@@ -88,7 +89,7 @@ TARGETS: dict[str, TargetSpec] = {
     )
 }
 # the ``target`` option's values
-TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGETS)
+TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGET_SPECS)
 
 
 def resolve_target(target: str) -> str:
@@ -101,12 +102,12 @@ def resolve_target(target: str) -> str:
 def target_spec(target: str) -> TargetSpec:
     """The registered target ``target`` (``auto`` resolved); ``ValueError`` if unknown."""
     name = resolve_target(target)
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; expected one of {tuple(TARGETS)}")
-    return TARGETS[name]
+    if name not in TARGET_SPECS:
+        raise ValueError(f"unknown target {name!r}; expected one of {tuple(TARGET_SPECS)}")
+    return TARGET_SPECS[name]
 
 
-def compile_setup(
+def make_compile_setup(
     config: WeightPrefetchConfig,
     *,
     target: str = AUTO,
@@ -158,10 +159,10 @@ def compile_setup(
 
 __all__ = [
     "AUTO",
-    "TARGETS",
     "TARGET_NAMES",
+    "TARGET_SPECS",
     "TargetSpec",
-    "compile_setup",
+    "make_compile_setup",
     "resolve_target",
     "target_spec",
 ]

@@ -26,7 +26,7 @@ try:  # torch >= 2.9
 except ImportError:  # pragma: no cover - older torch
     CustomInferenceAwareGraphPass = ()  # type: ignore[assignment,misc]
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 
 def _lowering_note(report: CompileReport, ctx: PassContext) -> str | None:

@@ -44,7 +44,7 @@ from fxprefetch.vllm.compiling import (
 )
 from fxprefetch.vllm.settings import additional_config, take_section
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 OWNER_FXPREFETCH = "fxprefetch"
 OWNER_BUILTIN = "vllm-ascend built-in"
@@ -345,7 +345,7 @@ def prepare_flag(vllm_config: Any) -> str | None:
 # -- entry points (from fxprefetch.vllm.plugin) ------------------------------------------------
 
 
-def register() -> None:
+def hook_platform() -> None:
     """In every process (the plugin's entry point): hook the platform's compiler and
     vllm-ascend's config. Never raises: a failure is logged and prefetch stays where it was
     (where the flag is then given, :func:`check_flag_route` stops start-up saying why)."""
@@ -415,9 +415,9 @@ __all__ = [
     "find_prefetch_pass",
     "flag_layout",
     "fxprefetch_wanted",
+    "hook_platform",
     "prefetch_owner",
     "prepare_flag",
-    "register",
     "settle_builtin",
     "wrap_compiler",
 ]

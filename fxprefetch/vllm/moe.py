@@ -40,7 +40,7 @@ from fxprefetch.passes.analysis.graph_utils import get_arg
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight
 from fxprefetch.roles import MOE_GATE_UP
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 try:  # vLLM's layer-name type: a hoisted opaque LayerName on torch >= 2.11, else str
     from vllm.utils.torch_utils import LayerNameType

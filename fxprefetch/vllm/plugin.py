@@ -40,13 +40,13 @@ from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 from fxprefetch.vllm import ascend as vllm_ascend
 from fxprefetch.vllm.compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm.moe import VllmMoeWeights  # also defines the by-name prefetch op
 from fxprefetch.vllm.settings import flag_given, settings
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 try:
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -191,7 +191,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         """The compile setup under ``vllm_config`` (default: the current one): ``target``
         defaults to vLLM's device's pipeline; the native prefetch where vLLM replays its
         graphs as CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
-        return compile_setup(
+        return make_compile_setup(
             self.config(vllm_config),
             target=target or _device_target(),
             rules=self.rules,
@@ -265,7 +265,7 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point. Idempotent: vLLM calls it in every process."""
     from vllm.config import VllmConfig
 
-    vllm_ascend.register()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
+    vllm_ascend.hook_platform()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
     original = VllmConfig.__post_init__
     if getattr(original, "_fxprefetch", False):
         return

@@ -113,16 +113,16 @@ def run_synth_pipeline(
 
 def pipeline_of(target: str) -> Pipeline:
     """The registered pipeline of ``target`` (``npu``, ``inductor``, ``eager``)."""
-    from fxprefetch.targets import TARGETS
+    from fxprefetch.targets import TARGET_SPECS
 
-    return TARGETS[target].pipeline
+    return TARGET_SPECS[target].pipeline
 
 
 def swap_passes(monkeypatch: pytest.MonkeyPatch, target: str, passes: Sequence[object]) -> None:
     """For this test, ``target``'s pipeline runs ``passes`` instead (the registry entry is
     replaced, so the backend, explain() and the vLLM pass all run them)."""
-    from fxprefetch.targets import TARGETS
+    from fxprefetch.targets import TARGET_SPECS
 
-    spec = TARGETS[target]
+    spec = TARGET_SPECS[target]
     swapped = dataclasses.replace(spec, pipeline=spec.pipeline.with_passes(passes))
-    monkeypatch.setitem(TARGETS, target, swapped)
+    monkeypatch.setitem(TARGET_SPECS, target, swapped)

@@ -358,11 +358,11 @@ def _inductor_backend(config: dict, layers: dict, compiles: list):
     """torch.compile backend: the inductor target with the stand-in source, counting compiles."""
     from fxprefetch.devices import DeviceSetup
     from fxprefetch.planner import GraphPlanner
-    from fxprefetch.targets import compile_setup
+    from fxprefetch.targets import make_compile_setup
     from fxprefetch.targets.inductor import compile_inductor
 
     def backend(gm, example_inputs):
-        setup = compile_setup(
+        setup = make_compile_setup(
             WeightPrefetchConfig.from_dict(config),
             target="inductor",
             devices=DeviceSetup(native=frozenset({"cpu"})),
