@@ -94,8 +94,8 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     stream (forks, with their tokens); returns the count. ``insert_joins`` joins them.
 
     All or nothing, like :func:`lower_prefetch_to_npu`. Each weight's device type needs the
-    prefetch stream registered for it (``fxprefetch.devices.npu_streams.register``): a prefetch
-    whose kernel would find none is refused here, never dropped when it runs.
+    prefetch stream registered for it (``npu_streams.register_npu_streams``): a prefetch whose
+    kernel would find none is refused here, never dropped when it runs.
     """
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     devices: dict[str, torch.device] = {}
@@ -108,8 +108,8 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     if missing:
         raise NpuLoweringError(
             f"no Ascend prefetch stream for {missing[0]} tensors: torch_npu's stream runtime "
-            "is not loaded (fxprefetch.devices.npu_streams.register); use ascend_lowering "
-            "'in_stream' or load torch_npu"
+            "is not loaded (fxprefetch.devices.npu_streams.register_npu_streams); use "
+            "ascend_lowering 'in_stream' or load torch_npu"
         )
     count = lower_to_native(gm.graph, set(devices), set(devices), cache_hint)
     for device in devices.values():

@@ -57,7 +57,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the driver: runs the passes, fixes a compile's setup, plans graphs, keeps plans. The plan
     # store lives in plan/ but keeps the pipeline's reports between compiles: it sits here.
     ("driver", ("fxprefetch.pipeline", "fxprefetch.compile_setup", "fxprefetch.planner",
-                "fxprefetch.counting", "fxprefetch.plan.store")),
+                "fxprefetch.counting", "fxprefetch.call_sites", "fxprefetch.plan.store")),
     ("targets", ("fxprefetch.targets", "fxprefetch.dynamo_registry")),
     ("vllm", ("fxprefetch.vllm", "fxprefetch.vllm_plugin")),
     ("front ends", ("fxprefetch.options", "fxprefetch.backend", "fxprefetch.isolated_compile",
@@ -279,6 +279,13 @@ MIRRORED_ELSEWHERE = {
     "fxprefetch.vllm.compiling": ("vllm/test_vllm_ops.py",),  # the compile range the pass sees
     "fxprefetch.vllm.plugin": ("vllm/test_vllm.py", "vllm/test_vllm_ops.py"),  # real vLLM
     "fxprefetch.vllm_plugin": ("vllm/test_ascend.py",),  # the user-facing alias
+    # a shared layer graph's call sites, on real models that graph-break per layer
+    "fxprefetch.call_sites": ("test_zoo.py",),
+    # the hardware devices need a GPU/NPU; the simulated one drives the same measuring code
+    "fxprefetch.devices.calibrate_hw": ("devices/test_calibrate.py",),
+    "fxprefetch.devices.calibrate_sim": ("devices/test_calibrate.py",),
+    # the prefetch stream's fork/join, on the stand-in NPU stream runtime
+    "fxprefetch.devices.npu_streams": ("test_lower_npu.py", "test_torchair.py"),
 }
 
 

@@ -62,9 +62,9 @@ def _native_cuda_prefetch() -> bool:
 
 def _npu_streams() -> bool:
     """Register the Ascend prefetch stream where torch_npu's stream runtime is loaded."""
-    from fxprefetch.devices.npu_streams import register
+    from fxprefetch.devices.npu_streams import register_npu_streams
 
-    return register()
+    return register_npu_streams()
 
 
 def device_setup(
