@@ -90,7 +90,7 @@ class LinearRecord:
     dependency: str | None = None
     dependency_op: str | None = None
     prefetch_node: str | None = None
-    skip_reason: str | None = None
+    skip_reason: SkipReason | None = None  # a reason's text is read back as the reason
     # what the pass found about the operand: "graph input 'x'", "stored int8, converted by ..."
     note: str | None = None
     # collectives the window walk crossed to reach the vector work behind them
@@ -112,6 +112,9 @@ class LinearRecord:
     def __post_init__(self) -> None:
         if self.span_bytes is None:
             object.__setattr__(self, "span_bytes", self.weight_bytes)
+        if self.skip_reason is not None and not isinstance(self.skip_reason, SkipReason):
+            # ValueError for a text no SkipReason has (plan files are checked before this)
+            object.__setattr__(self, "skip_reason", SkipReason(self.skip_reason))
 
     @property
     def prefetched(self) -> bool:
