@@ -64,7 +64,7 @@ def _same(cold: object, warm: object, where: str) -> None:
             _same(getattr(cold, f.name), getattr(warm, f.name), f"{where}.{f.name}")
     elif isinstance(cold, (tuple, list)):
         assert len(warm) == len(cold), where  # type: ignore[arg-type]
-        for i, (c, w) in enumerate(zip(cold, warm)):  # type: ignore[call-overload]
+        for i, (c, w) in enumerate(zip(cold, warm, strict=True)):  # type: ignore[call-overload]
             _same(c, w, f"{where}[{i}]")
     elif isinstance(cold, dict):
         assert warm.keys() == cold.keys(), where  # type: ignore[attr-defined]
