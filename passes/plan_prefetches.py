@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
-from fxprefetch.ops import PREFETCH_OP, RANGE_OP
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP, range_bounds
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight, HiddenWeightSource
@@ -379,8 +379,7 @@ def _insert_prefetch(
         count = count_node(graph, tokens.count, after)  # type: ignore[arg-type]
         if count is None:
             return None
-        high = -1 if bounds.max_tokens is None else bounds.max_tokens
-        checked = (count, bounds.min_tokens, high)
+        checked = (count, *range_bounds(bounds.min_tokens, bounds.max_tokens))
         anchor = after.prev
     if hidden is not None:
         target, args = hidden.op, (*hidden.key, window.dependency, size, use.offset, *checked)
