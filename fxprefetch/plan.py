@@ -101,8 +101,11 @@ class LinearRecord:
     window_start: int | None = None
     # the prediction model's numbers for this prefetch, where a device profile is known
     prediction: PredictedSaving | None = None
-    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
-    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # token bounds: the linear's token count ("128", or symbolic "s0": the rows of its
+    # activation in its own orientation, for experts the tokens routed into the layer; see
+    # fxprefetch.passes.analysis.token_bounds.linear_tokens; None where the activation's shape
+    # is unknown), the token range in which its prefetch runs (None, None: every count), and
+    # how that is decided:
     # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
     tokens: str | None = None
     min_tokens: int | None = None
