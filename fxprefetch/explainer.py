@@ -40,7 +40,7 @@ def explain(
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
     (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
-    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``) plans
+    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``) plans
     as a compile on that device would: its default cap, its window policy (on a GPU,
     ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
     saving (a model, never a measurement).
