@@ -79,8 +79,17 @@ def _expect_cap(value: Any, path: str) -> int | str:
     return expect_positive_int_or_auto(value, path, "number of bytes")
 
 
+MAX_TOKEN_COUNT = 2**63 - 1  # a signed 64-bit count: what the run-time check op takes
+
+
 def _expect_token_count(value: Any, path: str) -> int:
-    return expect_non_negative_int(value, path, "token count")
+    count = expect_non_negative_int(value, path, "token count")
+    if count > MAX_TOKEN_COUNT:
+        raise ConfigError(
+            path,
+            f"expected a token count in [0, {MAX_TOKEN_COUNT}] (2**63 - 1), got {describe(value)}",
+        )
+    return count
 
 
 def _expect_windows(value: Any, path: str) -> tuple[str, ...]:

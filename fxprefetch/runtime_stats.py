@@ -61,6 +61,7 @@ class PrefetchStats:
     hints: int = 0
     hint_bytes: int = 0
     per_weight: Mapping[str, WeightStats] = field(default_factory=dict)
+    failed: int = 0  # run-time checked prefetches skipped because their kernel failed
 
 
 @dataclass(slots=True)
@@ -91,10 +92,19 @@ class _WeightTally:
 class _Tally:
     """Counts of one scope (the process, or one ``collect_stats`` block)."""
 
-    __slots__ = ("calls", "hint_bytes", "hints", "per_weight", "prefetched", "requested")
+    __slots__ = (
+        "calls",
+        "failed",
+        "hint_bytes",
+        "hints",
+        "per_weight",
+        "prefetched",
+        "requested",
+    )
 
     def __init__(self, per_weight: bool = False) -> None:
         self.calls = self.requested = self.prefetched = self.hints = self.hint_bytes = 0
+        self.failed = 0
         # keyed by data_ptr, or by name where no pointer is known
         self.per_weight: dict[int | str, _WeightTally] | None = {} if per_weight else None
 
@@ -112,6 +122,7 @@ class _Tally:
             hints=self.hints,
             hint_bytes=self.hint_bytes,
             per_weight=per_weight,
+            failed=self.failed,
         )
 
 
@@ -188,6 +199,14 @@ def record_hint(weight: torch.Tensor, nbytes: int) -> None:
         if block.per_weight is not None:
             entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
             entry.hints += 1
+
+
+def record_failed() -> None:
+    """Count one run-time checked prefetch whose kernel failed, and was skipped."""
+    with _LOCK:
+        _PROCESS.failed += 1
+    for block in _THREAD.blocks:
+        block.failed += 1
 
 
 @dataclass(frozen=True)
@@ -276,7 +295,7 @@ def reset_stats() -> None:
     """Zero the process-wide counters; blocks in progress keep counting their own span."""
     with _LOCK:
         _PROCESS.calls = _PROCESS.requested = _PROCESS.prefetched = 0
-        _PROCESS.hints = _PROCESS.hint_bytes = 0
+        _PROCESS.hints = _PROCESS.hint_bytes = _PROCESS.failed = 0
 
 
 class StatsRecorder:
@@ -307,6 +326,10 @@ class StatsRecorder:
     @property
     def hint_bytes(self) -> int:
         return self._tally.hint_bytes
+
+    @property
+    def failed(self) -> int:
+        return self._tally.failed
 
     @property
     def per_weight(self) -> Mapping[str, WeightStats]:

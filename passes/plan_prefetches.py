@@ -28,7 +28,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
 from fxprefetch.devices.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
-from fxprefetch.ops import PREFETCH_OP, RANGE_OP
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP, range_bounds
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight, HiddenWeightSource
@@ -36,7 +36,13 @@ from fxprefetch.passes.analysis.linears import LinearUse, find_linears
 from fxprefetch.passes.analysis.prefetch_meta import PrefetchMeta, prefetch_meta, set_meta
 from fxprefetch.passes.analysis.roles import assign_roles, layer_index
 from fxprefetch.passes.analysis.sizing import prefetch_bytes
-from fxprefetch.passes.analysis.token_bounds import TokenCheck, TokenDecision, count_node, decide
+from fxprefetch.passes.analysis.token_bounds import (
+    TokenCheck,
+    TokenDecision,
+    count_node,
+    decide,
+    linear_tokens,
+)
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.window_cost import window_traffic
 from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
@@ -110,7 +116,9 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             graph_name,
         )
 
+    by_node = {use.node: use for use in uses}
     for use in uses:
+        count = linear_tokens(use, rules, by_node)
         base = {
             "node": use.node.name,
             "op": op_name(use.node),
@@ -125,6 +133,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             "offset": use.offset,
             "position": index[use.node],
             "note": use.note,
+            "tokens": None if count is None else str(count),
         }
         found = hidden.get(use.node)
         device = found.device if found is not None else _device_type(use.root)
@@ -186,7 +195,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         bounds = config.tokens(use.role) or TokenRange()
-        tokens = decide(use.starts, bounds, graph_tokens)
+        tokens = decide(count, bounds, graph_tokens)
         base.update(ratio=ratio, tokens=tokens.tokens, **_token_fields(bounds, tokens))
         if tokens.check is TokenCheck.NEVER:
             records.append(LinearRecord(**base, skip_reason=SkipReason.OUTSIDE_TOKEN_RANGE))
@@ -379,8 +388,7 @@ def _insert_prefetch(
         count = count_node(graph, tokens.count, after)  # type: ignore[arg-type]
         if count is None:
             return None
-        high = -1 if bounds.max_tokens is None else bounds.max_tokens
-        checked = (count, bounds.min_tokens, high)
+        checked = (count, *range_bounds(bounds.min_tokens, bounds.max_tokens))
         anchor = after.prev
     if hidden is not None:
         target, args = hidden.op, (*hidden.key, window.dependency, size, use.offset, *checked)

@@ -68,7 +68,6 @@ TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
     "hidden_weights": "vllm/test_moe.py",  # vLLM's fused MoE looks its experts up by name
-    "token_bounds": "vllm/test_moe.py",  # token bounds on vLLM's static and dynamic graphs
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
 }

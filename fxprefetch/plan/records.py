@@ -91,7 +91,7 @@ class LinearRecord:
     dependency: str | None = None
     dependency_op: str | None = None
     prefetch_node: str | None = None
-    skip_reason: str | None = None
+    skip_reason: SkipReason | None = None  # a reason's text is read back as the reason
     # what the pass found about the operand: "graph input 'x'", "stored int8, converted by ..."
     note: str | None = None
     # collectives the window walk crossed to reach the vector work behind them
@@ -102,8 +102,11 @@ class LinearRecord:
     window_start: int | None = None
     # the prediction model's numbers for this prefetch, where a device profile is known
     prediction: PredictedSaving | None = None
-    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
-    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # token bounds: the linear's token count ("128", or symbolic "s0": the rows of its
+    # activation in its own orientation, for experts the tokens routed into the layer; see
+    # fxprefetch.passes.analysis.token_bounds.linear_tokens; None where the activation's shape
+    # is unknown), the token range in which its prefetch runs (None, None: every count), and
+    # how that is decided:
     # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
     tokens: str | None = None
     min_tokens: int | None = None
@@ -116,6 +119,9 @@ class LinearRecord:
     def __post_init__(self) -> None:
         if self.span_bytes is None:
             object.__setattr__(self, "span_bytes", self.weight_bytes)
+        if self.skip_reason is not None and not isinstance(self.skip_reason, SkipReason):
+            # ValueError for a text no SkipReason has (plan files are checked before this)
+            object.__setattr__(self, "skip_reason", SkipReason(self.skip_reason))
 
     @property
     def prefetched(self) -> bool:

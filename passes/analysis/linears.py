@@ -50,6 +50,9 @@ class LinearUse:
     skip: SkipReason | None = None  # the operand cannot be prefetched (see ``note``)
     note: str | None = None
     span: int | torch.SymInt | None = None  # bytes from offset to the last read (None: nbytes)
+    # the weight stands in the activation's slot (``W @ x.T``): the activation, in the
+    # weight's slot, holds the tokens in its columns
+    swapped: bool = False
 
     @property
     def span_bytes(self) -> int | torch.SymInt:
@@ -123,11 +126,14 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources, rules: P
             if reason is not None and unknown is None:
                 unknown = (operand, f"{trace.root.name}: {reason}")
             continue
-        if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
+        swapped = slot != spec.weight
+        if swapped:  # the weight stands in an activation slot: swap the roles
             starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
-        return _weight_use(
+        use = _weight_use(
             node, spec, starts, trace, sources, sources.module(_linear_module(node, operand))
         )
+        use.swapped = swapped
+        return use
     if unknown is not None:
         return LinearUse(
             **empty,

@@ -91,3 +91,21 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         ),
     }
 )
+
+
+#: Ops that hand an MoE layer's tokens to its experts, one row per token-expert pair (a
+#: gather of the rows, a repeat), and the argument holding the tokens routed into the layer:
+#: an expert linear counts the rows of that argument, not the pairs (see
+#: :func:`analysis.token_bounds.linear_tokens`).
+DISPATCH_OPS: Mapping[str, str] = MappingProxyType(
+    {
+        "aten::index": "self",  # hidden[perm // top_k]: transformers' grouped_mm experts
+        "aten::_unsafe_index": "self",
+        "aten::index_select": "self",
+        "aten::repeat_interleave": "self",  # transformers' batched_mm experts
+        "aten::repeat": "self",  # dense experts: every token to every expert
+        "aten::expand": "self",  # repeat_interleave, decomposed (unsqueeze, expand, clone)
+        "npu::npu_moe_init_routing": "x",  # vllm-ascend
+        "npu::npu_moe_init_routing_v2": "x",
+    }
+)
