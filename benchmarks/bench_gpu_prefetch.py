@@ -13,7 +13,7 @@ steps, arms interleaved, medians of per-step times.
 ``backend="npu_prefetch"`` against plain inductor, the ratio of medians, with the prefetch cap
 swept (the device's default, ``"auto"``, fixed sizes). On a GPU each layer plans 4 prefetches
 (qkv, o behind attention, gate/up, down behind SiLU-and-mul). One table per batch size puts
-the measured speed-up beside the prediction model's (``fxprefetch.prediction``).
+the measured speed-up beside the prediction model's (``fxprefetch.devices.prediction``).
 
 Prints tables and writes JSON. Without a CUDA GPU it exits with one line. ``--smoke`` runs
 a small subset in under 2 minutes; ``--check`` the subset ``gpu_check.sh`` runs; ``--only``
@@ -113,7 +113,7 @@ def micro_goal(row: dict[str, Any], bytes_per_us: float) -> tuple[float, float]:
 
 
 def micro(smoke: bool, check: bool = False) -> tuple[list[dict[str, Any]], float]:
-    from fxprefetch.cuda_prefetch import clamp_range, launch_prefetch
+    from fxprefetch.devices.cuda_prefetch import clamp_range, launch_prefetch
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -277,7 +277,7 @@ def layers(
     """Decode steps of the prefetch backend against plain inductor, per batch and cap
     (``None``: no ``max_prefetch_bytes`` written, the device's default cap; ``"auto"``: what
     each window hides on the device). Each prefetch variant's compiled plans carry the
-    prediction model's saving (a model: ``fxprefetch.prediction``), shown beside the
+    prediction model's saving (a model: ``fxprefetch.devices.prediction``), shown beside the
     measured one. Inputs and KV caches keep static addresses (no copies into a CUDA graph)."""
     import fxprefetch
     from fxprefetch.plan import predicted_saving
@@ -389,7 +389,7 @@ def goals_met(micro_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]]
 
 
 def _header() -> dict[str, Any]:
-    from fxprefetch.cuda_prefetch import default_cap
+    from fxprefetch.devices.cuda_prefetch import default_cap
 
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
@@ -415,7 +415,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench_gpu_prefetch: no CUDA GPU here; nothing to measure")
         return
-    from fxprefetch.cuda_prefetch import register
+    from fxprefetch.devices.cuda_prefetch import register
 
     if not register():
         print("bench_gpu_prefetch: needs Triton and an sm_80+ GPU; nothing to measure")
@@ -447,8 +447,8 @@ def main() -> None:
         layer_rows = layers(args.smoke, caps=caps, batches=args.batch)
         print(
             "\n(b) Llama-3-8B-shaped decode layers, CUDA graphs; speed-up = inductor / variant; "
-            "predicted = the model's saving (fxprefetch.prediction, not a measurement) taken "
-            "off the measured inductor step"
+            "predicted = the model's saving (fxprefetch.devices.prediction, not a measurement) "
+            "taken off the measured inductor step"
         )
         for batch in sorted({r["batch"] for r in layer_rows}):
             print(f"\nbatch {batch}")

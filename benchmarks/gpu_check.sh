@@ -8,7 +8,7 @@
 #                    dist-info on PYTHONPATH when pip cannot
 #   probe.json       benchmarks/probe_gpu_kernel.py: time per prefetch, warps, bytes per
 #                    program, both lowerings, with and without the cache hint
-#   gpu_tests.txt    pytest -m gpu tests/test_cuda_prefetch.py
+#   gpu_tests.txt    pytest -m gpu tests/devices/test_cuda_prefetch.py
 #   bench_micro.*    bench_gpu_prefetch.py --only micro --check
 #   bench_b1.*, bench_b16.*  its Llama-3-8B-shaped layers at batch 1 and 16, predicted and
 #                    measured speed-up side by side
@@ -145,7 +145,7 @@ else
     tee -a "$SUMMARY"
 fi
 part gpu_tests 120 gpu_tests.txt \
-  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_prefetch.py
+  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/devices/test_cuda_prefetch.py
 part bench_micro 60 bench_micro.txt $PY benchmarks/bench_gpu_prefetch.py --only micro --check \
   --output "$OUT_DIR/bench_micro.json"
 for batch in 1 16; do

@@ -131,7 +131,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.devices.prediction import PROFILES as PROFILES_BY_NAME
     from fxprefetch.presets import PRESETS, preset_names
     from fxprefetch.targets import AUTO, TARGET_NAMES
 
@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_plan_dir(args: argparse.Namespace) -> int:
     """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
-    from fxprefetch.plan_render import render_table, render_totals
-    from fxprefetch.plan_store import read_plan_dir
+    from fxprefetch.plan.render import render_table, render_totals
+    from fxprefetch.plan.store import read_plan_dir
 
     unusable = [
         "--" + name.replace("_", "-")
@@ -232,7 +232,7 @@ def run_plan(args: argparse.Namespace) -> int:
     args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
     from fxprefetch.options import parse_options
-    from fxprefetch.plan_render import render_table, render_totals
+    from fxprefetch.plan.render import render_table, render_totals
     from fxprefetch.presets import PRESETS, build_model, example_inputs, load_config
 
     options = _config_option(args)
@@ -282,11 +282,11 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.prediction import profile, render_prediction
+                from fxprefetch.devices.prediction import profile, render_prediction
 
                 text += "\n\n" + render_prediction(plans, profile(args.device), total_layers)
     for text_path, path in pictures:
-        from fxprefetch.timeline import draw_timeline
+        from fxprefetch.plan.timeline import draw_timeline
 
         with progress.stage(f"drawing {text_path}"):
             try:

@@ -46,7 +46,7 @@ def explain(
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read:
     those that eager code read (a graph break), and those nothing read (unused), told apart
     by running the model once more without compiling it (only where such weights exist).
-    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``) plans
+    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``) plans
     as a compile on that device would: its default cap, its window policy (on a GPU,
     ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
     saving (a model, never a measurement).

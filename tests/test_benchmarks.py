@@ -213,7 +213,7 @@ def test_gpu_check_runs_start_to_end_without_a_gpu_and_says_what_it_would_run(tm
     summary = (tmp_path / "summary.txt").read_text()
     for part in ("install", "gpu_tests", "bench_micro", "bench_b1", "bench_b16"):
         assert f"would run {part} (budget" in summary, summary
-    assert "-m gpu tests/test_cuda_prefetch.py" in summary
+    assert "-m gpu tests/devices/test_cuda_prefetch.py" in summary
     assert "--only layers --check --batch 16" in summary
     assert json.loads((tmp_path / "facts.json").read_text())["torch"]
     assert summary.splitlines()[-1].startswith("gpu_check: done")

@@ -114,7 +114,7 @@ def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetc
 
 
 def test_auto_sizes_each_prefetch_to_what_its_window_hides():
-    from fxprefetch.prediction import WindowTraffic, hideable_bytes, profile
+    from fxprefetch.devices.prediction import WindowTraffic, hideable_bytes, profile
 
     h200 = profile("h200")
     auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto")

@@ -43,7 +43,7 @@ def plan_synth(
     **spec,
 ) -> tuple[GraphModule, PrefetchPlan]:
     """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` if given."""
-    from fxprefetch.prediction import profile
+    from fxprefetch.devices.prediction import profile
 
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
     profiles = {"cpu": profile(profile_name)} if profile_name else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fxprefetch.plan_store import read_plan_dir
+from fxprefetch.plan.store import read_plan_dir
 
 HERE = Path(__file__).parent
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]

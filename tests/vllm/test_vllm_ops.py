@@ -82,9 +82,10 @@ def test_the_vllm_pass_joins_side_stream_prefetches_like_the_backend(monkeypatch
     prefetches stay hints. The pass's uuid covers that setup."""
     from types import SimpleNamespace
 
-    from fxprefetch import ops, vllm_plugin
+    from fxprefetch import ops
     from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
-    from fxprefetch.vllm_plugin import WeightPrefetchPass
+    from fxprefetch.vllm import plugin as vllm_plugin
+    from fxprefetch.vllm.plugin import WeightPrefetchPass
 
     from support.synthetic import SynthModel, SynthSpec
     from support.tracing import fake_trace
@@ -121,9 +122,9 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     """On a GPU (an H200's setup, the CPU standing in) down_proj behind
     SiLU-and-mul is a window in vLLM too, but attention is not: vLLM splits its graphs at
     attention, so a fork before it could not rejoin before o_proj. The uuid covers it."""
-    from fxprefetch import vllm_plugin
     from fxprefetch.devices import simulated_setup
-    from fxprefetch.vllm_plugin import WeightPrefetchPass
+    from fxprefetch.vllm import plugin as vllm_plugin
+    from fxprefetch.vllm.plugin import WeightPrefetchPass
 
     from support.synthetic import SynthModel, SynthSpec
     from support.tracing import fake_trace

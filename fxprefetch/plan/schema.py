@@ -43,8 +43,8 @@ class SchemaError(RuntimeError):
 
 @functools.cache
 def plan_schema() -> dict[str, Any]:
-    """The shipped ``fxprefetch/plan_schema.json``."""
-    return json.loads(resources.files("fxprefetch").joinpath("plan_schema.json").read_text())
+    """The shipped ``fxprefetch/plan/plan_schema.json``."""
+    return json.loads(resources.files("fxprefetch.plan").joinpath("plan_schema.json").read_text())
 
 
 def schema_errors(

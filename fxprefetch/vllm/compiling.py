@@ -2,8 +2,8 @@
 
 Two context variables, set while a platform's compiler compiles: the ``VllmConfig`` (with our
 pass) it compiles for, and which of the compiler's example inputs are parameters. Both the
-generic vLLM pass (:mod:`fxprefetch.vllm_plugin`) and the vllm-ascend hooks
-(:mod:`fxprefetch.vllm_ascend`) read them; neither imports the other for them.
+generic vLLM pass (:mod:`fxprefetch.vllm.plugin`) and the vllm-ascend hooks
+(:mod:`fxprefetch.vllm.ascend`) read them; neither imports the other for them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fxprefetch.plan import LinearRecord, PrefetchPlan
-from fxprefetch.plan_render import format_bytes
+from fxprefetch.plan.records import LinearRecord, PrefetchPlan
+from fxprefetch.plan.render import format_bytes
 from fxprefetch.roles import MOE_GATE_UP
 
 

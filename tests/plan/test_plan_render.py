@@ -7,7 +7,7 @@ import torch
 
 from fxprefetch import LinearRecord, PrefetchPlan, SkipReason, WeightPrefetchConfig
 from fxprefetch.passes import run_weight_prefetch
-from fxprefetch.plan_render import (
+from fxprefetch.plan.render import (
     display_path,
     format_bytes,
     render_table,

@@ -2,7 +2,7 @@
 
 vllm-ascend's compiler (``AscendCompiler``, named by its platform's ``get_compile_backend``)
 compiles in two ways. Piecewise and FULL_AND_PIECEWISE run its pass manager
-(``graph_fusion_manager``), which holds our pass (:mod:`fxprefetch.vllm_plugin`). FULL and
+(``graph_fusion_manager``), which holds our pass (:mod:`fxprefetch.vllm.plugin`). FULL and
 FULL_DECODE_ONLY hand the graph to npugraph_ex (or, without it, torchair) through
 ``get_npu_backend(compiler_config=...)`` and never call the pass manager. For those, while the
 platform's compiler compiles a graph for a vLLM config that holds our pass, npugraph_ex's and
@@ -32,7 +32,7 @@ from typing import Any
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
 from fxprefetch.targets.npu import configure_torchair
-from fxprefetch.vllm_compiling import (
+from fxprefetch.vllm.compiling import (
     compiling,
     compiling_for,
     compiling_vllm_config,
@@ -262,7 +262,7 @@ def _builtin_ascend_config() -> Any:
     return getattr(module, "AscendConfig", None)
 
 
-# -- entry points (from fxprefetch.vllm_plugin) ------------------------------------------------
+# -- entry points (from fxprefetch.vllm.plugin) ------------------------------------------------
 
 
 def register() -> None:

@@ -12,7 +12,7 @@ address as an integer, so it reads no tensor and torch's mutation analysis never
 One instruction per range: a program has exactly one lane per thread (``32 * num_warps``
 lanes), so no thread repeats another's range; the grid covers the prefetch with at most one
 program per SM (and at least ``bytes_per_program`` bytes per program), unless a lane's share
-would pass ``MAX_BULK``. ``tests/test_cuda_prefetch.py`` checks both from the compiled code.
+would pass ``MAX_BULK``. ``tests/devices/test_cuda_prefetch.py`` checks both from the compiled code.
 
 Streams, two lowerings (``fxprefetch.ops.prefetch_native``):
 

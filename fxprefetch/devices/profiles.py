@@ -1,4 +1,4 @@
-"""The device profile (``fxprefetch.prediction``) of the device a compile runs on, and the
+"""The device profile (``fxprefetch.devices.prediction``) of the device a compile runs on, and the
 byte cap a profile implies (``fxprefetch.devices.simulated_setup`` builds a whole setup from
 a profile where there is no such device)."""
 
@@ -8,12 +8,12 @@ import sys
 
 import torch
 
-from fxprefetch.prediction import DeviceProfile, gpu_profile, match_profile
+from fxprefetch.devices.prediction import DeviceProfile, gpu_profile, match_profile
 
 
 def cuda_profile(device: torch.device | int | None = None) -> DeviceProfile:
     """The profile of a CUDA device here, from what it reports (bandwidth, L2, SMs)."""
-    from fxprefetch.cuda_prefetch import peak_bandwidth
+    from fxprefetch.devices.cuda_prefetch import peak_bandwidth
 
     props = torch.cuda.get_device_properties(
         device if device is not None else torch.cuda.current_device()
@@ -41,6 +41,6 @@ def default_cap(device: DeviceProfile) -> int | None:
     bandwidth on a GPU (as the CUDA lowering derives it), the guide's 18 MiB on Ascend."""
     if device.kind != "gpu":
         return None
-    from fxprefetch.cuda_prefetch import cap_for
+    from fxprefetch.devices.cuda_prefetch import cap_for
 
     return cap_for(device.hbm_bytes_per_s, device.l2_bytes)

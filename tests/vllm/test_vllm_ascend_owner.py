@@ -1,6 +1,6 @@
-"""Who prefetches weights under vllm-ascend (fxprefetch/vllm_ascend.py), on plain objects.
+"""Who prefetches weights under vllm-ascend (fxprefetch/vllm/ascend.py), on plain objects.
 
-The same rules run on vllm-ascend's real source in tests/test_vllm_ascend.py; these check
+The same rules run on vllm-ascend's real source in tests/vllm/test_vllm_ascend.py; these check
 the decision table quickly, with no vLLM.
 """
 
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fxprefetch import vllm_ascend
-from fxprefetch.vllm_plugin import weight_prefetch_pass
+from fxprefetch.vllm import ascend as vllm_ascend
+from fxprefetch.vllm.plugin import weight_prefetch_pass
 
 
 def config(*, flag: bool | None, mode: int = 3, eager: bool = False, ours: bool = False):
@@ -81,3 +81,16 @@ def test_a_wrapped_compiler_arms_nothing_without_our_pass(monkeypatch):
     compiler.vllm_config = on = config(flag=True, ours=True)
     assert compiler.compile(None, [], {}, None) is on and compiler.load() is on and armed == [1, 1]
     assert vllm_ascend.compiling_vllm_config() is None  # only while compiling
+
+
+def test_the_user_facing_plugin_path_is_the_pass_of_the_vllm_room():
+    """``fxprefetch.vllm_plugin`` (the entry point, and the name users put in
+    ``inductor_passes``) gives the objects of ``fxprefetch.vllm.plugin``; vLLM resolves the
+    dotted name in the top-level package."""
+    import fxprefetch.vllm_plugin as alias
+    from fxprefetch.vllm import plugin
+
+    assert alias.register is plugin.register
+    assert alias.WeightPrefetchPass is plugin.WeightPrefetchPass
+    resolved = __import__("fxprefetch.vllm_plugin").__dict__["weight_prefetch_pass"]
+    assert resolved is alias.weight_prefetch_pass is plugin.weight_prefetch_pass

@@ -1,4 +1,4 @@
-"""fxprefetch/prediction.py: device profiles from public specs, and the model's arithmetic
+"""fxprefetch/devices/prediction.py: device profiles from public specs, and the model's arithmetic
 (a model, never a measurement)."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan
-from fxprefetch.prediction import (
+from fxprefetch.devices.prediction import (
     PROFILES,
     WindowTraffic,
     gpu_profile,
@@ -20,6 +19,7 @@ from fxprefetch.prediction import (
     speedup_bound,
     window_us,
 )
+from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan
 
 
 @pytest.mark.parametrize(

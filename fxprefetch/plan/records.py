@@ -1,7 +1,7 @@
 """``PrefetchPlan``: what the pass saw and did.
 
 For tools (``.to_json()``, schema in ``plan_schema.json``) and, through
-``fxprefetch.plan_render``, for people (``.table()``, ``.summary_line()``).
+``fxprefetch.plan.render``, for people (``.table()``, ``.summary_line()``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fxprefetch import plan_render
+from fxprefetch.plan import render as plan_render
 
 PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan; token bounds
 #: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
@@ -49,7 +49,7 @@ class SkipReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class PredictedSaving:
-    """What the prediction model (``fxprefetch.prediction``) says one prefetch hides on a
+    """What the prediction model (``fxprefetch.devices.prediction``) says one prefetch hides on a
     device profile. A model from public specs, never a measurement."""
 
     device: str  # the profile's name

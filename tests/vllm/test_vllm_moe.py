@@ -1,7 +1,7 @@
 """vLLM's fused MoE: gate/up prefetched by layer name, and token bounds (FX level, no vLLM).
 
 STAND-IN: ``vllm::moe_forward`` is defined with vLLM 0.32's exact schema and a trivial kernel
-(as in tests/test_vllm_ops.py), so graphs hold the node vLLM's do. The layers live in a
+(as in tests/vllm/test_vllm_ops.py), so graphs hold the node vLLM's do. The layers live in a
 stand-in static forward context (a dict, as in ``compilation_config.static_forward_context``);
 the run-time lookup, which vLLM does in its forward context, reads the same dict here.
 """
@@ -25,7 +25,7 @@ from fxprefetch.plan import SkipReason
 
 from support.tracing import pipeline_of
 
-vllm_moe = pytest.importorskip("fxprefetch.vllm_moe")
+vllm_moe = pytest.importorskip("fxprefetch.vllm.moe")
 
 EXPERTS, HIDDEN, INTER = 4, 16, 8
 GUIDE_MOE = {

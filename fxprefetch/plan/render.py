@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the plan's methods call this module: it reads plans, never builds them
-    from fxprefetch.plan import LinearRecord, PrefetchPlan
+    from fxprefetch.plan.records import LinearRecord, PrefetchPlan
 
 
 def summary_line(plan: PrefetchPlan) -> str:

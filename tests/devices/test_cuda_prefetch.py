@@ -1,4 +1,4 @@
-"""The native CUDA L2 prefetch (``fxprefetch.cuda_prefetch``): machine code, ranges and the
+"""The native CUDA L2 prefetch (``fxprefetch.devices.cuda_prefetch``): machine code, ranges and the
 runtime fork/join here, behaviour on a GPU where one is present (those tests skip without CUDA).
 The lowering passes it serves are tested in test_lower_native.py and test_insert_joins.py."""
 
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxprefetch.cuda_prefetch import (
+from fxprefetch.devices.cuda_prefetch import (
     ALIGN,
     MAX_BULK,
     clamp_range,
@@ -183,7 +183,7 @@ def fake_streams(monkeypatch):
     """cuda_prefetch's stream calls on recorded stand-ins: fork/join logic without a GPU."""
     import contextlib
 
-    from fxprefetch import cuda_prefetch
+    from fxprefetch.devices import cuda_prefetch
 
     log: list[str] = []
     monkeypatch.setattr(cuda_prefetch, "_SIDE", cuda_prefetch._SideStreams())
@@ -198,7 +198,7 @@ def fake_streams(monkeypatch):
 
 
 def test_an_empty_range_still_forks_and_a_join_needs_a_fork(fake_streams):
-    from fxprefetch import cuda_prefetch
+    from fxprefetch.devices import cuda_prefetch
 
     cuda_prefetch.join(torch.zeros(4))  # no fork open: waiting would be illegal in a capture
     assert fake_streams == []
@@ -218,7 +218,7 @@ def test_an_empty_range_still_forks_and_a_join_needs_a_fork(fake_streams):
 def test_side_streams_are_per_thread():
     import threading
 
-    from fxprefetch import cuda_prefetch
+    from fxprefetch.devices import cuda_prefetch
 
     seen = []
     state = cuda_prefetch._SideStreams()
@@ -518,7 +518,7 @@ def _props(clock_khz, bus_bits, l2_mb):
     ],
 )
 def test_default_cap_is_window_times_bandwidth(gpu, props, tb_per_s, cap_mib):
-    from fxprefetch.cuda_prefetch import cap_for, peak_bandwidth
+    from fxprefetch.devices.cuda_prefetch import cap_for, peak_bandwidth
 
     bandwidth = peak_bandwidth(props)
     assert bandwidth / 1e12 == pytest.approx(tb_per_s, rel=0.01), gpu
@@ -526,7 +526,7 @@ def test_default_cap_is_window_times_bandwidth(gpu, props, tb_per_s, cap_mib):
 
 
 def test_default_cap_stays_within_a_quarter_of_l2():
-    from fxprefetch.cuda_prefetch import cap_for
+    from fxprefetch.devices.cuda_prefetch import cap_for
 
     assert cap_for(20e12, 40 * 10**6) == 9 << 20  # 40 MB / 4 in whole MiB
     assert cap_for(1e9, 50 * 10**6) == 1 << 20  # at least 1 MiB

@@ -1,4 +1,4 @@
-"""fxprefetch/device_profiles.py: the profile of the device a compile runs on, or of one
+"""fxprefetch/devices/profiles.py: the profile of the device a compile runs on, or of one
 simulated where there is none."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.devices import simulated_setup
-from fxprefetch.prediction import profile
+from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 
 
 def test_simulated_setup_gives_the_device_cap_profile_and_policy():

@@ -45,9 +45,10 @@ def test_plans_are_written_to_fxprefetch_plan_dir_and_follow_the_schema(
     import jsonschema
 
     import fxprefetch
-    from fxprefetch.plan_store import read_plan_dir
+    from fxprefetch.plan.store import read_plan_dir
 
-    schema = json.loads((Path(fxprefetch.__file__).parent / "plan_schema.json").read_text())
+    schema_file = Path(fxprefetch.__file__).parent / "plan" / "plan_schema.json"
+    schema = json.loads(schema_file.read_text())
     plan_schema = {**schema["$defs"]["plan"], "$defs": schema["$defs"]}
     monkeypatch.setenv("FXPREFETCH_PLAN_DIR", str(tmp_path / "plans"))
 
@@ -81,7 +82,7 @@ class ColumnSlice(torch.nn.Module):
 def _schema() -> dict:
     import fxprefetch
 
-    return json.loads((Path(fxprefetch.__file__).parent / "plan_schema.json").read_text())
+    return json.loads((Path(fxprefetch.__file__).parent / "plan" / "plan_schema.json").read_text())
 
 
 def test_a_strided_part_shows_the_bytes_read_and_the_span_prefetched():

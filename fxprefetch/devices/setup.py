@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile
+from fxprefetch.devices.prediction import DeviceProfile, profile
+from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
-from fxprefetch.prediction import DeviceProfile, profile
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -48,7 +48,7 @@ class DeviceSetup:
 @functools.cache
 def _native_cuda_prefetch() -> bool:
     """Register the CUDA L2 prefetch once, where CUDA, Triton and sm_80+ are present."""
-    from fxprefetch.cuda_prefetch import register
+    from fxprefetch.devices.cuda_prefetch import register
 
     return register()
 
@@ -66,14 +66,14 @@ def device_setup(
 
     ``native_l2``: its pipeline lowers to native L2 prefetches (inductor's): the CUDA prefetch
     is turned on where the machine has one (with its window x bandwidth cap and the GPU's
-    profile: window policy, "auto" sizes, predictions, ``fxprefetch.device_profiles``) and
+    profile: window policy, "auto" sizes, predictions, ``fxprefetch.devices.profiles``) and
     where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
     as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
     names a known device."""
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
     if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
-        from fxprefetch.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
+        from fxprefetch.devices.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
 
         caps["cuda"] = cuda_default_cap()
         profiles["cuda"] = cuda_profile()

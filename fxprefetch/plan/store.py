@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from fxprefetch.pipeline import CompileReport, PassResult
-from fxprefetch.plan import PrefetchPlan, SkipReason
+from fxprefetch.plan.records import PrefetchPlan, SkipReason
+from fxprefetch.plan.schema import plan_schema, schema_errors
 from fxprefetch.roles import ROLES
-from fxprefetch.schema_check import plan_schema, schema_errors
 from fxprefetch.validation import load_json
 
 logger = logging.getLogger("fxprefetch")
