@@ -16,7 +16,7 @@ import pytest
 
 from fxprefetch.plan.store import read_plan_dir
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # tests/
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 
