@@ -270,8 +270,8 @@ def _opaque_uses(
         # a linear op's other weight matrices (the experts' w2 beside w13): only those shaped
         # like its weight, not its scales
         spec = linear_spec(node, rules.linear_table)
-        if spec is not None and spec.hidden:
-            continue  # recorded as hiding its weights, naming those it takes
+        if spec is not None and (spec.hidden or spec.prepacked):
+            continue  # recorded as hiding its weights, or with its prepacked copy
         like = _weight_dims(node, spec) if spec is not None else None
         for operand in flatten_nodes(list(node.args) + list(node.kwargs.values())):
             trace = trace_operand(operand, rules)

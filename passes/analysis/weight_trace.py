@@ -145,10 +145,10 @@ def byte_range(root: torch.Tensor, used: torch.Tensor) -> StoredPart | None:
         key=lambda d: -d[0],
     )
     shape = tuple(size for _, size in dims) or (1,)
-    if dims and used.element_size() != root.element_size():
-        shape = _in_root_elements(shape, dims[-1][0], used.element_size(), root.element_size())
     span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
     read = min(math.prod(shape), span)  # overlapping strides (as_strided) read each byte once
+    if dims and used.element_size() != root.element_size():
+        shape = _in_root_elements(shape, dims[-1][0], used.element_size(), root.element_size())
     return StoredPart(offset, read * used.element_size(), span * used.element_size(), shape)
 
 
