@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import _required_in_ci
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # tests/
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 QKV, GATE_UP = 96 * 32 * 4, 128 * 32 * 4
