@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile a tiny model with backend='npu_prefetch', "
         "show its plan, run it and compare with eager",
     )
-    demo.add_argument("--model", default="llama-tiny", choices=preset_names(tiny=True))
-    demo.add_argument("--target", default=AUTO, choices=TARGET_NAMES)
+    # choices are case-insensitive: every name is lower case (--device H200 is h200)
+    demo.add_argument(
+        "--model", default="llama-tiny", type=str.lower, choices=preset_names(tiny=True)
+    )
+    demo.add_argument("--target", default=AUTO, type=str.lower, choices=TARGET_NAMES)
     demo.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
 
     plan = sub.add_parser(
@@ -178,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--device",
+        type=str.lower,
         choices=list(PROFILES_BY_NAME),
         help='plan as a compile on this device would (its cap, windows and "auto" sizes) '
         "and print the predicted saving per layer and per step (a model, not a measurement)",
     )
-    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument("--format", type=str.lower, choices=["table", "json"], default="table")
     plan.add_argument("--output", help="write the table or JSON to this file")
     plan.add_argument(
         "--no-fold", action="store_true", help="one row per linear even for identical layers"
@@ -354,9 +358,16 @@ def run_plan(args: argparse.Namespace) -> int:
         for path, option, suffix in ((args.svg, "--svg", ".svg"), (args.png, "--png", ".png"))
         if path
     ]
+    if args.model.lower() in PRESETS and not Path(args.model).exists():
+        args.model = args.model.lower()  # preset names are case-insensitive
     preset = PRESETS.get(args.model)
     layers = args.layers
     total_layers = load_config(args.model).num_hidden_layers
+    if layers is not None and layers > total_layers:
+        raise CliError(
+            f"--layers: {args.model} has {total_layers} decoder layers, got {layers} "
+            f"(expected 1 to {total_layers})"
+        )
     if layers is None and not (preset and preset.tiny):
         layers = min(4, total_layers)
     progress = Progress(3 + bool(args.svg) + bool(args.png), enabled=not args.quiet)

@@ -10,7 +10,7 @@ from typing import Any
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import ASCEND_LOWERINGS, CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
 from fxprefetch.passes.tables.rules import PrefetchRules
-from fxprefetch.targets import AUTO, TARGET_NAMES
+from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 
 OPTION_KEYS = (
@@ -113,9 +113,12 @@ def parse_options(options: Any) -> BackendOptions:
     if not isinstance(strict, bool):
         raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
     torchair_config = options.get("torchair_config")
-    if torchair_config is not None and target not in (AUTO, "npu"):
+    resolved = resolve_target(target)
+    if torchair_config is not None and resolved != "npu":
+        here = f" ({resolved!r} here: torch_npu sees no Ascend device)" if target == AUTO else ""
         raise ConfigError(
-            "options.torchair_config", f"only used with target 'npu', but target is {target!r}"
+            "options.torchair_config",
+            f"only used with target 'npu', but target is {target!r}{here}",
         )
     rules = options.get("rules")
     if rules is not None and not isinstance(rules, PrefetchRules):

@@ -4,9 +4,9 @@ Two kinds of count, never mixed:
 
 - ``calls`` / ``bytes_*``: prefetches that ran. Counted by the op's kernels
   (:func:`record`), except in graphs replayed as CUDA graphs, where the op's Python body runs
-  only while the graph is captured: those count their compiled prefetches once per graph call
-  that returns (:func:`record_planned`), and their op kernels count nothing meanwhile
-  (:func:`counted_per_call`).
+  only while the graph is warmed up and captured: during such a graph's calls the kernels
+  hand what they ran to the call (:func:`counted_per_call`), which counts it once it
+  returns (:func:`record_ran`), with what a replay runs (see :mod:`fxprefetch.counting`).
 - ``hints`` / ``hint_bytes``: prefetches the plan put in a graph whose compiled code left them
   out, because on that device a prefetch is only a hint (inductor on the CPU). The compiled
   graph is straight-line, so each graph call counts its planned hints once
@@ -62,6 +62,18 @@ class PrefetchStats:
     hint_bytes: int = 0
     per_weight: Mapping[str, WeightStats] = field(default_factory=dict)
     failed: int = 0  # run-time checked prefetches skipped because their kernel failed
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One prefetch a kernel ran during a graph call that counts its own (hashable: a
+    replay counts again what its capture ran)."""
+
+    data_ptr: int
+    shape: tuple[int, ...]
+    dtype: str
+    requested: int
+    prefetched: int
 
 
 @dataclass(slots=True)
@@ -131,7 +143,8 @@ class _ThreadState(threading.local):
         self.blocks: list[_Tally] = []
         self.per_weight_blocks = 0
         self.names: list[Mapping[int, str]] = []  # data_ptr -> name, pushed per graph call
-        self.per_call = 0  # inside graph calls that count their own prefetches
+        # inside graph calls that count their own prefetches: what the kernels ran, per call
+        self.per_call: list[list[Ran]] = []
 
 
 _PROCESS = _Tally()
@@ -162,8 +175,11 @@ def _name_of(data_ptr: int) -> str | None:
 
 def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
     """Count one prefetch that reached a kernel (called by the op's kernels)."""
-    if _THREAD.per_call:
-        return  # the enclosing graph call counts it (see record_planned)
+    if _THREAD.per_call:  # the enclosing graph call counts it (see record_ran)
+        _THREAD.per_call[-1].append(
+            Ran(weight.data_ptr(), tuple(weight.shape), str(weight.dtype), requested, prefetched)
+        )
+        return
     with _LOCK:
         _PROCESS.calls += 1
         _PROCESS.requested += requested
@@ -261,13 +277,36 @@ def _count(tally: _Tally, count: int, requested: int, nbytes: int, ran: bool) ->
 
 
 @contextmanager
-def counted_per_call() -> Iterator[None]:
-    """Within: the op kernels of the current thread count nothing (the graph call does)."""
-    _THREAD.per_call += 1
+def counted_per_call() -> Iterator[list[Ran]]:
+    """Within: the op kernels of the current thread count nothing; the list yielded
+    collects what they ran, for the graph call to count (:func:`record_ran`)."""
+    ran: list[Ran] = []
+    _THREAD.per_call.append(ran)
     try:
-        yield
+        yield ran
     finally:
-        _THREAD.per_call -= 1
+        _THREAD.per_call.pop()
+
+
+def record_ran(prefetches: Sequence[Ran]) -> None:
+    """Count prefetches that ran during one graph call, in one update (per weight: named
+    by the graph call, see :func:`naming`)."""
+    if not prefetches:
+        return
+    requested = sum(p.requested for p in prefetches)
+    nbytes = sum(p.prefetched for p in prefetches)
+    with _LOCK:
+        _count(_PROCESS, len(prefetches), requested, nbytes, ran=True)
+    for block in _THREAD.blocks:
+        _count(block, len(prefetches), requested, nbytes, ran=True)
+        if block.per_weight is None:
+            continue
+        for p in prefetches:
+            key = p.data_ptr if _THREAD.per_weight_blocks else 0
+            entry = _weight_entry(block, key, _name_of(key), p.shape, p.dtype)
+            entry.calls += 1
+            entry.requested += p.requested
+            entry.prefetched += p.prefetched
 
 
 def per_weight_wanted() -> bool:

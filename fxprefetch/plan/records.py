@@ -38,7 +38,9 @@ class SkipReason(str, enum.Enum):
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     WINDOW_TOO_SHORT = "window too short to hide any bytes (auto size, model)"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
+    UNUSED = "not used: no graph took it and no op read it"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
+    OPAQUE_OP = "weight consumed by an opaque op"  # a custom op, not a linear: see the note
     UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
     OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
     TOKENS_UNKNOWN = "token count has no graph value before the window"
