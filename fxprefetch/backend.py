@@ -40,6 +40,7 @@ def setup_from_options(
         native_prefetch=opts.native_prefetch,
         cuda_lowering=opts.cuda_lowering,
         cache_hint=opts.cache_hint,
+        device_profile=opts.device_profile,
     )
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fxprefetch.device_profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
-from fxprefetch.prediction import DeviceProfile, profile
+from fxprefetch.prediction import DeviceProfile, resolve_profile
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -61,6 +61,7 @@ def device_setup(
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
+    device_profile: DeviceProfile | None = None,
 ) -> DeviceSetup:
     """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
 
@@ -69,16 +70,18 @@ def device_setup(
     profile: window policy, "auto" sizes, predictions, ``fxprefetch.device_profiles``) and
     where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
     as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
-    names a known device."""
+    names a known device. ``device_profile``: the profile to predict with on this process's
+    GPU or NPU instead of the built-in one its name matches (a calibrated file)."""
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
     if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
         from fxprefetch.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
 
         caps["cuda"] = cuda_default_cap()
-        profiles["cuda"] = cuda_profile()
+        found = cuda_profile() if device_profile is None else device_profile
+        profiles["cuda"] = found.with_lowering(cuda_lowering) if found.kind == "gpu" else found
     if ascend:
-        found = npu_profile()
+        found = npu_profile() if device_profile is None else device_profile
         if found is not None:
             profiles["npu"] = found
     native = set(native_prefetch_devices())
@@ -103,12 +106,15 @@ def device_setup(
     )
 
 
-def simulated_setup(name: str, device_types: Iterable[str] = ("meta",)) -> DeviceSetup:
+def simulated_setup(
+    name: str | DeviceProfile, device_types: Iterable[str] = ("meta",)
+) -> DeviceSetup:
     """A compile's setup as on the device profile ``name``, for weights on ``device_types``
     (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
     device's default cap, window policy and predictions. Native prefetches stay those
-    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``)."""
-    device = profile(name)
+    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``).
+    ``name``: a built-in profile's name, a profile file's path, or a profile."""
+    device = resolve_profile(name) if isinstance(name, str) else name
     cap = default_cap(device)
     types = sorted(set(device_types))
     return replace(

@@ -25,6 +25,7 @@ from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
+from fxprefetch.prediction import DeviceProfile
 from fxprefetch.targets import compile_setup
 
 
@@ -32,7 +33,7 @@ def explain(
     model: torch.nn.Module | Callable[..., Any],
     *example_inputs: Any,
     config: WeightPrefetchConfig | dict | str | None = None,
-    device_profile: str | None = None,
+    device_profile: str | DeviceProfile | None = None,
     **example_kwargs: Any,
 ) -> list[PrefetchPlan]:
     """Plans of every graph ``model(*example_inputs, **example_kwargs)`` compiles to.
@@ -40,10 +41,11 @@ def explain(
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
     (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
-    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``) plans
-    as a compile on that device would: its default cap, its window policy (on a GPU,
-    ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
-    saving (a model, never a measurement).
+    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``, a
+    device profile file's path, or a profile) plans as a compile on that device would: its
+    default cap, its window policy (on a GPU, ``mlp.down`` and attention windows), ``"auto"``
+    sizes, each prefetch's predicted saving (a model, never a measurement), and on a GPU
+    which prefetches are emitted (those predicted to pay, unless ``force_prefetch``).
     """
     opts = parse_options({"weight_prefetch_config": config} if config is not None else None)
     plans: list[PrefetchPlan] = []
@@ -60,7 +62,10 @@ def explain(
             if isinstance(model, torch.nn.Module)
             else set()
         )
-        simulated = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
+        from fxprefetch.options import device_profile_option
+
+        found = device_profile_option(device_profile, "device_profile")
+        simulated = simulated_setup(found, weights_on or {"meta", "cpu"})
     setup = compile_setup(
         opts.config,
         target="eager",

@@ -45,6 +45,8 @@ from fxprefetch.vllm_compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm_moe import VllmMoeWeights  # also defines the by-name prefetch op
 
 logger = logging.getLogger("fxprefetch")
+#: the device profile the pass predicts with (a built-in name or a profile file's path)
+PROFILE_ENV = "FXPREFETCH_DEVICE_PROFILE"
 
 try:
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -61,6 +63,17 @@ def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchC
     """The ``weight_prefetch_config`` of a ``VllmConfig`` (validated; ``ConfigError``)."""
     config = WeightPrefetchConfig.from_additional_config(_additional_config(vllm_config))
     return config.settled(default_enabled)
+
+
+def env_device_profile() -> Any:
+    """The profile ``FXPREFETCH_DEVICE_PROFILE`` names (None where it is unset or empty);
+    a ``ConfigError`` naming the variable where it names no profile."""
+    import os
+
+    from fxprefetch.options import device_profile_option
+
+    value = os.environ.get(PROFILE_ENV, "").strip()
+    return device_profile_option(value, PROFILE_ENV) if value else None
 
 
 def _device_target() -> str:
@@ -201,6 +214,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             rules=self.rules,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
             cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
+            device_profile=env_device_profile(),
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:

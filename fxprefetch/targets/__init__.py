@@ -27,6 +27,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
+from fxprefetch.prediction import DeviceProfile
 from fxprefetch.targets import eager, inductor, npu
 from fxprefetch.targets.npu import npu_available
 
@@ -120,6 +121,7 @@ def compile_setup(
     cache_hint: str = "none",
     devices: DeviceSetup | None = None,
     devices_for: str | None = None,
+    device_profile: DeviceProfile | None = None,
 ) -> CompileSetup:
     """The setup of one compile, resolved once.
 
@@ -128,7 +130,8 @@ def compile_setup(
     replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
     ``devices``: the devices' setup as given (a simulated device); None: this process's for
     ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
-    ``cache_hint`` (see :mod:`fxprefetch.devices`).
+    ``cache_hint`` (see :mod:`fxprefetch.devices`); ``device_profile``: the profile to
+    predict with on this process's device instead of the built-in one its name matches.
     """
     spec = target_spec(target)
     if cudagraphs is None:
@@ -142,6 +145,7 @@ def compile_setup(
             native_prefetch=native_prefetch,
             cuda_lowering=cuda_lowering,
             cache_hint=cache_hint,
+            device_profile=device_profile,
         )
     return CompileSetup(
         config=config,
