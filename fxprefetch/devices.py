@@ -43,6 +43,9 @@ class DeviceSetup:
     lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
     # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    # the profile the options asked for (``device_profile``), kept even where no device here
+    # uses it, so that it is part of the compile-cache key
+    requested_profile: DeviceProfile | None = None
 
 
 @functools.cache
@@ -102,7 +105,14 @@ def device_setup(
     l2 = l2 & native
     joins = l2 if cuda_lowering == "side_stream" else set()
     return DeviceSetup(
-        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering, profiles
+        frozenset(native),
+        frozenset(joins),
+        caps,
+        frozenset(l2),
+        cache_hint,
+        lowering,
+        profiles,
+        device_profile,
     )
 
 
@@ -121,4 +131,5 @@ def simulated_setup(
         device_setup(native_l2=True, native_prefetch="always"),
         caps={t: cap for t in types} if cap is not None else {},
         profiles={t: device for t in types},
+        requested_profile=device,
     )

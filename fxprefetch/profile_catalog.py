@@ -25,14 +25,16 @@ H200_DELTA_1 = 0.0553
 H200_DELTA_16 = 0.0749
 H200_FORK_US = 0.548
 # fitted by fxprefetch.profile_fit.fit_per_mb on ONE row: batch 1, default cap (bench_b1.json)
-H200_SIDE_PER_MB = 0.1215
+H200_SIDE_PER_MB = 0.1151
 # fitted by fxprefetch.profile_fit.fit_line to bench_micro's "same" arm (prefetch on the
 # compute stream, no fork), M = 1, windows >= 2 µs: (same - none) + δ·MB = fixed + per_mb·MB
 H200_COMPUTE_FIXED = 1.835
 H200_COMPUTE_PER_MB = 0.147
 # A3: δ that makes the model predict the published saving (fxprefetch.profile_fit.fit_delta
-# on the project's qwen3-235b-a22b preset, 2 layers planned as on one A3 die)
-A3_DELTA = 1.96
+# on the project's qwen3-235b-a22b preset, one layer planned as on one A3 die). Per MB that
+# lands in the model's windows (about a quarter of the 65 MB prefetched per layer land with
+# the assumed 3 µs per window kernel); per MB prefetched it is about 1.7 µs/MB.
+A3_DELTA = 7.66
 # κ: the share of a byte's HBM time that L2 residency removes on the H200 (δ x B_read)
 H200_READ = 3.9e12
 KAPPA_1 = H200_DELTA_1 * H200_READ / 1e6

@@ -45,6 +45,7 @@ from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipRea
 from fxprefetch.prediction import (
     DeviceProfile,
     WindowTraffic,
+    delta_us_per_mb,
     emits,
     hideable_bytes,
     loss_note,
@@ -193,6 +194,10 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
         if size <= 0:
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
+            loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
+            if loses is not None:
+                reason = SkipReason.PREDICTED_LOSS
+                base["note"] = f"{base['note']}; {loses}" if base.get("note") else loses
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         bounds = config.tokens(use.role) or TokenRange()
@@ -344,6 +349,23 @@ def _log_dropped(graph_name: str, dropped: list[float], profiles: Mapping) -> No
         len(dropped),
         ", ".join(labels),
         max(dropped),
+    )
+
+
+def _every_mb_loses(
+    profile: DeviceProfile | None, tokens: int | None, useful: float
+) -> str | None:
+    """Why "auto" sized nothing where no window would help: a landed MB saves less than it
+    costs (δ <= β); None where a longer window would."""
+    if profile is None:
+        return None
+    delta = delta_us_per_mb(profile, tokens) * useful
+    beta = profile.cost().per_mb_us.value
+    if delta > beta:
+        return None
+    return (
+        f"predicted loss on {profile.label}: every MB costs {beta:.3f} µs and saves "
+        f"{delta:.3f} µs ({profile.lowering}), whatever the window"
     )
 
 
