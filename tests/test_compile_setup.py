@@ -33,6 +33,7 @@ from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.prediction import profile
+from fxprefetch.backend import setup_from_options
 from fxprefetch.targets import (
     AUTO,
     TARGET_NAMES,
@@ -234,6 +235,7 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
             "native_prefetch": "auto",
             "cuda_lowering": "side_stream",
             "cache_hint": "evict_last",
+            "device_profile": None,
         }
     ]
     eager = compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
@@ -277,3 +279,35 @@ def test_only_inductor_replays_cuda_graphs():
     assert not TARGETS["inductor"].replays_cudagraphs("max-autotune-no-cudagraphs")
     assert not TARGETS["npu"].replays_cudagraphs("reduce-overhead")
     assert not TARGETS["eager"].replays_cudagraphs("reduce-overhead")
+
+
+# -- a device profile file ------------------------------------------------------------------
+
+
+def test_the_key_changes_when_the_device_profile_files_contents_change(tmp_path):
+    """``device_profile`` (a file's path) in the backend's options: the key holds the file's
+    contents, not its name, so recalibrating the device recompiles."""
+    import json as json_module
+
+    from fxprefetch.profile_file import to_dict
+
+    path = tmp_path / "gpu.json"
+    data = to_dict(profile("h200"))
+    path.write_text(json_module.dumps(data))
+    first = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    again = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    data["constants"]["margin_us"]["value"] = 0.25
+    path.write_text(json_module.dumps(data))
+    changed = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    assert first == again != changed
+    assert setup_from_options(parse_options(None)).cache_key() not in (first, changed)
+
+
+def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"options.device_profile.*unknown device profile"):
+        parse_options({"device_profile": "h300"})
+    (tmp_path / "p.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"options.device_profile.*\.schema: missing"):
+        parse_options({"device_profile": str(tmp_path / "p.json")})
+    with pytest.raises(ConfigError, match="options.device_profile: expected a device profile"):
+        parse_options({"device_profile": 3})

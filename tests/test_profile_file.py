@@ -123,3 +123,37 @@ def test_an_unreadable_or_unknown_profile_is_refused(tmp_path):
         read(tmp_path / "bad.json")
     with pytest.raises(ProfileError, match="unknown device profile"):
         resolve_profile("h300")
+
+
+def test_a_profile_file_is_used_by_a_compile(tmp_path, monkeypatch, fresh_dynamo):
+    """The same model compiled (the CPU standing in for a GPU) with the built-in H200 profile
+    emits no prefetch (each predicted to lose); with a profile file whose side stream is cheap
+    and δ large, the prefetches it predicts to pay are emitted."""
+    import torch
+
+    import fxprefetch
+    from fxprefetch.devices import simulated_setup
+    from fxprefetch.profile_fit import with_cost, with_delta
+
+    from support.synthetic import SynthModel, SynthSpec
+
+    monkeypatch.setattr(
+        "fxprefetch.targets.device_setup",
+        lambda **kw: simulated_setup(kw["device_profile"] or profile("h200"), {"cpu"}),
+    )
+    paying = with_delta(with_cost(profile("h200"), 0.1, 0.0, "a test"), 1.0, "a test")
+    path = write(paying, tmp_path / "paying.json")
+    model = SynthModel(SynthSpec(layers=2, hidden=512, intermediate=2048))
+    ids = torch.randint(0, 64, (1, 4))
+    emitted = {}
+    for name, options in (("built-in", {}), ("file", {"device_profile": str(path)})):
+        torch._dynamo.reset()
+        options = {"target": "eager", **options}
+        compiled = torch.compile(model, backend="npu_prefetch", options=options)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), model(ids))
+        plans = fxprefetch.last_plans()
+        emitted[name] = [r for p in plans for r in p.prefetched]
+        assert any(r.prediction is not None for p in plans for r in p.records)
+    assert emitted["built-in"] == [] and len(emitted["file"]) > 0
+    assert all(r.prediction.hidden_us > 0.5 for r in emitted["file"])
