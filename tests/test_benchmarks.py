@@ -189,7 +189,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     rows = gpu_bench.layers(
         True, device="cpu", shapes=shapes, dtype=torch.float32, mode="default", caps=[None]
     )
-    ours = next(r for r in rows if r["variant"] == "prefetch, default cap")
+    ours = next(r for r in rows if r["variant"] == "prefetch, default cap")  # forced
     assert ours["prefetches_per_layer"] == 4 and ours["prefetches_per_step"] == 8
     assert events.count("fork") == events.count("join") > 0
     assert ours["predicted_saved_us"] is not None and ours["predicted_device"] == "h200"
@@ -197,6 +197,48 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     assert sorted(r.role for r in plan.prefetched) == sorted(GPU_ROLES * 2)
     table = gpu_bench.layer_table(rows, 1)
     assert "predicted" in table and "prefetch, default cap" in table
+
+
+def test_the_benchmarks_default_arm_emits_no_prefetch_on_a_simulated_h200(
+    gpu_bench, monkeypatch, fresh_dynamo
+):
+    """The default arm is the backend with no options: on an H200 (simulated, the CPU standing
+    in) the model predicts every side-stream prefetch to lose, so none is emitted or run."""
+    import torch
+
+    import fxprefetch
+    from fxprefetch import ops
+    from fxprefetch.devices import simulated_setup
+
+    events: list[str] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: events.append("prefetch"))
+    monkeypatch.setitem(
+        ops._NATIVE_L2,
+        "cpu",
+        ops.NativeL2(
+            lambda *args: events.append("fork"),
+            lambda *args: events.append("join"),
+            lambda device: None,
+        ),
+    )
+    monkeypatch.setattr(
+        "fxprefetch.targets.device_setup", lambda **_: simulated_setup("h200", {"cpu"})
+    )
+    shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
+    rows = gpu_bench.layers(
+        True,
+        device="cpu",
+        shapes=shapes,
+        dtype=torch.float32,
+        mode="default",
+        caps=[gpu_bench.DEFAULT_ARM],
+    )
+    default = next(r for r in rows if r["variant"] == "backend, no options")
+    assert default["prefetches_per_step"] == 0 and events == []
+    plans = fxprefetch.last_plans()
+    loss = fxprefetch.SkipReason.PREDICTED_LOSS
+    skipped = [r for p in plans for r in p.records if r.skip_reason == loss]
+    assert len(skipped) == 8 and all(r.prediction.hidden_us < 0 for r in skipped)
 
 
 def test_gpu_check_runs_start_to_end_without_a_gpu_and_says_what_it_would_run(tmp_path):
