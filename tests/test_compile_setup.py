@@ -311,3 +311,19 @@ def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
         parse_options({"device_profile": str(tmp_path / "p.json")})
     with pytest.raises(ConfigError, match="options.device_profile: expected a device profile"):
         parse_options({"device_profile": 3})
+
+
+def test_the_vllm_pass_takes_its_device_profile_from_the_environment(monkeypatch, tmp_path):
+    from fxprefetch.vllm_plugin import PROFILE_ENV, WeightPrefetchPass, env_device_profile
+
+    vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert env_device_profile() is None
+    plain = vllm_pass.uuid()
+    monkeypatch.setenv(PROFILE_ENV, "h100")
+    assert env_device_profile() == profile("h100")
+    assert vllm_pass.setup().devices.requested_profile == profile("h100")
+    assert vllm_pass.uuid() != plain
+    monkeypatch.setenv(PROFILE_ENV, "h300")
+    with pytest.raises(ConfigError, match="FXPREFETCH_DEVICE_PROFILE.*unknown device profile"):
+        vllm_pass.setup()
