@@ -37,8 +37,8 @@ H200_COMPUTE_PER_MB = 0.147
 A3_DELTA = 7.66
 # κ: the share of a byte's HBM time that L2 residency removes on the H200 (δ x B_read)
 H200_READ = 3.9e12
-KAPPA_1 = H200_DELTA_1 * H200_READ / 1e6
-KAPPA_16 = H200_DELTA_16 * H200_READ / 1e6
+KAPPA_1 = H200_DELTA_1 * H200_READ / 1e12  # µs/MB x MB/µs
+KAPPA_16 = H200_DELTA_16 * H200_READ / 1e12
 
 
 def _c(value: float, kind: str, source: str) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def _derived_gpu(
         f"{peak_source} x the H200's measured read/peak (3.9/4.8)",
     )
     why = "derived from the H200's (same CUDA graph and stream machinery), until calibrated"
-    d1 = delta_1 if delta_1 is not None else KAPPA_1 / (read_value / 1e6)
+    d1 = delta_1 if delta_1 is not None else KAPPA_1 / (read_value / 1e12)
     d16 = d1 * H200_DELTA_16 / H200_DELTA_1
     d_src = delta_source or (
         f"derived: the H200's κ = δ·B_read ({KAPPA_1:.3f}) over this read bandwidth"
