@@ -13,8 +13,8 @@ the device, see ``fxprefetch.prediction``), ``sequence_parallel``, ``windows`` (
 unwritten, the device's own) and ``token_range`` (the token counts for which prefetch runs,
 overall and per role). A role's ratio may also be ``"auto"``: up to the whole weight, as much
 as its window can hide. ``force_prefetch: true`` emits every planned prefetch, also those the
-device profile predicts to lose (on a GPU the default drops them). Every rule rejects bad input with a :class:`ConfigError` that names
-the JSON path; nothing is dropped silently.
+device profile predicts to lose (on a GPU the default drops them). Every rule rejects bad
+input with a :class:`ConfigError` that names the JSON path; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -392,9 +392,7 @@ class WeightPrefetchConfig:
         if "windows" in obj:
             kwargs["windows"] = _expect_windows(obj["windows"], f"{path}.windows")
         if "force_prefetch" in obj:
-            kwargs["force_prefetch"] = expect_bool(
-                obj["force_prefetch"], f"{path}.force_prefetch"
-            )
+            kwargs["force_prefetch"] = expect_bool(obj["force_prefetch"], f"{path}.force_prefetch")
         if "token_range" in obj:
             kwargs["token_range"] = TokenBounds.from_dict(obj["token_range"], f"{path}.token_range")
         return cls(**kwargs)

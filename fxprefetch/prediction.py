@@ -263,10 +263,8 @@ class StepShape:
             None,
         )
         top_k = getattr(config, "num_experts_per_tok", None) if experts else None
-        if experts is None:
-            dense = layers
-        else:
-            dense = int(getattr(config, "first_k_dense_replace", 0) or 0)
+        first_dense = int(getattr(config, "first_k_dense_replace", 0) or 0)
+        dense = layers if experts is None else first_dense
         return cls(layers, dense, experts, top_k if isinstance(top_k, int) else None)
 
 
@@ -392,7 +390,7 @@ def describe_profile(device: DeviceProfile) -> list[str]:
     """One line per constant: value and provenance (``fxprefetch plan --device``)."""
     lines = [f"  profile {device.name} ({device.origin}); lowering {device.lowering}:"]
     for key, c in device.constants().items():
-        value = f"{c.value:.4g}" if abs(c.value) < 1e6 else f"{c.value:.4g}"
+        value = f"{c.value:.4g}"
         lines.append(f"    {key} = {value}  [{c.kind}: {c.source}]")
     return lines
 

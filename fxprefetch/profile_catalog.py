@@ -92,7 +92,9 @@ def _h200() -> dict[str, Any]:
             },
             "compute_stream": {
                 "fixed_us": _c(H200_COMPUTE_FIXED, "fitted", f"{MICRO}: same - none + δ·MB, M = 1"),
-                "per_mb_us": _c(H200_COMPUTE_PER_MB, "fitted", f"{MICRO}: same - none + δ·MB, M = 1"),
+                "per_mb_us": _c(
+                    H200_COMPUTE_PER_MB, "fitted", f"{MICRO}: same - none + δ·MB, M = 1"
+                ),
             },
         },
     )
@@ -171,7 +173,10 @@ def _ascend(name: str, label: str, spec: str) -> dict[str, Any]:
         delta_us_per_mb_16_tokens=_c(A3_DELTA, kind, fitted + "; the same at every token count"),
         margin_us=_c(0.0, "assumed", "on Ascend the user's ratios are honoured: no gate"),
         lowerings={
-            "ascend_cmo": {"fixed_us": _c(1.0, "assumed", cmo), "per_mb_us": _c(0.0, "assumed", cmo)},
+            "ascend_cmo": {
+                "fixed_us": _c(1.0, "assumed", cmo),
+                "per_mb_us": _c(0.0, "assumed", cmo),
+            },
             "ascend_side_stream": {
                 "fixed_us": _c(1.0, "assumed", side),
                 "per_mb_us": _c(0.0, "assumed", side),

@@ -189,8 +189,8 @@ def _constant(value: Any, where: str, positive: bool, integer: bool) -> Constant
     prov = _expect_object(obj["provenance"], f"{where}.provenance", ("kind", "source"))
     if prov["kind"] not in PROVENANCE_KINDS:
         raise ProfileError(
-            f"{where}.provenance.kind", f"expected one of {list(PROVENANCE_KINDS)}, got "
-            f"{prov['kind']!r}"
+            f"{where}.provenance.kind",
+            f"expected one of {list(PROVENANCE_KINDS)}, got {prov['kind']!r}",
         )
     source = _expect_text(prov["source"], f"{where}.provenance.source")
     return Constant(float(number), prov["kind"], source)
@@ -205,8 +205,8 @@ def from_dict(data: Any, origin: str = "built-in", where: str = "") -> DevicePro
         raise ProfileError(f"{at}.schema", f"expected {SCHEMA!r}, got {obj['schema']!r}")
     if obj["version"] != VERSION or isinstance(obj["version"], bool):
         raise ProfileError(
-            f"{at}.version", f"expected {VERSION} (this fxprefetch reads version {VERSION}), "
-            f"got {obj['version']!r}"
+            f"{at}.version",
+            f"expected {VERSION} (this fxprefetch reads version {VERSION}), got {obj['version']!r}",
         )
     name = _expect_text(obj["name"], f"{at}.name")
     label = _expect_text(obj["label"], f"{at}.label")
@@ -222,9 +222,7 @@ def from_dict(data: Any, origin: str = "built-in", where: str = "") -> DevicePro
         _expect_text(value, f"{at}.device.{key}")
     required = tuple(k for k, (req, _, _) in CONSTANTS.items() if req)
     optional = tuple(k for k, (req, _, _) in CONSTANTS.items() if not req)
-    consts = _expect_object(
-        obj["constants"], f"{at}.constants", (*required, "lowerings"), optional
-    )
+    consts = _expect_object(obj["constants"], f"{at}.constants", (*required, "lowerings"), optional)
     values = {
         key: _constant(consts[key], f"{at}.constants.{key}", positive, integer)
         for key, (_, positive, integer) in CONSTANTS.items()
@@ -275,9 +273,7 @@ def from_dict(data: Any, origin: str = "built-in", where: str = "") -> DevicePro
 def to_dict(profile: DeviceProfile) -> dict[str, Any]:
     """The profile's JSON object (what :func:`from_dict` reads back)."""
     consts: dict[str, Any] = {
-        key: const.to_dict()
-        for key, const in profile.constants().items()
-        if "." not in key
+        key: const.to_dict() for key, const in profile.constants().items() if "." not in key
     }
     consts["lowerings"] = {
         name: {"fixed_us": c.fixed_us.to_dict(), "per_mb_us": c.per_mb_us.to_dict()}
@@ -315,4 +311,3 @@ def write(profile: DeviceProfile, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
-

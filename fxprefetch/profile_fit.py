@@ -117,8 +117,12 @@ def predicted_saving(prefetches: Sequence[Planned], device: DeviceProfile) -> fl
     return total
 
 
-def with_cost(device: DeviceProfile, fixed_us: float | None = None, per_mb_us: float | None = None,
-              source: str = "fit") -> DeviceProfile:
+def with_cost(
+    device: DeviceProfile,
+    fixed_us: float | None = None,
+    per_mb_us: float | None = None,
+    source: str = "fit",
+) -> DeviceProfile:
     """``device`` with its active lowering's cost replaced (for fitting)."""
     cost = device.cost()
     new = LoweringCost(

@@ -204,27 +204,48 @@ def _draw_timed_layer(ax, label: str, timed: list[TimedLinear], device: DevicePr
         if item.window is not None:
             w = item.window
             ax.broken_barh(
-                [(w.start, w.end - w.start)], (compute_y - 0.3, 0.6), facecolors="#9ecae1",
-                edgecolors="#3182bd", alpha=0.5, zorder=1,
+                [(w.start, w.end - w.start)],
+                (compute_y - 0.3, 0.6),
+                facecolors="#9ecae1",
+                edgecolors="#3182bd",
+                alpha=0.5,
+                zorder=1,
             )
         s = item.linear
         ax.broken_barh(
-            [(s.start, s.end - s.start)], (compute_y - 0.35, 0.7),
-            facecolors="#fd8d3c" if r.prefetched else "#bdbdbd", edgecolors="black", zorder=3,
+            [(s.start, s.end - s.start)],
+            (compute_y - 0.35, 0.7),
+            facecolors="#fd8d3c" if r.prefetched else "#bdbdbd",
+            edgecolors="black",
+            zorder=3,
         )
-        ax.text((s.start + s.end) / 2, compute_y + 0.45, _short(r), ha="center", va="bottom",
-                fontsize=7, rotation=30)
+        ax.text(
+            (s.start + s.end) / 2,
+            compute_y + 0.45,
+            _short(r),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            rotation=30,
+        )
         if item.prefetch is not None:
             y = prefetch_y + 0.25 * (i % 3) - 0.25
             pf = item.prefetch
             ax.broken_barh(
-                [(pf.start, pf.end - pf.start)], (y - 0.1, 0.2),
-                facecolors="#2ca02c" if r.prefetched else "#d62728", alpha=0.8,
+                [(pf.start, pf.end - pf.start)],
+                (y - 0.1, 0.2),
+                facecolors="#2ca02c" if r.prefetched else "#d62728",
+                alpha=0.8,
             )
             hidden = r.prediction.hidden_us if r.prediction is not None else 0.0
             state = "" if r.prefetched else " not emitted"
-            ax.text(pf.start, y + 0.12, f"{_short(r)} {format_bytes(r.prefetch_bytes)} "
-                    f"{hidden:+.2f} µs{state}", fontsize=6, va="bottom")
+            ax.text(
+                pf.start,
+                y + 0.12,
+                f"{_short(r)} {format_bytes(r.prefetch_bytes)} {hidden:+.2f} µs{state}",
+                fontsize=6,
+                va="bottom",
+            )
     end = max((t.linear.end for t in timed), default=1.0)
     ax.set_xlim(0, end * 1.02)
     ax.set_ylim(-0.8, 2.0)

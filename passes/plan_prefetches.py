@@ -352,9 +352,7 @@ def _log_dropped(graph_name: str, dropped: list[float], profiles: Mapping) -> No
     )
 
 
-def _every_mb_loses(
-    profile: DeviceProfile | None, tokens: int | None, useful: float
-) -> str | None:
+def _every_mb_loses(profile: DeviceProfile | None, tokens: int | None, useful: float) -> str | None:
     """Why "auto" sized nothing where no window would help: a landed MB saves less than it
     costs (δ <= β); None where a longer window would."""
     if profile is None:

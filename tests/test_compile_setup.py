@@ -18,6 +18,7 @@ import pytest
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch import compile_setup as compile_setup_module
 from fxprefetch import targets as targets_module
+from fxprefetch.backend import setup_from_options
 from fxprefetch.compile_setup import (
     CompileSetup,
     _stable_name,
@@ -33,7 +34,6 @@ from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.prediction import profile
-from fxprefetch.backend import setup_from_options
 from fxprefetch.targets import (
     AUTO,
     TARGET_NAMES,
@@ -311,7 +311,7 @@ def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
     (tmp_path / "p.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"options.device_profile.*\.schema: missing"):
         parse_options({"device_profile": str(tmp_path / "p.json")})
-    with pytest.raises(ConfigError, match="options.device_profile: expected a device profile"):
+    with pytest.raises(ConfigError, match=r"options\.device_profile: expected a device profile"):
         parse_options({"device_profile": 3})
 
 
@@ -327,5 +327,5 @@ def test_the_vllm_pass_takes_its_device_profile_from_the_environment(monkeypatch
     assert vllm_pass.setup().devices.requested_profile == profile("h100")
     assert vllm_pass.uuid() != plain
     monkeypatch.setenv(PROFILE_ENV, "h300")
-    with pytest.raises(ConfigError, match="FXPREFETCH_DEVICE_PROFILE.*unknown device profile"):
+    with pytest.raises(ConfigError, match=r"FXPREFETCH_DEVICE_PROFILE.*unknown device profile"):
         vllm_pass.setup()

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from fxprefetch.profile_file import PROVENANCE_KINDS
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan
 from fxprefetch.prediction import (
     PROFILES,
+    StepShape,
     WindowTraffic,
     delta_us_per_mb,
     gpu_profile,
@@ -19,12 +19,12 @@ from fxprefetch.prediction import (
     predict,
     profile,
     render_prediction,
-    StepShape,
     speedup_bound,
     step_bound,
     weight_bytes_per_step,
     window_us,
 )
+from fxprefetch.profile_file import PROVENANCE_KINDS
 
 
 @pytest.mark.parametrize(

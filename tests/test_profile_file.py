@@ -146,9 +146,9 @@ def test_a_profile_file_is_used_by_a_compile(tmp_path, monkeypatch, fresh_dynamo
     model = SynthModel(SynthSpec(layers=2, hidden=512, intermediate=2048))
     ids = torch.randint(0, 64, (1, 4))
     emitted = {}
-    for name, options in (("built-in", {}), ("file", {"device_profile": str(path)})):
+    for name, extra in (("built-in", {}), ("file", {"device_profile": str(path)})):
         torch._dynamo.reset()
-        options = {"target": "eager", **options}
+        options = {"target": "eager", **extra}
         compiled = torch.compile(model, backend="npu_prefetch", options=options)
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids), model(ids))

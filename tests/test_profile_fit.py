@@ -47,7 +47,9 @@ def test_the_h200_measured_constants_are_those_of_the_run():
     h200 = profile("h200")
     assert fit.micro_delta(micro, 1) == pytest.approx(h200.delta_1.value, abs=5e-5)
     assert fit.micro_delta(micro, 16) == pytest.approx(h200.delta_16.value, abs=5e-5)
-    assert fit.micro_fork_us(micro, 1) == pytest.approx(h200.cost("side_stream").fixed_us.value, abs=5e-4)
+    assert fit.micro_fork_us(micro, 1) == pytest.approx(
+        h200.cost("side_stream").fixed_us.value, abs=5e-4
+    )
     fixed, per_mb = fit.compute_stream_cost(micro, 1, h200.delta_1.value)
     compute = h200.cost("compute_stream")
     assert fixed == pytest.approx(compute.fixed_us.value, abs=5e-3)
