@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
 # The GPU check as one prepared run. It fits 8 minutes on one H100 or H200 (machine start
-# not counted; it took 126 s on an H200) with torch and Triton preinstalled and no package registry: it installs
-# nothing from one. Every part has its own time budget and writes its results to OUT as soon
-# as it ends, so a timeout keeps what ran:
+# not counted; its parts before issue 26 took 126 s on an H200) with torch and Triton
+# preinstalled and no package registry: it installs nothing from one. Every part has its
+# own time budget and writes its results to OUT as soon as it ends, so a timeout keeps what
+# ran. In the order they run:
 #   facts.txt/.json  the GPU, its L2 and SMs, torch, Triton, the driver
 #   install.txt      the npu_prefetch entry point: pip -e without build isolation, or a
 #                    dist-info on PYTHONPATH when pip cannot
+#   calibrate.txt, device-profile.json   fxprefetch calibrate: the device's measured
+#                    constants (B_read, δ, each lowering's c_fixed and β, a small kernel)
+#   gpu_tests.txt    pytest -m gpu tests/devices/test_cuda_prefetch.py
+#   lowerings.*      bench_lowerings.py: side stream, compute stream and fused (extra
+#                    programs of the window kernel) on dense and TP4-shaped decode layers
+#                    (15 µs all-reduce stand-ins), measured beside predicted, the decision
+#   bench_b1.*, bench_b16.*  bench_gpu_prefetch.py's Llama-3-8B-shaped layers at batch 1
+#                    and 16 against plain inductor, with the default arm (the backend with
+#                    no options), predicted and measured speed-up side by side
 #   probe.json       benchmarks/probe_gpu_kernel.py: time per prefetch, warps, bytes per
 #                    program, both lowerings, with and without the cache hint
-#   gpu_tests.txt    pytest -m gpu tests/test_cuda_prefetch.py
 #   bench_micro.*    bench_gpu_prefetch.py --only micro --check
-#   bench_b1.*, bench_b16.*  its Llama-3-8B-shaped layers at batch 1 and 16, predicted and
-#                    measured speed-up side by side
-#   summary.txt      one line per part: exit status and seconds
+#   summary.txt      one line per part (exit status and seconds), then the decision and
+#                    the default arm's goal line
 #
-#   bash benchmarks/gpu_check.sh [OUT]   # OUT: a directory (default: $OUT, else ./gpu-results)
+#   bash benchmarks/gpu_check.sh [--dry-run] [OUT]   # OUT: a directory (default: $OUT,
+#                                                    # else ./gpu-results)
 #
-# Without a CUDA GPU (or with GPU_CHECK_DRY=1) it runs start to end in its "no GPU" form:
-# machine facts without the GPU, then, part by part, what it would run; it exits 0.
+# Without a CUDA GPU (or with --dry-run, or GPU_CHECK_DRY=1) it runs start to end in its
+# "no GPU" form: machine facts without the GPU; the parts of issue 26 in their CPU forms
+# (calibrate on a simulated H200, the lowering arms at tiny sizes with torch windows and
+# the fused kernels compile-checked for sm_90); for every other part, what it would run.
+# It exits 0 unless a CPU form failed.
 set -uo pipefail
+if [[ "${1:-}" == "--dry-run" ]]; then
+  GPU_CHECK_DRY=1
+  shift
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT_DIR=${1:-${OUT:-$ROOT/gpu-results}}
@@ -71,6 +87,17 @@ part() {
   ((rc != 0)) && FAILED=1
   echo "gpu_check: $name: $verdict, $((SECONDS - start))s" | tee -a "$SUMMARY"
   tail -n 25 "$OUT_DIR/$output"
+}
+
+# cpu_part NAME OUTPUT COMMAND...: in the no-GPU form, run a part's CPU form (150 s at most)
+cpu_part() {
+  local name=$1 output=$2 start=$SECONDS rc
+  shift 2
+  timeout -k 3 150 "$@" >"$OUT_DIR/$output" 2>&1
+  rc=$?
+  ((rc != 0)) && FAILED=1
+  echo "gpu_check: $name (no-GPU form): exit $rc, $((SECONDS - start))s: $*" | tee -a "$SUMMARY"
+  tail -n 15 "$OUT_DIR/$output"
 }
 
 facts() {
@@ -138,21 +165,38 @@ else
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
+PROFILE=$OUT_DIR/device-profile.json
+if [[ -n "$DRY" ]]; then
+  cpu_part calibrate calibrate.txt $PY -m fxprefetch calibrate --simulate h200 --budget 10 \
+    -o "$PROFILE"
+  cpu_part lowerings lowerings.txt $PY benchmarks/bench_lowerings.py --dry-run \
+    --device-profile "$PROFILE" --output "$OUT_DIR/lowerings.json"
+fi
+part calibrate 130 calibrate.txt $PY -m fxprefetch calibrate -o "$PROFILE"
+part gpu_tests 90 gpu_tests.txt \
+  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/devices/test_cuda_prefetch.py
+[[ -f "$PROFILE" || -n "$DRY" ]] && LOWERING_PROFILE=(--device-profile "$PROFILE") ||
+  LOWERING_PROFILE=()
+part lowerings 120 lowerings.txt $PY benchmarks/bench_lowerings.py "${LOWERING_PROFILE[@]}" \
+  --budget 60 --output "$OUT_DIR/lowerings.json"
+for batch in 1 16; do
+  part "bench_b$batch" 100 "bench_b$batch.txt" $PY benchmarks/bench_gpu_prefetch.py \
+    --only layers --check --batch "$batch" --output "$OUT_DIR/bench_b$batch.json"
+done
 if [[ -f benchmarks/probe_gpu_kernel.py ]]; then
-  part probe 45 probe.txt $PY benchmarks/probe_gpu_kernel.py --out "$OUT_DIR/probe.json"
+  part probe 30 probe.txt $PY benchmarks/probe_gpu_kernel.py --out "$OUT_DIR/probe.json"
 else
   echo "gpu_check: probe skipped: benchmarks/probe_gpu_kernel.py is not in this checkout" |
     tee -a "$SUMMARY"
 fi
-part gpu_tests 120 gpu_tests.txt \
-  $PY -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_prefetch.py
-part bench_micro 60 bench_micro.txt $PY benchmarks/bench_gpu_prefetch.py --only micro --check \
+part bench_micro 45 bench_micro.txt $PY benchmarks/bench_gpu_prefetch.py --only micro --check \
   --output "$OUT_DIR/bench_micro.json"
-for batch in 1 16; do
-  part "bench_b$batch" 85 "bench_b$batch.txt" $PY benchmarks/bench_gpu_prefetch.py --only layers \
-    --check --batch "$batch" --output "$OUT_DIR/bench_b$batch.json"
-done
+
+# the verdicts, read from the parts' own output
+grep -h "^decision:" "$OUT_DIR/lowerings.txt" 2>/dev/null | sed 's/^/gpu_check: /' |
+  tee -a "$SUMMARY"
+grep -h "^goal:" "$OUT_DIR"/bench_b*.txt 2>/dev/null | sed 's/^/gpu_check: bench_b: /' |
+  tee -a "$SUMMARY"
 
 echo "gpu_check: done in ${SECONDS}s; results in $OUT_DIR" | tee -a "$SUMMARY"
-[[ -n "$DRY" ]] && exit 0
 exit $FAILED

@@ -89,7 +89,7 @@ class Probe:
     """The buffers, streams and calibration of one device."""
 
     def __init__(self, device: torch.device) -> None:
-        from fxprefetch import cuda_prefetch
+        from fxprefetch.devices import cuda_prefetch
 
         self.cp = cuda_prefetch
         self.device = device
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             f"cache hints {HINTS}) and write them to {args.out}"
         )
         return 0
-    from fxprefetch.cuda_prefetch import register
+    from fxprefetch.devices.cuda_prefetch import register
 
     if not register():
         print("probe_gpu_kernel: needs Triton and an sm_80+ GPU; nothing to measure")

@@ -1,4 +1,5 @@
-"""Command line: ``fxprefetch demo`` and ``fxprefetch plan`` (also ``python -m fxprefetch``)."""
+"""Command line: ``fxprefetch demo``, ``fxprefetch plan`` and ``fxprefetch calibrate`` (also
+``python -m fxprefetch``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -132,7 +134,7 @@ def _positive_int(text: str) -> int:
 
 def _device_profile(text: str):
     """A built-in device profile's name or a profile file's path, validated."""
-    from fxprefetch.prediction import ProfileError, resolve_profile
+    from fxprefetch.devices.prediction import ProfileError, resolve_profile
 
     try:
         return resolve_profile(text)
@@ -141,7 +143,9 @@ def _device_profile(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fxprefetch.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.devices.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
+    from fxprefetch.devices.calibrate_sim import SIMULATED
+    from fxprefetch.devices.prediction import PROFILES as PROFILES_BY_NAME
     from fxprefetch.presets import PRESETS, preset_names
     from fxprefetch.targets import AUTO, TARGET_NAMES
 
@@ -202,13 +206,128 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--svg", help="draw the overlap timeline to this SVG file")
     plan.add_argument("--png", help="draw the overlap timeline to this PNG file")
     plan.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="measure this GPU's (or NPU's) constants for the prediction model and write "
+        "them as a device profile file (under 2 minutes)",
+    )
+    calibrate.add_argument(
+        "-o", "--output", help="the profile file to write (default: NAME.json here)"
+    )
+    calibrate.add_argument(
+        "--name", type=_profile_name, help="the profile's name (default: e.g. h200-calibrated)"
+    )
+    calibrate.add_argument(
+        "--budget",
+        type=_budget,
+        default=BUDGET_S,
+        help=f"seconds of measuring (default {BUDGET_S:g}, within [{MIN_BUDGET_S:g}, "
+        f"{MAX_BUDGET_S:g}]); the rounds are sized to fit",
+    )
+    calibrate.add_argument(
+        "--simulate",
+        choices=sorted(SIMULATED),
+        help="calibrate a simulated device with known constants instead (no GPU needed: "
+        "for dry runs and tests; the file says simulated)",
+    )
+    calibrate.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
+
+
+def _profile_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"expected lower-case letters, digits, '.', '_' or '-' (at most 64), got {text!r}"
+        )
+    return text
+
+
+def _budget(text: str) -> float:
+    from fxprefetch.devices.calibrate import MAX_BUDGET_S, MIN_BUDGET_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not MIN_BUDGET_S <= value <= MAX_BUDGET_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds within [{MIN_BUDGET_S:g}, {MAX_BUDGET_S:g}], got {text}"
+        )
+    return value
+
+
+def _output_path(value: str) -> Path:
+    """A file the profile can be written to, checked before minutes of measuring."""
+    path = Path(value)
+    if path.is_dir():
+        raise CliError(f"--output: {value} is a directory; expected a file name")
+    if not path.parent.is_dir():
+        raise CliError(f"--output: the directory of {value} does not exist")
+    existed = path.exists()
+    try:
+        path.open("ab").close()
+    except OSError as exc:
+        raise CliError(f"--output: cannot write {value}: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``fxprefetch calibrate``: measure (:mod:`fxprefetch.calibrate`), print the table,
+    write the profile file; exit 2 with one line where there is no GPU or NPU."""
+    from datetime import UTC, datetime
+
+    from fxprefetch.devices.calibrate import (
+        CalibrationError,
+        calibrate,
+        profile_document,
+        render_table,
+    )
+    from fxprefetch.devices.prediction import match_profile
+
+    output = _output_path(args.output) if args.output else None
+    try:
+        if args.simulate:
+            from fxprefetch.devices.calibrate_sim import SIMULATED, SimulatedDevice
+
+            device = SimulatedDevice(SIMULATED[args.simulate])
+        else:
+            from fxprefetch.devices.calibrate_hw import detect
+
+            device = detect()
+        facts = device.facts()
+        name = args.name
+        if name is None:
+            found = match_profile(facts.name)
+            prefix = args.simulate or (found.name if found is not None else facts.kind)
+            name = f"{prefix}-{'simulated' if args.simulate else 'calibrated'}"
+        output = output or _output_path(f"{name}.json")
+
+        def progress(text: str) -> None:
+            if not args.quiet:
+                sys.stderr.write(f"calibrate: {text}\n")
+                sys.stderr.flush()
+
+        date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        result = calibrate(device, budget_s=args.budget, date=date, progress=progress)
+    except CalibrationError as exc:
+        raise CliError(f"calibrate: {exc}") from None
+    document = profile_document(result, name)
+    try:
+        output.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise CliError(f"--output: cannot write {output}: {exc}") from None
+    print(f"{document['label']}: {name}, written to {output}")
+    print(render_table(result))
+    return 0
 
 
 def run_plan_dir(args: argparse.Namespace) -> int:
     """``fxprefetch plan --from-dir DIR``: the plans vLLM workers (or anything) wrote there."""
-    from fxprefetch.plan_render import render_table, render_totals
-    from fxprefetch.plan_store import read_plan_dir
+    from fxprefetch.plan.render import render_table, render_totals
+    from fxprefetch.plan.store import read_plan_dir
 
     unusable = [
         "--" + name.replace("_", "-")
@@ -241,7 +360,7 @@ def run_plan(args: argparse.Namespace) -> int:
     args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     from fxprefetch.explainer import explain
     from fxprefetch.options import parse_options
-    from fxprefetch.plan_render import render_table, render_totals
+    from fxprefetch.plan.render import render_table, render_totals
     from fxprefetch.presets import PRESETS, build_model, example_inputs, load_config
 
     options = _config_option(args)
@@ -284,12 +403,12 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.prediction import StepShape, render_prediction
+                from fxprefetch.devices.prediction import StepShape, render_prediction
 
                 shape = StepShape.from_config(load_config(args.model))
                 text += "\n\n" + render_prediction(plans, args.device, total_layers, shape)
     for text_path, path in pictures:
-        from fxprefetch.timeline import draw_timeline
+        from fxprefetch.plan.timeline import draw_timeline
 
         with progress.stage(f"drawing {text_path}"):
             try:
@@ -329,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
-        return run_plan(args) if args.command == "plan" else run_demo(args)
+        commands = {"plan": run_plan, "demo": run_demo, "calibrate": run_calibrate}
+        return commands[args.command](args)
     except (CliError, ConfigError) as exc:
         print(f"fxprefetch: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

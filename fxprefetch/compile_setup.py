@@ -37,7 +37,7 @@ _PACKAGE_ROOT = Path(__file__).parent
 _PASSES_ROOT = Path(passes_package.__file__).parent  # passes/ (fxprefetch/passes installed)
 # the driver around the passes: how they are run, what they insert, what the plans hold, and
 # the targets' lowerings
-_DRIVER_FILES = ("pipeline.py", "planner.py", "ops.py", "plan.py", "targets/*.py")
+_DRIVER_FILES = ("pipeline.py", "planner.py", "ops.py", "plan/records.py", "targets/*.py")
 
 
 @dataclasses.dataclass(frozen=True)

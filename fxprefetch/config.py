@@ -9,7 +9,7 @@ The JSON shape is the one vllm-ascend users already write::
 
 plus four fields of ours: ``max_prefetch_bytes`` (the L2 cap: left unwritten, the device's
 own, 18 MiB on Ascend as the guide says; ``"auto"``: what each prefetch's window can hide on
-the device, see ``fxprefetch.prediction``), ``sequence_parallel``, ``windows`` (left
+the device, see ``fxprefetch.devices.prediction``), ``sequence_parallel``, ``windows`` (left
 unwritten, the device's own) and ``token_range`` (the token counts for which prefetch runs,
 overall and per role). A role's ratio may also be ``"auto"``: up to the whole weight, as much
 as its window can hide. ``force_prefetch: true`` emits every planned prefetch, also those the
@@ -343,7 +343,7 @@ class WeightPrefetchConfig:
     windows: tuple[str, ...] | None = None  # None: the device's (see ``window_kinds``)
     token_range: TokenBounds = field(default_factory=TokenBounds)
     # emit every planned prefetch, even where the device profile predicts a loss (on a GPU
-    # the default drops those: see fxprefetch.prediction)
+    # the default drops those: see fxprefetch.devices.prediction)
     force_prefetch: bool = False
 
     def __post_init__(self) -> None:

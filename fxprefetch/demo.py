@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fxprefetch.options import parse_options
-from fxprefetch.plan_render import render_table
+from fxprefetch.plan.render import render_table
 from fxprefetch.planner import clear_plans, last_plans
 from fxprefetch.presets import build_model, example_inputs
 from fxprefetch.runtime_stats import collect_stats

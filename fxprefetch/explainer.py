@@ -25,7 +25,7 @@ from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.prediction import DeviceProfile
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.targets import compile_setup
 
 
@@ -41,7 +41,7 @@ def explain(
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
     (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
-    ``device_profile`` (a name of ``fxprefetch.prediction.PROFILES``, e.g. ``"h200"``, a
+    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``, a
     device profile file's path, or a profile) plans as a compile on that device would: its
     default cap, its window policy (on a GPU, ``mlp.down`` and attention windows), ``"auto"``
     sizes, each prefetch's predicted saving (a model, never a measurement), and on a GPU

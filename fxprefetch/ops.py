@@ -21,7 +21,7 @@ stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``;
 an ``order`` list that pins their place in inductor's schedule (``passes/lower_native.py``).
 
 ``prefetch_in_range`` (a prefetch that checks its token count when it runs) and the by-name
-prefetches of integrations (``fxprefetch.vllm_moe``) are not lowered: their kernels call the
+prefetches of integrations (``fxprefetch.vllm.moe``) are not lowered: their kernels call the
 device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they need no
 join. :data:`PREFETCH_OPS` lists every prefetch op.
 """

@@ -28,7 +28,7 @@ from fxprefetch.passes.invariants import InvariantError
 from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
-from fxprefetch.plan_store import PLAN_DIR_ENV, write_plan_file
+from fxprefetch.plan.store import PLAN_DIR_ENV, write_plan_file
 
 logger = logging.getLogger("fxprefetch")
 

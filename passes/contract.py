@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import PrefetchPlan
-from fxprefetch.prediction import DeviceProfile
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_w
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
-from fxprefetch.prediction import (
+from fxprefetch.devices.prediction import (
     DeviceProfile,
     WindowTraffic,
     delta_us_per_mb,

@@ -85,10 +85,22 @@ def test_gpu_bench_layer_part_runs_and_counts_prefetches_on_the_cpu(
     shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
     cap = 4096  # below every qkv / gate_up weight (>= 64 x 128 x 4 bytes)
     rows = gpu_bench.layers(
-        True, device="cpu", shapes=shapes, dtype=torch.float32, mode="default", caps=[cap]
+        True,
+        device="cpu",
+        shapes=shapes,
+        dtype=torch.float32,
+        mode="default",
+        caps=[cap],
+        defaults=True,
     )
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"inductor", f"prefetch {cap / gpu_bench.MB:g} MB"}
+    assert set(by_variant) == {
+        "inductor",
+        gpu_bench.DEFAULT_ARM,
+        f"prefetch {cap / gpu_bench.MB:g} MB",
+    }
+    default = by_variant[gpu_bench.DEFAULT_ARM]  # the backend with no options, measured
+    assert default["ratio"] > 0 and "predicted_saved_us" in default
     ours = by_variant[f"prefetch {cap / gpu_bench.MB:g} MB"]
     assert (
         ours["prefetches_per_step"] == 2 * 2 and by_variant["inductor"]["prefetches_per_step"] == 0
@@ -110,9 +122,13 @@ def test_gpu_bench_goals_read_from_rows(gpu_bench):
         {"batch": 1, "variant": "inductor", "ratio": 1.0},
         {"batch": 1, "variant": "prefetch 8 MB", "ratio": 1.05},
         {"batch": 16, "variant": "prefetch 8 MB", "ratio": 0.9},
+        {"batch": 1, "variant": gpu_bench.DEFAULT_ARM, "ratio": 1.2},  # not a prefetch variant
+        {"batch": 16, "variant": gpu_bench.DEFAULT_ARM, "ratio": 0.994},
     ]
     met = gpu_bench.goals_met(micro, layers)
     assert met == {
+        "default_arm_worst": 0.994,
+        "default_arm": False,  # below 0.995 at batch 16
         "micro_worst_saving_share": 0.75,
         "micro": True,
         "layer_best_speedup_batch1": 1.05,
@@ -143,13 +159,14 @@ def test_the_llama_decoder_plans_four_prefetches_per_layer_on_a_gpu_profile(gpu_
         tuple(torch.empty(cache, device="meta", dtype=torch.bfloat16) for _ in "kv")
         for _ in range(2)
     ]
-    (plan,) = fxprefetch.explain(model, x, caches, device_profile="h200")
+    forced = {"force_prefetch": True}  # the H200's profile predicts each to lose
+    (plan,) = fxprefetch.explain(model, x, caches, config=forced, device_profile="h200")
     for layer in (0, 1):
         done = [r for r in plan.prefetched if r.layer == layer]
         assert sorted(r.role for r in done) == GPU_ROLES
         assert {r.role: r.window_kind for r in done}["attn.o"] == "attention"
         assert all(r.prediction is not None and r.prediction.device == "h200" for r in done)
-    assert plan.predicted().per_step_us > 0
+    assert plan.predicted().per_step_us < 0  # a loss on the H200's side stream
     (ascend,) = fxprefetch.explain(model, x, caches, device_profile="ascend-910b")
     assert not any(r.window_kind == "attention" for r in ascend.prefetched)
     assert all(
@@ -189,7 +206,7 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     rows = gpu_bench.layers(
         True, device="cpu", shapes=shapes, dtype=torch.float32, mode="default", caps=[None]
     )
-    ours = next(r for r in rows if r["variant"] == "prefetch, default cap")  # forced
+    ours = next(r for r in rows if r["variant"] == "prefetch, default cap")
     assert ours["prefetches_per_layer"] == 4 and ours["prefetches_per_step"] == 8
     assert events.count("fork") == events.count("join") > 0
     assert ours["predicted_saved_us"] is not None and ours["predicted_device"] == "h200"
@@ -199,11 +216,87 @@ def test_gpu_bench_layers_on_a_simulated_gpu_profile_predict_beside_measure(
     assert "predicted" in table and "prefetch, default cap" in table
 
 
+def test_gpu_check_dry_run_runs_the_cpu_forms_and_says_what_it_would_run(tmp_path):
+    """``gpu_check.sh --dry-run``: calibrate on a simulated H200 writes the profile, the
+    lowering arms run at tiny sizes on the CPU (every arm, both decoders, outputs equal,
+    predictions read from the plan), the decision line reaches the summary, and every GPU
+    part says what it would run."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_DRY", None)
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+        env=env,
+    )
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:]
+    for part in ("calibrate", "lowerings"):
+        assert f"gpu_check: {part} (no-GPU form): exit 0" in summary, summary
+    for part in ("install", "calibrate", "gpu_tests", "lowerings", "bench_b1", "bench_b16"):
+        assert f"would run {part} (budget" in summary, summary
+    assert "-m gpu tests/devices/test_cuda_prefetch.py" in summary
+    assert "--only layers --check --batch 16" in summary
+    assert json.loads((tmp_path / "facts.json").read_text())["torch"]
+    profile = json.loads((tmp_path / "device-profile.json").read_text())
+    assert profile["schema"] == "fxprefetch.device_profile" and profile["name"] == "h200-simulated"
+    lowerings = json.loads((tmp_path / "lowerings.json").read_text())
+    rows = {(r["config"], r["arm"]): r for r in lowerings["rows"]}
+    assert set(rows) == {(c, a) for c in ("dense-b1", "tp4-b1") for a in LOWERING_ARMS}
+    assert all(r["same_output"] and r["reference_rel_err"] == 0 for r in rows.values())
+    for config in ("dense-b1", "tp4-b1"):
+        assert rows[config, "base"]["prefetches_per_layer"] == 0
+        for arm in LOWERING_ARMS[1:]:
+            assert rows[config, arm]["prefetches_per_layer"] == 4  # qkv, o, gate/up, down
+            assert rows[config, arm]["predicted_saved_us"] is not None
+    assert lowerings["sm90_compile"] == [
+        f"{k}/pf={on}: ok" for k in ("rmsnorm", "silu_mul", "spin") for on in (False, True)
+    ] or lowerings["sm90_compile"].startswith("skipped")
+    assert "gpu_check: decision: [dry run, CPU times mean nothing]" in summary
+    assert summary.splitlines()[-1].startswith("gpu_check: done")
+
+
+LOWERING_ARMS = ("base", "side", "compute", "fused")
+
+
+def test_the_lowering_decision_follows_the_long_window_rows(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_lowerings
+
+    def row(config, arm, med, p25):
+        return {"config": config, "arm": arm, "speedup": {"med": med, "p25": p25}}
+
+    rows = [row("dense-b1", "fused", 1.5, 1.4), row("tp4-b1", "side", 0.97, 0.96)]
+    assert "the GPU default stays off" in bench_lowerings.decision(rows)
+    rows.append(row("tp4-b1", "fused", 1.021, 1.001))
+    assert "fused measured >= 1.02x on long windows" in bench_lowerings.decision(rows)
+    rows[-1] = row("tp4-b1", "fused", 1.021, 0.999)  # the lower quartile loses
+    assert "stays off" in bench_lowerings.decision(rows)
+    assert "undecided" in bench_lowerings.decision(rows[:1])
+
+
+def test_fused_extra_programs_cover_the_weight_in_aligned_lanes(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fused_prefetch as fp
+
+    extra = fp.extra_programs(1 << 12, 11 * (1 << 20) + 5, sms=132)
+    assert extra.nbytes == 11 * (1 << 20)  # whole 16-byte units
+    assert extra.programs * extra.per_program >= extra.nbytes
+    assert (extra.programs - 1) * extra.per_program < extra.nbytes and extra.programs <= 132
+    assert extra.per_program % (fp.LANES * 16) == 0
+    assert fp.extra_programs(16, 8, sms=132) == fp.NONE
+    with pytest.raises(ValueError, match="aligned"):
+        fp.extra_programs(8, 4096, sms=132)
+
+
 def test_the_benchmarks_default_arm_emits_no_prefetch_on_a_simulated_h200(
     gpu_bench, monkeypatch, fresh_dynamo
 ):
     """The default arm is the backend with no options: on an H200 (simulated, the CPU standing
-    in) the model predicts every side-stream prefetch to lose, so none is emitted or run."""
+    in) the model predicts every side-stream prefetch to lose, so none is emitted or run, and
+    each skipped record carries its predicted µs."""
     import torch
 
     import fxprefetch
@@ -231,31 +324,11 @@ def test_the_benchmarks_default_arm_emits_no_prefetch_on_a_simulated_h200(
         shapes=shapes,
         dtype=torch.float32,
         mode="default",
-        caps=[gpu_bench.DEFAULT_ARM],
+        caps=[],
+        defaults=True,
     )
-    default = next(r for r in rows if r["variant"] == "backend, no options")
+    default = next(r for r in rows if r["variant"] == gpu_bench.DEFAULT_ARM)
     assert default["prefetches_per_step"] == 0 and events == []
-    plans = fxprefetch.last_plans()
     loss = fxprefetch.SkipReason.PREDICTED_LOSS
-    skipped = [r for p in plans for r in p.records if r.skip_reason == loss]
+    skipped = [r for p in fxprefetch.last_plans() for r in p.records if r.skip_reason == loss]
     assert len(skipped) == 8 and all(r.prediction.hidden_us < 0 for r in skipped)
-
-
-def test_gpu_check_runs_start_to_end_without_a_gpu_and_says_what_it_would_run(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DRY": "1"}
-    proc = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    summary = (tmp_path / "summary.txt").read_text()
-    for part in ("install", "gpu_tests", "bench_micro", "bench_b1", "bench_b16"):
-        assert f"would run {part} (budget" in summary, summary
-    assert "-m gpu tests/test_cuda_prefetch.py" in summary
-    assert "--only layers --check --batch 16" in summary
-    assert json.loads((tmp_path / "facts.json").read_text())["torch"]
-    assert summary.splitlines()[-1].startswith("gpu_check: done")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from fxprefetch.cli import main
+from fxprefetch.plan.schema import schema_errors
 from fxprefetch.presets import PRESETS
-from fxprefetch.schema_check import schema_errors
 
 pytest.importorskip("transformers")
 jsonschema = pytest.importorskip("jsonschema")
 
-SCHEMA = json.loads(resources.files("fxprefetch").joinpath("plan_schema.json").read_text())
+SCHEMA = json.loads(resources.files("fxprefetch.plan").joinpath("plan_schema.json").read_text())
 # the CLI's main in a child process, reporting its peak resident memory on stderr. VmHWM is
 # the peak of the child's own address space; getrusage's ru_maxrss would also carry the
 # peak of the pytest process it was spawned from (Linux keeps it across exec).
@@ -251,7 +251,7 @@ def test_demo_prints_the_demo_and_exits_1_where_it_did_not_hold_up(
 
 
 def test_schema_file_is_shipped():
-    assert Path(str(resources.files("fxprefetch").joinpath("plan_schema.json"))).is_file()
+    assert Path(str(resources.files("fxprefetch.plan").joinpath("plan_schema.json"))).is_file()
 
 
 # -- every user error exits 2 with one line ------------------------------------------------------
@@ -495,7 +495,7 @@ def test_from_dir_refuses_options_it_cannot_use(extra, tmp_path, capsys):
 
 def test_schema_check_agrees_with_jsonschema():
     """fxprefetch validates plan files without jsonschema (a test dependency only)."""
-    from fxprefetch.schema_check import SchemaError, schema_errors
+    from fxprefetch.plan.schema import SchemaError, schema_errors
 
     plan_schema = {"$ref": "#/$defs/plan"}
     validator = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], **plan_schema})

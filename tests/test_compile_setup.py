@@ -28,12 +28,12 @@ from fxprefetch.compile_setup import (
 )
 from fxprefetch.config import ConfigError
 from fxprefetch.devices import DeviceSetup
+from fxprefetch.devices.prediction import profile
 from fxprefetch.options import parse_options
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.prediction import profile
 from fxprefetch.targets import (
     AUTO,
     TARGET_NAMES,
@@ -48,7 +48,7 @@ from fxprefetch import WeightPrefetchConfig
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
-from fxprefetch.prediction import profile
+from fxprefetch.devices.prediction import profile
 from fxprefetch.targets import TARGETS
 
 SETUP = CompileSetup(
@@ -170,11 +170,20 @@ def test_the_key_reads_every_module_the_passes_import():
     """Not a list kept by hand: the passes' and the driver's imports, followed through every
     module (into functions too), decide which sources the key hashes."""
     names = {_stable_name(p) for p in pass_source_files(_base().pipeline)}
-    read_by_passes = {"config.py", "roles.py", "prediction.py", "validation.py", "plan.py"}
+    read_by_passes = {
+        "config.py",
+        "roles.py",
+        "devices/prediction.py",
+        "validation.py",
+        "plan/records.py",
+    }
     contract = {"passes/contract.py", "passes/invariants.py", "passes/strip_prefetch.py"}
-    imported_in_a_function = {"cuda_prefetch.py"}  # devices.py imports it where CUDA is used
+    # devices/setup.py imports it where CUDA is used
+    imported_in_a_function = {"devices/cuda_prefetch.py"}
     assert read_by_passes | contract | imported_in_a_function <= names
-    assert {"cli.py", "vllm_plugin.py", "backend.py"}.isdisjoint(names)  # nothing the passes use
+    assert {"cli.py", "vllm/plugin.py", "vllm_plugin.py", "backend.py"}.isdisjoint(
+        names
+    )  # nothing the passes use
 
 
 def test_equal_setups_give_equal_keys_across_processes():
@@ -204,7 +213,7 @@ def test_a_value_with_no_stable_form_is_refused():
 
 def test_both_cache_keys_are_the_setups_key():
     from fxprefetch.targets.inductor import PrefetchGraphPass
-    from fxprefetch.vllm_plugin import WeightPrefetchPass
+    from fxprefetch.vllm.plugin import WeightPrefetchPass
 
     setup = compile_setup(WeightPrefetchConfig(enabled=True), target="inductor")
     planner = GraphPlanner(setup, source_names=["w", None], record=False)
@@ -291,7 +300,7 @@ def test_the_key_changes_when_the_device_profile_files_contents_change(tmp_path)
     contents, not its name, so recalibrating the device recompiles."""
     import json as json_module
 
-    from fxprefetch.profile_file import to_dict
+    from fxprefetch.devices.profile_file import to_dict
 
     path = tmp_path / "gpu.json"
     data = to_dict(profile("h200"))
@@ -316,7 +325,7 @@ def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
 
 
 def test_the_vllm_pass_takes_its_device_profile_from_the_environment(monkeypatch, tmp_path):
-    from fxprefetch.vllm_plugin import PROFILE_ENV, WeightPrefetchPass, env_device_profile
+    from fxprefetch.vllm.plugin import PROFILE_ENV, WeightPrefetchPass, env_device_profile
 
     vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
     monkeypatch.delenv(PROFILE_ENV, raising=False)

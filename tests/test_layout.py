@@ -32,7 +32,7 @@ CORE = {
     "fxprefetch.config",
     "fxprefetch.ops",
     "fxprefetch.plan",
-    "fxprefetch.prediction",
+    "fxprefetch.devices.prediction",
     "fxprefetch.roles",
     "fxprefetch.validation",
 }
@@ -40,8 +40,8 @@ ROOMS = {"tables": 0, "analysis": 1, "": 2}  # "": the passes themselves, at pas
 TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
-    "hidden_weights": "test_vllm_moe.py",  # vLLM's fused MoE looks its experts up by name
-    "token_bounds": "test_vllm_moe.py",  # token bounds on vLLM's static and dynamic graphs
+    "hidden_weights": "vllm/test_vllm_moe.py",  # vLLM's fused MoE looks its experts up by name
+    "token_bounds": "vllm/test_vllm_moe.py",  # token bounds on vLLM's static and dynamic graphs
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
 }
@@ -218,7 +218,7 @@ def test_the_wheel_installs_fxprefetch_only(wheel):
     assert "npu_prefetch = fxprefetch.backend:npu_prefetch" in entry_points
     for data in (
         "fxprefetch/py.typed",
-        "fxprefetch/plan_schema.json",
+        "fxprefetch/plan/plan_schema.json",
         "fxprefetch/passes/py.typed",
     ):
         assert data in names

@@ -118,8 +118,8 @@ def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetc
 def test_auto_sizes_each_prefetch_to_what_its_window_hides():
     """On a GPU profile where a landed MB pays (δ > β), "auto" sizes each prefetch to what
     lands in its window; on the H200's side stream (β > δ) it sizes none."""
-    from fxprefetch.prediction import WindowTraffic, hideable_bytes, profile
-    from fxprefetch.profile_fit import with_cost, with_delta
+    from fxprefetch.devices.prediction import WindowTraffic, hideable_bytes, profile
+    from fxprefetch.devices.profile_fit import with_cost, with_delta
 
     paying = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
     auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto", force_prefetch=True)
@@ -307,8 +307,8 @@ def test_force_prefetch_emits_every_planned_prefetch():
 def test_a_profile_where_prefetches_pay_emits_those_above_the_margin():
     """A profile whose side stream costs nothing per MB and 0.1 µs fixed: a prefetch pays where
     δ x landed exceeds 0.1 µs plus the 0.5 µs margin."""
-    from fxprefetch.prediction import profile
-    from fxprefetch.profile_fit import with_cost, with_delta
+    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_fit import with_cost, with_delta
 
     cheap = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
     gm, plan = plan_synth(cheap, hidden=512, intermediate=2048)

@@ -30,7 +30,7 @@ from fxprefetch.passes.analysis.weight_trace import WeightTrace, trace_operand
 from fxprefetch.passes.tables import rules as rules_module
 from fxprefetch.passes.tables.role_rules import RoleRule
 from fxprefetch.passes.tables.rules import DEFAULT_RULES, PrefetchRules, current_rules, set_rules
-from fxprefetch.schema_check import schema_errors
+from fxprefetch.plan.schema import schema_errors
 
 from support.planning import ON, fresh_export
 from support.tracing import fake_trace
@@ -272,7 +272,7 @@ def _role_schemas(node: object):
 def test_the_plan_schema_takes_every_role_and_only_role_shaped_names():
     """The schema lists no roles (a role added to the table needs no schema change); its
     pattern takes every role of the table and refuses what cannot be one."""
-    schema = json.loads((ROOT / "fxprefetch" / "plan_schema.json").read_text())
+    schema = json.loads((ROOT / "fxprefetch" / "plan" / "plan_schema.json").read_text())
     found = list(_role_schemas(schema))
     assert found and all(set(s["examples"]) <= set(roles.ROLES) for s in found)
     for role_schema in found:
@@ -383,6 +383,6 @@ def test_the_role_table_refuses_what_cannot_be_a_role(build, message):
 
 
 def test_a_role_name_is_what_the_plan_schema_takes():
-    schema = json.loads((ROOT / "fxprefetch" / "plan_schema.json").read_text())
+    schema = json.loads((ROOT / "fxprefetch" / "plan" / "plan_schema.json").read_text())
     (role_schema, *_) = _role_schemas(schema)
     assert role_schema["pattern"] == roles.ROLE_NAME.pattern

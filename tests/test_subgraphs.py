@@ -531,7 +531,7 @@ def test_property_only_parameters_and_one_record_per_matmul(spec, target):
 def test_stored_reports_keep_each_runs_weights(tmp_path, monkeypatch):
     """On an inductor cache hit the reports come back from the plan store: with the
     weights each run of a shared body reads."""
-    from fxprefetch import plan_store
+    from fxprefetch.plan import store as plan_store
 
     monkeypatch.setattr(plan_store, "_store_dir", lambda: tmp_path)
     planner = GraphPlanner(

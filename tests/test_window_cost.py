@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.devices.prediction import profile
 from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.passes.analysis.window_cost import tensor_bytes
 from fxprefetch.passes.analysis.windows import attention_matmuls
-from fxprefetch.prediction import profile
 
 from support.tracing import fake_trace
 

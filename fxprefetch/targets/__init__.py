@@ -27,7 +27,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
-from fxprefetch.prediction import DeviceProfile
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.targets import eager, inductor, npu
 from fxprefetch.targets.npu import npu_available
 

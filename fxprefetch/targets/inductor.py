@@ -16,7 +16,7 @@ from fxprefetch.passes.lower_native import lower_native
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
-from fxprefetch.plan_store import load_plans, plan_key, save_plans
+from fxprefetch.plan.store import load_plans, plan_key, save_plans
 
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner

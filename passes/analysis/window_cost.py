@@ -1,5 +1,5 @@
 """What a window moves, read from the tensor sizes on the FX graph (``meta['val']``): the
-input of the prediction model (``fxprefetch.prediction``).
+input of the prediction model (``fxprefetch.devices.prediction``).
 
 The window's vector work counts as one fused kernel, as inductor emits it: the bytes of the
 tensors it takes from outside the window and of those it hands on (to the linear, to
@@ -18,11 +18,11 @@ from collections.abc import Iterable
 import torch
 from torch.fx import Node
 
+from fxprefetch.devices.prediction import WindowTraffic
 from fxprefetch.passes.analysis.graph_utils import fake_value
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 from fxprefetch.passes.analysis.windows import Window
 from fxprefetch.passes.tables.rules import PrefetchRules
-from fxprefetch.prediction import WindowTraffic
 
 
 class _SymbolicSizeError(Exception):

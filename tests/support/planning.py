@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import run_weight_prefetch
-from fxprefetch.prediction import DeviceProfile
+from fxprefetch.devices.prediction import DeviceProfile
 
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import export_aten, fake_trace
@@ -45,7 +45,7 @@ def plan_synth(
 ) -> tuple[GraphModule, PrefetchPlan]:
     """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` (a
     built-in profile's name, or a profile) if given."""
-    from fxprefetch.prediction import profile
+    from fxprefetch.devices.prediction import profile
 
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
     if isinstance(profile_name, str):

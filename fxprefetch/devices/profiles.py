@@ -1,0 +1,46 @@
+"""The device profile (``fxprefetch.devices.prediction``) of the device a compile runs on, and the
+byte cap a profile implies (``fxprefetch.devices.simulated_setup`` builds a whole setup from
+a profile where there is no such device)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fxprefetch.devices.prediction import DeviceProfile, gpu_profile, match_profile
+
+
+def cuda_profile(device: torch.device | int | None = None) -> DeviceProfile:
+    """The profile of a CUDA device here, from what it reports (bandwidth, L2, SMs)."""
+    from fxprefetch.devices.cuda_prefetch import peak_bandwidth
+
+    props = torch.cuda.get_device_properties(
+        device if device is not None else torch.cuda.current_device()
+    )
+    return gpu_profile(
+        props.name, peak_bandwidth(props), props.L2_cache_size, props.multi_processor_count
+    )
+
+
+def npu_profile() -> DeviceProfile | None:
+    """The Ascend profile matching torch_npu's device name, where torch_npu is loaded."""
+    torch_npu = sys.modules.get("torch_npu")
+    if torch_npu is None:
+        return None
+    try:
+        name = torch_npu.npu.get_device_name(0)
+    except Exception:  # no device, or an older torch_npu: no profile, no prediction
+        return None
+    found = match_profile(str(name))
+    return found if found is not None and found.kind == "npu" else None
+
+
+def default_cap(device: DeviceProfile) -> int | None:
+    """The byte cap a compile for ``device`` uses where the config writes none: window x
+    bandwidth on a GPU (as the CUDA lowering derives it), the guide's 18 MiB on Ascend."""
+    if device.kind != "gpu":
+        return None
+    from fxprefetch.devices.cuda_prefetch import cap_for
+
+    return cap_for(device.hbm_bytes_per_s, int(device.l2_bytes.value))

@@ -1,0 +1,135 @@
+"""What the devices of this process offer the pipeline: native prefetches, side-stream joins
+and byte caps. One answer for every entry point (the backend, the vLLM pass), fixed when a
+planner is made, so it also enters the compile-cache key.
+
+Where a native prefetch pays (``native_prefetch``):
+
+- ``"auto"`` (default): native where the compiled graph is replayed as a CUDA graph
+  (inductor's ``reduce-overhead``, vLLM's CUDA graphs). Elsewhere each prefetch and join is
+  a host call into Python (about 25-40 µs each on a GPU, more than a decode window hides):
+  there prefetches stay hints, left out of the compiled code like on the CPU.
+- ``"always"`` / ``"never"``: native, or hints, whatever the mode.
+
+``cuda_lowering``: ``"side_stream"`` (default: a fork onto a side stream, joined before the
+linear) or ``"compute_stream"`` (a fire-and-forget kernel on the compute stream, no join);
+``cache_hint``: the L2 hint of the prefetch instruction (``"none"`` or ``"evict_last"``).
+``benchmarks/probe_gpu_kernel.py`` measures both choices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
+from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
+from fxprefetch.ops import native_l2_devices, native_prefetch_devices
+
+NATIVE_POLICIES = ("auto", "always", "never")
+CUDA_LOWERINGS = ("side_stream", "compute_stream")
+CACHE_HINTS = ("none", "evict_last")
+
+
+@dataclass(frozen=True)
+class DeviceSetup:
+    native: frozenset[str] = frozenset()  # device types whose prefetch reaches hardware
+    joins: frozenset[str] = frozenset()  # ... from a side stream that must be joined
+    caps: Mapping[str, int] = field(default_factory=dict)  # byte caps where none is written
+    l2: frozenset[str] = frozenset()  # native devices lowered to fxprefetch.prefetch_native
+    cache_hint: str = "none"
+    lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
+    # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
+    profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    # the profile the options asked for (``device_profile``), kept even where no device here
+    # uses it, so that it is part of the compile-cache key
+    requested_profile: DeviceProfile | None = None
+
+
+@functools.cache
+def _native_cuda_prefetch() -> bool:
+    """Register the CUDA L2 prefetch once, where CUDA, Triton and sm_80+ are present."""
+    from fxprefetch.devices.cuda_prefetch import register
+
+    return register()
+
+
+def device_setup(
+    *,
+    native_l2: bool = False,
+    ascend: bool = False,
+    cudagraphs: bool = False,
+    native_prefetch: str = "auto",
+    cuda_lowering: str = "side_stream",
+    cache_hint: str = "none",
+    device_profile: DeviceProfile | None = None,
+) -> DeviceSetup:
+    """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
+
+    ``native_l2``: its pipeline lowers to native L2 prefetches (inductor's): the CUDA prefetch
+    is turned on where the machine has one (with its window x bandwidth cap and the GPU's
+    profile: window policy, "auto" sizes, predictions, ``fxprefetch.devices.profiles``) and
+    where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
+    as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
+    names a known device. ``device_profile``: the profile to predict with on this process's
+    GPU or NPU instead of the built-in one its name matches (a calibrated file)."""
+    caps: dict[str, int] = {}
+    profiles: dict[str, DeviceProfile] = {}
+    if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
+        from fxprefetch.devices.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
+
+        caps["cuda"] = cuda_default_cap()
+        found = cuda_profile() if device_profile is None else device_profile
+        profiles["cuda"] = found.with_lowering(cuda_lowering) if found.kind == "gpu" else found
+    if ascend:
+        found = npu_profile() if device_profile is None else device_profile
+        if found is not None:
+            profiles["npu"] = found
+    native = set(native_prefetch_devices())
+    l2 = native_l2_devices() & native if native_l2 else set()
+    use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
+    why = f"native_prefetch {native_prefetch!r}" + (
+        f", {'' if cudagraphs else 'no '}CUDA graphs" if native_prefetch == "auto" else ""
+    )
+    stream = "side stream, joined" if cuda_lowering == "side_stream" else "compute stream"
+    lowering = {}
+    for device in sorted(l2):
+        if use:
+            hint = f"cache hint {cache_hint}"
+            lowering[device] = f"native L2 prefetch on the {stream}, {hint} ({why})"
+        else:
+            lowering[device] = f"hints ({why})"
+            native.discard(device)
+    l2 = l2 & native
+    joins = l2 if cuda_lowering == "side_stream" else set()
+    return DeviceSetup(
+        frozenset(native),
+        frozenset(joins),
+        caps,
+        frozenset(l2),
+        cache_hint,
+        lowering,
+        profiles,
+        device_profile,
+    )
+
+
+def simulated_setup(
+    name: str | DeviceProfile, device_types: Iterable[str] = ("meta",)
+) -> DeviceSetup:
+    """A compile's setup as on the device profile ``name``, for weights on ``device_types``
+    (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
+    device's default cap, window policy and predictions. Native prefetches stay those
+    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``).
+    ``name``: a built-in profile's name, a profile file's path, or a profile."""
+    device = resolve_profile(name) if isinstance(name, str) else name
+    cap = default_cap(device)
+    types = sorted(set(device_types))
+    return replace(
+        device_setup(native_l2=True, native_prefetch="always"),
+        caps={t: cap for t in types} if cap is not None else {},
+        profiles={t: device for t in types},
+        requested_profile=device,
+    )
