@@ -18,6 +18,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
@@ -25,7 +26,6 @@ from fxprefetch.passes.analysis.roles import layer_index, match_role, owner_path
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.targets import compile_setup
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
-from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.devices.prediction import DeviceProfile, ProfileError, resolve_profile
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 

@@ -27,6 +27,15 @@ from collections.abc import Mapping
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
+from fxprefetch.devices.prediction import (
+    DeviceProfile,
+    WindowTraffic,
+    delta_us_per_mb,
+    emits,
+    hideable_bytes,
+    loss_note,
+    predict,
+)
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
@@ -42,15 +51,6 @@ from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_w
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
-from fxprefetch.devices.prediction import (
-    DeviceProfile,
-    WindowTraffic,
-    delta_us_per_mb,
-    emits,
-    hideable_bytes,
-    loss_note,
-    predict,
-)
 
 logger = logging.getLogger("fxprefetch")
 

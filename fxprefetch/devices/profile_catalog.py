@@ -1,9 +1,10 @@
 """The built-in device profiles, as data in the device-profile file's form
 (``fxprefetch.devices.profile_file``): every constant with its provenance.
 
-- ``h200``: measured on an NVIDIA H200 on 2026-11-30 (``benchmarks/results/gpu-h200-2026-11-30/``)
-  and fitted to that run (``fxprefetch.devices.profile_fit``; ``tests/devices/test_profile_fit.py`` re-derives
-  each measured and fitted value from the files).
+- ``h200``: measured on an NVIDIA H200 on 2026-11-30
+  (``benchmarks/results/gpu-h200-2026-11-30/``) and fitted to that run
+  (``fxprefetch.devices.profile_fit``; ``tests/devices/test_profile_fit.py`` re-derives each
+  measured and fitted value from the files).
 - ``h100``, ``a100``, ``b200``: derived from the H200's and their datasheets, labelled so,
   until a ``fxprefetch calibrate`` run measures them.
 - ``ascend-910b``, ``ascend-a3``: δ fitted to vllm-ascend's published A3 result (Qwen3-235B-A22B,
@@ -24,7 +25,8 @@ LAYERS_B1 = f"{H200_RUN}/bench_b1.json ({H200_MACHINE})"
 H200_DELTA_1 = 0.0553
 H200_DELTA_16 = 0.0749
 H200_FORK_US = 0.548
-# fitted by fxprefetch.devices.profile_fit.fit_per_mb on ONE row: batch 1, default cap (bench_b1.json)
+# fitted by fxprefetch.devices.profile_fit.fit_per_mb on ONE row: batch 1, default cap
+# (bench_b1.json)
 H200_SIDE_PER_MB = 0.1151
 # fitted by fxprefetch.devices.profile_fit.fit_line to bench_micro's "same" arm (prefetch on the
 # compute stream, no fork), M = 1, windows >= 2 µs: (same - none) + δ·MB = fixed + per_mb·MB

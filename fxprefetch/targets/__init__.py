@@ -25,9 +25,9 @@ import torch
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
-from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.targets import eager, inductor, npu
 from fxprefetch.targets.npu import npu_available
 

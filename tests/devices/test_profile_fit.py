@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.device_profiles import default_cap
 from fxprefetch.devices import profile_catalog
 from fxprefetch.devices import profile_fit as fit
-from fxprefetch.device_profiles import default_cap
-from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.devices.prediction import profile
+from fxprefetch.passes import run_weight_prefetch
 
 from support.tracing import fake_trace
 

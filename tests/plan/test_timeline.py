@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fxprefetch.plan import LinearRecord, PredictedSaving
 from fxprefetch.devices.prediction import profile
+from fxprefetch.plan import LinearRecord, PredictedSaving
 from fxprefetch.plan.timeline import Span, time_layout
 
 

@@ -11,9 +11,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import run_weight_prefetch
-from fxprefetch.devices.prediction import DeviceProfile
 
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import export_aten, fake_trace
