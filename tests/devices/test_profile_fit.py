@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.device_profiles import default_cap
+from fxprefetch.devices.profiles import default_cap
 from fxprefetch.devices import profile_catalog
 from fxprefetch.devices import profile_fit as fit
 from fxprefetch.devices.prediction import profile
