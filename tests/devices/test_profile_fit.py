@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.devices.profiles import default_cap
 from fxprefetch.devices import profile_catalog
 from fxprefetch.devices import profile_fit as fit
 from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profiles import default_cap
 from fxprefetch.passes import run_weight_prefetch
 
 from support.tracing import fake_trace
