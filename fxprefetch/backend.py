@@ -48,6 +48,7 @@ def setup_from_options(
         cuda_lowering=opts.cuda_lowering,
         cache_hint=opts.cache_hint,
         ascend_lowering=opts.ascend_lowering,
+        device_profile=opts.device_profile,
     )
 
 

@@ -129,6 +129,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device_profile(text: str):
+    """A built-in device profile's name or a profile file's path, validated."""
+    from fxprefetch.devices.prediction import ProfileError, resolve_profile
+
+    try:
+        return resolve_profile(text)
+    except ProfileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fxprefetch.devices.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
     from fxprefetch.devices.calibrate_sim import SIMULATED
@@ -181,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--device",
-        type=str.lower,
-        choices=list(PROFILES_BY_NAME),
-        help='plan as a compile on this device would (its cap, windows and "auto" sizes) '
-        "and print the predicted saving per layer and per step (a model, not a measurement)",
+        type=_device_profile,
+        metavar="{" + ",".join(PROFILES_BY_NAME) + "} or FILE.json",
+        help='plan as a compile on this device would (its cap, windows, "auto" sizes and '
+        "which prefetches pay) and print the predicted saving per layer and per step with "
+        "every constant's provenance (a model, not a measurement); a built-in profile's name "
+        "or a device profile file (fxprefetch calibrate writes one)",
     )
     plan.add_argument("--format", type=str.lower, choices=["table", "json"], default="table")
     plan.add_argument("--output", help="write the table or JSON to this file")
@@ -398,15 +410,18 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.devices.prediction import profile, render_prediction
+                from fxprefetch.devices.prediction import StepShape, render_prediction
 
-                text += "\n\n" + render_prediction(plans, profile(args.device), total_layers)
+                shape = StepShape.from_config(load_config(args.model))
+                text += "\n\n" + render_prediction(plans, args.device, total_layers, shape)
     for text_path, path in pictures:
         from fxprefetch.plan.timeline import draw_timeline
 
         with progress.stage(f"drawing {text_path}"):
             try:
-                draw_timeline(plans, path, title=f"{args.model}: weight prefetch overlap")
+                draw_timeline(
+                    plans, path, title=f"{args.model}: weight prefetch overlap", device=args.device
+                )
             except OSError as exc:
                 raise CliError(f"cannot write {text_path}: {exc}") from None
     _emit(text, args.output)

@@ -20,6 +20,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
@@ -36,7 +37,7 @@ def explain(
     model: torch.nn.Module | Callable[..., Any],
     *example_inputs: Any,
     config: WeightPrefetchConfig | dict | str | None = None,
-    device_profile: str | None = None,
+    device_profile: str | DeviceProfile | None = None,
     **example_kwargs: Any,
 ) -> list[PrefetchPlan]:
     """Plans of every graph ``model(*example_inputs, **example_kwargs)`` compiles to.
@@ -46,10 +47,11 @@ def explain(
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read:
     those that eager code read (a graph break), and those nothing read (unused), told apart
     by running the model once more without compiling it (only where such weights exist).
-    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``) plans
-    as a compile on that device would: its default cap, its window policy (on a GPU,
-    ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
-    saving (a model, never a measurement).
+    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``, a
+    device profile file's path, or a profile) plans as a compile on that device would: its
+    default cap, its window policy (on a GPU, ``mlp.down`` and attention windows), ``"auto"``
+    sizes, each prefetch's predicted saving (a model, never a measurement), and on a GPU
+    which prefetches are emitted (those predicted to pay, unless ``force_prefetch``).
     """
     opts = parse_options({"weight_prefetch_config": config} if config is not None else None)
     plans: list[PrefetchPlan] = []
@@ -66,7 +68,10 @@ def explain(
             if isinstance(model, torch.nn.Module)
             else set()
         )
-        simulated = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
+        from fxprefetch.options import device_profile_option
+
+        found = device_profile_option(device_profile, "device_profile")
+        simulated = simulated_setup(found, weights_on or {"meta", "cpu"})
     setup = make_compile_setup(
         opts.config,
         target="eager",

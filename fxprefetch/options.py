@@ -9,6 +9,7 @@ from typing import Any
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import ASCEND_LOWERINGS, CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
+from fxprefetch.devices.prediction import DeviceProfile, ProfileError, resolve_profile
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
@@ -25,6 +26,7 @@ OPTION_KEYS = (
     "cuda_lowering",
     "cache_hint",
     "ascend_lowering",
+    "device_profile",
 )
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -43,6 +45,23 @@ class BackendOptions:
     cuda_lowering: str = "side_stream"  # or "compute_stream" (no fork/join)
     cache_hint: str = "none"  # or "evict_last"
     ascend_lowering: str = "side_stream"  # or "in_stream" (captured Ascend graphs; experiments)
+    # the device profile predictions use on this GPU/NPU (a built-in name or a file's path);
+    # None: the built-in profile the device's name matches
+    device_profile: DeviceProfile | None = None
+
+
+def device_profile_option(value: Any, path: str = "options.device_profile") -> DeviceProfile:
+    """A ``device_profile`` value (a built-in name, a profile file's path, or a profile)."""
+    if isinstance(value, DeviceProfile):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(
+            path, f"expected a device profile name or a file path, got {type(value).__name__}"
+        )
+    try:
+        return resolve_profile(value)
+    except ProfileError as exc:
+        raise ConfigError(path, str(exc)) from None
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
@@ -141,4 +160,7 @@ def parse_options(options: Any) -> BackendOptions:
         _choice(options, "cuda_lowering", CUDA_LOWERINGS),
         _choice(options, "cache_hint", CACHE_HINTS),
         _choice(options, "ascend_lowering", ASCEND_LOWERINGS),
+        device_profile_option(options["device_profile"])
+        if options.get("device_profile") is not None
+        else None,
     )

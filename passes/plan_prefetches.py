@@ -27,7 +27,15 @@ from collections.abc import Mapping
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
-from fxprefetch.devices.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
+from fxprefetch.devices.prediction import (
+    DeviceProfile,
+    WindowTraffic,
+    delta_us_per_mb,
+    emits,
+    hideable_bytes,
+    loss_note,
+    predict,
+)
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP, range_bounds
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
@@ -109,6 +117,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
     unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
     inserts: list[tuple[LinearUse, Window, int, int, dict, TokenDecision, TokenRange]] = []
     records: list[LinearRecord | None] = []
+    dropped: list[float] = []  # predicted µs of the prefetches the GPU gate dropped
     if split_at_attention and config.windows is not None and "attention" in config.windows:
         logger.warning(
             "%s: attention windows are off here: this graph is split at attention, so a "
@@ -179,8 +188,10 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         hideable = None
         share_key = (window.dependency, *window.ops)  # q, k, v: equal windows, one window
         shared = shared_us.get(share_key, 0.0)
+        useful = _useful_share(use)
+        known_tokens = _token_count(use)
         if auto and moved is not None and profile is not None:
-            hideable = hideable_bytes(profile, moved, shared)
+            hideable = hideable_bytes(profile, moved, shared, known_tokens, useful)
             cap = hideable if config.auto_cap else min(cap, hideable)
         elif auto:
             why = (
@@ -192,6 +203,10 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
         if size <= 0:
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
+            loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
+            if loses is not None:
+                reason = SkipReason.PREDICTED_LOSS
+                base["note"] = f"{base['note']}; {loses}" if base.get("note") else loses
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         bounds = config.tokens(use.role) or TokenRange()
@@ -202,9 +217,17 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         base.update(prefetch_bytes=size, capped=capped)
         if moved is not None and profile is not None:
-            prediction = _prediction(profile, moved, size, hideable, shared)
-            shared_us[share_key] = shared + prediction.transfer_us
+            prediction = _prediction(profile, moved, size, hideable, shared, known_tokens, useful)
             base["prediction"] = prediction
+            if not config.force_prefetch and not emits(profile, prediction):
+                note = loss_note(profile, prediction.hidden_us)
+                note = f"{base['note']}; {note}" if base.get("note") else note
+                dropped.append(prediction.hidden_us)
+                records.append(
+                    LinearRecord(**{**base, "note": note}, skip_reason=SkipReason.PREDICTED_LOSS)
+                )
+                continue
+            shared_us[share_key] = shared + prediction.transfer_us
         records.append(None)  # filled once the node exists
         inserts.append((use, window, size, len(records) - 1, base, tokens, bounds))
 
@@ -229,6 +252,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             why,
             ", ".join(linears),
         )
+    if dropped:
+        _log_dropped(graph_name, dropped, profiles)
     logger.info("%s", plan.summary_line())
     return PassResult("plan_prefetches", len(plan.prefetched), plan)
 
@@ -314,10 +339,75 @@ def _window_kinds(
     return tuple(k for k in kinds if k != "attention") if split_at_attention else kinds
 
 
+_LOGGED_DROPS: set[tuple[str, ...]] = set()
+
+
+def _log_dropped(graph_name: str, dropped: list[float], profiles: Mapping) -> None:
+    """Say once per process and device that the GPU gate dropped prefetches, and how to force
+    them (every graph's plan still lists each one with its predicted µs)."""
+    labels = tuple(sorted({p.label for p in profiles.values() if p.kind == "gpu"}))
+    if labels in _LOGGED_DROPS:
+        logger.debug("%s: %d prefetches predicted not to pay", graph_name, len(dropped))
+        return
+    _LOGGED_DROPS.add(labels)
+    logger.warning(
+        "%s: %d planned prefetches not emitted: the device profile (%s) predicts each saves "
+        "no more than its margin (best %+.2f µs). Set weight_prefetch_config.force_prefetch "
+        "to true to emit them anyway; the plan lists each with its prediction (said once)",
+        graph_name,
+        len(dropped),
+        ", ".join(labels),
+        max(dropped),
+    )
+
+
+def _every_mb_loses(profile: DeviceProfile | None, tokens: int | None, useful: float) -> str | None:
+    """Why "auto" sized nothing where no window would help: a landed MB saves less than it
+    costs (δ <= β); None where a longer window would."""
+    if profile is None:
+        return None
+    delta = delta_us_per_mb(profile, tokens) * useful
+    beta = profile.cost().per_mb_us.value
+    if delta > beta:
+        return None
+    return (
+        f"predicted loss on {profile.label}: every MB costs {beta:.3f} µs and saves "
+        f"{delta:.3f} µs ({profile.lowering}), whatever the window"
+    )
+
+
+def _useful_share(use: LinearUse) -> float:
+    """The share of a prefetch's contiguous range that the linear reads: 1 for a whole weight,
+    ``weight bytes / span bytes`` for a strided part (a column slice)."""
+    if isinstance(use.nbytes, int) and isinstance(use.span_bytes, int) and use.span_bytes > 0:
+        return min(1.0, use.nbytes / use.span_bytes)
+    return 1.0
+
+
+def _token_count(use: LinearUse) -> int | None:
+    """The linear's token count where the graph fixes it (its activation's rows), else None."""
+    for start in use.starts:
+        value = tensor_value(start)
+        if value is not None and value.dim() >= 1:
+            rows = 1
+            for s in value.shape[:-1]:
+                if not isinstance(s, int):
+                    return None
+                rows *= s
+            return rows
+    return None
+
+
 def _prediction(
-    profile: DeviceProfile, moved: WindowTraffic, size: int, hideable: int | None, shared: float
+    profile: DeviceProfile,
+    moved: WindowTraffic,
+    size: int,
+    hideable: int | None,
+    shared: float,
+    tokens: int | None = None,
+    useful: float = 1.0,
 ) -> PredictedSaving:
-    saving = predict(profile, moved, size, shared)
+    saving = predict(profile, moved, size, shared, tokens, useful)
     return PredictedSaving(
         device=profile.name,
         window_bytes=moved.nbytes,

@@ -534,17 +534,32 @@ def test_schema_check_agrees_with_jsonschema():
 
 def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
     """`fxprefetch plan --device h200 --tokens 1`: the GPU's windows (o behind
-    attention, down behind SiLU-and-mul) and the model's saving per layer and per step."""
-    assert (
-        main(["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]) == 0
-    )
+    attention, down behind SiLU-and-mul), the model's saving per layer and per step, and
+    every constant of the profile with its provenance."""
+    forced = ["--config", '{"force_prefetch": true}']
+    argv = ["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]
+    assert main([*argv, *forced]) == 0
     out = capsys.readouterr().out
     assert "hides µs (model)" in out and "attention:" in out
     assert "prediction on h200" in out and "not a measurement" in out
     assert "per layer:" in out and "per step:" in out
+    assert "delta_us_per_mb_1_token = 0.0553  [measured:" in out
+    assert main(argv) == 0  # the default: nothing emitted on an H200, each one said
+    out = capsys.readouterr().out
+    assert "not emitted:" in out and "predicted loss on NVIDIA H200" in out
     path = tmp_path / "plan.json"
     # names of choices and presets are case-insensitive
-    argv = ["plan", "--model", "Llama-Tiny", "--device", "H200", "--tokens", "1", "--quiet"]
+    argv = [
+        "plan",
+        "--model",
+        "Llama-Tiny",
+        "--device",
+        "H200",
+        "--tokens",
+        "1",
+        "--quiet",
+        *forced,
+    ]
     assert main([*argv, "--format", "JSON", "--output", str(path)]) == 0
     data = json.loads(path.read_text())
     jsonschema.validate(data, SCHEMA)
@@ -552,4 +567,4 @@ def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
     assert data["model"] == "llama-tiny"
     assert plan["schema_version"] == 3 and plan["prediction"]["device"] == "h200"
     assert all(r["prediction"] is not None for r in plan["linears"] if r["prefetch_node"])
-    assert main([*argv[:-3], "--device", "h300"]) == 2  # not a profile: a usage error
+    assert main([*argv[:-5], "--device", "h300"]) == 2  # not a profile: a usage error

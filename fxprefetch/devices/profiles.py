@@ -43,4 +43,4 @@ def default_cap(device: DeviceProfile) -> int | None:
         return None
     from fxprefetch.devices.cuda_prefetch import cap_for
 
-    return cap_for(device.hbm_bytes_per_s, device.l2_bytes)
+    return cap_for(device.hbm_bytes_per_s, int(device.l2_bytes.value))

@@ -44,6 +44,7 @@ class SkipReason(str, enum.Enum):
     UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
     OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
     TOKENS_UNKNOWN = "token count has no graph value before the window"
+    PREDICTED_LOSS = "predicted not to pay on this device (model)"
 
     def __str__(self) -> str:
         return self.value
@@ -60,8 +61,8 @@ class PredictedSaving:
     window_us: float
     shared_us: float  # the window's time taken by earlier prefetches behind the same window
     transfer_us: float  # prefetch bytes / bandwidth
-    cost_us: float
-    hidden_us: float  # min(window_us - shared_us, transfer_us) - cost_us
+    cost_us: float  # c_fixed + β·bytes of the lowering
+    hidden_us: float  # δ·useful·min(bytes, (window_us - shared_us)·B_read) - cost_us
     auto_bytes: int | None = None  # what the window can hide, where the size was "auto"
 
     def to_dict(self) -> dict[str, Any]:

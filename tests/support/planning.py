@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import run_weight_prefetch
 
@@ -37,16 +38,19 @@ def fresh_export(dense: Dense) -> Dense:
 
 
 def plan_synth(
-    profile_name: str | None = None,
+    profile_name: str | DeviceProfile | None = None,
     config: WeightPrefetchConfig = ON,
     split_at_attention: bool = False,
     **spec,
 ) -> tuple[GraphModule, PrefetchPlan]:
-    """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` if given."""
+    """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` (a
+    built-in profile's name, or a profile) if given."""
     from fxprefetch.devices.prediction import profile
 
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
-    profiles = {"cpu": profile(profile_name)} if profile_name else None
+    if isinstance(profile_name, str):
+        profile_name = profile(profile_name)
+    profiles = {"cpu": profile_name} if profile_name is not None else None
     plan = run_weight_prefetch(
         gm,
         config,
