@@ -68,7 +68,7 @@ def explain(
             if isinstance(model, torch.nn.Module)
             else set()
         )
-        from fxprefetch.options import device_profile_option
+        from fxprefetch.devices.profiles import device_profile_option
 
         found = device_profile_option(device_profile, "device_profile")
         simulated = simulated_setup(found, weights_on or {"meta", "cpu"})

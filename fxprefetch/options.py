@@ -9,7 +9,8 @@ from typing import Any
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import ASCEND_LOWERINGS, CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
-from fxprefetch.devices.prediction import DeviceProfile, ProfileError, resolve_profile
+from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.devices.profiles import device_profile_option
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
@@ -48,20 +49,6 @@ class BackendOptions:
     # the device profile predictions use on this GPU/NPU (a built-in name or a file's path);
     # None: the built-in profile the device's name matches
     device_profile: DeviceProfile | None = None
-
-
-def device_profile_option(value: Any, path: str = "options.device_profile") -> DeviceProfile:
-    """A ``device_profile`` value (a built-in name, a profile file's path, or a profile)."""
-    if isinstance(value, DeviceProfile):
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(
-            path, f"expected a device profile name or a file path, got {type(value).__name__}"
-        )
-    try:
-        return resolve_profile(value)
-    except ProfileError as exc:
-        raise ConfigError(path, str(exc)) from None
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:

@@ -7,7 +7,7 @@
 - From a measured step (a benchmark row, or a published result): β of a lowering
   (:func:`fit_per_mb`) or δ (:func:`fit_delta`), each solved so that the model's prediction for
   the planned prefetches equals the measured saving. The planned prefetches are re-predicted
-  under the profile (:func:`predicted_saving`), windows and shares included.
+  under the profile (:func:`step_saving_us`), windows and shares included.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def planned(plans: Iterable[Any], tokens: int | None = None) -> list[Planned]:
     return found
 
 
-def predicted_saving(prefetches: Sequence[Planned], device: DeviceProfile) -> float:
+def step_saving_us(prefetches: Sequence[Planned], device: DeviceProfile) -> float:
     """The model's saving (µs) of ``prefetches`` on ``device``, windows shared in order."""
     shared: dict[tuple, float] = {}
     total = 0.0
@@ -147,7 +147,7 @@ def fit_per_mb(
     total_mb = sum(pf.nbytes for pf in prefetches) / MB
     if total_mb <= 0:
         raise ValueError("no prefetched bytes to fit β on")
-    free = predicted_saving(prefetches, with_cost(device, per_mb_us=0.0))
+    free = step_saving_us(prefetches, with_cost(device, per_mb_us=0.0))
     return (free - measured_saving_us) / total_mb
 
 
@@ -155,8 +155,8 @@ def fit_delta(
     prefetches: Sequence[Planned], measured_saving_us: float, device: DeviceProfile
 ) -> float:
     """δ (µs per MB) such that the model predicts the measured saving of ``prefetches``."""
-    at_zero = predicted_saving(prefetches, with_delta(device, 0.0))
-    at_one = predicted_saving(prefetches, with_delta(device, 1.0))
+    at_zero = step_saving_us(prefetches, with_delta(device, 0.0))
+    at_one = step_saving_us(prefetches, with_delta(device, 1.0))
     landed = at_one - at_zero  # δ's coefficient: the useful MB that land
     if landed <= 0:
         raise ValueError("no prefetched byte lands in its window: δ cannot be fitted")
@@ -195,7 +195,7 @@ __all__ = [
     "micro_delta",
     "micro_fork_us",
     "planned",
-    "predicted_saving",
+    "step_saving_us",
     "with_cost",
     "with_delta",
 ]

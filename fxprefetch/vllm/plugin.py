@@ -67,7 +67,7 @@ def env_device_profile() -> Any:
     a ``ConfigError`` naming the variable where it names no profile."""
     import os
 
-    from fxprefetch.options import device_profile_option
+    from fxprefetch.devices.profiles import device_profile_option
 
     value = os.environ.get(PROFILE_ENV, "").strip()
     return device_profile_option(value, PROFILE_ENV) if value else None

@@ -109,7 +109,7 @@ def test_beta_fitted_on_one_row_predicts_the_three_held_out_rows(llama_layer_pre
     fitted = fit.with_cost(h200, per_mb_us=beta)
     errors = {}
     for key, (base, ours) in rows.items():
-        saved = fit.predicted_saving(llama_layer_prefetches[key], fitted)
+        saved = fit.step_saving_us(llama_layer_prefetches[key], fitted)
         errors[key] = 100 * (_ratio(base, saved) - base / ours)
     assert errors[(1, "cap")] == pytest.approx(0, abs=1e-6)  # the fitted row
     held_out = {k: e for k, e in errors.items() if k != (1, "cap")}
@@ -117,7 +117,7 @@ def test_beta_fitted_on_one_row_predicts_the_three_held_out_rows(llama_layer_pre
     # the pre-issue-26 model, on the same prefetches, was off by 7 to 11 points
     old = fit.as_planned_2026_11_30(h200)
     base, ours = rows[(1, "auto")]
-    saved = fit.predicted_saving(llama_layer_prefetches[(1, "auto")], old)
+    saved = fit.step_saving_us(llama_layer_prefetches[(1, "auto")], old)
     assert 100 * (_ratio(base, saved) - base / ours) > 5
 
 
