@@ -127,10 +127,47 @@ def _prefetch_layer_weight_fake(
     torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
 
 
-def _define(name: str, fn: Any, fake: Any) -> torch._ops.OpOverload:
+def _prefetch_layer_weight_fork(
+    layer_name: LayerNameType,
+    attr: str,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    ops.native_fork(
+        runtime_weight(layer_name, attr),
+        max_size,
+        offset,
+        stream,
+        cache_hint,
+        ops.tokens_in_range(tokens, min_tokens, max_tokens),
+    )
+
+
+def _prefetch_layer_weight_fork_fake(
+    layer_name: LayerNameType,
+    attr: str,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
+
+
+def _define(name: str, fn: Any, fake: Any, mutates: tuple[str, ...] = ()) -> torch._ops.OpOverload:
     from torch._library.infer_schema import infer_schema
 
-    _lib.define(name + infer_schema(fn, mutates_args=()), tags=())
+    _lib.define(name + infer_schema(fn, mutates_args=mutates), tags=())
     _lib.impl(name, fn, "CompositeExplicitAutograd")
     _lib._register_fake(name, fake)
     return getattr(torch.ops.fxprefetch, name).default
@@ -138,6 +175,17 @@ def _define(name: str, fn: Any, fake: Any) -> torch._ops.OpOverload:
 
 LAYER_OP = _define("prefetch_layer_weight", _prefetch_layer_weight, _prefetch_layer_weight_fake)
 ops.register_prefetch_op(LAYER_OP)
+# Ascend's side-stream lowering: the same lookup, forked onto the prefetch stream after its
+# dependency (``order``: its token, then its dependency) and joined before the fused op
+# (``passes/lower_npu.py``, ``passes/insert_joins.py``); out of range, it forks and issues
+# nothing.
+LAYER_FORK_OP = _define(
+    "prefetch_layer_weight_fork",
+    _prefetch_layer_weight_fork,
+    _prefetch_layer_weight_fork_fake,
+    mutates=("order",),
+)
+ops.register_fork_op(LAYER_FORK_OP, lowers=LAYER_OP)
 
 
 class VllmMoeWeights:
@@ -190,4 +238,4 @@ class VllmMoeWeights:
         )
 
 
-__all__ = ["LAYER_OP", "ROLE_ATTRS", "VllmMoeWeights", "find_weight_path"]
+__all__ = ["LAYER_FORK_OP", "LAYER_OP", "ROLE_ATTRS", "VllmMoeWeights", "find_weight_path"]
