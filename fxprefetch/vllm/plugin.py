@@ -36,6 +36,7 @@ from torch.fx import Graph, GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
+from fxprefetch.options import ascend_lowering_from_env
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
@@ -201,6 +202,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             rules=self.rules,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
             cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
+            ascend_lowering=ascend_lowering_from_env(),  # in the setup, so in uuid()
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
