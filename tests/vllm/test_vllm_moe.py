@@ -538,3 +538,11 @@ def test_ascend_run_time_prefetches_fork_onto_the_prefetch_stream(context, token
             )
         assert recorder.index("node", join[0].what) < recorder.index("node", record.node)
     assert len(recorder.streams) == 2
+    # the invariants know the by-name fork: without its join it is caught
+    from fxprefetch.passes.invariants import InvariantError, check_invariants
+
+    fork = next(n for n in gm.graph.nodes if n.target is vllm_moe.LAYER_FORK_OP)
+    gm.graph.erase_node({n.name: n for n in gm.graph.nodes}[joins[fork.name]])
+    ctx = PassContext(WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "g")
+    with pytest.raises(InvariantError, match=f"{fork.name} forks onto the side stream with 0"):
+        check_invariants(gm, ctx, "insert_joins", ran=[p.name for p in pipeline_of("npu").passes])
