@@ -21,9 +21,11 @@ stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``;
 an ``order`` list that pins their place in inductor's schedule (``passes/lower_native.py``).
 
 ``prefetch_in_range`` (a prefetch that checks its token count when it runs) and the by-name
-prefetches of integrations (``fxprefetch.vllm.moe``) are not lowered: their kernels call the
-device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they need no
-join. :data:`PREFETCH_OPS` lists every prefetch op.
+prefetches of integrations (``fxprefetch.vllm.moe``) are not lowered on CUDA: their kernels
+call the device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they
+need no join. Ascend's side-stream lowering forks them (:data:`SIDE_FORK_OF`: a range
+``prefetch_native``, the integration's fork op), joined like every fork. :data:`PREFETCH_OPS`
+lists every prefetch op, :data:`FORK_OPS` those that fork.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ graph pickles, and a graph served from vLLM's compile cache, or one compiled gra
 every layer, prefetches the weight of the layer it runs for. On CUDA the kernel launches the
 prefetch on the compute stream (``fxprefetch.ops.prefetch_tensor``): no side stream, so no
 join, and it is legal under CUDA-graph capture, where it runs once, finding the tensor; the
-replay repeats the launch with the weight's fixed address. On the NPU the kernel calls
-``torch.ops.npu.npu_prefetch`` with the tensor it found (aclgraph and npugraph_ex run the FX
-graph's ops while they capture).
+replay repeats the launch with the weight's fixed address. On the NPU, where the graph is
+captured op by op (aclgraph, npugraph_ex run the FX graph's ops while they capture), the
+Ascend lowering retargets it to ``prefetch_layer_weight_fork``: the same lookup, forked onto
+the prefetch stream after its dependency and joined before the fused op; with
+``ascend_lowering`` "in_stream" the kernel calls ``torch.ops.npu.npu_prefetch`` with the
+tensor it found, in the captured stream.
 """
 
 from __future__ import annotations
