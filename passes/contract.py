@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.errors import PipelineOrderError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
@@ -63,10 +64,6 @@ class PassResult:
 
 
 PassFunction = Callable[[GraphModule, PassContext], PassResult]
-
-
-class PipelineOrderError(ValueError):
-    """A pipeline runs a pass before one it requires, or after one it conflicts with."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 
 from torch.fx import Graph, GraphModule, Node
 
+from fxprefetch.errors import InvariantError
 from fxprefetch.ops import (
     FORK_OPS,
     HINT_OP,
@@ -40,10 +41,6 @@ CHECK_INVARIANTS_ENV = "FXPREFETCH_CHECK_INVARIANTS"
 # prefetches of a graph tensor (the weight first), whose dependency relaxing drops; the npu
 # lowering (not a prefetch op of ours) keeps their schema
 _WEIGHT_FIRST = (PREFETCH_OP, HINT_OP, RANGE_OP)
-
-
-class InvariantError(RuntimeError):
-    """A pass left the graph breaking an invariant; the message names the pass."""
 
 
 def invariants_enabled() -> bool:

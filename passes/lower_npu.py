@@ -30,6 +30,7 @@ from dataclasses import replace
 import torch
 from torch.fx import GraphModule, Node
 
+from fxprefetch.errors import NpuLoweringError
 from fxprefetch.ops import (
     PREFETCH_OP,
     PREFETCH_OPS,
@@ -46,10 +47,6 @@ ASCEND_CMO = "ascend_cmo"  # GE: npu_prefetch -> Cmo, control edge from its depe
 ASCEND_SIDE_STREAM = "ascend_side_stream"  # captured: forked onto the prefetch stream, joined
 ASCEND_IN_STREAM = "ascend_in_stream"  # captured: npu_prefetch in the compute stream
 ASCEND_LOWERINGS = ("side_stream", "in_stream")  # the ``ascend_lowering`` option's values
-
-
-class NpuLoweringError(RuntimeError):
-    """The graph cannot be lowered to ``npu.npu_prefetch``."""
 
 
 def npu_prefetch_op() -> torch._ops.OpOverload:
@@ -109,8 +106,8 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     stream (forks, with their tokens); returns the count. ``insert_joins`` joins them.
 
     All or nothing, like :func:`lower_prefetch_to_npu`. Each weight's device type needs the
-    prefetch stream registered for it (``fxprefetch.devices.npu_streams.register``): a prefetch
-    whose kernel would find none is refused here, never dropped when it runs.
+    prefetch stream registered for it (``npu_streams.register_npu_streams``): a prefetch whose
+    kernel would find none is refused here, never dropped when it runs.
     """
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     devices: dict[str, torch.device] = {}
@@ -126,8 +123,8 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
     if missing:
         raise NpuLoweringError(
             f"no Ascend prefetch stream for {missing[0]} tensors: torch_npu's stream runtime "
-            "is not loaded (fxprefetch.devices.npu_streams.register); use ascend_lowering "
-            "'in_stream' or load torch_npu"
+            "is not loaded (fxprefetch.devices.npu_streams.register_npu_streams); use "
+            "ascend_lowering 'in_stream' or load torch_npu"
         )
     count = lower_to_native(gm.graph, set(devices), set(devices), cache_hint)
     for node, device in run_time.items():

@@ -31,7 +31,7 @@ from fxprefetch.passes.lower_npu import lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.pipeline import Pipeline, run_passes, run_pipeline
-from fxprefetch.targets import TARGETS
+from fxprefetch.targets import TARGET_SPECS
 
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import fake_trace, pipeline_of
@@ -61,7 +61,7 @@ def _prefetch_count(gm: GraphModule) -> int:
 # -- declared order ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("target", sorted(TARGET_SPECS))
 def test_the_real_pipelines_are_in_a_declared_order(target):
     check_order(pipeline_of(target).passes)
 

@@ -33,7 +33,7 @@ from fxprefetch.passes.invariants import (
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.pipeline import run_passes, run_pipeline
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 
 from support.npu_standins import install_op_standins
 from support.synthetic import SynthModel, SynthSpec
@@ -239,7 +239,7 @@ def test_a_broken_invariant_is_never_hidden_by_the_fallback(monkeypatch):
     swap_passes(monkeypatch, "eager", (plan_prefetches, drop_a_record))
     gm, ctx = _traced()
     planner = GraphPlanner(
-        compile_setup(WeightPrefetchConfig(enabled=True), target="eager"), record=False
+        make_compile_setup(WeightPrefetchConfig(enabled=True), target="eager"), record=False
     )
     monkeypatch.setattr(planner, "weight_names", lambda _: ctx.weight_names)
     with pytest.raises(InvariantError, match="after drop_a_record"):

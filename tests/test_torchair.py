@@ -279,12 +279,12 @@ def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     this checks the composition step on torchair's real config rather than a second compile."""
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
-    from fxprefetch.targets import compile_setup
+    from fxprefetch.targets import make_compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     user = run_eagerly_config(torchair, **{"ge_config.enable_single_stream": True})
     config = WeightPrefetchConfig(enabled=True)
-    planner = GraphPlanner(compile_setup(config, target="npu"), record=False)
+    planner = GraphPlanner(make_compile_setup(config, target="npu"), record=False)
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         cfg = configure_torchair(planner, user)
     assert "ge_config.enable_single_stream" in caplog.text
@@ -292,7 +292,7 @@ def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     default = configure_torchair(planner, run_eagerly_config(torchair))
     assert planner.npu_graph_engine  # torchair's default mode builds a GE graph
     assert getattr(default.post_grad_custom_post_pass.value, "fxprefetch", False)
-    strict = GraphPlanner(compile_setup(config, target="npu", strict=True), record=False)
+    strict = GraphPlanner(make_compile_setup(config, target="npu", strict=True), record=False)
     with pytest.raises(ValueError, match="enable_single_stream"):
         configure_torchair(strict, user)
 
@@ -355,7 +355,7 @@ def aclgraph_fx(torchair: Any, model: nn.Module, ids: torch.Tensor, **setup_opti
 
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
-    from fxprefetch.targets import compile_setup
+    from fxprefetch.targets import make_compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     from support.tracing import fake_trace
@@ -364,7 +364,7 @@ def aclgraph_fx(torchair: Any, model: nn.Module, ids: torch.Tensor, **setup_opti
     real = [t.detach() for t in state.values()]  # before tracing (tied weights stay real)
     gm, names = fake_trace(model, ids)
     sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]
-    setup = compile_setup(WeightPrefetchConfig(enabled=True), target="npu", **setup_options)
+    setup = make_compile_setup(WeightPrefetchConfig(enabled=True), target="npu", **setup_options)
     planner = GraphPlanner(setup, source_names=sources, record=False)
     cfg = configure_torchair(planner, run_eagerly_config(torchair), mode="reduce-overhead")
     assert not planner.npu_graph_engine  # aclgraph runs the graph's ops when it captures

@@ -122,7 +122,7 @@ def available() -> bool:
     return True
 
 
-def register(device_type: str = "npu") -> bool:
+def register_npu_streams(device_type: str = "npu") -> bool:
     """Route ``prefetch_native`` / ``prefetch_join`` on ``device_type`` tensors here (the
     NPU; a test on the CPU standing in for it names "cpu"). True where registered."""
     if not available():
@@ -143,5 +143,5 @@ __all__ = [
     "open_forks",
     "prefetch_stream",
     "prepare",
-    "register",
+    "register_npu_streams",
 ]

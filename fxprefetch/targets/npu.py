@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fxprefetch.errors import NpuUnavailableError
 from fxprefetch.passes.insert_joins import insert_joins
 from fxprefetch.passes.lower_npu import ascend_lowering, lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
@@ -24,7 +25,7 @@ from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 SINGLE_STREAM_OPTION = "ge_config.enable_single_stream"
 
@@ -50,10 +51,6 @@ PIPELINE = Pipeline(
     recompiles=True,
     lowering_note=_lowering_note,
 )
-
-
-class NpuUnavailableError(RuntimeError):
-    """target 'npu' was asked for, but torchair/torch_npu cannot be imported."""
 
 
 def import_torchair() -> Any:

@@ -43,7 +43,7 @@ from fxprefetch.passes.analysis.graph_utils import get_arg
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight
 from fxprefetch.roles import MOE_GATE_UP
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 try:  # vLLM's layer-name type: a hoisted opaque LayerName on torch >= 2.11, else str
     from vllm.utils.torch_utils import LayerNameType
@@ -113,8 +113,11 @@ def _prefetch_layer_weight(
     min_tokens: int,
     max_tokens: int,
 ) -> None:
-    if ops.tokens_in_range(tokens, min_tokens, max_tokens):
-        ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+    def prefetch() -> None:
+        if ops.tokens_in_range(tokens, min_tokens, max_tokens):
+            ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+
+    ops.skip_failed("prefetch_layer_weight", prefetch)
 
 
 def _prefetch_layer_weight_fake(
@@ -142,14 +145,12 @@ def _prefetch_layer_weight_fork(
     min_tokens: int,
     max_tokens: int,
 ) -> None:
-    ops.native_fork(
-        runtime_weight(layer_name, attr),
-        max_size,
-        offset,
-        stream,
-        cache_hint,
-        ops.tokens_in_range(tokens, min_tokens, max_tokens),
-    )
+    def fork() -> None:  # a weight not found: no fork, and its join then waits for none
+        in_range = ops.tokens_in_range(tokens, min_tokens, max_tokens)
+        weight = runtime_weight(layer_name, attr)
+        ops.native_fork(weight, max_size, offset, stream, cache_hint, in_range)
+
+    ops.skip_failed("prefetch_layer_weight_fork", fork)
 
 
 def _prefetch_layer_weight_fork_fake(

@@ -370,7 +370,7 @@ class StreamRecorder:
         npu_streams._STREAMS.__init__()  # this thread's streams: made under this runtime
         try:
             install_op_standins()  # npu_prefetch, which the prefetch stream issues
-            assert npu_streams.register("cpu")
+            assert npu_streams.register_npu_streams("cpu")
             yield self
         finally:
             StreamRecorder.active = None

@@ -45,7 +45,22 @@ from support.npugraph_ex_real import load_npugraph_ex
 
 FLAG = {"weight_prefetch_config": {"enabled": True}}
 FUSIONS = ("norm_quant", "qknorm_rope", "allreduce_rms", "muls_add")
-NO_FUSION = {f"fuse_{name}": False for name in FUSIONS}  # vllm-ascend's own passes: off
+
+
+def no_fusion() -> dict:
+    """vllm-ascend's own fusion passes, all off: the ``fuse_*`` switches this version's
+    ``AscendCompilationConfig`` takes (0.27.1rc1 and later refuse any other key)."""
+    import inspect
+
+    from vllm_ascend.ascend_config import AscendCompilationConfig
+
+    params = inspect.signature(AscendCompilationConfig).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    names = [f"fuse_{n}" for n in FUSIONS] if open_ended else []
+    names += [n for n in params if n.startswith("fuse_") and n not in names]
+    return dict.fromkeys(names, False)
+
+
 BUILTIN_CALLS: list[tuple[str, int]] = []  # (weight name, bytes) per built-in prefetch
 
 
@@ -92,7 +107,7 @@ def npu_platform():
 def vllm_config(npugraph_ex: bool, *, eager: bool = False, flag: bool = True):
     from vllm.config import CompilationConfig, VllmConfig
 
-    additional = {"ascend_compilation_config": {"enable_npugraph_ex": npugraph_ex, **NO_FUSION}}
+    additional = {"ascend_compilation_config": {"enable_npugraph_ex": npugraph_ex, **no_fusion()}}
     if flag:
         additional |= FLAG
     kwargs = {}
@@ -121,7 +136,9 @@ def compile_with(config, compiler_config) -> dict:
 
     init_ascend_config(config)
     compiler = AscendCompiler()
-    compiler.compute_hash(config)
+    # as vLLM's backend keys the compiler: compute_hash up to vLLM 0.33, compile_factors in 0.34
+    factors = getattr(compiler, "compile_factors", None) or compiler.compute_hash
+    factors(config)
     compiler.initialize_cache(tempfile.mkdtemp(prefix="fxprefetch-ascend-cache-"), False)
     compile_range = Range(1, 8)
 
