@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +12,7 @@ from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.devices.profiles import device_profile_option
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
-from fxprefetch.validation import ConfigError, did_you_mean, parse_json
+from fxprefetch.validation import ConfigError, did_you_mean, expect_choice, parse_json
 
 OPTION_KEYS = (
     "weight_prefetch_config",
@@ -54,29 +52,7 @@ class BackendOptions:
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
     """``options[key]`` (default: the first choice), one of ``choices``."""
-    return _checked(options.get(key, choices[0]), f"options.{key}", choices)
-
-
-def _checked(value: Any, path: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-        shown = json.dumps(value) if isinstance(value, str) else repr(value)
-        raise ConfigError(path, f"expected one of {list(choices)}, got {shown}{hint}")
-    return value
-
-
-#: the environment variable that sets ``ascend_lowering`` where no backend option can
-#: (vLLM's route: ``fxprefetch.vllm.plugin``)
-ASCEND_LOWERING_ENV = "FXPREFETCH_ASCEND_LOWERING"
-
-
-def ascend_lowering_from_env(environ: Mapping[str, str] | None = None) -> str:
-    """``ascend_lowering`` from ``$FXPREFETCH_ASCEND_LOWERING`` (unset or empty: the
-    default), checked like the backend option (:class:`ConfigError` naming the variable)."""
-    value = (os.environ if environ is None else environ).get(ASCEND_LOWERING_ENV) or (
-        ASCEND_LOWERINGS[0]
-    )
-    return _checked(value, ASCEND_LOWERING_ENV, ASCEND_LOWERINGS)
+    return expect_choice(options.get(key, choices[0]), f"options.{key}", choices)
 
 
 def _config_from(value: Any, path: str) -> WeightPrefetchConfig:

@@ -37,7 +37,7 @@ from torch.fx import Graph, GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
-from fxprefetch.options import ascend_lowering_from_env
+from fxprefetch.devices.setup import ascend_lowering_from_env
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
