@@ -572,3 +572,23 @@ def test_ascend_run_time_prefetches_fork_onto_the_prefetch_stream(context, token
     ctx = PassContext(WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "g")
     with pytest.raises(InvariantError, match=f"{fork.name} forks onto the side stream with 0"):
         check_invariants(gm, ctx, "insert_joins", ran=[p.name for p in pipeline_of("npu").passes])
+
+
+def test_a_by_name_fork_that_fails_is_skipped_and_counted(caplog):
+    """The by-name fork finds no layer: no fork, counted as failed, the model runs on; the
+    join after it then waits for nothing (no fork is open)."""
+    import fxprefetch
+    from fxprefetch.devices import npu_streams
+
+    from support.npu_standins import StreamRecorder
+
+    token = torch.empty(0, dtype=torch.uint8)
+    with StreamRecorder().installed() as recorder, fxprefetch.collect_stats() as s:
+        with caplog.at_level("WARNING", logger="fxprefetch.ops"):
+            vllm_moe.LAYER_FORK_OP(
+                "model.layers.0.mlp.experts", "w13_weight", [token], 16, 0, "side", "none", 8, 0, -1
+            )
+        torch.ops.fxprefetch.prefetch_join(token, [token])
+        assert npu_streams.open_forks(token.device) == 0
+    assert (s.failed, s.calls) == (1, 0) and recorder.events == []
+    assert "prefetch_layer_weight_fork failed and was skipped" in caplog.text
