@@ -21,9 +21,11 @@ stream, a cache hint) and closes each side-stream fork with a ``prefetch_join``;
 an ``order`` list that pins their place in inductor's schedule (``passes/lower_native.py``).
 
 ``prefetch_in_range`` (a prefetch that checks its token count when it runs) and the by-name
-prefetches of integrations (``fxprefetch.vllm.moe``) are not lowered: their kernels call the
-device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they need no
-join. :data:`PREFETCH_OPS` lists every prefetch op.
+prefetches of integrations (``fxprefetch.vllm.moe``) are not lowered on CUDA: their kernels
+call the device's prefetch directly (:func:`prefetch_tensor`), on the compute stream, so they
+need no join. Ascend's side-stream lowering forks them (:data:`SIDE_FORK_OF`: a range
+``prefetch_native``, the integration's fork op), joined like every fork. :data:`PREFETCH_OPS`
+lists every prefetch op, :data:`FORK_OPS` those that fork.
 """
 
 from __future__ import annotations
@@ -261,9 +263,12 @@ for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
 # "compute" runs on the current stream with no join. ``order``: tensors the op is declared to
 # mutate, so that inductor's scheduler must keep it after their producers and before their
 # later readers; the op itself writes nothing. ``passes/lower_native.py`` fills it.
+# ``tokens``, ``min_tokens``, ``max_tokens`` (keyword arguments): a ``prefetch_in_range``
+# lowered to the side stream (Ascend) forks always, and issues its bytes only where
+# :func:`tokens_in_range`; the defaults bound nothing.
 NATIVE_SCHEMA = (
     "prefetch_native(Tensor weight, Tensor(a!)[] order, int max_size, int offset, "
-    "str stream, str cache_hint) -> ()"
+    "str stream, str cache_hint, SymInt tokens=0, int min_tokens=0, int max_tokens=-1) -> ()"
 )
 _lib.define(NATIVE_SCHEMA, tags=())
 NATIVE_OP = torch.ops.fxprefetch.prefetch_native.default
@@ -324,8 +329,25 @@ def _native_fake(
     offset: int,
     stream: str,
     cache_hint: str,
+    tokens: int = 0,
+    min_tokens: int = 0,
+    max_tokens: int = -1,
 ) -> None:
     check_prefetch_args(weight, max_size, offset)
+
+
+def native_fork(
+    weight: torch.Tensor, max_size: int, offset: int, stream: str, cache_hint: str, issue: bool
+) -> None:
+    """The device's native prefetch of ``weight`` (a fork where ``stream`` is "side"). Where
+    ``issue`` is false (a token count out of range) nothing is counted and no byte is asked
+    for, but a side-stream fork still forks, so that its join always has it."""
+    size = _checked_size(weight, max_size, offset)
+    if issue:
+        runtime_stats.record(weight, max_size, size)
+    native = _NATIVE_L2.get(weight.device.type)
+    if native is not None and (issue or stream == "side"):
+        native.prefetch(weight, max_size if issue else 0, offset, stream, cache_hint)
 
 
 def _native_kernel(
@@ -335,11 +357,12 @@ def _native_kernel(
     offset: int,
     stream: str,
     cache_hint: str,
+    tokens: int = 0,
+    min_tokens: int = 0,
+    max_tokens: int = -1,
 ) -> None:
-    runtime_stats.record(weight, max_size, _checked_size(weight, max_size, offset))
-    native = _NATIVE_L2.get(weight.device.type)
-    if native is not None:
-        native.prefetch(weight, max_size, offset, stream, cache_hint)
+    in_range = tokens_in_range(tokens, min_tokens, max_tokens)
+    native_fork(weight, max_size, offset, stream, cache_hint, in_range)
 
 
 @torch.library.register_fake("fxprefetch::prefetch_join", lib=_lib)
@@ -390,10 +413,21 @@ for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
 # -- the registry of prefetch ops ----------------------------------------------------------------
 # Every op that prefetches (the by-name ops of integrations register theirs): the passes that
 # relax, elide and strip prefetches treat them alike. None of them but a side-stream
-# ``prefetch_native`` forks: ``prefetch_in_range`` and the by-name ops run the device's
-# prefetch on the compute stream (fire-and-forget, legal under CUDA-graph capture), so they
-# never need a ``prefetch_join``.
+# ``prefetch_native`` (and the fork ops integrations register, :data:`FORK_OPS`) forks:
+# ``prefetch_in_range`` and the by-name ops run the device's prefetch on the compute stream
+# (fire-and-forget, legal under CUDA-graph capture), so they never need a ``prefetch_join``;
+# Ascend's side-stream lowering turns them into forks (``passes/lower_npu.py``).
 PREFETCH_OPS: list[torch._ops.OpOverload] = [PREFETCH_OP, NATIVE_OP, HINT_OP, RANGE_OP]
+
+# Ops that fork onto a side stream where their ``stream`` argument is "side": their
+# ``order`` argument's first tensor is then the fork's token, which its join mutates next
+# (``passes/insert_joins.py``). ``prefetch_native``, and the by-name fork of integrations.
+FORK_OPS: list[torch._ops.OpOverload] = [NATIVE_OP]
+
+# A prefetch decided at run time -> the fork op that Ascend's side-stream lowering
+# retargets it to, argument by argument (same names, plus ``order``, ``stream`` and
+# ``cache_hint``): ``prefetch_in_range`` -> ``prefetch_native`` with its token bounds.
+SIDE_FORK_OF: dict[torch._ops.OpOverload, torch._ops.OpOverload] = {RANGE_OP: NATIVE_OP}
 
 
 def register_prefetch_op(op: torch._ops.OpOverload) -> None:
@@ -402,3 +436,15 @@ def register_prefetch_op(op: torch._ops.OpOverload) -> None:
     has_side_effect(op)
     if op not in PREFETCH_OPS:
         PREFETCH_OPS.append(op)
+
+
+def register_fork_op(
+    op: torch._ops.OpOverload, lowers: torch._ops.OpOverload | None = None
+) -> None:
+    """Declare ``op`` a prefetch that forks like ``prefetch_native`` (``order``, ``stream``);
+    ``lowers``: the prefetch op it replaces on a side stream (see :data:`SIDE_FORK_OF`)."""
+    register_prefetch_op(op)
+    if op not in FORK_OPS:
+        FORK_OPS.append(op)
+    if lowers is not None:
+        SIDE_FORK_OF[lowers] = op

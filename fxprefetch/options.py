@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.devices.profiles import device_profile_option
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
-from fxprefetch.validation import ConfigError, did_you_mean, parse_json
+from fxprefetch.validation import ConfigError, did_you_mean, expect_choice, parse_json
 
 OPTION_KEYS = (
     "weight_prefetch_config",
@@ -53,12 +52,7 @@ class BackendOptions:
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
     """``options[key]`` (default: the first choice), one of ``choices``."""
-    value = options.get(key, choices[0])
-    if value not in choices:
-        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-        shown = json.dumps(value) if isinstance(value, str) else repr(value)
-        raise ConfigError(f"options.{key}", f"expected one of {list(choices)}, got {shown}{hint}")
-    return value
+    return expect_choice(options.get(key, choices[0]), f"options.{key}", choices)
 
 
 def _config_from(value: Any, path: str) -> WeightPrefetchConfig:

@@ -76,6 +76,15 @@ def expect_object(value: Any, path: str) -> Mapping[str, Any]:
     return value
 
 
+def expect_choice(value: Any, path: str, choices: tuple[str, ...]) -> str:
+    """``value``, one of ``choices``; else a :class:`ConfigError` at ``path`` naming them."""
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        shown = json.dumps(value) if isinstance(value, str) else repr(value)
+        raise ConfigError(path, f"expected one of {list(choices)}, got {shown}{hint}")
+    return value
+
+
 def expect_bool(value: Any, path: str) -> bool:
     """``value``, which must be a real boolean (the string ``"false"`` is not one)."""
     # The string "false" once switched the feature on elsewhere: only real booleans pass.

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from fxprefetch.ops import JOIN_OP, NATIVE_OP
-from fxprefetch.passes.analysis.graph_utils import tensor_value
+from fxprefetch.ops import FORK_OPS, JOIN_OP
+from fxprefetch.passes.analysis.graph_utils import get_arg, is_side_fork, tensor_value
 from fxprefetch.passes.analysis.prefetch_meta import JoinMeta, join_meta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.lower_native import graph_owned
@@ -47,7 +47,9 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
 
 @graph_pass(requires_any=("lower_native", "lower_npu"))
 def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """Insert a join before the linear of every side-stream ``prefetch_native`` node."""
+    """Insert a join before the linear of every side-stream fork (``prefetch_native``, and
+    the fork ops of ``fxprefetch.ops.FORK_OPS``). A fork whose weight is found by name when
+    it runs joins on its token (on the weight's device: the join only needs the device)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     joined = {
         meta.joins
@@ -55,15 +57,18 @@ def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
         if (meta := join_meta(n)) is not None
     }
     count = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP)):
-        weight, order, *_, stream, _hint = node.args
-        if stream != "side" or node.name in joined:
+    forks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FORK_OPS]
+    for node in forks:
+        if not is_side_fork(node) or node.name in joined:
             continue
         meta = prefetch_meta(node)
         linear = by_name.get(meta.linear) if meta is not None else None
         if linear is None:
             raise ValueError(f"{node.name}: a side-stream prefetch needs its linear to join")
-        token = order[0]
+        token = get_arg(node, "order")[0]
+        weight = get_arg(node, "weight")
+        if not isinstance(weight, Node) or tensor_value(weight) is None:
+            weight = token
         after = [n for n in activation_inputs(linear, weight) if graph_owned(n)]
         with gm.graph.inserting_before(linear):
             join = gm.graph.call_function(JOIN_OP, (weight, [token, *after]))

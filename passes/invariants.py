@@ -23,8 +23,16 @@ from collections.abc import Collection, Sequence
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.errors import InvariantError
-from fxprefetch.ops import HINT_OP, JOIN_OP, NATIVE_OP, PREFETCH_OP, PREFETCH_OPS, RANGE_OP
-from fxprefetch.passes.analysis.graph_utils import get_arg, prefetch_nodes
+from fxprefetch.ops import (
+    FORK_OPS,
+    HINT_OP,
+    JOIN_OP,
+    NATIVE_OP,
+    PREFETCH_OP,
+    PREFETCH_OPS,
+    RANGE_OP,
+)
+from fxprefetch.passes.analysis.graph_utils import get_arg, is_side_fork, prefetch_nodes
 from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta, token_meta
 from fxprefetch.passes.contract import PassContext
 
@@ -87,7 +95,7 @@ def _problems(graph: Graph, *, relaxed: bool, given: set[str]) -> list[str]:
         meta = prefetch_meta(node)
         if meta is None:
             problems.append(f"{node.name} ({node.target}) has no PrefetchMeta")
-        elif node.target is NATIVE_OP:
+        elif node.target in FORK_OPS:
             problems += _native_problems(node, meta.stream)
         elif node.target in _WEIGHT_FIRST or node.target not in PREFETCH_OPS:
             if not isinstance(node.args[0] if node.args else None, Node):
@@ -105,9 +113,9 @@ def _problems(graph: Graph, *, relaxed: bool, given: set[str]) -> list[str]:
 
 
 def _native_problems(node: Node, stream: str | None) -> list[str]:
-    weight, order, *_, node_stream, _hint = node.args
+    order, node_stream = get_arg(node, "order"), get_arg(node, "stream")
     problems = []
-    if not isinstance(weight, Node):
+    if node.target is NATIVE_OP and not isinstance(get_arg(node, "weight"), Node):
         problems.append(f"{node.name} has no weight operand")
     if stream != node_stream:
         problems.append(f"{node.name} runs on the {node_stream} stream, its record says {stream}")
@@ -126,8 +134,8 @@ def _unjoined_forks(graph: Graph) -> list[str]:
         record = join_meta(join)
         joins.setdefault(record.joins if record is not None else "", []).append(join)
     problems = []
-    for fork in graph.find_nodes(op="call_function", target=NATIVE_OP):
-        if fork.args[4] != "side":
+    for fork in graph.nodes:
+        if not is_side_fork(fork):
             continue
         later = [j for j in joins.get(fork.name, []) if position[j] > position[fork]]
         if len(later) != 1:

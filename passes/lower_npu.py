@@ -12,8 +12,12 @@
   captured compute stream, as before the prefetch stream existed.
 
 Prefetches decided at run time (``prefetch_in_range``, the by-name ``prefetch_layer_weight``)
-are not forked yet: their kernels issue ``npu_prefetch`` in the current stream, and their
-records say :data:`ASCEND_IN_STREAM`.
+follow the same rule: on the prefetch stream they become their fork op
+(``fxprefetch.ops.SIDE_FORK_OF``: ``prefetch_native`` with its token bounds, the by-name
+``prefetch_layer_weight_fork``), with a token and a join like every fork; the fork happens
+always, the token count decides only whether it issues bytes, and a by-name weight is still
+found when it runs. ``in_stream`` keeps their own kernels (``npu_prefetch`` in the current
+stream, recorded :data:`ASCEND_IN_STREAM`); GE refuses them.
 
 Each lowered node's record says which (:data:`ASCEND_CMO`, :data:`ASCEND_SIDE_STREAM`,
 :data:`ASCEND_IN_STREAM`); the plan's records carry it (``LinearRecord.lowering``).
@@ -27,11 +31,17 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxprefetch.errors import NpuLoweringError
-from fxprefetch.ops import PREFETCH_OP, PREFETCH_OPS, native_l2_devices, prepare_native
+from fxprefetch.ops import (
+    PREFETCH_OP,
+    PREFETCH_OPS,
+    SIDE_FORK_OF,
+    native_l2_devices,
+    prepare_native,
+)
 from fxprefetch.passes.analysis.graph_utils import get_arg, tensor_value
-from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta, set_meta
+from fxprefetch.passes.analysis.prefetch_meta import TokenMeta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
-from fxprefetch.passes.lower_native import lower_to_native
+from fxprefetch.passes.lower_native import graph_owned, lower_to_native, new_token
 
 ASCEND_CMO = "ascend_cmo"  # GE: npu_prefetch -> Cmo, control edge from its dependency
 ASCEND_SIDE_STREAM = "ascend_side_stream"  # captured: forked onto the prefetch stream, joined
@@ -71,6 +81,8 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
     lowering = ascend_lowering(ctx)
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     if lowering == ASCEND_SIDE_STREAM:
+        nodes += _run_time_prefetches(gm)
+    if lowering == ASCEND_SIDE_STREAM:
         count = lower_prefetch_to_stream(gm, ctx.cache_hint)
         name = "lower_to_prefetch_stream"
     else:
@@ -80,8 +92,8 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
         meta = prefetch_meta(node)
         if meta is not None:
             set_meta(node, replace(meta, lowering=lowering))
-    # prefetches decided at run time (token bounds, weights found by name) keep their own
-    # kernels, which issue npu_prefetch in the current stream: not yet on the prefetch stream
+    # in_stream: prefetches decided at run time (token bounds, weights found by name) keep
+    # their own kernels, which issue npu_prefetch in the current stream
     for node in gm.graph.nodes:
         meta = prefetch_meta(node) if node.op == "call_function" else None
         if meta is not None and meta.lowering is None and node.target in PREFETCH_OPS:
@@ -104,6 +116,9 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
         if value is None:
             raise NpuLoweringError(f"{node.name}: a prefetch whose weight is not a tensor")
         devices.setdefault(value.device.type, value.device)
+    run_time = {node: _fork_device(node) for node in _run_time_prefetches(gm)}
+    for device in run_time.values():
+        devices.setdefault(device.type, device)
     missing = sorted(set(devices) - native_l2_devices())
     if missing:
         raise NpuLoweringError(
@@ -112,9 +127,70 @@ def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:
             "ascend_lowering 'in_stream' or load torch_npu"
         )
     count = lower_to_native(gm.graph, set(devices), set(devices), cache_hint)
+    for node, device in run_time.items():
+        _fork_run_time(gm, node, device, cache_hint)
     for device in devices.values():
         prepare_native(device)
-    return count
+    return count + len(run_time)
+
+
+def _run_time_prefetches(gm: GraphModule) -> list[Node]:
+    """The prefetches decided at run time that have a fork op (``ops.SIDE_FORK_OF``)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SIDE_FORK_OF]
+
+
+def _fork_device(node: Node) -> torch.device:
+    """The device a prefetch decided at run time prefetches on: its weight's, else (a weight
+    found by name) its dependency's, else the device type its record names."""
+    for name in ("weight", "dependency"):
+        arg = get_arg(node, name)
+        value = tensor_value(arg) if isinstance(arg, Node) else None
+        if value is not None:
+            return value.device
+    meta = prefetch_meta(node)
+    if meta is not None and meta.device is not None:
+        return torch.device(meta.device)
+    raise NpuLoweringError(f"{node.name} ({node.target}): a prefetch on no known device")
+
+
+def _fork_run_time(gm: GraphModule, node: Node, device: torch.device, cache_hint: str) -> None:
+    """Retarget ``node`` (a prefetch decided at run time) in place to its fork op on the
+    prefetch stream: its arguments by name, ``order`` a fresh token then its dependency
+    (where the graph computes it), as ``lower_native.lower_to_native`` does."""
+    fork = SIDE_FORK_OF[node.target]
+    weight, dependency = get_arg(node, "weight"), get_arg(node, "dependency")
+    anchor = weight if isinstance(weight, Node) else dependency
+    if isinstance(anchor, Node) and tensor_value(anchor) is not None:
+        token = new_token(gm.graph, anchor, node)
+    else:
+        token = _token_on(gm, device, node)
+    order = [token]
+    if isinstance(dependency, Node) and graph_owned(dependency):
+        order.append(dependency)
+    given = {"order": order, "stream": "side", "cache_hint": cache_hint}
+    args: list[object] = []
+    kwargs: dict[str, object] = {}
+    for arg in fork._schema.arguments:
+        value = given[arg.name] if arg.name in given else get_arg(node, arg.name)
+        if arg.has_default_value() or arg.kwarg_only:
+            kwargs[arg.name] = value
+        else:
+            args.append(value)
+    node.target = fork  # in place: the plan names this node
+    node.args, node.kwargs = tuple(args), kwargs
+    meta = prefetch_meta(node)
+    if meta is not None:
+        set_meta(node, replace(meta, stream="side"))
+    set_meta(token, TokenMeta(token_of=node.name))
+
+
+def _token_on(gm: GraphModule, device: torch.device, before: Node) -> Node:
+    """A zero-size uint8 tensor on ``device``, where no tensor on it is at hand."""
+    kwargs = {"dtype": torch.uint8, "device": device, "pin_memory": False}
+    with gm.graph.inserting_before(before):
+        token = gm.graph.call_function(torch.ops.aten.empty.memory_format, ([0],), kwargs)
+    token.meta["val"] = torch.empty(0, dtype=torch.uint8, device="meta")
+    return token
 
 
 def lower_prefetch_to_npu(gm: GraphModule, graph_engine: bool = False) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import Graph, GraphModule, Node
 
-from fxprefetch.ops import JOIN_OP, NATIVE_OP
+from fxprefetch.ops import FORK_OPS, JOIN_OP
 from fxprefetch.passes.analysis.graph_utils import flatten_nodes, get_arg, prefetch_nodes
 from fxprefetch.passes.analysis.prefetch_meta import token_meta
 
@@ -36,9 +36,9 @@ def _strip(graph: Graph) -> tuple[int, int]:
     nodes = prefetch_nodes(graph)
     made: list[Node] = []  # tokens of native forks, token counts of run-time checks
     for node in nodes:
-        if node.target is NATIVE_OP:
-            made += [t for t in node.args[1] if _is_token(t)]
-        elif "tokens" in (a.name for a in node.target._schema.arguments):
+        if node.target in FORK_OPS:
+            made += [t for t in get_arg(node, "order") if _is_token(t)]
+        if "tokens" in (a.name for a in node.target._schema.arguments):
             made += flatten_nodes(get_arg(node, "tokens"))
     for node in nodes:
         graph.erase_node(node)

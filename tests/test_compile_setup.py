@@ -222,6 +222,31 @@ def test_both_cache_keys_are_the_setups_key():
     assert vllm_pass.uuid() == vllm_pass.setup().cache_key(vllm_pass.bound.digest)
 
 
+def test_vllms_route_takes_ascend_lowering_from_the_environment(monkeypatch):
+    """vLLM users pass no backend option: ``FXPREFETCH_ASCEND_LOWERING`` sets
+    ``ascend_lowering`` for the vLLM pass, is part of its uuid, and a wrong value is refused
+    with the backend option's message, naming the variable."""
+    from fxprefetch.planner import GraphPlanner
+    from fxprefetch.vllm import plugin as vllm_plugin
+
+    monkeypatch.setattr(vllm_plugin, "_device_target", lambda: "npu")
+    monkeypatch.delenv("FXPREFETCH_ASCEND_LOWERING", raising=False)
+    vllm_pass = vllm_plugin.WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
+    default = vllm_pass.uuid()
+    assert vllm_pass.setup().devices.ascend_lowering == "side_stream"
+    monkeypatch.setenv("FXPREFETCH_ASCEND_LOWERING", "in_stream")
+    assert vllm_pass.setup().devices.ascend_lowering == "in_stream"
+    assert isinstance(vllm_pass.planner(), GraphPlanner) and vllm_pass.uuid() != default
+    monkeypatch.setenv("FXPREFETCH_ASCEND_LOWERING", "in-stream")
+    with pytest.raises(ConfigError) as refused:
+        vllm_pass.uuid()
+    with pytest.raises(ConfigError) as option:
+        parse_options({"ascend_lowering": "in-stream"})
+    assert refused.value.path == "FXPREFETCH_ASCEND_LOWERING"
+    assert refused.value.message == option.value.message
+    assert "expected one of ['side_stream', 'in_stream']" in refused.value.message
+
+
 # -- the factory ----------------------------------------------------------------------------
 
 

@@ -122,29 +122,74 @@ def test_without_a_stream_runtime_the_captured_lowering_is_refused():
     assert {r.lowering for r in report.plan.prefetched} == {"ascend_in_stream"}
 
 
-def test_a_prefetch_decided_at_run_time_is_recorded_in_stream():
-    """prefetch_in_range keeps its kernel (npu_prefetch in the current stream) in a captured
-    graph: its record says so, while the plain prefetches fork."""
+def _with_range_prefetches(recorder_run=None):
+    """A planned synth graph with two ``prefetch_in_range`` nodes of the first prefetch's
+    weight and linear added by hand: 8 tokens, one in ``[0, 16]``, one in ``[96, 4096]``."""
     from dataclasses import replace
 
     from fxprefetch.passes.analysis.prefetch_meta import set_meta
-    from fxprefetch.passes.lower_npu import lower_npu
 
-    from support.npu_standins import StreamRecorder
     from support.tracing import run_synth_pipeline
 
-    with StreamRecorder().installed():
-        gm, _ = run_synth_pipeline("eager")  # planned only
-        first = prefetch_nodes(gm)[0]
+    model = SynthModel(SynthSpec(layers=2)).eval()
+    gm, _ = run_synth_pipeline("eager", model=model)  # planned only
+    first = prefetch_nodes(gm)[0]
+    bounded = []
+    for low, high in ((0, 16), (96, 4096)):
         with gm.graph.inserting_after(first):
-            bounded = gm.graph.call_function(
-                ops.RANGE_OP, (first.args[0], first.args[1], 64, 0, 8, 96, 4096)
+            node = gm.graph.call_function(
+                ops.RANGE_OP, (first.args[0], first.args[1], 64, 0, 8, low, high)
             )
-        set_meta(bounded, replace(prefetch_meta(first), max_size=64))
+        node.meta["val"] = None
+        set_meta(node, replace(prefetch_meta(first), max_size=64))
+        bounded.append(node)
+    return model, gm, first, bounded
+
+
+def test_a_prefetch_decided_at_run_time_forks_and_joins_in_or_out_of_range():
+    """prefetch_in_range in a captured graph forks onto the prefetch stream (prefetch_native
+    with its token bounds) and gets its own join before the linear; run on the STAND-IN
+    stream runtime, the one in range issues its bytes on the prefetch stream, the one out of
+    range forks and joins but issues none. ``in_stream`` keeps its kernel in the compute
+    stream, recorded as such."""
+    from fxprefetch.passes.insert_joins import insert_joins
+    from fxprefetch.passes.lower_npu import lower_npu
+
+    from support.npu_standins import StreamEvent, StreamRecorder
+
+    ids = torch.randint(0, 64, (1, 4))
+    with StreamRecorder().installed() as recorder:
+        model, gm, first, (inside, outside) = _with_range_prefetches()
         lower_npu(gm, _context())
-    assert prefetch_meta(bounded).lowering == "ascend_in_stream"
-    assert prefetch_meta(first).lowering == "ascend_side_stream"
-    assert bounded.target is ops.RANGE_OP and first.target is ops.NATIVE_OP
+        insert_joins(gm, _context())
+        gm.recompile()
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
+        real = [t.detach() for t in state.values()]
+        with torch.no_grad():
+            got = recorder.run(gm, *real, ids)
+            torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, model(ids))
+    assert inside.target is ops.NATIVE_OP and outside.target is ops.NATIVE_OP
+    assert [n.kwargs for n in (inside, outside)] == [
+        {"tokens": 8, "min_tokens": 0, "max_tokens": 16},
+        {"tokens": 8, "min_tokens": 96, "max_tokens": 4096},
+    ]
+    assert {prefetch_meta(n).lowering for n in (first, inside, outside)} == {"ascend_side_stream"}
+    order, pairs, joins = _pairs(gm)
+    assert len(pairs) == len(joins) == 6 and all(len(mine) == 1 for _, mine in pairs)
+    mine = {fork.name: js[0] for fork, js in pairs}
+    linear = {n.name: n for n in gm.graph.nodes}[prefetch_meta(inside).linear]
+    ptr = real[list(gm.graph.find_nodes(op="placeholder")).index(first.args[0])].data_ptr()
+    for node, issued in ((inside, [StreamEvent("prefetch", 1, ptr, 64)]), (outside, [])):
+        fork, join = recorder.fork_join(node.name, mine[node.name].name)
+        assert fork == [StreamEvent("node", 0, node.name), StreamEvent("wait", 1, other=0), *issued]
+        assert join == [StreamEvent("node", 0, mine[node.name].name),
+                        StreamEvent("wait", 0, other=1)]  # fmt: skip
+        assert order[mine[node.name]] < order[linear]
+    with StreamRecorder().installed():
+        _model, gm, first, bounded = _with_range_prefetches()
+        lower_npu(gm, _context(ascend_lowering="in_stream"))
+    assert all(n.target is ops.RANGE_OP for n in bounded)
+    assert {prefetch_meta(n).lowering for n in bounded} == {"ascend_in_stream"}
 
 
 def _context(**fields):

@@ -24,6 +24,7 @@ each prefetch forked onto the prefetch stream, joined before its linear) or ``"i
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,7 @@ import torch
 from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
+from fxprefetch.validation import expect_choice
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -68,6 +70,18 @@ def _npu_streams() -> bool:
     from fxprefetch.devices.npu_streams import register_npu_streams
 
     return register_npu_streams()
+
+
+#: the environment variable that sets ``ascend_lowering`` where no backend option can
+#: (vLLM's route: ``fxprefetch.vllm.plugin``)
+ASCEND_LOWERING_ENV = "FXPREFETCH_ASCEND_LOWERING"
+
+
+def ascend_lowering_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``ascend_lowering`` from ``$FXPREFETCH_ASCEND_LOWERING`` (unset or empty: the
+    default), checked like the backend option (a ``ConfigError`` naming the variable)."""
+    value = (os.environ if environ is None else environ).get(ASCEND_LOWERING_ENV)
+    return expect_choice(value or ASCEND_LOWERINGS[0], ASCEND_LOWERING_ENV, ASCEND_LOWERINGS)
 
 
 def device_setup(

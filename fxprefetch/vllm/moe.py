@@ -22,9 +22,12 @@ graph pickles, and a graph served from vLLM's compile cache, or one compiled gra
 every layer, prefetches the weight of the layer it runs for. On CUDA the kernel launches the
 prefetch on the compute stream (``fxprefetch.ops.prefetch_tensor``): no side stream, so no
 join, and it is legal under CUDA-graph capture, where it runs once, finding the tensor; the
-replay repeats the launch with the weight's fixed address. On the NPU the kernel calls
-``torch.ops.npu.npu_prefetch`` with the tensor it found (aclgraph and npugraph_ex run the FX
-graph's ops while they capture).
+replay repeats the launch with the weight's fixed address. On the NPU, where the graph is
+captured op by op (aclgraph, npugraph_ex run the FX graph's ops while they capture), the
+Ascend lowering retargets it to ``prefetch_layer_weight_fork``: the same lookup, forked onto
+the prefetch stream after its dependency and joined before the fused op; with
+``ascend_lowering`` "in_stream" the kernel calls ``torch.ops.npu.npu_prefetch`` with the
+tensor it found, in the captured stream.
 """
 
 from __future__ import annotations
@@ -130,10 +133,45 @@ def _prefetch_layer_weight_fake(
     torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
 
 
-def _define(name: str, fn: Any, fake: Any) -> torch._ops.OpOverload:
+def _prefetch_layer_weight_fork(
+    layer_name: LayerNameType,
+    attr: str,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    def fork() -> None:  # a weight not found: no fork, and its join then waits for none
+        in_range = ops.tokens_in_range(tokens, min_tokens, max_tokens)
+        weight = runtime_weight(layer_name, attr)
+        ops.native_fork(weight, max_size, offset, stream, cache_hint, in_range)
+
+    ops.skip_failed("prefetch_layer_weight_fork", fork)
+
+
+def _prefetch_layer_weight_fork_fake(
+    layer_name: LayerNameType,
+    attr: str,
+    order: list[torch.Tensor],
+    max_size: int,
+    offset: int,
+    stream: str,
+    cache_hint: str,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
+
+
+def _define(name: str, fn: Any, fake: Any, mutates: tuple[str, ...] = ()) -> torch._ops.OpOverload:
     from torch._library.infer_schema import infer_schema
 
-    _lib.define(name + infer_schema(fn, mutates_args=()), tags=())
+    _lib.define(name + infer_schema(fn, mutates_args=mutates), tags=())
     _lib.impl(name, fn, "CompositeExplicitAutograd")
     _lib._register_fake(name, fake)
     return getattr(torch.ops.fxprefetch, name).default
@@ -141,6 +179,17 @@ def _define(name: str, fn: Any, fake: Any) -> torch._ops.OpOverload:
 
 LAYER_OP = _define("prefetch_layer_weight", _prefetch_layer_weight, _prefetch_layer_weight_fake)
 ops.register_prefetch_op(LAYER_OP)
+# Ascend's side-stream lowering: the same lookup, forked onto the prefetch stream after its
+# dependency (``order``: its token, then its dependency) and joined before the fused op
+# (``passes/lower_npu.py``, ``passes/insert_joins.py``); out of range, it forks and issues
+# nothing.
+LAYER_FORK_OP = _define(
+    "prefetch_layer_weight_fork",
+    _prefetch_layer_weight_fork,
+    _prefetch_layer_weight_fork_fake,
+    mutates=("order",),
+)
+ops.register_fork_op(LAYER_FORK_OP, lowers=LAYER_OP)
 
 
 class VllmMoeWeights:
@@ -193,4 +242,4 @@ class VllmMoeWeights:
         )
 
 
-__all__ = ["LAYER_OP", "ROLE_ATTRS", "VllmMoeWeights", "find_weight_path"]
+__all__ = ["LAYER_FORK_OP", "LAYER_OP", "ROLE_ATTRS", "VllmMoeWeights", "find_weight_path"]

@@ -37,6 +37,7 @@ from torch.fx import Graph, GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
+from fxprefetch.devices.setup import ascend_lowering_from_env
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
@@ -211,6 +212,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
             cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
             device_profile=env_device_profile(),
+            ascend_lowering=ascend_lowering_from_env(),  # in the setup, so in uuid()
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:

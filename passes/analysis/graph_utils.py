@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxprefetch.ops import PREFETCH_OPS
+from fxprefetch.ops import FORK_OPS, PREFETCH_OPS
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]*['\"]\](?:\[\d+\])?")
 _SUBSCRIPT = re.compile(
@@ -184,3 +184,11 @@ def finalize(gm: GraphModule, recompile: bool = True) -> None:
     gm.graph.lint()
     if recompile:
         gm.recompile()
+
+
+def is_side_fork(node: Node) -> bool:
+    """Whether ``node`` forks onto a side stream (a ``fxprefetch.ops.FORK_OPS`` op whose
+    ``stream`` is "side")."""
+    return (
+        node.op == "call_function" and node.target in FORK_OPS and get_arg(node, "stream") == "side"
+    )

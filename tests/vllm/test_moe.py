@@ -478,3 +478,117 @@ def test_the_fused_moe_and_transformers_grouped_mm_count_the_same_tokens(context
         assert {(r.tokens, r.prefetched, r.skip_reason) for r in records} == {
             ("64", False, SkipReason.OUTSIDE_TOKEN_RANGE)
         }
+
+
+# -- Ascend's prefetch stream: the run-time prefetches fork and join too (STAND-IN runtime) ----
+
+ASCEND_BOUNDED = {  # a compile range that straddles both bounds: both are checked at run time
+    **GUIDE_MOE,
+    "token_range": {"moe": {"gate_up": {"min_tokens": 96}}, "attn": {"qkv": {"max_tokens": 64}}},
+}
+
+
+@pytest.mark.parametrize("tokens", [4, 128])
+def test_ascend_run_time_prefetches_fork_onto_the_prefetch_stream(context, tokens):
+    """A captured Ascend graph (aclgraph / npugraph_ex lowering) on a symbolic token count,
+    run on the STAND-IN stream runtime: the token-range prefetch (attn.qkv, up to 64 tokens)
+    and the by-name MoE prefetch (``vllm::moe_forward``'s gate/up, from 96 tokens) each fork
+    onto the prefetch stream after their dependency ran and are joined before their consumer;
+    out of range the fork and join still happen but no byte is issued. Outputs equal eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    from fxprefetch.ops import JOIN_OP
+
+    from support.npu_standins import StreamEvent, StreamRecorder
+
+    layers, _ = context
+    model = Model()
+    model.layers = nn.ModuleList(AttnBlock(i) for i in range(2))
+    state = dict(model.named_parameters())
+
+    def call(params, x):
+        return torch.func.functional_call(model, params, (x,))
+
+    shapes = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    fake_x = shapes.from_tensor(torch.randn(128, HIDDEN), symbolic_context=dynamic)
+    fake_state = {k: shapes.from_tensor(v, static_shapes=True) for k, v in state.items()}
+    with StreamRecorder().installed() as recorder:
+        gm = make_fx(call, tracing_mode="fake", record_module_stack=True)(fake_state, fake_x)
+        params = [p.name for p in gm.graph.find_nodes(op="placeholder")][: len(state)]
+        names = dict(zip(params, state, strict=True))
+        plan = _pipeline(
+            gm,
+            ASCEND_BOUNDED,
+            layers,
+            target="npu",
+            weight_names=names,
+            graph_tokens=TokenRange(1, 512),
+        )
+        gm.recompile()
+        x = torch.randn(tokens, HIDDEN)
+        with torch.no_grad():
+            got = recorder.run(gm, *state.values(), x)
+            torch.testing.assert_close(got, model(x))
+    records = plan.by_role("moe.gate_up") + plan.by_role("attn.qkv")
+    assert len(records) == 4 and all(r.prefetched for r in records)
+    inputs = {p.name for p in gm.graph.find_nodes(op="placeholder")}
+    assert {(r.lowering, r.token_check) for r in records} == {("ascend_side_stream", "run time")}
+    joins = {
+        join_meta(n).joins: n.name for n in gm.graph.find_nodes(op="call_function", target=JOIN_OP)
+    }
+    assert len(joins) == 4
+    weights = {f"{k}.routed_experts.w13_weight": _w13(v) for k, v in layers.items()} | state
+    for record in records:
+        in_range = tokens >= 96 if record.role == "moe.gate_up" else tokens <= 64
+        fork, join = recorder.fork_join(record.prefetch_node, joins[record.prefetch_node])
+        issued = [
+            StreamEvent("prefetch", 1, weights[record.weight].data_ptr(), record.prefetch_bytes)
+        ]
+        assert fork == [
+            StreamEvent("node", 0, record.prefetch_node),
+            StreamEvent("wait", 1, other=0),
+            *(issued if in_range else []),
+        ], record.role
+        assert join == [StreamEvent("node", 0, joins[record.prefetch_node]),
+                        StreamEvent("wait", 0, other=1)]  # fmt: skip
+        if record.dependency not in inputs:  # a graph input is there before any node
+            assert recorder.index("node", record.dependency) < recorder.index(
+                "node", record.prefetch_node
+            )
+        assert recorder.index("node", join[0].what) < recorder.index("node", record.node)
+    assert len(recorder.streams) == 2
+    # the invariants know the by-name fork: without its join it is caught
+    from fxprefetch.passes.invariants import InvariantError, check_invariants
+
+    fork = next(n for n in gm.graph.nodes if n.target is vllm_moe.LAYER_FORK_OP)
+    gm.graph.erase_node({n.name: n for n in gm.graph.nodes}[joins[fork.name]])
+    ctx = PassContext(WeightPrefetchConfig(enabled=True), DEFAULT_RULES, "g")
+    with pytest.raises(InvariantError, match=f"{fork.name} forks onto the side stream with 0"):
+        check_invariants(gm, ctx, "insert_joins", ran=[p.name for p in pipeline_of("npu").passes])
+
+
+def test_a_by_name_fork_that_fails_is_skipped_and_counted(caplog):
+    """The by-name fork finds no layer: no fork, counted as failed, the model runs on; the
+    join after it then waits for nothing (no fork is open)."""
+    import fxprefetch
+    from fxprefetch.devices import npu_streams
+
+    from support.npu_standins import StreamRecorder
+
+    token = torch.empty(0, dtype=torch.uint8)
+    with StreamRecorder().installed() as recorder, fxprefetch.collect_stats() as s:
+        with caplog.at_level("WARNING", logger="fxprefetch.ops"):
+            vllm_moe.LAYER_FORK_OP(
+                "model.layers.0.mlp.experts", "w13_weight", [token], 16, 0, "side", "none", 8, 0, -1
+            )
+        torch.ops.fxprefetch.prefetch_join(token, [token])
+        assert npu_streams.open_forks(token.device) == 0
+    assert (s.failed, s.calls) == (1, 0) and recorder.events == []
+    assert "prefetch_layer_weight_fork failed and was skipped" in caplog.text
