@@ -65,10 +65,10 @@ def scaling(layer_counts: list[int], repeats: int) -> list[dict]:
 
 
 def compile_share(layers: int) -> dict:
-    from fxprefetch.targets import TARGETS  # the registry the backend resolves targets in
+    from fxprefetch.targets import TARGET_SPECS  # the registry the backend resolves targets in
 
     spent = []
-    real = TARGETS["eager"]
+    real = TARGET_SPECS["eager"]
     (planning,) = real.pipeline.passes
 
     def timed_pass(gm, ctx):
@@ -79,7 +79,7 @@ def compile_share(layers: int) -> dict:
             spent.append(time.perf_counter() - start)
 
     timed_pipeline = real.pipeline.with_passes((replace(planning, run=timed_pass),))
-    TARGETS["eager"] = replace(real, pipeline=timed_pipeline)
+    TARGET_SPECS["eager"] = replace(real, pipeline=timed_pipeline)
     try:
         model = llama(layers)
         ids = torch.zeros(1, 16, dtype=torch.long)
@@ -88,7 +88,7 @@ def compile_share(layers: int) -> dict:
         with torch.no_grad():
             total = timed(lambda: compiled(ids, use_cache=False))
     finally:
-        TARGETS["eager"] = real
+        TARGET_SPECS["eager"] = real
     return {
         "layers": layers,
         "compile_s": total,

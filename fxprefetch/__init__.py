@@ -6,10 +6,11 @@ import logging
 
 from fxprefetch import ops
 from fxprefetch.backend import torchair_backend
-from fxprefetch.config import ConfigError, PrefetchRatios, WeightPrefetchConfig
+from fxprefetch.config import PrefetchRatios, WeightPrefetchConfig
+from fxprefetch.errors import ConfigError, FxprefetchError, PrefetchPassError
 from fxprefetch.explainer import explain
 from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
-from fxprefetch.planner import PrefetchPassError, clear_plans, last_plans
+from fxprefetch.planner import clear_plans, last_plans
 from fxprefetch.runtime_stats import PrefetchStats, WeightStats, collect_stats, reset_stats, stats
 
 logging.getLogger("fxprefetch").addHandler(logging.NullHandler())
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "FxprefetchError",
     "LinearRecord",
     "PrefetchPassError",
     "PrefetchPlan",

@@ -1,7 +1,7 @@
 """One compile's setup: everything fixed before the passes run, and the key it makes.
 
 The backend, :func:`fxprefetch.explain` and the vLLM pass each build a :class:`CompileSetup`
-with :func:`fxprefetch.targets.compile_setup`, the one place where the target (``auto``),
+with :func:`fxprefetch.targets.make_compile_setup`, the one place where the target (``auto``),
 the rules (the current ones where none are given) and the devices' setup are resolved (it
 sits above the target registry, which this value stays below). A
 :class:`fxprefetch.planner.GraphPlanner` runs the pipeline under it.
@@ -49,7 +49,7 @@ class CompileSetup:
 
     config: WeightPrefetchConfig
     rules: PrefetchRules
-    pipeline: Pipeline  # the target's (fxprefetch.targets.TARGETS), never "auto"'s
+    pipeline: Pipeline  # the target's (fxprefetch.targets.TARGET_SPECS), never "auto"'s
     devices: DeviceSetup = dataclasses.field(default_factory=DeviceSetup)
     strict: bool = False  # raise where the pass fails, instead of compiling without prefetch
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
@@ -57,7 +57,7 @@ class CompileSetup:
 
     @property
     def target(self) -> str:
-        """The target's name (a key of ``fxprefetch.targets.TARGETS``)."""
+        """The target's name (a key of ``fxprefetch.targets.TARGET_SPECS``)."""
         return self.pipeline.target
 
     def cache_key(self, *parts: str) -> str:

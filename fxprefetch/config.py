@@ -12,8 +12,9 @@ own, 18 MiB on Ascend as the guide says; ``"auto"``: what each prefetch's window
 the device, see ``fxprefetch.devices.prediction``), ``sequence_parallel``, ``windows`` (left
 unwritten, the device's own) and ``token_range`` (the token counts for which prefetch runs,
 overall and per role). A role's ratio may also be ``"auto"``: up to the whole weight, as much
-as its window can hide. Every rule rejects bad input with a :class:`ConfigError` that names
-the JSON path; nothing is dropped silently.
+as its window can hide. ``force_prefetch: true`` emits every planned prefetch, also those the
+device profile predicts to lose (on a GPU the default drops them). Every rule rejects bad
+input with a :class:`ConfigError` that names the JSON path; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fxprefetch.roles import ROLE_TABLE, ROLES
@@ -41,7 +42,7 @@ from fxprefetch.validation import (
     reject_unknown_keys,
 )
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 ROOT_KEY = "weight_prefetch_config"
 DEFAULT_MAX_PREFETCH_BYTES = 18 * 1024 * 1024
@@ -79,8 +80,17 @@ def _expect_cap(value: Any, path: str) -> int | str:
     return expect_positive_int_or_auto(value, path, "number of bytes")
 
 
+MAX_TOKEN_COUNT = 2**63 - 1  # a signed 64-bit count: what the run-time check op takes
+
+
 def _expect_token_count(value: Any, path: str) -> int:
-    return expect_non_negative_int(value, path, "token count")
+    count = expect_non_negative_int(value, path, "token count")
+    if count > MAX_TOKEN_COUNT:
+        raise ConfigError(
+            path,
+            f"expected a token count in [0, {MAX_TOKEN_COUNT}] (2**63 - 1), got {describe(value)}",
+        )
+    return count
 
 
 def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
@@ -177,9 +187,7 @@ class PrefetchRatios:
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.prefetch_ratio") -> PrefetchRatios:
         sections = expect_object(value, path)
-        layout: dict[str, list[str]] = {}
-        for role in ROLE_TABLE:
-            layout.setdefault(role.section, []).append(role.key)
+        layout = _role_layout()
         _reject_unknown_keys(sections, layout, path)
         kwargs: dict[str, float | str] = {}
         for section, value_ in sections.items():
@@ -188,6 +196,16 @@ class PrefetchRatios:
             for name, ratio in body.items():
                 kwargs[f"{section}_{name}"] = expect_ratio(ratio, f"{path}.{section}.{name}")
         return cls(**kwargs)
+
+
+def _role_layout() -> dict[str, list[str]]:
+    """The JSON sections of the role table and the keys in each (``{"mlp": ["gate_up",
+    "down"], ...}``), in the table's order: what ``prefetch_ratio`` and ``token_range``
+    accept per role."""
+    layout: dict[str, list[str]] = {}
+    for role in ROLE_TABLE:
+        layout.setdefault(role.section, []).append(role.key)
+    return layout
 
 
 TOKEN_KEYS: tuple[str, ...] = ("min_tokens", "max_tokens")
@@ -302,9 +320,7 @@ class TokenBounds:
     @classmethod
     def from_dict(cls, value: Any, path: str = f"{ROOT_KEY}.token_range") -> TokenBounds:
         obj = expect_object(value, path)
-        layout: dict[str, list[str]] = {}
-        for role in ROLE_TABLE:
-            layout.setdefault(role.section, []).append(role.key)
+        layout = _role_layout()
         _reject_unknown_keys(obj, [*TOKEN_KEYS, *layout], path)
         overall = TokenRange.from_dict({k: obj[k] for k in TOKEN_KEYS if k in obj}, path)
         roles: list[tuple[str, TokenRange]] = []
@@ -341,6 +357,9 @@ class WeightPrefetchConfig:
     sequence_parallel: bool = False
     windows: tuple[str, ...] | None = None  # None: the device's (see ``window_kinds``)
     token_range: TokenBounds = field(default_factory=TokenBounds)
+    # emit every planned prefetch, even where the device profile predicts a loss (on a GPU
+    # the default drops those: see fxprefetch.devices.prediction)
+    force_prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled is not None:
@@ -353,6 +372,7 @@ class WeightPrefetchConfig:
         if self.max_prefetch_bytes is not None:
             _expect_cap(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
         expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
+        expect_bool(self.force_prefetch, f"{ROOT_KEY}.force_prefetch")
         if self.windows is not None:
             windows = _expect_windows(self.windows, f"{ROOT_KEY}.windows")
             object.__setattr__(self, "windows", windows)
@@ -386,6 +406,8 @@ class WeightPrefetchConfig:
             )
         if "windows" in obj:
             kwargs["windows"] = _expect_windows(obj["windows"], f"{path}.windows")
+        if "force_prefetch" in obj:
+            kwargs["force_prefetch"] = expect_bool(obj["force_prefetch"], f"{path}.force_prefetch")
         if "token_range" in obj:
             kwargs["token_range"] = TokenBounds.from_dict(obj["token_range"], f"{path}.token_range")
         return cls(**kwargs)
@@ -463,12 +485,14 @@ class WeightPrefetchConfig:
             written["max_prefetch_bytes"] = self.max_prefetch_bytes
         windows = {"windows": list(self.windows)} if self.windows is not None else {}
         bounds = {} if self.token_range.unbounded else {"token_range": self.token_range.to_dict()}
+        force = {"force_prefetch": True} if self.force_prefetch else {}
         return {
             **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
             "sequence_parallel": self.sequence_parallel,
             **windows,
             **bounds,
+            **force,
         }
 
     def to_json(self) -> str:
@@ -484,11 +508,5 @@ class WeightPrefetchConfig:
         return self if self.enabled is not None else self.with_enabled(default_enabled)
 
     def with_enabled(self, enabled: bool = True) -> WeightPrefetchConfig:
-        return WeightPrefetchConfig(
-            enabled=enabled,
-            prefetch_ratio=self.prefetch_ratio,
-            max_prefetch_bytes=self.max_prefetch_bytes,
-            sequence_parallel=self.sequence_parallel,
-            windows=self.windows,
-            token_range=self.token_range,
-        )
+        """This config with ``enabled`` set (every other field kept)."""
+        return replace(self, enabled=enabled)

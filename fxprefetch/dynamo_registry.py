@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 NAME = "npu_prefetch"
 

@@ -26,7 +26,7 @@ import torch
 from torch._dynamo.convert_frame import register_bytecode_hook
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 _ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 

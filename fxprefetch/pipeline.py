@@ -32,6 +32,7 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
 from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
 from fxprefetch.plan import PrefetchPlan
@@ -173,4 +174,15 @@ def run_pipeline(gm: GraphModule, pipeline: Pipeline, ctx: PassContext) -> Compi
     report = CompileReport(pipeline.target, results, ctx.runs)
     if report.plan.prefetched:
         report.plan.lowering = pipeline.lowering_note(report, ctx)
+        _record_lowerings(gm, report.plan)
     return report
+
+
+def _record_lowerings(gm: GraphModule, plan: PrefetchPlan) -> None:
+    """Copy each prefetch node's lowering (``PrefetchMeta.lowering``) into its record."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, record in enumerate(plan.records):
+        node = nodes.get(record.prefetch_node) if record.prefetch_node else None
+        meta = prefetch_meta(node) if node is not None else None
+        if meta is not None and meta.lowering is not None:
+            plan.records[i] = replace(record, lowering=meta.lowering)

@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
+from fxprefetch.errors import PrefetchPassError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
@@ -30,7 +31,7 @@ from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipe
 from fxprefetch.plan import PrefetchPlan
 from fxprefetch.plan.store import PLAN_DIR_ENV, write_plan_file
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 _plans: list[PrefetchPlan] = []
 _plans_lock = threading.Lock()
@@ -57,10 +58,6 @@ def _remember(plan: PrefetchPlan) -> None:
             write_plan_file(plan, directory)
         except OSError as exc:
             logger.warning("%s=%s: cannot write the plan: %s", PLAN_DIR_ENV, directory, exc)
-
-
-class PrefetchPassError(RuntimeError):
-    """The weight-prefetch pass failed on a graph (raised only in strict mode)."""
 
 
 def graph_kind(gm: GraphModule) -> str:
@@ -90,11 +87,16 @@ class GraphPlanner:
         hidden_weights: HiddenWeightSource | None = None,
         name: str | None = None,
         record: bool = True,
+        module_prefix: str = "",
     ) -> None:
         self.setup = setup
         self.source_names = list(source_names)
+        # the path of the module whose frame the graph was compiled for (see call_sites.py)
+        self.module_prefix = module_prefix
         self.hidden_weights = hidden_weights
         self.npu_graph_engine = False  # set by the npu target when torchair builds a GE graph
+        # set by the target once compiled: its calls replay a CUDA graph (no op body runs)
+        self.replayed = False
         self.record = record  # add plans to last_plans()
         self.name = name or f"graph{next(_graph_ids)}"
         self.reports: list[CompileReport] = []  # what the pipeline did, per aten graph
@@ -156,6 +158,7 @@ class GraphPlanner:
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),
             npu_graph_engine=self.npu_graph_engine,
+            ascend_lowering=devices.ascend_lowering,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:
@@ -166,9 +169,16 @@ class GraphPlanner:
             return None  # weights are prefetched for the forward computation only
         graph_name = f"{self.name} ({kind})"
         try:
-            sources = WeightSources.of(self.weight_names(gm))
+            prefix = {"module_prefix": self.module_prefix}
+            sources = replace(WeightSources.of(self.weight_names(gm)), **prefix)
             graphs = [(gm, graph_name, sources, 1, ())] + [
-                (b.gm, f"{graph_name} / {b.path}", b.sources, b.runs, b.run_names or ())
+                (
+                    b.gm,
+                    f"{graph_name} / {b.path}",
+                    replace(b.sources, **prefix),
+                    b.runs,
+                    b.run_names or (),
+                )
                 for b in hop_bodies(gm, sources, self.setup.rules)
             ]
             reports = [

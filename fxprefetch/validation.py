@@ -13,21 +13,10 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fxprefetch.errors import ConfigError
+
 AUTO = "auto"  # a size the device's profile decides: what the window can hide
 JSON_TOO_DEEP = "JSON nested too deeply"
-
-
-class ConfigError(ValueError):
-    """A ``weight_prefetch_config`` (or backend option) that is not valid.
-
-    ``path`` is the JSON path of the offending value, e.g.
-    ``weight_prefetch_config.prefetch_ratio.mlp.down``.
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
 
 
 def describe(value: Any) -> str:

@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
 from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.errors import PipelineOrderError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
@@ -48,6 +49,9 @@ class PassContext:
     # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
     # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
     npu_graph_engine: bool = False
+    # how a captured Ascend graph (aclgraph, npugraph_ex) runs its prefetches: "side_stream"
+    # (forked onto the prefetch stream, joined before the linear) or "in_stream" (experiments)
+    ascend_lowering: str = "side_stream"
 
 
 @dataclass(frozen=True)
@@ -62,31 +66,35 @@ class PassResult:
 PassFunction = Callable[[GraphModule, PassContext], PassResult]
 
 
-class PipelineOrderError(ValueError):
-    """A pipeline runs a pass before one it requires, or after one it conflicts with."""
-
-
 @dataclass(frozen=True)
 class GraphPass:
     """A pass with its declarations: ``requires`` must all have run earlier in the pipeline,
-    ``conflicts`` must none of them have."""
+    ``conflicts`` must none of them have, and at least one of ``requires_any`` must have
+    (a pass that follows whichever pass made what it works on)."""
 
     name: str
     run: PassFunction
     requires: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
+    requires_any: tuple[str, ...] = ()
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         return self.run(gm, ctx)
 
 
 def graph_pass(
-    *, requires: Sequence[str] = (), conflicts: Sequence[str] = (), name: str | None = None
+    *,
+    requires: Sequence[str] = (),
+    conflicts: Sequence[str] = (),
+    requires_any: Sequence[str] = (),
+    name: str | None = None,
 ) -> Callable[[PassFunction], GraphPass]:
     """Declare a function ``(gm, ctx) -> PassResult`` a pass (named after the function)."""
 
     def declare(run: PassFunction) -> GraphPass:
-        graph_pass = GraphPass(name or run.__name__, run, tuple(requires), tuple(conflicts))
+        graph_pass = GraphPass(
+            name or run.__name__, run, tuple(requires), tuple(conflicts), tuple(requires_any)
+        )
         object.__setattr__(graph_pass, "__doc__", run.__doc__)
         return graph_pass
 
@@ -99,6 +107,8 @@ def check_order(passes: Sequence[GraphPass]) -> None:
     ran: list[str] = []
     for graph_pass in passes:
         missing = [r for r in graph_pass.requires if r not in ran]
+        if graph_pass.requires_any and not set(graph_pass.requires_any) & set(ran):
+            missing.append(" or ".join(graph_pass.requires_any))
         if missing:
             raise PipelineOrderError(
                 f"pass {graph_pass.name!r} requires {missing[0]!r} to run before it "

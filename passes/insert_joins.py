@@ -4,7 +4,8 @@ A ``fxprefetch.prefetch_native`` node on the side stream forks: the side stream 
 the compute stream there. ``fxprefetch.prefetch_join(weight, order)`` makes the compute
 stream wait for the side stream; this pass puts one right before the linear of **each**
 such node (a weight read by two linears has two forks and gets two joins), so every fork
-rejoins inside the graph, as CUDA-graph capture needs.
+rejoins inside the graph, as CUDA-graph (and NPU-graph) capture needs. It follows whichever
+pass made the side-stream nodes: ``lower_native`` (CUDA) or ``lower_npu`` (Ascend).
 
 ``order`` holds what the join is declared to mutate (it writes nothing), so that inductor's
 scheduler keeps, whatever order it picks:
@@ -44,7 +45,7 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
     ]
 
 
-@graph_pass(requires=("lower_native",))
+@graph_pass(requires_any=("lower_native", "lower_npu"))
 def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Insert a join before the linear of every side-stream ``prefetch_native`` node."""
     by_name = {n.name: n for n in gm.graph.nodes}

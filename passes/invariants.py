@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 
 from torch.fx import Graph, GraphModule, Node
 
+from fxprefetch.errors import InvariantError
 from fxprefetch.ops import HINT_OP, JOIN_OP, NATIVE_OP, PREFETCH_OP, PREFETCH_OPS, RANGE_OP
 from fxprefetch.passes.analysis.graph_utils import get_arg, prefetch_nodes
 from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta, token_meta
@@ -32,10 +33,6 @@ CHECK_INVARIANTS_ENV = "FXPREFETCH_CHECK_INVARIANTS"
 # prefetches of a graph tensor (the weight first), whose dependency relaxing drops; the npu
 # lowering (not a prefetch op of ours) keeps their schema
 _WEIGHT_FIRST = (PREFETCH_OP, HINT_OP, RANGE_OP)
-
-
-class InvariantError(RuntimeError):
-    """A pass left the graph breaking an invariant; the message names the pass."""
 
 
 def invariants_enabled() -> bool:

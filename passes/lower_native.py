@@ -126,7 +126,7 @@ def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
     device they run on, before any capture."""
     devices = ctx.native_l2 & ctx.native_devices
     joins = {d for d in ctx.join_devices if d in devices and not partition_points(gm, d)}
-    lowered = _lower(gm.graph, devices, joins, ctx.cache_hint)
+    lowered = lower_to_native(gm.graph, devices, joins, ctx.cache_hint)
     used = {
         n.args[0].meta["val"].device
         for n in gm.graph.find_nodes(op="call_function", target=NATIVE_OP)
@@ -137,7 +137,7 @@ def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult("lower_native_prefetches", lowered)
 
 
-def _lower(
+def lower_to_native(
     graph: Graph, l2_devices: Collection[str], join_devices: Collection[str], cache_hint: str
 ) -> int:
     """Retarget each prefetch on a device in ``l2_devices``; the side stream where the device

@@ -18,6 +18,7 @@ import pytest
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch import compile_setup as compile_setup_module
 from fxprefetch import targets as targets_module
+from fxprefetch.backend import setup_from_options
 from fxprefetch.compile_setup import (
     CompileSetup,
     _stable_name,
@@ -36,8 +37,8 @@ from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import (
     AUTO,
     TARGET_NAMES,
-    TARGETS,
-    compile_setup,
+    TARGET_SPECS,
+    make_compile_setup,
     resolve_target,
     target_spec,
 )
@@ -48,12 +49,12 @@ from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.devices.prediction import profile
-from fxprefetch.targets import TARGETS
+from fxprefetch.targets import TARGET_SPECS
 
 SETUP = CompileSetup(
     config=WeightPrefetchConfig(enabled=True, max_prefetch_bytes=1 << 20),
     rules=DEFAULT_RULES,
-    pipeline=TARGETS["inductor"].pipeline,
+    pipeline=TARGET_SPECS["inductor"].pipeline,
     devices=DeviceSetup(
         native=frozenset({"cpu", "cuda"}),
         joins=frozenset({"cuda"}),
@@ -76,7 +77,7 @@ def _base() -> CompileSetup:
 def _changed(value: Any, path: str) -> Any:
     """A value other than ``value``, of its kind (a new kind of field must add its own)."""
     if isinstance(value, Pipeline):  # another target's
-        return next(spec.pipeline for spec in TARGETS.values() if spec.pipeline != value)
+        return next(spec.pipeline for spec in TARGET_SPECS.values() if spec.pipeline != value)
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -91,6 +92,8 @@ def _changed(value: Any, path: str) -> Any:
         return value | {"changed"}
     if isinstance(value, Mapping):
         return {**value, "changed": next(iter(value.values()))}
+    if value is None and path.endswith("requested_profile"):
+        return profile("h100")
     raise AssertionError(f"{path}: no way to change a {type(value).__name__} here; add one")
 
 
@@ -140,9 +143,9 @@ def test_the_parts_a_caller_adds_change_the_key():
     assert base.cache_key("a", "b") != base.cache_key("ab")
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("target", sorted(TARGET_SPECS))
 def test_changing_any_pass_source_changes_the_key(target, monkeypatch):
-    setup = dataclasses.replace(_base(), pipeline=TARGETS[target].pipeline)
+    setup = dataclasses.replace(_base(), pipeline=TARGET_SPECS[target].pipeline)
     files = pass_source_files(setup.pipeline)
     for graph_pass in setup.pipeline.passes:  # the passes' own modules are read
         found = inspect.getsourcefile(inspect.unwrap(getattr(graph_pass, "run", graph_pass)))
@@ -212,7 +215,7 @@ def test_both_cache_keys_are_the_setups_key():
     from fxprefetch.targets.inductor import PrefetchGraphPass
     from fxprefetch.vllm.plugin import WeightPrefetchPass
 
-    setup = compile_setup(WeightPrefetchConfig(enabled=True), target="inductor")
+    setup = make_compile_setup(WeightPrefetchConfig(enabled=True), target="inductor")
     planner = GraphPlanner(setup, source_names=["w", None], record=False)
     assert PrefetchGraphPass(planner).uuid() == setup.cache_key(json.dumps(["w", None]))
     vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
@@ -231,7 +234,7 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
 
     monkeypatch.setattr(targets_module, "device_setup", fake_devices)
     config = WeightPrefetchConfig(enabled=True)
-    setup = compile_setup(config, mode="reduce-overhead", cache_hint="evict_last")
+    setup = make_compile_setup(config, mode="reduce-overhead", cache_hint="evict_last")
     assert setup.target == resolve_target(AUTO) == "inductor"  # no torch_npu here
     assert setup.rules is current_rules() and setup.cudagraphs
     assert setup.devices == DeviceSetup(caps={"cpu": 1000})
@@ -243,16 +246,33 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
             "native_prefetch": "auto",
             "cuda_lowering": "side_stream",
             "cache_hint": "evict_last",
+            "ascend_lowering": "side_stream",
+            "device_profile": None,
         }
     ]
-    eager = compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
+    eager = make_compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
     assert eager.target == "eager" and not eager.cudagraphs
     assert {k: calls[-1][k] for k in inductor_devices} == inductor_devices  # auto: inductor's
-    compile_setup(config, target="npu")
+    make_compile_setup(config, target="npu")
     assert (calls[-1]["native_l2"], calls[-1]["ascend"]) == (False, True)
     given = DeviceSetup(native=frozenset({"meta"}))
-    assert compile_setup(config, target="npu", devices=given).devices is given
+    assert make_compile_setup(config, target="npu", devices=given).devices is given
     assert len(calls) == 3
+
+
+def test_the_ascend_lowering_is_in_the_key():
+    """``ascend_lowering`` changes the compiled graph (forks and joins, or npu_prefetch in the
+    compute stream): its two values never share a compile-cache key."""
+    config = WeightPrefetchConfig(enabled=True)
+    side = make_compile_setup(config, target="npu")
+    in_stream = make_compile_setup(config, target="npu", ascend_lowering="in_stream")
+    assert (side.devices.ascend_lowering, in_stream.devices.ascend_lowering) == (
+        "side_stream",
+        "in_stream",
+    )
+    assert side.cache_key() != in_stream.cache_key()
+    with pytest.raises(ValueError, match="ascend_lowering: expected one of"):
+        make_compile_setup(config, target="npu", ascend_lowering="side")
 
 
 def test_the_setup_is_frozen():
@@ -264,8 +284,8 @@ def test_the_setup_is_frozen():
 
 
 def test_the_registry_names_every_target_once():
-    assert (AUTO, *TARGETS) == TARGET_NAMES
-    for name, spec in TARGETS.items():
+    assert (AUTO, *TARGET_SPECS) == TARGET_NAMES
+    for name, spec in TARGET_SPECS.items():
         assert spec.name == spec.pipeline.target == name
         assert spec.pipeline.recompiles == (name != "inductor")  # inductor regenerates itself
         parameters = inspect.signature(spec.compile).parameters
@@ -282,7 +302,55 @@ def test_options_take_their_target_names_from_the_registry():
 
 
 def test_only_inductor_replays_cuda_graphs():
-    assert TARGETS["inductor"].replays_cudagraphs("reduce-overhead")
-    assert not TARGETS["inductor"].replays_cudagraphs("max-autotune-no-cudagraphs")
-    assert not TARGETS["npu"].replays_cudagraphs("reduce-overhead")
-    assert not TARGETS["eager"].replays_cudagraphs("reduce-overhead")
+    assert TARGET_SPECS["inductor"].replays_cudagraphs("reduce-overhead")
+    assert not TARGET_SPECS["inductor"].replays_cudagraphs("max-autotune-no-cudagraphs")
+    assert not TARGET_SPECS["npu"].replays_cudagraphs("reduce-overhead")
+    assert not TARGET_SPECS["eager"].replays_cudagraphs("reduce-overhead")
+
+
+# -- a device profile file ------------------------------------------------------------------
+
+
+def test_the_key_changes_when_the_device_profile_files_contents_change(tmp_path):
+    """``device_profile`` (a file's path) in the backend's options: the key holds the file's
+    contents, not its name, so recalibrating the device recompiles."""
+    import json as json_module
+
+    from fxprefetch.devices.profile_file import to_dict
+
+    path = tmp_path / "gpu.json"
+    data = to_dict(profile("h200"))
+    path.write_text(json_module.dumps(data))
+    first = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    again = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    data["constants"]["margin_us"]["value"] = 0.25
+    path.write_text(json_module.dumps(data))
+    changed = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    assert first == again != changed
+    assert setup_from_options(parse_options(None)).cache_key() not in (first, changed)
+
+
+def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"options.device_profile.*unknown device profile"):
+        parse_options({"device_profile": "h300"})
+    (tmp_path / "p.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"options.device_profile.*\.schema: missing"):
+        parse_options({"device_profile": str(tmp_path / "p.json")})
+    with pytest.raises(ConfigError, match=r"options\.device_profile: expected a device profile"):
+        parse_options({"device_profile": 3})
+
+
+def test_the_vllm_pass_takes_its_device_profile_from_the_environment(monkeypatch, tmp_path):
+    from fxprefetch.vllm.plugin import PROFILE_ENV, WeightPrefetchPass, env_device_profile
+
+    vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert env_device_profile() is None
+    plain = vllm_pass.uuid()
+    monkeypatch.setenv(PROFILE_ENV, "h100")
+    assert env_device_profile() == profile("h100")
+    assert vllm_pass.setup().devices.requested_profile == profile("h100")
+    assert vllm_pass.uuid() != plain
+    monkeypatch.setenv(PROFILE_ENV, "h300")
+    with pytest.raises(ConfigError, match=r"FXPREFETCH_DEVICE_PROFILE.*unknown device profile"):
+        vllm_pass.setup()

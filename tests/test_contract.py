@@ -31,7 +31,7 @@ from fxprefetch.passes.lower_npu import lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.relax_dependencies import relax_dependencies
 from fxprefetch.pipeline import Pipeline, run_passes, run_pipeline
-from fxprefetch.targets import TARGETS
+from fxprefetch.targets import TARGET_SPECS
 
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import fake_trace, pipeline_of
@@ -61,7 +61,7 @@ def _prefetch_count(gm: GraphModule) -> int:
 # -- declared order ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("target", sorted(TARGET_SPECS))
 def test_the_real_pipelines_are_in_a_declared_order(target):
     check_order(pipeline_of(target).passes)
 
@@ -79,7 +79,7 @@ def test_a_pipeline_in_a_wrong_order_cannot_be_built():
         ((lower_npu,), "pass 'lower_npu' requires 'plan_prefetches' to run before it"),
         (
             (plan_prefetches, insert_joins, lower_native),
-            "pass 'insert_joins' requires 'lower_native' to run before it",
+            "pass 'insert_joins' requires 'lower_native or lower_npu' to run before it",
         ),
         (
             (plan_prefetches, relax_dependencies, lower_npu),
@@ -129,7 +129,16 @@ def test_the_declarations_say_what_each_pass_needs():
         assert "plan_prefetches" in later.requires, later.name
     assert "relax_dependencies" in lower_npu.conflicts  # npu_prefetch needs its dependency
     assert "relax_dependencies" in lower_native.conflicts  # its order edges come from it
-    assert insert_joins.requires == ("lower_native",)
+    # it joins the side-stream forks whichever lowering made them (CUDA or Ascend)
+    assert insert_joins.requires_any == ("lower_native", "lower_npu")
+
+
+def test_requires_any_needs_one_of_them():
+    """insert_joins after either lowering builds; after neither it is refused."""
+    Pipeline("x", (plan_prefetches, lower_npu, insert_joins))
+    Pipeline("y", (plan_prefetches, lower_native, insert_joins))
+    with pytest.raises(PipelineOrderError, match="requires 'lower_native or lower_npu'"):
+        Pipeline("z", (plan_prefetches, insert_joins))
 
 
 def test_a_decorated_function_keeps_its_name_and_signature():

@@ -188,23 +188,63 @@ def test_the_repository_table_names_what_exists_and_covers_every_folder():
     assert set(REPO_ROOTS) <= folders, f"no row for {set(REPO_ROOTS) - folders}"
 
 
+def _row_of(module: str, rows: list[list[str]]) -> int:
+    """The row whose named path covers the module most closely."""
+    path = module.replace(".", "/").replace("fxprefetch/passes", "passes", 1)
+    best = max(
+        ((len(claim), index)
+         for index, claims in enumerate(rows)
+         for claim in claims
+         if claim in (f"{path}.py", f"{path}/__init__.py")
+         or (path + "/").startswith(claim.rstrip("/") + "/")),
+        default=None,
+    )  # fmt: skip
+    assert best is not None, f"{module} is in no row of the README's repository table"
+    return best[1]
+
+
+def _layout_layers() -> list[tuple[str, tuple[str, ...]]]:
+    """``LAYERS`` of tests/test_layout.py, read as data (lowest layer first)."""
+    tree = ast.parse((ROOT / "tests" / "test_layout.py").read_text())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
+        if isinstance(target, ast.Name) and target.id == "LAYERS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("tests/test_layout.py defines no LAYERS")
+
+
+def test_the_repository_table_has_test_layouts_layers_in_order():
+    """Each row of the README's table holds the modules of one layer of test_layout's
+    ``LAYERS``, and the rows go up the layers in order (a layer may take consecutive rows)."""
+    rows = [_claims(cells[0]) for cells in _repository_table()]
+    layers = _layout_layers()
+
+    def layer_of(module: str) -> str:
+        return max(
+            (len(prefix), name)
+            for name, prefixes in layers
+            for prefix in prefixes
+            if module == prefix or module.startswith(prefix + ".")
+        )[1]
+
+    by_row: dict[int, set[str]] = {}
+    for module in _modules():
+        by_row.setdefault(_row_of(module, rows), set()).add(layer_of(module))
+    order = [name for name, _ in layers]
+    mixed = {row + 1: sorted(found) for row, found in by_row.items() if len(found) > 1}
+    assert not mixed, f"rows of the README's table mixing layers of LAYERS: {mixed}"
+    row_layers = [next(iter(by_row[row])) for row in sorted(by_row)]
+    # a layer may take several rows in a row (passes/: tables, analysis, the passes)
+    collapsed = [layer for i, layer in enumerate(row_layers) if row_layers[i - 1 : i] != [layer]]
+    assert collapsed == order, f"the table's rows hold {row_layers}; LAYERS is {order}"
+
+
 def test_the_repository_table_is_the_code_layering():
     rows = [_claims(cells[0]) for cells in _repository_table()]
     modules = _modules()
 
     def row_of(module: str) -> int:
-        """The row whose named path covers the module most closely."""
-        path = module.replace(".", "/").replace("fxprefetch/passes", "passes", 1)
-        best = max(
-            ((len(claim), index)
-             for index, claims in enumerate(rows)
-             for claim in claims
-             if claim in (f"{path}.py", f"{path}/__init__.py")
-             or (path + "/").startswith(claim.rstrip("/") + "/")),
-            default=None,
-        )  # fmt: skip
-        assert best is not None, f"{module} is in no row of the README's repository table"
-        return best[1]
+        return _row_of(module, rows)
 
     upward = [
         f"{name} (row {row_of(name) + 1}) imports {imported} (row {row_of(imported) + 1})"

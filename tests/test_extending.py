@@ -186,7 +186,7 @@ def test_a_target_is_one_module_and_one_registry_entry(tmp_path):
         import fxprefetch
         from fxprefetch.cli import build_parser
         from fxprefetch.presets import build_model, example_inputs
-        from fxprefetch.targets import compile_setup
+        from fxprefetch.targets import make_compile_setup
 
         model = build_model("llama-tiny")
         inputs = example_inputs(model)
@@ -199,7 +199,7 @@ def test_a_target_is_one_module_and_one_registry_entry(tmp_path):
                 out = compiled(**inputs).logits
         (plan,) = fxprefetch.last_plans()
         config = fxprefetch.WeightPrefetchConfig(enabled=True)
-        keys = {t: compile_setup(config, target=t).cache_key() for t in ("aot_eager", "eager")}
+        keys = {t: make_compile_setup(config, target=t).cache_key() for t in ("aot_eager", "eager")}
         print(json.dumps({
             "package": fxprefetch.__file__,
             "equal": torch.equal(out, expected),

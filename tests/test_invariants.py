@@ -33,7 +33,7 @@ from fxprefetch.passes.invariants import (
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.pipeline import run_passes, run_pipeline
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 
 from support.npu_standins import install_op_standins
 from support.synthetic import SynthModel, SynthSpec
@@ -80,16 +80,26 @@ def test_the_environment_switches_the_checks(monkeypatch, value, enabled):
 
 @pytest.mark.parametrize(
     ("target", "context"),
-    [("eager", {}), ("npu", {}), ("inductor", {}), ("inductor", JOINED)],
-    ids=["eager", "npu", "inductor-hints", "inductor-joined"],
+    [
+        ("eager", {}),
+        ("npu", {"npu_graph_engine": True}),
+        ("npu", {}),
+        ("npu", {"ascend_lowering": "in_stream"}),
+        ("inductor", {}),
+        ("inductor", JOINED),
+    ],
+    ids=["eager", "npu-ge", "npu-captured", "npu-in-stream", "inductor-hints", "inductor-joined"],
 )
 def test_the_real_pipelines_keep_every_invariant(target, context):
+    from support.npu_standins import StreamRecorder
+
     if target == "npu":
         install_op_standins()
     gm, ctx = _traced(**context)
-    report = run_pipeline(
-        gm, pipeline_of(target), ctx
-    )  # checks after every pass (the suite enables it)
+    with StreamRecorder().installed():  # the STAND-IN stream runtime, for the captured npu
+        report = run_pipeline(
+            gm, pipeline_of(target), ctx
+        )  # checks after every pass (the suite enables it)
     assert len(report.plan.prefetched) == 4
     ran = [p.name for p in pipeline_of(target).passes]
     check_invariants(gm, ctx, ran[-1], ran=ran)
@@ -229,7 +239,7 @@ def test_a_broken_invariant_is_never_hidden_by_the_fallback(monkeypatch):
     swap_passes(monkeypatch, "eager", (plan_prefetches, drop_a_record))
     gm, ctx = _traced()
     planner = GraphPlanner(
-        compile_setup(WeightPrefetchConfig(enabled=True), target="eager"), record=False
+        make_compile_setup(WeightPrefetchConfig(enabled=True), target="eager"), record=False
     )
     monkeypatch.setattr(planner, "weight_names", lambda _: ctx.weight_names)
     with pytest.raises(InvariantError, match="after drop_a_record"):

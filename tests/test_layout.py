@@ -5,21 +5,27 @@
 - Inside ``fxprefetch.passes`` the rooms import downward only: tables <- analysis <- passes;
   all three may use fxprefetch's core, and nothing above it (pipeline, planner, targets,
   backend, the vLLM modules, the CLI).
-- No import circle among fxprefetch's modules, counting the imports deferred into functions
-  (a deferred import that closes a circle only hides it); imports for type checkers alone
-  (``if TYPE_CHECKING:``) run nothing and are not counted. Inside ``fxprefetch.passes`` no
-  import is deferred into a function at all.
+- fxprefetch's rooms import downward only, in the order of :data:`LAYERS` (core <- plan <-
+  devices <- passes <- driver <- targets <- vllm <- front ends), counting every import: at
+  module level, deferred into a function, and made only for type checkers.
+- No import circle of any kind among fxprefetch's modules: imports deferred into functions
+  and imports for type checkers (``if TYPE_CHECKING:``) count (either only hides a circle).
+  Inside ``fxprefetch.passes`` no import is deferred into a function at all.
 - Tests follow the modules: each pass, each analysis and ``tables/rules.py`` has its
   ``tests/test_<module>.py``, or an entry in :data:`TESTED_ELSEWHERE` naming the file that
-  tests it.
+  tests it; each module of fxprefetch's core has ``tests/test_<module>.py`` and each module of
+  a room ``fxprefetch/<room>/`` has ``tests/<room>/test_<module>.py``, or an entry in
+  :data:`MIRRORED_ELSEWHERE`.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -30,6 +36,7 @@ PASSES = ROOT / "passes"
 # prediction model, the role names)
 CORE = {
     "fxprefetch.config",
+    "fxprefetch.errors",
     "fxprefetch.ops",
     "fxprefetch.plan",
     "fxprefetch.devices.prediction",
@@ -37,11 +44,32 @@ CORE = {
     "fxprefetch.validation",
 }
 ROOMS = {"tables": 0, "analysis": 1, "": 2}  # "": the passes themselves, at passes/*.py
+# fxprefetch's layers, lowest first: a module imports only from its own layer and those
+# before it. A module belongs to the layer of the longest prefix naming it.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # data and checks, the op's schema and kernels, counters; the model presets (torch only)
+    ("core", ("fxprefetch.errors", "fxprefetch.validation", "fxprefetch.roles",
+              "fxprefetch.config", "fxprefetch.runtime_stats", "fxprefetch.ops",
+              "fxprefetch.presets")),
+    ("plan", ("fxprefetch.plan",)),  # what the pass saw and did, as data and text
+    # setup, profiles, the prediction model, CUDA kernel; the timeline draws a plan in a
+    # device's predicted microseconds, so it sits here though it lives in plan/
+    ("devices", ("fxprefetch.devices", "fxprefetch.plan.timeline")),
+    ("passes", ("fxprefetch.passes",)),  # tables <- analysis <- passes (checked below)
+    # the driver: runs the passes, fixes a compile's setup, plans graphs, keeps plans. The plan
+    # store lives in plan/ but keeps the pipeline's reports between compiles: it sits here.
+    ("driver", ("fxprefetch.pipeline", "fxprefetch.compile_setup", "fxprefetch.planner",
+                "fxprefetch.counting", "fxprefetch.call_sites", "fxprefetch.plan.store")),
+    ("targets", ("fxprefetch.targets", "fxprefetch.dynamo_registry")),
+    ("vllm", ("fxprefetch.vllm", "fxprefetch.vllm_plugin")),
+    ("front ends", ("fxprefetch.options", "fxprefetch.backend", "fxprefetch.isolated_compile",
+                    "fxprefetch.explainer", "fxprefetch.demo", "fxprefetch.cli",
+                    "fxprefetch.__main__", "fxprefetch")),
+)  # fmt: skip
 TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
-    "hidden_weights": "vllm/test_vllm_moe.py",  # vLLM's fused MoE looks its experts up by name
-    "token_bounds": "vllm/test_vllm_moe.py",  # token bounds on vLLM's static and dynamic graphs
+    "hidden_weights": "vllm/test_moe.py",  # vLLM's fused MoE looks its experts up by name
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
 }
@@ -142,16 +170,59 @@ def test_no_import_deferred_into_a_function_in_passes():
         assert not {m for m in deferred if m in modules}, f"{name} defers {sorted(deferred)}"
 
 
-def test_no_import_circle():
+def _imported_modules(path: Path, modules: Mapping[str, Path]) -> set[str]:
+    """Every fxprefetch module ``path`` imports, of any kind: at module level, in a function,
+    or for type checkers alone. ``from package import module`` imports the module (the
+    package's ``__init__`` runs for any of its modules; it is not counted)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            found |= submodules
+            if len(submodules) < len(node.names):  # names defined by the module itself
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules}
+
+
+def _layer(module: str) -> int:
+    best = max(
+        ((len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS)
+         for prefix in prefixes if module == prefix or module.startswith(prefix + ".")),
+        default=None,
+    )  # fmt: skip
+    assert best is not None, f"{module} is in no layer of LAYERS"
+    return best[1]
+
+
+def test_every_module_has_a_layer_and_every_layer_entry_names_modules():
     modules = _sources()
-    graph = {
-        name: {m for m in _imports(path, top_level_only=False) if m in modules and m != name}
-        for name, path in modules.items()
-    }
-    # a package's __init__ importing its own children is not a circle through them
-    graph = {
-        name: {m for m in found if not m.startswith(name + ".")} for name, found in graph.items()
-    }
+    for name in modules:
+        _layer(name)
+    for layer, prefixes in LAYERS:
+        for prefix in prefixes:
+            assert any(m == prefix or m.startswith(prefix + ".") for m in modules), (
+                f"LAYERS[{layer!r}] names {prefix}, which is no module"
+            )
+
+
+def test_rooms_import_downward_only():
+    """Counting deferred imports and imports for type checkers."""
+    modules = _sources()
+    upward = [
+        f"{name} ({LAYERS[_layer(name)][0]}) imports {imported} ({LAYERS[_layer(imported)][0]})"
+        for name, path in sorted(modules.items())
+        for imported in sorted(_imported_modules(path, modules))
+        if _layer(imported) > _layer(name)
+    ]
+    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    """Of any kind: deferred imports and imports for type checkers count."""
+    modules = _sources()
+    graph = {name: _imported_modules(path, modules) - {name} for name, path in modules.items()}
     state: dict[str, int] = {}  # 1: on the stack, 2: done
 
     def visit(node: str, stack: list[str]) -> None:
@@ -192,6 +263,72 @@ def test_the_tested_elsewhere_list_names_real_modules_and_files():
         assert (TESTS / test_file).is_file(), f"{module}: {test_file} does not exist"
 
 
+# modules of fxprefetch (outside passes/) without their mirrored test file, and the files
+# (relative to tests/) that test each
+MIRRORED_ELSEWHERE = {
+    "fxprefetch.__main__": ("test_cli.py",),  # ``python -m fxprefetch`` is the CLI
+    "fxprefetch.dynamo_registry": ("test_backend.py",),  # the backend's registration
+    "fxprefetch.isolated_compile": ("test_explainer.py",),  # explain() compiles in isolation
+    "fxprefetch.plan.schema": ("test_cli.py",),  # agrees with jsonschema on the shipped schema
+    "fxprefetch.presets.build": ("test_presets.py",),
+    "fxprefetch.presets.catalog": ("test_presets.py",),
+    "fxprefetch.targets": ("test_compile_setup.py",),  # the registry and make_compile_setup()
+    "fxprefetch.targets.eager": ("test_backend.py",),
+    "fxprefetch.targets.inductor": ("test_backend.py",),
+    "fxprefetch.targets.npu": ("test_torchair.py",),
+    "fxprefetch.vllm.compiling": ("vllm/test_vllm_ops.py",),  # the compile range the pass sees
+    "fxprefetch.vllm.plugin": ("vllm/test_vllm.py", "vllm/test_vllm_ops.py"),  # real vLLM
+    "fxprefetch.vllm_plugin": ("vllm/test_ascend.py",),  # the user-facing alias
+    # a shared layer graph's call sites, on real models that graph-break per layer
+    "fxprefetch.call_sites": ("test_zoo.py",),
+    # the hardware devices need a GPU/NPU; the simulated one drives the same measuring code
+    "fxprefetch.devices.calibrate_hw": ("devices/test_calibrate.py",),
+    "fxprefetch.devices.calibrate_sim": ("devices/test_calibrate.py",),
+    # the prefetch stream's fork/join, on the stand-in NPU stream runtime
+    "fxprefetch.devices.npu_streams": ("test_lower_npu.py", "test_torchair.py"),
+}
+
+
+def _mirrored_test(module: str) -> Path | None:
+    """``tests/test_<module>.py`` for a core module, ``tests/<room>/test_<module>.py`` for a
+    module of a room; None for a package's ``__init__`` that only gathers names."""
+    parts = module.split(".")[1:]
+    if not parts or module == "fxprefetch.passes" or parts[0] == "passes":
+        return None  # passes/: test_each_pass_and_analysis_has_its_test_file
+    if module in ("fxprefetch.plan", "fxprefetch.devices", "fxprefetch.vllm", "fxprefetch.presets"):
+        return None  # re-exports only
+    return TESTS.joinpath(*parts[:-1], f"test_{parts[-1]}.py")
+
+
+def test_tests_mirror_the_rooms():
+    missing = [
+        f"{module}: {test.relative_to(ROOT)}"
+        for module in sorted(_sources())
+        if (test := _mirrored_test(module)) is not None
+        and module not in MIRRORED_ELSEWHERE
+        and not test.is_file()
+    ]
+    assert not missing, "no mirrored test file (nor an entry in MIRRORED_ELSEWHERE):\n" + (
+        "\n".join(missing)
+    )
+
+
+def test_the_mirrored_elsewhere_list_names_real_modules_and_files():
+    modules = _sources()
+    for module, test_files in MIRRORED_ELSEWHERE.items():
+        assert module in modules, f"MIRRORED_ELSEWHERE names {module}, not a module"
+        own = _mirrored_test(module)
+        assert own is None or not own.is_file(), f"{module} has its own test file now"
+        for test_file in test_files:
+            assert (TESTS / test_file).is_file(), f"{module}: {test_file} does not exist"
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by their base name (tests/ has no ``__init__.py``)."""
+    names = [p.name for p in TESTS.rglob("test_*.py") if "support" not in p.parts]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
@@ -222,3 +359,31 @@ def test_the_wheel_installs_fxprefetch_only(wheel):
         "fxprefetch/passes/py.typed",
     ):
         assert data in names
+
+
+def test_one_meaning_per_name():
+    """A public name means one thing: a name two modules export is the same object, and no
+    function or value is named like another module of fxprefetch."""
+    import importlib
+
+    names = sorted(n for n in _sources() if n != "fxprefetch.__main__")  # that one runs the CLI
+    modules = {n: importlib.import_module(n) for n in names}
+    seen: dict[str, tuple[str, object]] = {}
+    clashes = []
+    for name, module in modules.items():
+        for public in getattr(module, "__all__", ()):
+            value = getattr(module, public)
+            # a module's one job may carry its name (a pass, ``compiling()``); another's may not
+            others = [
+                m
+                for m in modules
+                if m.rsplit(".", 1)[-1] == public
+                and m != name
+                and getattr(modules[m], public, None) is not value  # a package re-exporting it
+            ]
+            if others and not inspect.ismodule(value):
+                clashes.append(f"{name}.{public} is named like the module {others[0]}")
+            first = seen.setdefault(public, (name, value))
+            if first[1] is not value:
+                clashes.append(f"{name}.{public} is not {first[0]}.{public}")
+    assert not clashes, "\n".join(clashes)

@@ -64,6 +64,8 @@ def test_explicit_disable_is_respected():
         ({"additional_config": "{bad json"}, "options.additional_config", "line 1, column 2"),
         ({"additional_config": "[1]"}, "options.additional_config", "JSON object"),
         ({"target": "eager", "torchair_config": object()}, "options.torchair_config", "npu"),
+        # auto is inductor without an Ascend device: torchair_config would be dropped
+        ({"torchair_config": object()}, "options.torchair_config", "'inductor' here"),
         (42, "options", "expected a dict"),
     ],
 )
@@ -72,6 +74,12 @@ def test_bad_options_name_what_is_wrong(options, path, text):
         parse_options(options)
     assert err.value.path == path
     assert text in str(err.value)
+
+
+def test_the_ascend_lowering_option():
+    """Ascend's captured graphs: the prefetch stream by default, in-stream on request."""
+    assert parse_options(None).ascend_lowering == "side_stream"
+    assert parse_options({"ascend_lowering": "in_stream"}).ascend_lowering == "in_stream"
 
 
 def test_native_prefetch_lowering_and_cache_hint_options():
@@ -102,6 +110,11 @@ def test_native_prefetch_lowering_and_cache_hint_options():
         ({"native_prefetch": True}, r"options\.native_prefetch: expected one of .* got True"),
         ({"cuda_lowering": "side"}, r"options\.cuda_lowering: expected one of"),
         ({"cache_hint": "evict_first"}, r"options\.cache_hint: expected one of"),
+        (
+            {"ascend_lowering": "instream"},
+            r"options\.ascend_lowering: expected one of \['side_stream', 'in_stream'\], "
+            r"got \"instream\" \(did you mean 'in_stream'\?\)",
+        ),
     ],
 )
 def test_bad_native_prefetch_options_are_refused(options, message):

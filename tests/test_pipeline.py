@@ -16,7 +16,7 @@ from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES, add_role_rule
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import TARGETS, compile_setup
+from fxprefetch.targets import TARGET_SPECS, make_compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
 from support.synthetic import SynthModel, SynthSpec
@@ -135,9 +135,9 @@ def test_explain_leaves_other_compiled_code_alone(fresh_dynamo):
 
 
 def test_each_target_lists_its_passes_in_order():
-    names = {name: [p.name for p in spec.pipeline.passes] for name, spec in TARGETS.items()}
+    names = {name: [p.name for p in spec.pipeline.passes] for name, spec in TARGET_SPECS.items()}
     assert {name: names[name] for name in ("npu", "inductor", "eager")} == {
-        "npu": ["plan_prefetches", "lower_npu"],
+        "npu": ["plan_prefetches", "lower_npu", "insert_joins"],
         "inductor": [
             "plan_prefetches",
             "lower_native",
@@ -196,7 +196,9 @@ def test_no_back_channels_between_compile_and_runtime():
     assert "fxprefetch.runtime_stats" not in _imports(ROOT / "fxprefetch" / "backend.py")
     assert not hasattr(fxprefetch.runtime_stats, "name_weight")
     # no side flags: what lowering did is in the report, and the pipeline decides recompiles
-    planner = GraphPlanner(compile_setup(WeightPrefetchConfig(enabled=True), target="inductor"))
+    planner = GraphPlanner(
+        make_compile_setup(WeightPrefetchConfig(enabled=True), target="inductor")
+    )
     graph_pass = PrefetchGraphPass(planner)
     assert not hasattr(graph_pass, "elided") and not hasattr(planner, "recompile")
 

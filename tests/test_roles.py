@@ -206,6 +206,24 @@ def test_every_linear_of_a_family_gets_its_role(family):
         # T5-style: the parent decides what "wo" is
         ("encoder.block.0.layer.0.SelfAttention.o", OUT),
         ("encoder.block.0.layer.1.DenseReluDense.wo", DOWN),
+        ("encoder.block.0.layer.0.SelfAttention.q", QKV),
+        ("decoder.block.0.layer.1.EncDecAttention.v", QKV),
+        # BERT / RoBERTa / ELECTRA: "output.dense" is the attention's under attention, the
+        # FFN's down projection where its parent is the numbered layer itself
+        ("bert.encoder.layer.0.attention.self.query", QKV),
+        ("roberta.encoder.layer.1.attention.self.value", QKV),
+        ("bert.encoder.layer.0.attention.output.dense", OUT),
+        ("bert.encoder.layer.0.intermediate.dense", UP),
+        ("bert.encoder.layer.0.output.dense", DOWN),
+        ("bert.pooler.dense", None),  # no rule: neither under attention nor a layer's
+        # timm-style vision blocks (Qwen2.5-VL, GLM-4V, InternViT, EVA)
+        ("model.visual.blocks.0.attn.qkv", QKV),
+        ("model.visual.blocks.0.attn.proj", OUT),
+        ("vision_model.encoder.layers.3.attn.proj", OUT),
+        # SSM mixers (Falcon-H1's Mamba2, Mamba's mixer): sized as attention's projections
+        ("model.layers.0.mamba.in_proj", QKV),
+        ("model.layers.0.mamba.out_proj", OUT),
+        ("backbone.layers.0.mixer.in_proj", QKV),
     ],
 )
 def test_code_base_naming_schemes(path, role):

@@ -279,12 +279,12 @@ def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     this checks the composition step on torchair's real config rather than a second compile."""
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
-    from fxprefetch.targets import compile_setup
+    from fxprefetch.targets import make_compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     user = run_eagerly_config(torchair, **{"ge_config.enable_single_stream": True})
     config = WeightPrefetchConfig(enabled=True)
-    planner = GraphPlanner(compile_setup(config, target="npu"), record=False)
+    planner = GraphPlanner(make_compile_setup(config, target="npu"), record=False)
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):
         cfg = configure_torchair(planner, user)
     assert "ge_config.enable_single_stream" in caplog.text
@@ -292,7 +292,7 @@ def test_single_stream_reads_torchairs_real_option(torchair, caplog):
     default = configure_torchair(planner, run_eagerly_config(torchair))
     assert planner.npu_graph_engine  # torchair's default mode builds a GE graph
     assert getattr(default.post_grad_custom_post_pass.value, "fxprefetch", False)
-    strict = GraphPlanner(compile_setup(config, target="npu", strict=True), record=False)
+    strict = GraphPlanner(make_compile_setup(config, target="npu", strict=True), record=False)
     with pytest.raises(ValueError, match="enable_single_stream"):
         configure_torchair(strict, user)
 
@@ -340,30 +340,120 @@ def test_reduce_overhead_stops_where_aclgraph_needs_torch_npu(torchair, ge):
     assert not fxprefetch.last_plans() and not ge.graphs
 
 
-def test_aclgraph_fx_optimization_runs_our_pass(torchair):
+def assert_equal_eager(got: Any, model: nn.Module, ids: torch.Tensor) -> None:
+    """The decomposed graph's output against eager (float32: to rounding, as without us)."""
+    with torch.no_grad():
+        torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got, model(ids))
+
+
+def aclgraph_fx(torchair: Any, model: nn.Module, ids: torch.Tensor, **setup_options: Any):
     """The part of aclgraph mode that runs without torch_npu: torchair's ``_optimize_fx`` with
-    mode "reduce-overhead" (no symbolic-input pass) runs our composed post pass."""
+    mode "reduce-overhead" (no symbolic-input pass), which runs our composed post pass.
+    Returns the optimized graph, its real inputs (parameters, then ``ids``) and the plan."""
     from torchair._utils.graph_transform_observer import GraphTransformObserver
     from torchair.npu_fx_compiler import _optimize_fx
 
     from fxprefetch.config import WeightPrefetchConfig
     from fxprefetch.planner import GraphPlanner
-    from fxprefetch.targets import compile_setup
+    from fxprefetch.targets import make_compile_setup
     from fxprefetch.targets.npu import configure_torchair
 
     from support.tracing import fake_trace
 
-    gm, names = fake_trace(synth(layers=2), torch.randint(0, 64, (1, 4)))
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    real = [t.detach() for t in state.values()]  # before tracing (tied weights stay real)
+    gm, names = fake_trace(model, ids)
     sources = [names.get(p.name) for p in gm.graph.find_nodes(op="placeholder")]
-    setup = compile_setup(WeightPrefetchConfig(enabled=True), target="npu")
+    setup = make_compile_setup(WeightPrefetchConfig(enabled=True), target="npu", **setup_options)
     planner = GraphPlanner(setup, source_names=sources, record=False)
     cfg = configure_torchair(planner, run_eagerly_config(torchair), mode="reduce-overhead")
     assert not planner.npu_graph_engine  # aclgraph runs the graph's ops when it captures
     _optimize_fx(gm, cfg, GraphTransformObserver(gm, [], cfg))
-    lowered = [n for n in gm.graph.nodes if str(n.target) == NPU_PREFETCH]
     (plan,) = planner.plans
+    return gm, [*real, ids], plan
+
+
+def test_aclgraph_forks_each_prefetch_onto_the_prefetch_stream(torchair):
+    """torchair ``reduce-overhead`` (aclgraph), on a STAND-IN stream runtime: each prefetch
+    node queues, on the compute stream, a wait of the prefetch stream for the compute stream
+    (after its dependency ran), then npu_prefetch of its exact bytes on the prefetch stream;
+    its join makes the compute stream wait for the prefetch stream before the linear runs.
+    One prefetch stream for all; outputs equal eager; the plan records the lowering."""
+    from support.npu_standins import StreamEvent, StreamRecorder
+
+    model, ids = synth(layers=2), torch.randint(0, 64, (1, 4))
+    with StreamRecorder().installed() as recorder:
+        gm, args, plan = aclgraph_fx(torchair, model, ids)
+        with torch.no_grad():
+            got = recorder.run(gm, *args)
+    assert_equal_eager(got, model, ids)
+    assert not [n for n in gm.graph.nodes if str(n.target) == NPU_PREFETCH]
+    joins = {
+        n.meta["fxprefetch"].joins: n.name
+        for n in gm.graph.nodes
+        if str(n.target) == "fxprefetch.prefetch_join.default"
+    }
+    weights = dict(model.named_parameters())
+    assert len(plan.prefetched) == len(joins) == 4
+    assert plan.lowering.startswith("ascend_side_stream")
+    side = {1}  # the one prefetch stream of this thread and device (stream 0 computes)
+    for record in plan.prefetched:
+        assert record.lowering == "ascend_side_stream"
+        fork, join = recorder.fork_join(record.prefetch_node, joins[record.prefetch_node])
+        ptr = weights[record.weight].data_ptr()
+        assert fork == [
+            StreamEvent("node", 0, record.prefetch_node),
+            StreamEvent("wait", 1, other=0),
+            StreamEvent("prefetch", 1, ptr, record.prefetch_bytes),
+        ]
+        assert join == [StreamEvent("node", 0, joins[record.prefetch_node]),
+                        StreamEvent("wait", 0, other=1)]  # fmt: skip
+        assert recorder.index("node", record.dependency) < recorder.index("node", fork[0].what)
+        assert recorder.index("node", join[0].what) < recorder.index("node", record.node)
+        side.add(fork[1].stream)
+    assert side == {1} and len(recorder.streams) == 2
+
+
+def test_aclgraph_joins_a_weight_read_twice_once_per_read(torchair):
+    """One layer used twice: each of its two weights is prefetched and joined once per read
+    (four forks, four joins, each join before its own linear); outputs equal eager."""
+    from support.npu_standins import StreamRecorder
+
+    model, ids = synth(layers=2), torch.randint(0, 64, (1, 4))
+    model.layers[1] = model.layers[0]
+    with torch.no_grad():
+        expected = model(ids)
+    with StreamRecorder().installed() as recorder:
+        gm, args, plan = aclgraph_fx(torchair, model, ids)
+        with torch.no_grad():
+            got = recorder.run(gm, *args)
+    torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got, expected)
+    joins = [n for n in gm.graph.nodes if str(n.target) == "fxprefetch.prefetch_join.default"]
+    assert len(plan.prefetched) == len(joins) == 4
+    assert len({r.weight for r in plan.prefetched}) == 2
+    waits = [e for e in recorder.events if e.kind == "wait"]
+    assert sorted((e.stream, e.other) for e in waits) == [(0, 1)] * 4 + [(1, 0)] * 4
+    for record in plan.prefetched:
+        (join,) = [j for j in joins if j.meta["fxprefetch"].joins == record.prefetch_node]
+        assert recorder.index("node", join.name) < recorder.index("node", record.node)
+
+
+def test_in_stream_keeps_npu_prefetch_in_the_compute_stream(torchair):
+    """``ascend_lowering="in_stream"`` (experiments): npu_prefetch with its dependency, in
+    the compute stream; no fork, no join, no other stream."""
+    from support.npu_standins import StreamRecorder
+
+    model, ids = synth(layers=2), torch.randint(0, 64, (1, 4))
+    with StreamRecorder().installed() as recorder:
+        gm, args, plan = aclgraph_fx(torchair, model, ids, ascend_lowering="in_stream")
+        with torch.no_grad():
+            recorder.run(gm, *args)
+    lowered = [n for n in gm.graph.nodes if str(n.target) == NPU_PREFETCH]
     assert len(lowered) == len(plan.prefetched) == 4
     assert all(n.args[1] is not None for n in lowered)
+    assert {r.lowering for r in plan.prefetched} == {"ascend_in_stream"}
+    assert {e.stream for e in recorder.events} == {0} and len(recorder.streams) == 1
+    assert [e.kind for e in recorder.events].count("prefetch") == 4
 
 
 # -- bad input through the real path ----------------------------------------------------------

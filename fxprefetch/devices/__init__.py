@@ -1,6 +1,6 @@
 """The devices' room: what the devices of this process offer the pipeline (``setup``), their
-profiles (``profiles``), the prediction model (``prediction``) and the CUDA prefetch kernel
-(``cuda_prefetch``).
+profiles (``profiles``), the prediction model (``prediction``), the CUDA prefetch kernel
+(``cuda_prefetch``) and Ascend's prefetch stream (``npu_streams``).
 
 ``fxprefetch.devices`` re-exports the setup, so ``from fxprefetch.devices import
 DeviceSetup`` keeps working.
@@ -9,6 +9,7 @@ DeviceSetup`` keeps working.
 from __future__ import annotations
 
 from fxprefetch.devices.setup import (
+    ASCEND_LOWERINGS,
     CACHE_HINTS,
     CUDA_LOWERINGS,
     NATIVE_POLICIES,
@@ -18,6 +19,7 @@ from fxprefetch.devices.setup import (
 )
 
 __all__ = [
+    "ASCEND_LOWERINGS",
     "CACHE_HINTS",
     "CUDA_LOWERINGS",
     "NATIVE_POLICIES",

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 ALIGN = 16  # cp.async.bulk.prefetch: 16-byte aligned address, size a multiple of 16
 LINE = 128  # prefetch.global.L2: one cache line per instruction

@@ -14,6 +14,11 @@ Where a native prefetch pays (``native_prefetch``):
 linear) or ``"compute_stream"`` (a fire-and-forget kernel on the compute stream, no join);
 ``cache_hint``: the L2 hint of the prefetch instruction (``"none"`` or ``"evict_last"``).
 ``benchmarks/probe_gpu_kernel.py`` measures both choices.
+
+``ascend_lowering`` (the npu target, graphs captured op by op): ``"side_stream"`` (default:
+each prefetch forked onto the prefetch stream, joined before its linear) or ``"in_stream"``
+(``npu_prefetch`` in the captured compute stream, for experiments). GE graphs always get
+``Cmo``. See ``docs/ascend.md``.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fxprefetch.devices.prediction import DeviceProfile, profile
+from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
 CACHE_HINTS = ("none", "evict_last")
+ASCEND_LOWERINGS = ("side_stream", "in_stream")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class DeviceSetup:
     lowering: Mapping[str, str] = field(default_factory=dict)  # device -> what it uses, why
     # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    ascend_lowering: str = "side_stream"  # captured Ascend graphs: or "in_stream"
+    # the profile the options asked for (``device_profile``), kept even where no device here
+    # uses it, so that it is part of the compile-cache key
+    requested_profile: DeviceProfile | None = None
 
 
 @functools.cache
@@ -53,6 +63,13 @@ def _native_cuda_prefetch() -> bool:
     return register()
 
 
+def _npu_streams() -> bool:
+    """Register the Ascend prefetch stream where torch_npu's stream runtime is loaded."""
+    from fxprefetch.devices.npu_streams import register_npu_streams
+
+    return register_npu_streams()
+
+
 def device_setup(
     *,
     native_l2: bool = False,
@@ -61,6 +78,8 @@ def device_setup(
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
+    ascend_lowering: str = "side_stream",
+    device_profile: DeviceProfile | None = None,
 ) -> DeviceSetup:
     """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
 
@@ -69,18 +88,28 @@ def device_setup(
     profile: window policy, "auto" sizes, predictions, ``fxprefetch.devices.profiles``) and
     where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
     as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
-    names a known device."""
+    names a known device, and its prefetch stream where torch_npu is loaded
+    (``ascend_lowering``, see the module docstring). ``device_profile``: the profile to
+    predict with on this process's GPU or NPU instead of the built-in one its name matches
+    (a calibrated file)."""
+    if ascend_lowering not in ASCEND_LOWERINGS:
+        raise ValueError(
+            f"ascend_lowering: expected one of {list(ASCEND_LOWERINGS)}, got {ascend_lowering!r}"
+        )
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
     if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
         from fxprefetch.devices.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
 
         caps["cuda"] = cuda_default_cap()
-        profiles["cuda"] = cuda_profile()
+        found = cuda_profile() if device_profile is None else device_profile
+        profiles["cuda"] = found.with_lowering(cuda_lowering) if found.kind == "gpu" else found
     if ascend:
-        found = npu_profile()
+        found = npu_profile() if device_profile is None else device_profile
         if found is not None:
             profiles["npu"] = found
+        if ascend_lowering == "side_stream":
+            _npu_streams()
     native = set(native_prefetch_devices())
     l2 = native_l2_devices() & native if native_l2 else set()
     use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
@@ -99,20 +128,32 @@ def device_setup(
     l2 = l2 & native
     joins = l2 if cuda_lowering == "side_stream" else set()
     return DeviceSetup(
-        frozenset(native), frozenset(joins), caps, frozenset(l2), cache_hint, lowering, profiles
+        frozenset(native),
+        frozenset(joins),
+        caps,
+        frozenset(l2),
+        cache_hint,
+        lowering,
+        profiles,
+        ascend_lowering,
+        device_profile,
     )
 
 
-def simulated_setup(name: str, device_types: Iterable[str] = ("meta",)) -> DeviceSetup:
+def simulated_setup(
+    name: str | DeviceProfile, device_types: Iterable[str] = ("meta",)
+) -> DeviceSetup:
     """A compile's setup as on the device profile ``name``, for weights on ``device_types``
     (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
     device's default cap, window policy and predictions. Native prefetches stay those
-    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``)."""
-    device = profile(name)
+    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``).
+    ``name``: a built-in profile's name, a profile file's path, or a profile."""
+    device = resolve_profile(name) if isinstance(name, str) else name
     cap = default_cap(device)
     types = sorted(set(device_types))
     return replace(
         device_setup(native_l2=True, native_prefetch="always"),
         caps={t: cap for t in types} if cap is not None else {},
         profiles={t: device for t in types},
+        requested_profile=device,
     )

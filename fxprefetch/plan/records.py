@@ -15,9 +15,10 @@ from typing import Any
 
 from fxprefetch.plan import render as plan_render
 
-PLAN_SCHEMA_VERSION = 2  # 2: span_bytes; "prediction" per linear and per plan; token bounds
+PLAN_SCHEMA_VERSION = 3  # 2: span_bytes; "prediction" per linear and per plan; token bounds;
+# 3: "lowering" per linear
 #: versions :meth:`PrefetchPlan.from_dict` reads (fields added since take their defaults)
-READABLE_SCHEMA_VERSIONS = (1, 2)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 class SkipReason(str, enum.Enum):
@@ -37,10 +38,13 @@ class SkipReason(str, enum.Enum):
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     WINDOW_TOO_SHORT = "window too short to hide any bytes (auto size, model)"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
+    UNUSED = "not used: no graph took it and no op read it"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
+    OPAQUE_OP = "weight consumed by an opaque op"  # a custom op, not a linear: see the note
     UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
     OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
     TOKENS_UNKNOWN = "token count has no graph value before the window"
+    PREDICTED_LOSS = "predicted not to pay on this device (model)"
 
     def __str__(self) -> str:
         return self.value
@@ -57,8 +61,8 @@ class PredictedSaving:
     window_us: float
     shared_us: float  # the window's time taken by earlier prefetches behind the same window
     transfer_us: float  # prefetch bytes / bandwidth
-    cost_us: float
-    hidden_us: float  # min(window_us - shared_us, transfer_us) - cost_us
+    cost_us: float  # c_fixed + β·bytes of the lowering
+    hidden_us: float  # δ·useful·min(bytes, (window_us - shared_us)·B_read) - cost_us
     auto_bytes: int | None = None  # what the window can hide, where the size was "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +94,7 @@ class LinearRecord:
     dependency: str | None = None
     dependency_op: str | None = None
     prefetch_node: str | None = None
-    skip_reason: str | None = None
+    skip_reason: SkipReason | None = None  # a reason's text is read back as the reason
     # what the pass found about the operand: "graph input 'x'", "stored int8, converted by ..."
     note: str | None = None
     # collectives the window walk crossed to reach the vector work behind them
@@ -101,17 +105,26 @@ class LinearRecord:
     window_start: int | None = None
     # the prediction model's numbers for this prefetch, where a device profile is known
     prediction: PredictedSaving | None = None
-    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
-    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # token bounds: the linear's token count ("128", or symbolic "s0": the rows of its
+    # activation in its own orientation, for experts the tokens routed into the layer; see
+    # fxprefetch.passes.analysis.token_bounds.linear_tokens; None where the activation's shape
+    # is unknown), the token range in which its prefetch runs (None, None: every count), and
+    # how that is decided:
     # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
     tokens: str | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
     token_check: str | None = None
+    # the lowering its prefetch got, where the target names one (the npu target:
+    # "ascend_cmo", "ascend_side_stream" or "ascend_in_stream"); None elsewhere
+    lowering: str | None = None
 
     def __post_init__(self) -> None:
         if self.span_bytes is None:
             object.__setattr__(self, "span_bytes", self.weight_bytes)
+        if self.skip_reason is not None and not isinstance(self.skip_reason, SkipReason):
+            # ValueError for a text no SkipReason has (plan files are checked before this)
+            object.__setattr__(self, "skip_reason", SkipReason(self.skip_reason))
 
     @property
     def prefetched(self) -> bool:
@@ -149,6 +162,10 @@ class PrefetchPlan:
     sequence_parallel: bool = False
     error: str | None = None  # set when the pass failed and the graph was compiled without it
     lowering: str | None = None  # what the prefetches became in the compiled code (per device)
+    # the modules whose calls ran this graph, where dynamo compiled it for one module's own
+    # frame and reuses it for others (a graph break inside each decoder layer): records name
+    # the first call site's weights, their notes every call site's; empty: the graph's own
+    call_sites: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LinearRecord]:
         return iter(self.records)
@@ -197,6 +214,7 @@ class PrefetchPlan:
             "sequence_parallel": self.sequence_parallel,
             "error": self.error,
             "lowering": self.lowering,
+            "call_sites": list(self.call_sites),
             "summary": asdict(self.summary()),
             "prediction": predicted.to_dict() if predicted is not None else None,
             "linears": [r.to_dict() for r in self.records],
@@ -229,6 +247,7 @@ class PrefetchPlan:
             sequence_parallel=data["sequence_parallel"],
             error=data["error"],
             lowering=data.get("lowering"),
+            call_sites=list(data.get("call_sites", [])),
         )
 
     def table(self, fold: bool = False) -> str:

@@ -4,13 +4,89 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # the plan's methods call this module: it reads plans, never builds them
-    from fxprefetch.plan.records import LinearRecord, PrefetchPlan
+# The plan's methods (``fxprefetch.plan.records``) call this module, so it does not import
+# them back, not even for type checkers: it names the shape it reads.
 
 
-def summary_line(plan: PrefetchPlan) -> str:
+class _Prediction(Protocol):
+    @property
+    def hidden_us(self) -> float: ...
+
+
+class RecordView(Protocol):
+    """What the text reads of a ``fxprefetch.plan.records.LinearRecord``."""
+
+    @property
+    def weight(self) -> str: ...
+    @property
+    def module(self) -> str | None: ...
+    @property
+    def layer(self) -> int | None: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def weight_shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def weight_bytes(self) -> int: ...
+    @property
+    def span_bytes(self) -> int | None: ...
+    @property
+    def prefetch_bytes(self) -> int: ...
+    @property
+    def prefetched(self) -> bool: ...
+    @property
+    def capped(self) -> bool: ...
+    @property
+    def window(self) -> tuple[str, ...]: ...
+    @property
+    def window_kind(self) -> str | None: ...
+    @property
+    def skip_reason(self) -> str | None: ...
+    @property
+    def note(self) -> str | None: ...
+    @property
+    def dependency(self) -> str | None: ...
+    @property
+    def prediction(self) -> _Prediction | None: ...
+
+
+class _Summary(Protocol):
+    @property
+    def linears(self) -> int: ...
+    @property
+    def prefetched(self) -> int: ...
+    @property
+    def bytes_prefetched(self) -> int: ...
+    @property
+    def capped(self) -> int: ...
+    @property
+    def skipped(self) -> dict[str, int]: ...
+
+
+class _PlanPrediction(Protocol):
+    def line(self) -> str: ...
+
+
+class PlanView(Protocol):
+    """What the text reads of a ``fxprefetch.plan.records.PrefetchPlan``."""
+
+    @property
+    def graph(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def lowering(self) -> str | None: ...
+    @property
+    def records(self) -> Sequence[RecordView]: ...
+    def summary(self) -> _Summary: ...
+    def predicted(self) -> _PlanPrediction | None: ...
+
+
+def summary_line(plan: PlanView) -> str:
     """One line for logs: linears seen and prefetched, bytes, skips, predicted saving."""
     s = plan.summary()
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(s.skipped.items()))
@@ -20,6 +96,8 @@ def summary_line(plan: PrefetchPlan) -> str:
     )
     if skipped:
         line += f"; skipped: {skipped}"
+    if len(plan.call_sites) > 1:
+        line += f"; one graph for {len(plan.call_sites)} call sites ({', '.join(plan.call_sites)})"
     if plan.error:
         line += f"; pass failed: {plan.error}"
     predicted = plan.predicted()
@@ -38,14 +116,14 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def display_path(r: LinearRecord) -> str:
+def display_path(r: RecordView) -> str:
     """The parameter's owner path when known (``...experts.gate_up_proj``), else the module."""
     if "." in r.weight:
         return r.weight[: -len(".weight")] if r.weight.endswith(".weight") else r.weight
     return r.module or r.weight
 
 
-def _row(r: LinearRecord) -> tuple[str, ...]:
+def _row(r: RecordView) -> tuple[str, ...]:
     window = ",".join(w.split("::")[-1] for w in r.window)
     if len(window) > 40:
         window = window[:37] + "..."
@@ -63,7 +141,7 @@ def _row(r: LinearRecord) -> tuple[str, ...]:
     )
 
 
-def _fmt_weight_bytes(r: LinearRecord) -> str:
+def _fmt_weight_bytes(r: RecordView) -> str:
     """The bytes read, and the span a contiguous prefetch covers where it is larger."""
     read = format_bytes(r.weight_bytes)
     if r.span_bytes is not None and r.span_bytes != r.weight_bytes:
@@ -71,12 +149,12 @@ def _fmt_weight_bytes(r: LinearRecord) -> str:
     return read
 
 
-def _reason(r: LinearRecord) -> str:
+def _reason(r: RecordView) -> str:
     reason = str(r.skip_reason or "")
     return f"{reason} ({r.note})" if r.note and r.skip_reason else reason
 
 
-def _fold_key(r: LinearRecord) -> tuple[Any, ...]:
+def _fold_key(r: RecordView) -> tuple[Any, ...]:
     module = display_path(r)
     if r.layer is not None:
         module = module.replace(f".{r.layer}.", ".*.", 1)
@@ -94,7 +172,7 @@ def _fold_key(r: LinearRecord) -> tuple[Any, ...]:
     )
 
 
-def render_totals(plans: Sequence[PrefetchPlan]) -> str:
+def render_totals(plans: Sequence[PlanView]) -> str:
     """One line of totals over several graphs' plans."""
     records = [r for p in plans for r in p.records]
     done = [r for r in records if r.prefetched]
@@ -110,7 +188,7 @@ def render_totals(plans: Sequence[PrefetchPlan]) -> str:
     return line
 
 
-def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
+def render_table(plans: Sequence[PlanView], fold: bool = False) -> str:
     """A fixed-width table of several graphs' plans, one row per linear (``fold`` merges
     identical layers), followed by each plan's summary line."""
     header = (
@@ -130,7 +208,7 @@ def render_table(plans: Sequence[PrefetchPlan], fold: bool = False) -> str:
         if not fold:
             rows.extend(_row(r) for r in plan.records)
             continue
-        groups: dict[tuple[Any, ...], list[LinearRecord]] = {}
+        groups: dict[tuple[Any, ...], list[RecordView]] = {}
         for r in plan.records:
             groups.setdefault(_fold_key(r), []).append(r)
         for members in groups.values():

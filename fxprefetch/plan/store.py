@@ -24,7 +24,7 @@ from fxprefetch.plan.schema import plan_schema, schema_errors
 from fxprefetch.roles import ROLES
 from fxprefetch.validation import load_json
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 
 def plan_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], pass_uuid: str) -> str:
@@ -163,6 +163,12 @@ def check_plan_data(data: Any) -> None:
             if linear["role"] is not None and linear["role"] not in ROLES:
                 errors.append(
                     f"linears[{i}].role: expected one of {list(ROLES)}, got {linear['role']!r}"
+                )
+            span = linear["span_bytes"]
+            if span >= 0 and linear["prefetch_bytes"] > span:
+                errors.append(
+                    f"linears[{i}].prefetch_bytes: expected at most span_bytes ({span}, the "
+                    f"bytes the weight's part covers from offset), got {linear['prefetch_bytes']}"
                 )
             if linear["skip_reason"] is not None and linear["skip_reason"] not in known:
                 errors.append(

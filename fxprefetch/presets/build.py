@@ -12,12 +12,9 @@ from typing import Any
 
 import torch
 
+from fxprefetch.errors import ModelError
 from fxprefetch.presets.catalog import PRESETS
 from fxprefetch.validation import load_json
-
-
-class ModelError(ValueError):
-    """A model name or config file that cannot be built."""
 
 
 def _transformers() -> Any:

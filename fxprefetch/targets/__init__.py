@@ -10,8 +10,9 @@ graph is replayed as a CUDA graph under a mode.
 - ``npu`` (:mod:`.npu`): torchair's backend with the pass and the ``npu_prefetch`` lowering.
 
 Adding a target is one module (its ``PIPELINE`` and its compile function) and one entry in
-:data:`TARGETS`; see the README's "Extending" section. :func:`compile_setup` resolves a compile's
-setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this registry.
+:data:`TARGET_SPECS`; see the README's "Extending" section. :func:`make_compile_setup`
+resolves a compile's setup (:class:`fxprefetch.compile_setup.CompileSetup`) through this
+registry.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
 from fxprefetch.targets import eager, inductor, npu
@@ -77,7 +79,7 @@ class TargetSpec:
 
 
 #: The registered targets, by name (the ``target`` option's values besides ``auto``).
-TARGETS: dict[str, TargetSpec] = {
+TARGET_SPECS: dict[str, TargetSpec] = {
     spec.name: spec
     for spec in (
         TargetSpec(npu.PIPELINE, npu.compile_npu, ascend=True),
@@ -88,7 +90,7 @@ TARGETS: dict[str, TargetSpec] = {
     )
 }
 # the ``target`` option's values
-TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGETS)
+TARGET_NAMES: tuple[str, ...] = (AUTO, *TARGET_SPECS)
 
 
 def resolve_target(target: str) -> str:
@@ -101,12 +103,12 @@ def resolve_target(target: str) -> str:
 def target_spec(target: str) -> TargetSpec:
     """The registered target ``target`` (``auto`` resolved); ``ValueError`` if unknown."""
     name = resolve_target(target)
-    if name not in TARGETS:
-        raise ValueError(f"unknown target {name!r}; expected one of {tuple(TARGETS)}")
-    return TARGETS[name]
+    if name not in TARGET_SPECS:
+        raise ValueError(f"unknown target {name!r}; expected one of {tuple(TARGET_SPECS)}")
+    return TARGET_SPECS[name]
 
 
-def compile_setup(
+def make_compile_setup(
     config: WeightPrefetchConfig,
     *,
     target: str = AUTO,
@@ -118,8 +120,10 @@ def compile_setup(
     native_prefetch: str = "auto",
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
+    ascend_lowering: str = "side_stream",
     devices: DeviceSetup | None = None,
     devices_for: str | None = None,
+    device_profile: DeviceProfile | None = None,
 ) -> CompileSetup:
     """The setup of one compile, resolved once.
 
@@ -127,8 +131,10 @@ def compile_setup(
     ``rules``: None takes the current rules. ``cudagraphs``: whether the compiled graph is
     replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
     ``devices``: the devices' setup as given (a simulated device); None: this process's for
-    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering`` and
-    ``cache_hint`` (see :mod:`fxprefetch.devices`).
+    ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering``,
+    ``cache_hint`` and ``ascend_lowering`` (see :mod:`fxprefetch.devices`);
+    ``device_profile``: the profile to predict with on this process's device instead of
+    the built-in one its name matches.
     """
     spec = target_spec(target)
     if cudagraphs is None:
@@ -142,6 +148,8 @@ def compile_setup(
             native_prefetch=native_prefetch,
             cuda_lowering=cuda_lowering,
             cache_hint=cache_hint,
+            ascend_lowering=ascend_lowering,
+            device_profile=device_profile,
         )
     return CompileSetup(
         config=config,
@@ -156,10 +164,10 @@ def compile_setup(
 
 __all__ = [
     "AUTO",
-    "TARGETS",
     "TARGET_NAMES",
+    "TARGET_SPECS",
     "TargetSpec",
-    "compile_setup",
+    "make_compile_setup",
     "resolve_target",
     "target_spec",
 ]

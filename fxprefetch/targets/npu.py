@@ -1,5 +1,7 @@
 """NPU lowering through torchair: the pass runs as torchair's ``post_grad_custom_post_pass``,
-then ``fxprefetch.prefetch`` becomes ``npu.npu_prefetch`` (GE op ``Cmo``).
+then ``fxprefetch.prefetch`` becomes ``npu.npu_prefetch`` (GE op ``Cmo``) in a GE graph, or a
+fork onto the prefetch stream joined before its linear in a graph captured op by op
+(``passes/lower_npu.py``; ``docs/ascend.md`` goes through the modes).
 
 Written against torchair's hook (``fn(gm, example_inputs, config)``) and tested against
 torchair's real Python code from the torch-npu 2.13.0 wheel (``tests/support/torchair_real.py``).
@@ -14,30 +16,41 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fxprefetch.passes.lower_npu import lower_npu
+from fxprefetch.errors import NpuUnavailableError
+from fxprefetch.passes.insert_joins import insert_joins
+from fxprefetch.passes.lower_npu import ascend_lowering, lower_npu
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.pipeline import CompileReport, PassContext, Pipeline
 
 if TYPE_CHECKING:
     from fxprefetch.planner import GraphPlanner
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 SINGLE_STREAM_OPTION = "ge_config.enable_single_stream"
 
 
+_NOTES = {
+    "ascend_cmo": "npu_prefetch -> GE Cmo (control edge from its dependency; GE's own stream)",
+    "ascend_side_stream": "side stream: npu_prefetch forked onto the prefetch stream after its "
+    "dependency, joined before its linear",
+    "ascend_in_stream": "in stream: npu_prefetch in the captured compute stream "
+    "(ascend_lowering 'in_stream')",
+}
+
+
 def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
-    return "npu_prefetch"
+    return f"{ascend_lowering(ctx)}: {_NOTES[ascend_lowering(ctx)]}"
 
 
-#: plan, then lower to ``npu.npu_prefetch``; the driver regenerates the code torchair runs
+#: plan, lower (GE Cmo, or the prefetch stream), join each fork before its linear; the
+#: driver regenerates the code torchair runs
 PIPELINE = Pipeline(
-    "npu", (plan_prefetches, lower_npu), recompiles=True, lowering_note=_lowering_note
+    "npu",
+    (plan_prefetches, lower_npu, insert_joins),
+    recompiles=True,
+    lowering_note=_lowering_note,
 )
-
-
-class NpuUnavailableError(RuntimeError):
-    """target 'npu' was asked for, but torchair/torch_npu cannot be imported."""
 
 
 def import_torchair() -> Any:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +34,7 @@ from typing import Any
 
 from fxprefetch.config import ROOT_KEY, WeightPrefetchConfig
 from fxprefetch.targets.npu import configure_torchair
+from fxprefetch.validation import ConfigError
 from fxprefetch.vllm.compiling import (
     compiling,
     compiling_for,
@@ -39,8 +42,9 @@ from fxprefetch.vllm.compiling import (
     current_vllm_config,
     parameter_inputs,
 )
+from fxprefetch.vllm.settings import additional_config, take_section
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 OWNER_FXPREFETCH = "fxprefetch"
 OWNER_BUILTIN = "vllm-ascend built-in"
@@ -197,8 +201,7 @@ def _platform_compiler() -> type | None:
 
 def builtin_requested(vllm_config: Any) -> bool:
     """vllm-ascend's built-in reads ``weight_prefetch_config.enabled`` as it is written."""
-    additional = getattr(vllm_config, "additional_config", None)
-    section = additional.get(ROOT_KEY) if isinstance(additional, Mapping) else None
+    section = additional_config(vllm_config).get(ROOT_KEY)
     return bool(section.get("enabled", False)) if isinstance(section, Mapping) else False
 
 
@@ -206,10 +209,7 @@ def fxprefetch_wanted(vllm_config: Any) -> bool:
     """The flag (``weight_prefetch_config.enabled``) or our pass in the pass table."""
     if _pass_in(_compilation_passes(vllm_config)) is not None:
         return True
-    additional = getattr(vllm_config, "additional_config", None)
-    config = WeightPrefetchConfig.from_additional_config(
-        additional if isinstance(additional, Mapping) else {}
-    )
+    config = WeightPrefetchConfig.from_additional_config(additional_config(vllm_config))
     return bool(config.settled(False).enabled)
 
 
@@ -262,19 +262,104 @@ def _builtin_ascend_config() -> Any:
     return getattr(module, "AscendConfig", None)
 
 
+# -- the flag on vllm-ascend's strict AscendConfig (0.27.1rc1 and later) -----------------------
+
+LAYOUT_TOLERANT = "tolerant"  # 0.23-0.26: AscendConfig(vllm_config) reads keys with .get()
+LAYOUT_STRICT = "strict"  # 0.27.1rc1-0.30.0rc2: pydantic, extra="forbid", keys as kwargs
+EXPLICIT_ROUTE = (
+    '--compilation-config \'{"inductor_passes": {"graph_fusion_manager": '
+    '"fxprefetch.vllm_plugin.weight_prefetch_pass"}}\' with FXPREFETCH_CONFIG holding the '
+    "same JSON (docs/vllm.md)"
+)
+
+
+def _ascend_config_module() -> Any:
+    """``vllm_ascend.ascend_config`` where vllm-ascend is installed, else None."""
+    if importlib.util.find_spec("vllm_ascend") is None:
+        return None
+    return importlib.import_module("vllm_ascend.ascend_config")
+
+
+def flag_layout(module: Any) -> str | None:
+    """How ``module`` (``vllm_ascend.ascend_config``) takes ``additional_config``:
+    :data:`LAYOUT_TOLERANT` where ``AscendConfig(vllm_config)`` reads the keys it knows
+    (0.23-0.26: ours passes by, or is the 0.23 built-in's), :data:`LAYOUT_STRICT` where
+    ``init_ascend_config`` passes the keys to a pydantic ``AscendConfig`` that forbids unknown
+    ones and has no field of ours (0.27.1rc1-0.30.0rc2), None for any other layout."""
+    cls = getattr(module, "AscendConfig", None)
+    if not isinstance(cls, type) or not callable(getattr(module, "init_ascend_config", None)):
+        return None
+    pydantic_config = getattr(cls, "__pydantic_config__", None)
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if pydantic_config is None and fields is None:
+        params = list(inspect.signature(cls.__init__).parameters)
+        return LAYOUT_TOLERANT if params[1:2] == ["vllm_config"] else None
+    strict = isinstance(pydantic_config, Mapping) and pydantic_config.get("extra") == "forbid"
+    if strict and isinstance(fields, Mapping) and ROOT_KEY not in fields:
+        return LAYOUT_STRICT
+    return None
+
+
+def _ascend_version() -> str:
+    try:
+        return importlib.metadata.version("vllm-ascend")
+    except importlib.metadata.PackageNotFoundError:
+        try:  # written by its build (setuptools-scm)
+            return str(importlib.import_module("vllm_ascend._version").__version__)
+        except (ImportError, AttributeError):
+            return "(version unknown)"
+
+
+def prepare_flag(vllm_config: Any) -> str | None:
+    """At the start of ``VllmConfig.__post_init__``, before vllm-ascend reads
+    ``additional_config``: where it holds our section, make the installed vllm-ascend able to
+    start with it. Tolerant layouts (0.23-0.26) read only the keys they know: nothing to do.
+    Strict ones (0.27.1rc1-0.30.0rc2) get the section taken out of ``additional_config``
+    (:func:`fxprefetch.vllm.settings.take_section`; fxprefetch reads it from where it is
+    kept). Any other layout: our one-line ``ConfigError`` naming the version and the
+    explicit route, instead of vllm-ascend's refusal of a key we told users to type.
+    Returns the layout (None: no section, or no vllm-ascend)."""
+    additional = getattr(vllm_config, "additional_config", None)
+    if not isinstance(additional, Mapping) or ROOT_KEY not in additional:
+        return None
+    try:
+        module = _ascend_config_module()
+        if module is None:
+            return None  # no vllm-ascend: vLLM itself ignores additional_config
+        layout = flag_layout(module)
+    except Exception as exc:
+        logger.debug("%s: cannot read vllm-ascend's config layout: %s", ROOT_KEY, exc)
+        layout = None
+    if layout == LAYOUT_STRICT:
+        take_section(vllm_config)
+    elif layout != LAYOUT_TOLERANT:
+        raise ConfigError(
+            f"additional_config.{ROOT_KEY}",
+            f"vllm-ascend {_ascend_version()} reads additional_config in a way fxprefetch "
+            f"does not know, so it cannot take this flag; use the explicit route instead: "
+            f"{EXPLICIT_ROUTE}",
+        )
+    return layout
+
+
 # -- entry points (from fxprefetch.vllm.plugin) ------------------------------------------------
 
 
-def register() -> None:
+def hook_platform() -> None:
     """In every process (the plugin's entry point): hook the platform's compiler and
-    vllm-ascend's config. Never raises: a failure is logged and prefetch stays where it was."""
-    for what, hook in (("compiler", _platform_compiler), ("config", _builtin_ascend_config)):
+    vllm-ascend's config. Never raises: a failure is logged and prefetch stays where it was
+    (where the flag is then given, :func:`check_flag_route` stops start-up saying why)."""
+    hooks = (
+        (_platform_compiler, wrap_compiler),
+        (_builtin_ascend_config, _wrap_ascend_config),
+    )
+    for find, hook in hooks:
         try:
-            cls = hook()
+            cls = find()
             if cls is not None:
-                (wrap_compiler if what == "compiler" else _wrap_ascend_config)(cls)
+                hook(cls)
         except Exception as exc:
-            logger.warning("%s: cannot hook the platform's %s: %s", ROOT_KEY, what, exc)
+            logger.warning("%s: cannot hook vllm-ascend (%s): %s", ROOT_KEY, hook.__name__, exc)
 
 
 def _warn_once(message: str, *args: Any) -> None:
@@ -318,6 +403,8 @@ def _at_start_up(vllm_config: Any) -> str:
 
 
 __all__ = [
+    "LAYOUT_STRICT",
+    "LAYOUT_TOLERANT",
     "OWNER_BUILTIN",
     "OWNER_FXPREFETCH",
     "OWNER_NONE",
@@ -326,9 +413,11 @@ __all__ = [
     "compiles_graphs",
     "compiling_vllm_config",
     "find_prefetch_pass",
+    "flag_layout",
     "fxprefetch_wanted",
+    "hook_platform",
     "prefetch_owner",
-    "register",
+    "prepare_flag",
     "settle_builtin",
     "wrap_compiler",
 ]

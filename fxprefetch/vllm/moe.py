@@ -40,7 +40,7 @@ from fxprefetch.passes.analysis.graph_utils import get_arg
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight
 from fxprefetch.roles import MOE_GATE_UP
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
 
 try:  # vLLM's layer-name type: a hoisted opaque LayerName on torch >= 2.11, else str
     from vllm.utils.torch_utils import LayerNameType
@@ -110,8 +110,11 @@ def _prefetch_layer_weight(
     min_tokens: int,
     max_tokens: int,
 ) -> None:
-    if ops.tokens_in_range(tokens, min_tokens, max_tokens):
-        ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+    def prefetch() -> None:
+        if ops.tokens_in_range(tokens, min_tokens, max_tokens):
+            ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+
+    ops.skip_failed("prefetch_layer_weight", prefetch)
 
 
 def _prefetch_layer_weight_fake(

@@ -1,20 +1,22 @@
 """Weight prefetch inside vLLM and vllm-ascend (``pip install 'fxprefetch[vllm]'``).
 
-Two ways to switch it on, both reading ``weight_prefetch_config`` from vLLM's
-``additional_config`` with fxprefetch's validation:
+Two ways to switch it on, both validated by fxprefetch (docs/vllm.md):
 
 - the flag vllm-ascend users already type, ``--additional-config
   '{"weight_prefetch_config": {"enabled": true}}'``: the ``vllm.general_plugins`` entry point
-  :func:`register` hooks the end of ``VllmConfig.__post_init__`` (the narrowest point that sees
-  both ``additional_config`` and the compilation config). There it validates the section, so a
-  bad config stops the engine at start-up with our ``ConfigError``, and, when enabled, puts
+  :func:`register` hooks ``VllmConfig.__post_init__``. At its start (before the platform reads
+  ``additional_config``) it validates the section, so a bad config stops the engine at
+  start-up with our ``ConfigError``, and lets vllm-ascend start with it
+  (:func:`fxprefetch.vllm.ascend.prepare_flag`); at its end (the narrowest point that sees
+  both ``additional_config`` and the final compilation config), when enabled, it puts
   a :class:`WeightPrefetchPass` bound to that config under the platform's pass key (it
   travels with the ``VllmConfig``: vLLM's CPU path compiles with no current config).
 - the explicit route, ``--compilation-config '{"inductor_passes": {"<pass_key>":
   "fxprefetch.vllm_plugin.weight_prefetch_pass"}}'``, with ``post_grad_custom_post_pass`` on
-  CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend. vLLM resolves the name as
-  ``__import__(module).__dict__[name]``, which looks in the *top-level* package: importing
-  this module therefore also binds ``fxprefetch.weight_prefetch_pass``.
+  CUDA and the CPU, ``graph_fusion_manager`` on vllm-ascend; its settings come from
+  ``FXPREFETCH_CONFIG`` (:mod:`fxprefetch.vllm.settings`; ``additional_config`` wins). vLLM
+  resolves the name as ``__import__(module).__dict__[name]``, which looks in the *top-level*
+  package: importing this module therefore also binds ``fxprefetch.weight_prefetch_pass``.
 
 The pass is a ``VllmInductorPass``: it runs inside vLLM's pass manager (after the fusion
 passes, before its clean-up) on CUDA and vllm-ascend, and as inductor's post-grad pass on the
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 from torch.fx import Graph, GraphModule
@@ -39,12 +40,15 @@ from fxprefetch.config import ROOT_KEY, TokenRange, WeightPrefetchConfig
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.planner import GraphPlanner
-from fxprefetch.targets import compile_setup
+from fxprefetch.targets import make_compile_setup
 from fxprefetch.vllm import ascend as vllm_ascend
 from fxprefetch.vllm.compiling import current_vllm_config, parameter_positions
 from fxprefetch.vllm.moe import VllmMoeWeights  # also defines the by-name prefetch op
+from fxprefetch.vllm.settings import flag_given, settings
 
-logger = logging.getLogger("fxprefetch")
+logger = logging.getLogger(__name__)
+#: the device profile the pass predicts with (a built-in name or a profile file's path)
+PROFILE_ENV = "FXPREFETCH_DEVICE_PROFILE"
 
 try:
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -52,15 +56,21 @@ except ImportError:  # vLLM absent: the pass still works as a plain post-grad ca
     VllmInductorPass = object  # type: ignore[assignment,misc]
 
 
-def _additional_config(vllm_config: Any) -> Mapping[str, Any]:
-    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
-    return additional if isinstance(additional, Mapping) else {}
-
-
 def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchConfig:
-    """The ``weight_prefetch_config`` of a ``VllmConfig`` (validated; ``ConfigError``)."""
-    config = WeightPrefetchConfig.from_additional_config(_additional_config(vllm_config))
-    return config.settled(default_enabled)
+    """The settings for a ``VllmConfig``: its ``weight_prefetch_config``, else
+    ``FXPREFETCH_CONFIG`` (:func:`fxprefetch.vllm.settings.settings`; ``ConfigError``)."""
+    return settings(vllm_config).settled(default_enabled)
+
+
+def env_device_profile() -> Any:
+    """The profile ``FXPREFETCH_DEVICE_PROFILE`` names (None where it is unset or empty);
+    a ``ConfigError`` naming the variable where it names no profile."""
+    import os
+
+    from fxprefetch.devices.profiles import device_profile_option
+
+    value = os.environ.get(PROFILE_ENV, "").strip()
+    return device_profile_option(value, PROFILE_ENV) if value else None
 
 
 def _device_target() -> str:
@@ -184,23 +194,23 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
         self.bound = bound
 
     def config(self, vllm_config: Any = None) -> WeightPrefetchConfig:
-        """The config of ``vllm_config`` (default: the current one); where vLLM sets none
-        (its CPU path compiles with no current config), the bound one."""
-        current = vllm_config or current_vllm_config()
-        if current is None and self.bound is not None:
+        """The config the flag bound this pass to; else that of ``vllm_config`` (default: the
+        current one) or ``FXPREFETCH_CONFIG``."""
+        if self.bound is not None:  # the flag's settings (also in a dataclasses.replace copy)
             return self.bound
-        return config_from_vllm(current, default_enabled=True)
+        return config_from_vllm(vllm_config or current_vllm_config(), default_enabled=True)
 
     def setup(self, target: str | None = None, vllm_config: Any = None) -> CompileSetup:
         """The compile setup under ``vllm_config`` (default: the current one): ``target``
         defaults to vLLM's device's pipeline; the native prefetch where vLLM replays its
         graphs as CUDA graphs (``native_prefetch`` "auto"), hints elsewhere."""
-        return compile_setup(
+        return make_compile_setup(
             self.config(vllm_config),
             target=target or _device_target(),
             rules=self.rules,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
             cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
+            device_profile=env_device_profile(),
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:
@@ -240,8 +250,9 @@ def install(vllm_config: Any) -> bool:
 
     Without the section (or with ``enabled`` false or not written) nothing changes.
     """
-    additional = _additional_config(vllm_config)
-    config = WeightPrefetchConfig.from_additional_config(additional).settled(False)
+    if not flag_given(vllm_config):
+        return False  # FXPREFETCH_CONFIG alone adds no pass: it carries the explicit route's
+    config = settings(vllm_config).settled(False)
     if not config.enabled:
         return False
     from vllm.platforms import current_platform
@@ -268,12 +279,16 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point. Idempotent: vLLM calls it in every process."""
     from vllm.config import VllmConfig
 
-    vllm_ascend.register()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
+    vllm_ascend.hook_platform()  # vllm-ascend: FULL modes, its built-in prefetch (every process)
     original = VllmConfig.__post_init__
     if getattr(original, "_fxprefetch", False):
         return
 
     def post_init_with_prefetch(self: Any, *args: Any, **kwargs: Any) -> None:
+        # before the platform reads additional_config: our settings first (a bad ratio stops
+        # here with our message), then whether this vllm-ascend can take the flag at all
+        settings(self)
+        vllm_ascend.prepare_flag(self)
         original(self, *args, **kwargs)
         install(self)
         vllm_ascend.at_start_up(self)  # graph mode: who prefetches; no graph: warn once

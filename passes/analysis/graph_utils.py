@@ -129,13 +129,18 @@ def normalize_source_path(raw: str) -> str:
 
 
 def module_path(node: Node) -> str | None:
-    """Dotted path of the innermost module a node was traced in, from ``nn_module_stack``."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    raw = list(stack.values())[-1]
-    raw = raw[0] if isinstance(raw, tuple) else raw
-    return normalize_source_path(str(raw))
+    """Dotted path of the innermost module a node was traced in, from ``nn_module_stack``.
+
+    Only modules reached from the compiled frame's locals are in the model: a module object
+    kept in a Python module's globals (``G['...'].mamba2_chunk_scan``, transformers' hub
+    kernels wrapping a function) has no path there, so the innermost module of the model
+    around it is the node's.
+    """
+    for entry in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        raw = str(entry[0] if isinstance(entry, tuple) else entry)
+        if not raw.lstrip().startswith("G["):
+            return normalize_source_path(raw)
+    return None
 
 
 def is_parameter_source(source: Any) -> bool:

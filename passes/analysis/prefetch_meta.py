@@ -27,6 +27,9 @@ class PrefetchMeta:
     window: str  # the kind of window it hides behind
     device: str | None  # the weight's device type (for a weight found by name: the only record)
     stream: str | None = None  # "side" or "compute" once lowered to a native prefetch
+    # the lowering it got, where the target names one (the npu target: "ascend_cmo",
+    # "ascend_side_stream", "ascend_in_stream"); the plan's records carry it
+    lowering: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,23 @@ class WeightSources:
     ``names``: placeholder -> parameter or buffer path (these are weights). ``unknown``:
     placeholder -> why nobody can tell whether it is one. ``unknown_default``: the reason for
     every placeholder in neither (None: those are known not to be weights). ``notes``:
-    placeholder -> what it is (``"user input 'x'"``), shown in the plan.
+    placeholder -> what it is (``"user input 'x'"``), shown in the plan. ``module_prefix``:
+    see :meth:`module`.
     """
 
     names: Mapping[str, str] = field(default_factory=dict)
     unknown: Mapping[str, str] = field(default_factory=dict)
     unknown_default: str | None = None
     notes: Mapping[str, str] = field(default_factory=dict)
+    # the path, in the model, of the module whose own frame dynamo compiled the graph for
+    # (a graph break inside a decoder layer): the graph's module paths are relative to it
+    module_prefix: str = ""
+
+    def module(self, path: str | None) -> str | None:
+        """A module path of the graph (``self_attn.q_proj``) as a path in the model."""
+        if path is None or not self.module_prefix:
+            return path
+        return f"{self.module_prefix}.{path}" if path else self.module_prefix
 
     @classmethod
     def of(cls, value: WeightSources | Mapping[str, str] | None) -> WeightSources:

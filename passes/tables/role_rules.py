@@ -23,6 +23,7 @@ class RoleRule:
 
 _ATTN = r"\w*(?i:attn|attention|mha)\w*"  # self_attn, attention, SelfAttention, multihead_attn
 _MLP = r"\w*(?i:mlp|ffn|feed_forward|DenseReluDense)\w*"  # mlp, feed_forward, shared_mlp
+_SSM = r"\w*(?i:mamba|mixer|ssm)\w*"  # Falcon-H1's mamba, Mamba's mixer
 
 # The naming schemes of the main model families (see the README's role table). Paths are
 # matched after wrappers are removed (see ``canonical_path``); the first match wins.
@@ -51,10 +52,24 @@ DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
         ATTN_QKV,
         "MultiheadAttention input projection",
     ),
-    RoleRule(r"(?:^|\.)o_proj$", ATTN_O, "attention output projection"),
-    # out_proj / dense / c_proj / wo mean "output of the block": the parent decides which
+    # T5's SelfAttention.q/k/v, BERT's attention.self.query/key/value, a vision tower's fused
+    # attn.qkv: names that mean a projection only under an attention module
     RoleRule(
-        rf"(?:^|\.){_ATTN}\.(?:out_proj|dense|c_proj|wo|o)$",
+        rf"(?:^|\.){_ATTN}\.(?:self\.)?(?:q|k|v|qkv|query|key|value)$",
+        ATTN_QKV,
+        "input projection under an attention module",
+    ),
+    # An SSM mixer (Falcon-H1's Mamba2) is the layer's token mixer beside attention: its
+    # in_proj reads the same input norm as q/k/v, its out_proj follows the mixer's gated
+    # norm as o_proj follows attention; they are sized as attention's projections.
+    RoleRule(rf"(?:^|\.){_SSM}\.in_proj$", ATTN_QKV, "SSM mixer input projection"),
+    RoleRule(rf"(?:^|\.){_SSM}\.out_proj$", ATTN_O, "SSM mixer output projection"),
+    RoleRule(r"(?:^|\.)o_proj$", ATTN_O, "attention output projection"),
+    # out_proj / dense / c_proj / wo / proj mean "output of the block": the parent decides
+    # which; BERT's attention.output.dense is the attention's (the layer's own output.dense,
+    # its FFN down projection, is matched below)
+    RoleRule(
+        rf"(?:^|\.){_ATTN}\.(?:output\.)?(?:out_proj|dense|c_proj|wo|o|proj)$",
         ATTN_O,
         "output projection under an attention module",
     ),
@@ -63,6 +78,12 @@ DEFAULT_ROLE_RULES: tuple[RoleRule, ...] = (
         MLP_DOWN,
         "output projection under an MLP module",
     ),
+    # BERT, RoBERTa, ELECTRA: a layer holds intermediate.dense (the FFN's up projection,
+    # behind the attention's LayerNorm) and output.dense (its down projection, behind GELU).
+    # "output.dense" alone is ambiguous: under an attention module it was matched above, so
+    # here only the one whose parent is the numbered layer itself is the FFN's.
+    RoleRule(r"(?:^|\.)intermediate\.dense$", MLP_GATE_UP, "BERT-style FFN up projection"),
+    RoleRule(r"(?:^|\.)\d+\.output\.dense$", MLP_DOWN, "BERT-style FFN down projection"),
     RoleRule(
         r"(?:^|\.)(?:gate_up_proj|gate_proj|up_proj|w1|w3|fc1|fc_in|c_fc|dense_h_to_4h"
         r"|wi|wi_0|wi_1|linear1)$",

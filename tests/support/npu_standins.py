@@ -7,12 +7,21 @@ wheel's codegen yaml) and simple reference kernels. ``npu_prefetch`` is side-eff
 torch_npu registers it, and its kernel records each call in :data:`PREFETCH_CALLS`.
 
 torchair is NOT stood in for: the NPU tests run torchair's real code (``torchair_real.py``).
+
+:class:`StreamRecorder` is a STAND-IN for torch_npu's stream runtime (``torch.npu.Stream``,
+``current_stream``, ``stream``): it runs nothing asynchronously, it records on which stream
+each graph node and each ``npu_prefetch`` is queued and every ``wait_stream``, so a test can
+read the order a real NPU would enforce.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +56,8 @@ def _npu_prefetch(self, dependency, max_size, offset=0):
     nbytes = self.numel() * self.element_size()
     torch._check(0 <= offset < nbytes, lambda: "npu_prefetch: offset out of range")
     if self.device.type == "cpu" and not isinstance(self, torch._subclasses.FakeTensor):
+        if StreamRecorder.active is not None:
+            StreamRecorder.active.record("prefetch", self.data_ptr(), max_size)
         PREFETCH_CALLS.append(
             PrefetchCall(
                 tuple(self.shape), self.data_ptr(), dependency is not None, max_size, offset
@@ -281,3 +292,124 @@ def install_meta_standins() -> None:
     for name, kernel in META_STANDINS.items():
         if not _has_meta(name):
             _meta_lib.impl(name, kernel)
+
+
+# -- STAND-IN stream runtime ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One thing queued on a stream: ``kind`` "node" (a graph node, ``what`` its name),
+    "prefetch" (``npu_prefetch``, ``what`` the weight's data_ptr, ``size`` its max_size) or
+    "wait" (``stream`` waits for everything queued so far on ``other``)."""
+
+    kind: str
+    stream: int
+    what: Any = None
+    size: int | None = None
+    other: int | None = None
+
+
+class _Stream:
+    """STAND-IN ``torch.npu.Stream``: an id; ``wait_stream`` is recorded."""
+
+    def __init__(self, recorder: StreamRecorder, sid: int) -> None:
+        self.recorder, self.stream_id = recorder, sid
+        self.device_index, self.device_type = 0, 20  # as the stand-in torch_npu gives
+
+    def wait_stream(self, other: _Stream) -> None:
+        self.recorder.events.append(StreamEvent("wait", self.stream_id, other=other.stream_id))
+
+
+class StreamRecorder:
+    """STAND-IN for torch_npu's stream runtime while active (see the module docstring).
+
+    Stream 0 is the compute stream. While active it also registers the Ascend prefetch
+    stream (``fxprefetch.devices.npu_streams``) for CPU tensors, which stand in for NPU ones, and
+    restores everything it changed on exit.
+    """
+
+    active: StreamRecorder | None = None
+
+    def __init__(self) -> None:
+        self.events: list[StreamEvent] = []
+        self.streams = [_Stream(self, 0)]
+        self.current = self.streams[0]
+
+    def record(self, kind: str, what: Any = None, size: int | None = None) -> None:
+        self.events.append(StreamEvent(kind, self.current.stream_id, what, size))
+
+    def _new_stream(self, *args: Any, **kwargs: Any) -> _Stream:
+        stream = _Stream(self, len(self.streams))
+        self.streams.append(stream)
+        return stream
+
+    @contextlib.contextmanager
+    def _stream(self, stream: _Stream) -> Iterator[None]:
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StreamRecorder]:
+        from fxprefetch import ops
+        from fxprefetch.devices import npu_streams
+
+        npu = getattr(torch, "npu", None)
+        holder = npu if npu is not None else types.SimpleNamespace()
+        names = {"Stream": self._new_stream, "current_stream": lambda *a: self.current,
+                 "stream": self._stream}  # fmt: skip
+        saved = {name: getattr(holder, name, None) for name in names}
+        native = dict(ops._NATIVE_L2)
+        for name, value in names.items():
+            setattr(holder, name, value)
+        torch.npu = holder
+        StreamRecorder.active = self
+        npu_streams._STREAMS.__init__()  # this thread's streams: made under this runtime
+        try:
+            install_op_standins()  # npu_prefetch, which the prefetch stream issues
+            assert npu_streams.register_npu_streams("cpu")
+            yield self
+        finally:
+            StreamRecorder.active = None
+            ops._NATIVE_L2.clear()
+            ops._NATIVE_L2.update(native)
+            npu_streams._STREAMS.__init__()
+            for name, value in saved.items():
+                setattr(holder, name, value)
+            if npu is None:
+                del torch.npu
+
+    def run(self, gm: torch.fx.GraphModule, *args: Any) -> Any:
+        """Run ``gm`` node by node, recording each node on the stream it is queued on."""
+        recorder = self
+
+        class Logged(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                if n.op == "call_function":
+                    recorder.record("node", n.name)
+                return super().run_node(n)
+
+        return Logged(gm).run(*args)
+
+    def index(self, kind: str, what: Any, start: int = 0) -> int:
+        """Where the first ``kind`` event of ``what`` at or after ``start`` is."""
+        for i in range(start, len(self.events)):
+            if self.events[i].kind == kind and self.events[i].what == what:
+                return i
+        raise AssertionError(f"no {kind} event for {what!r} after position {start}")
+
+    def fork_join(self, fork: str, join: str) -> tuple[list[StreamEvent], list[StreamEvent]]:
+        """The events a fork node and its join node queued: each node's own event and what
+        its kernel did (up to the next node)."""
+        at_fork = self.index("node", fork)
+        at_join = self.index("node", join, at_fork)
+        return self.queued_at(at_fork), self.queued_at(at_join)
+
+    def queued_at(self, at: int) -> list[StreamEvent]:
+        """The node event at ``at`` and what its kernel queued (up to the next node)."""
+        end = next((i for i in range(at + 1, len(self.events)) if self.events[i].kind == "node"),
+                   len(self.events))  # fmt: skip
+        return self.events[at:end]

@@ -1,4 +1,5 @@
-"""npugraph_ex's REAL Python code, from the same torch-npu 2.13.0 wheel as torchair.
+"""npugraph_ex's REAL Python code, from the same torch-npu wheel as torchair (2.13.0, or the one
+``$FXPREFETCH_TORCH_NPU`` names: tests/support/torchair_real.py).
 
 ``tests/support/torchair_real.py`` extracts everything under ``torch_npu/dynamo/``, so npugraph_ex
 (``torch_npu/dynamo/npugraph_ex``) sits beside torchair, pinned by the same sha256. It needs
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from support.npu_standins import install_meta_standins
-from support.torchair_real import TorchairUnavailableError, load_torchair
+from support.torchair_real import TorchairUnavailableError, load_torchair, selected_version
 
 # torch_npu.npu's runtime entry points npugraph_ex names (each raises "needs CANN")
 NPU_RUNTIME_CLASSES = ("Stream", "Event", "ExternalEvent", "NPUGraph")
@@ -70,7 +71,7 @@ def install_torch_npu_standin() -> types.ModuleType:
         raise TorchairUnavailableError("a real torch_npu is loaded; the stand-in is not needed")
     torch_npu = _StandIn("torch_npu")
     torch_npu.__doc__ = "STAND-IN for torch_npu (tests only)"
-    torch_npu.__version__ = "2.13.0"
+    torch_npu.__version__ = selected_version()  # the wheel npugraph_ex comes from
     npu = _StandIn("torch_npu.npu")
     for name in NPU_RUNTIME_CLASSES:
         setattr(npu, name, _runtime_class(f"torch_npu.npu.{name}"))

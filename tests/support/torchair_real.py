@@ -40,9 +40,15 @@ if __package__ in (None, ""):  # run by path: make the ``support`` package impor
 
 from support.npu_standins import install_op_standins
 
-TORCH_NPU_VERSION = "2.13.0"
+TORCH_NPU_VERSION = "2.13.0"  # the default, and the torch every test here runs
+# the torch-npu wheels whose torchair/npugraph_ex the tests can run, by sha256; 2.10.0.post4 is
+# what vllm-ascend 0.26.0rc1-0.30.0rc2 pin (its Python code runs on torch 2.13.0 here too)
+WHEEL_SHA256S = {
+    "2.13.0": "0deb809cf447d3fce636ccfdc9c9f874950f1fe76f18f4aaab31e2d345f7dac0",
+    "2.10.0.post4": "7d88428d9bb8473919a38947617fcc481cb6e28927a8aa30e486a9bc42f30d90",
+}
 WHEEL = f"torch_npu-{TORCH_NPU_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
-WHEEL_SHA256 = "0deb809cf447d3fce636ccfdc9c9f874950f1fe76f18f4aaab31e2d345f7dac0"
+WHEEL_SHA256 = WHEEL_SHA256S[TORCH_NPU_VERSION]
 SCHEMA_FILE = "npu_native_functions_by_codegen.yaml"  # every torch_npu operator schema
 DEFAULT_DIR = Path.home() / ".cache" / "fxprefetch" / f"torchair-{TORCH_NPU_VERSION}"
 
@@ -51,9 +57,21 @@ class TorchairUnavailableError(RuntimeError):
     """torchair's code could not be set up on this machine (the reason says why)."""
 
 
-def torchair_dir() -> Path:
-    """Where the extracted ``torch_npu/dynamo`` lives (``$FXPREFETCH_TORCHAIR_DIR`` overrides)."""
-    return Path(os.environ.get("FXPREFETCH_TORCHAIR_DIR", DEFAULT_DIR))
+def selected_version() -> str:
+    """The torch-npu wheel this process takes torchair and npugraph_ex from:
+    ``$FXPREFETCH_TORCH_NPU`` (one of :data:`WHEEL_SHA256S`), else 2.13.0."""
+    version = os.environ.get("FXPREFETCH_TORCH_NPU", TORCH_NPU_VERSION)
+    if version not in WHEEL_SHA256S:
+        raise TorchairUnavailableError(f"torch-npu {version} is not pinned here")
+    return version
+
+
+def torchair_dir(version: str | None = None) -> Path:
+    """Where the extracted ``torch_npu/dynamo`` lives (``$FXPREFETCH_TORCHAIR_DIR`` overrides
+    the 2.13.0 one; another version's lies beside it, as ``torchair-<version>``)."""
+    default = Path(os.environ.get("FXPREFETCH_TORCHAIR_DIR", DEFAULT_DIR))
+    version = version or selected_version()
+    return default if version == TORCH_NPU_VERSION else default.parent / f"torchair-{version}"
 
 
 def _sha256(path: Path) -> str:
@@ -69,22 +87,26 @@ def fetch(dest: Path | None = None) -> Path:
 
     Returns the directory to put on ``sys.path``. Idempotent: an existing extraction is reused.
     """
-    dest = dest or torchair_dir()
+    version = selected_version()
+    dest = dest or torchair_dir(version)
     package = dest / "torchair" / "__init__.py"
     if package.exists():
         return dest
+    wheel_name = f"torch_npu-{version}-cp311-cp311-manylinux_2_28_x86_64.whl"
     with tempfile.TemporaryDirectory(prefix="fxprefetch-torch-npu-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
-               "-d", tmp, f"torch-npu=={TORCH_NPU_VERSION}"]  # fmt: skip
+               "-d", tmp, f"torch-npu=={version}"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-        wheel = Path(tmp) / WHEEL
+        wheel = Path(tmp) / wheel_name
         if done.returncode != 0 or not wheel.exists():
             raise TorchairUnavailableError(
-                f"pip download torch-npu=={TORCH_NPU_VERSION} failed: {done.stderr.strip()[-500:]}"
+                f"pip download torch-npu=={version} failed: {done.stderr.strip()[-500:]}"
             )
-        if (got := _sha256(wheel)) != WHEEL_SHA256:
-            raise TorchairUnavailableError(f"{WHEEL}: sha256 {got}, expected {WHEEL_SHA256}")
+        if (got := _sha256(wheel)) != WHEEL_SHA256S[version]:
+            raise TorchairUnavailableError(
+                f"{wheel_name}: sha256 {got}, expected {WHEEL_SHA256S[version]}"
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=dest.parent))
         with zipfile.ZipFile(wheel) as zf:

@@ -18,6 +18,9 @@ STAND-INS (beyond those of npugraph_ex_real.py), and why:
   and while graphs compile (its ``get_compile_backend``, ``device_type`` "npu").
 - ``vllm.prefetch_preprocess`` / ``prefetch_postprocess``: vllm-ascend registers them for the
   NPU only (``register_custom_ops``); here with its schemas and a kernel that records calls.
+- torch_npu's stream runtime: ``npu_standins.StreamRecorder`` while graphs compile and run
+  (it records which stream each node and each ``npu_prefetch`` is queued on, and every wait);
+  the piecewise graph vllm-ascend's pass manager returns runs node by node under it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,22 @@ from support.npugraph_ex_real import load_npugraph_ex
 
 FLAG = {"weight_prefetch_config": {"enabled": True}}
 FUSIONS = ("norm_quant", "qknorm_rope", "allreduce_rms", "muls_add")
-NO_FUSION = {f"fuse_{name}": False for name in FUSIONS}  # vllm-ascend's own passes: off
+
+
+def no_fusion() -> dict:
+    """vllm-ascend's own fusion passes, all off: the ``fuse_*`` switches this version's
+    ``AscendCompilationConfig`` takes (0.27.1rc1 and later refuse any other key)."""
+    import inspect
+
+    from vllm_ascend.ascend_config import AscendCompilationConfig
+
+    params = inspect.signature(AscendCompilationConfig).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    names = [f"fuse_{n}" for n in FUSIONS] if open_ended else []
+    names += [n for n in params if n.startswith("fuse_") and n not in names]
+    return dict.fromkeys(names, False)
+
+
 BUILTIN_CALLS: list[tuple[str, int]] = []  # (weight name, bytes) per built-in prefetch
 
 
@@ -89,7 +107,7 @@ def npu_platform():
 def vllm_config(npugraph_ex: bool, *, eager: bool = False, flag: bool = True):
     from vllm.config import CompilationConfig, VllmConfig
 
-    additional = {"ascend_compilation_config": {"enable_npugraph_ex": npugraph_ex, **NO_FUSION}}
+    additional = {"ascend_compilation_config": {"enable_npugraph_ex": npugraph_ex, **no_fusion()}}
     if flag:
         additional |= FLAG
     kwargs = {}
@@ -114,11 +132,13 @@ def compile_with(config, compiler_config) -> dict:
 
     import fxprefetch
 
-    from support.npu_standins import PREFETCH_CALLS
+    from support.npu_standins import PREFETCH_CALLS, StreamRecorder
 
     init_ascend_config(config)
     compiler = AscendCompiler()
-    compiler.compute_hash(config)
+    # as vLLM's backend keys the compiler: compute_hash up to vLLM 0.33, compile_factors in 0.34
+    factors = getattr(compiler, "compile_factors", None) or compiler.compute_hash
+    factors(config)
     compiler.initialize_cache(tempfile.mkdtemp(prefix="fxprefetch-ascend-cache-"), False)
     compile_range = Range(1, 8)
 
@@ -132,18 +152,67 @@ def compile_with(config, compiler_config) -> dict:
     PREFETCH_CALLS.clear()
     net, x = model(), torch.randint(0, 64, (1, 4))
     out: dict = {}
-    try:
-        with npu_platform():
-            got = torch.compile(net, backend=backend, fullgraph=True)(x)
-        out["equal_eager"] = bool(torch.equal(got, net(x)))
-    except Exception as exc:  # npugraph_ex stops where graph capture needs CANN
-        out["stopped"] = f"{type(exc).__name__}: {exc}"[:600]
     weights = {p.data_ptr(): n for n, p in net.named_parameters()}
+    with StreamRecorder().installed() as recorder, node_by_node(recorder):
+        try:
+            with npu_platform():
+                got = torch.compile(net, backend=backend, fullgraph=True)(x)
+            out["equal_eager"] = bool(torch.equal(got, net(x)))
+        except Exception as exc:  # npugraph_ex stops where graph capture needs CANN
+            out["stopped"] = f"{type(exc).__name__}: {exc}"[:600]
+    out["streams"] = streams(recorder, fxprefetch.last_plans(), weights)
     out["ran"] = sorted((weights.get(c.data_ptr, "?"), c.max_size) for c in PREFETCH_CALLS)
     out["plans"] = [
         sorted((r.module, r.role, r.prefetch_bytes) for r in p.prefetched)
         for p in fxprefetch.last_plans()
     ]
+    return out
+
+
+@contextlib.contextmanager
+def node_by_node(recorder):
+    """The graphs vllm-ascend's pass manager returns run node by node under ``recorder``
+    (what they compute is unchanged: only which stream each node is queued on is recorded)."""
+    from vllm_ascend.compilation.graph_fusion_pass_manager import GraphFusionPassManager
+
+    original = GraphFusionPassManager.__call__
+
+    def call(self, graph):
+        out = original(self, graph)
+        out.forward = lambda *args: recorder.run(out, *args)
+        return out
+
+    GraphFusionPassManager.__call__ = call
+    try:
+        yield
+    finally:
+        GraphFusionPassManager.__call__ = original
+
+
+def streams(recorder, plans, weights) -> list:
+    """Per prefetched linear that ran: its lowering, what its fork and its join queued
+    (kind, stream, weight or node, bytes), and whether its dependency ran before the fork
+    and the join before the linear."""
+    out = []
+    ran = {e.what for e in recorder.events if e.kind == "node"}
+    for plan in plans:
+        for r in plan.prefetched:
+            if r.prefetch_node not in ran:
+                continue
+            fork_at = recorder.index("node", r.prefetch_node)
+            join = next((e.what for e in recorder.events[fork_at:]
+                         if e.kind == "node" and str(e.what).startswith("prefetch_join")),
+                        None)  # fmt: skip
+            fork = recorder.queued_at(fork_at)
+            joined = recorder.queued_at(recorder.index("node", join, fork_at)) if join else []
+            queued = [[e.kind, e.stream, weights.get(e.what, e.other), e.size] for e in fork[1:]]
+            out.append({
+                "module": r.module, "lowering": r.lowering, "fork": queued,
+                "join": [[e.kind, e.stream, e.other] for e in joined[1:]],
+                "dependency_first": recorder.index("node", r.dependency) < fork_at,
+                "join_first": join is not None
+                and recorder.index("node", join) < recorder.index("node", r.node),
+            })  # fmt: skip
     return out
 
 
@@ -187,14 +256,43 @@ class Saved:
         self.cls.save_fx_graph = self.original
 
     def prefetches(self) -> list[list]:
-        return [
-            [
-                (int(n.args[2]), n.args[1] is not None)
-                for n in gm.graph.nodes
-                if str(n.target) == "npu.npu_prefetch.default"
-            ]
-            for gm in self.graphs
-        ]
+        """Per kept graph, its prefetch nodes in order: npu_prefetch (max_size, has a
+        dependency), a fork onto the prefetch stream (max_size, "side"), or a join ("join")."""
+        kept = []
+        for gm in self.graphs:
+            found = []
+            for n in gm.graph.nodes:
+                if str(n.target) == "npu.npu_prefetch.default":
+                    found.append((int(n.args[2]), n.args[1] is not None))
+                elif str(n.target) == "fxprefetch.prefetch_native.default":
+                    found.append((int(n.args[2]), n.args[4]))
+                elif str(n.target) == "fxprefetch.prefetch_join.default":
+                    found.append(("join",))
+            kept.append(found)
+        return kept
+
+    def pairs(self) -> list[dict]:
+        """Per fork in the kept graphs: its joins after it in the same graph, and whether its
+        dependency comes before it and its join before the linear it reads for."""
+        out = []
+        for gm in self.graphs:
+            order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+            joins = [n for n in gm.graph.nodes
+                     if str(n.target) == "fxprefetch.prefetch_join.default"]  # fmt: skip
+            for fork in gm.graph.nodes:
+                if str(fork.target) != "fxprefetch.prefetch_native.default":
+                    continue
+                mine = [j for j in joins if j.meta["fxprefetch"].joins == fork.name]
+                record = fork.meta["fxprefetch"]
+                dependency = [o.name for o in fork.args[1][1:]]
+                out.append({
+                    "joins": len(mine),
+                    "dependency_first": all(order[d] < order[fork.name] for d in dependency),
+                    "join_first": all(order[fork.name] < order[j.name] < order[record.linear]
+                                      for j in mine),
+                    "lowering": record.lowering,
+                })  # fmt: skip
+        return out
 
 
 def modes() -> dict:
@@ -204,6 +302,7 @@ def modes() -> dict:
     with Saved() as saved:
         results["full_decode_only"] = compile_with(config, graph_fusion_manager(config))
     results["full_decode_only"]["captured"] = saved.prefetches()
+    results["full_decode_only"]["pairs"] = saved.pairs()
     # the same, without the flag: nothing composed
     plain = vllm_config(npugraph_ex=True, flag=False)
     with Saved() as saved:
@@ -221,6 +320,7 @@ def torchair_fallback() -> dict:
     with Saved("torchair") as saved:
         result = compile_with(config, graph_fusion_manager(config))
     result["captured"] = saved.prefetches()
+    result["pairs"] = saved.pairs()
     return {"torchair_fallback": result}
 
 

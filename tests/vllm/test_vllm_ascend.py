@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import _required_in_ci
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where support/ is
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
 QKV, GATE_UP = 96 * 32 * 4, 128 * 32 * 4
@@ -31,7 +31,12 @@ PLAN = [
     for module, role, nbytes in (("mlp.gate_up_proj", "mlp.gate_up", GATE_UP),
                                  ("self_attn.qkv_proj", "attn.qkv", QKV))
 ]  # fmt: skip
-CAPTURED = [[[QKV, True], [GATE_UP, True]] * 2]  # npu_prefetch(max_size, dependency) in order
+# the kept graph's prefetch nodes in order: a fork onto the prefetch stream (its bytes), its join
+CAPTURED = [[[QKV, "side"], ["join"], [GATE_UP, "side"], ["join"]] * 2]
+# each fork and its join, in the same graph: the dependency before the fork, the join between
+# the fork and the linear, the plan's lowering
+PAIRED = [{"joins": 1, "dependency_first": True, "join_first": True,
+           "lowering": "ascend_side_stream"}] * 4  # fmt: skip
 STOPPED_AT_CAPTURE = "STAND-IN torch_npu.npu.current_device: needs CANN"
 
 
@@ -63,14 +68,16 @@ def test_the_plugin_hooks_the_compiler_its_platform_names(probes):
     assert probes["npugraph_ex"]["compiler_hooked"] and probes["torchair"]["compiler_hooked"]
 
 
-def test_full_decode_only_hands_npugraph_ex_a_graph_with_npu_prefetch(probes):
+def test_full_decode_only_hands_npugraph_ex_forks_and_joins_on_the_prefetch_stream(probes):
     """FULL / FULL_DECODE_ONLY: AscendCompiler -> npugraph_ex, never the pass manager. Our pass
-    runs as npugraph_ex's post_grad_custom_post_pass; the graph it keeps for capture holds one
-    npu_prefetch per planned weight, with its exact bytes and a dependency. npugraph_ex then
-    stops where NPU graph capture needs CANN."""
+    runs as npugraph_ex's post_grad_custom_post_pass; the graph npugraph_ex keeps for capture
+    (after all its passes) holds, per planned weight, a fork onto the prefetch stream with its
+    exact bytes after its dependency, and one join of it before the linear, in the same
+    graph. npugraph_ex then stops where NPU graph capture needs CANN."""
     full = probes["npugraph_ex"]["full_decode_only"]
     assert full["plans"] == [PLAN]
     assert full["captured"] == CAPTURED
+    assert full["pairs"] == PAIRED
     assert STOPPED_AT_CAPTURE in full["stopped"]
 
 
@@ -84,6 +91,7 @@ def test_the_torchair_fallback_gets_the_pass_too(probes):
     assert "import of npugraph_ex halted" in fallback["stopped"]  # vllm-ascend fell back
     assert fallback["plans"] == [PLAN]
     assert fallback["captured"] == CAPTURED
+    assert fallback["pairs"] == PAIRED
     assert STOPPED_AT_CAPTURE in fallback["stopped"]
 
 
@@ -94,6 +102,24 @@ def test_piecewise_runs_the_pass_in_the_real_graph_fusion_pass_manager(probes):
     assert piecewise["equal_eager"] is True
     assert piecewise["plans"] == [PLAN]
     assert piecewise["ran"] == sorted([f"{module}.weight", nbytes] for module, _, nbytes in PLAN)
+
+
+def test_piecewise_prefetches_run_on_the_prefetch_stream(probes):
+    """PIECEWISE, run on a STAND-IN stream runtime: each fork makes the prefetch stream (1)
+    wait for the compute stream (0) after its dependency ran, then queues npu_prefetch of its
+    weight's exact bytes there; its join makes the compute stream wait for the prefetch
+    stream before the linear runs. One prefetch stream for every fork."""
+    ran = probes["npugraph_ex"]["piecewise"]["streams"]
+    assert sorted(r["module"] for r in ran) == sorted(module for module, _, _ in PLAN)
+    nbytes = {module: size for module, _, size in PLAN}
+    for r in ran:
+        assert r["lowering"] == "ascend_side_stream"
+        assert r["fork"] == [
+            ["wait", 1, 0, None],
+            ["prefetch", 1, f"{r['module']}.weight", nbytes[r["module"]]],
+        ]
+        assert r["join"] == [["wait", 0, 1]]
+        assert r["dependency_first"] and r["join_first"]
 
 
 def test_none_warns_once_and_defers_to_the_builtin_prefetch(probes):

@@ -1,0 +1,71 @@
+"""fxprefetch's exception types, with one base class, :class:`FxprefetchError`.
+
+``except fxprefetch.FxprefetchError`` catches any of them. Each keeps the builtin base it had
+(``ValueError`` for bad input, ``RuntimeError`` for what fails at run time), so callers that
+catch those keep working. The modules that raise them re-export them under their old names.
+"""
+
+from __future__ import annotations
+
+
+class FxprefetchError(Exception):
+    """Base class of every exception fxprefetch raises on purpose."""
+
+
+class ConfigError(FxprefetchError, ValueError):
+    """A ``weight_prefetch_config`` (or backend option) that is not valid.
+
+    ``path`` is the JSON path of the offending value, e.g.
+    ``weight_prefetch_config.prefetch_ratio.mlp.down``.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+class ModelError(FxprefetchError, ValueError):
+    """A model name or config file that cannot be built."""
+
+
+class PipelineOrderError(FxprefetchError, ValueError):
+    """A pipeline runs a pass before one it requires, or after one it conflicts with."""
+
+
+class CliError(FxprefetchError):
+    """A user error: printed as one line, exit code 2."""
+
+
+class SchemaError(FxprefetchError, RuntimeError):
+    """The schema itself uses a keyword this validator does not implement."""
+
+
+class PrefetchPassError(FxprefetchError, RuntimeError):
+    """The weight-prefetch pass failed on a graph (raised only in strict mode)."""
+
+
+class InvariantError(FxprefetchError, RuntimeError):
+    """A pass left the graph breaking an invariant; the message names the pass."""
+
+
+class NpuLoweringError(FxprefetchError, RuntimeError):
+    """The graph cannot be lowered to ``npu.npu_prefetch``."""
+
+
+class NpuUnavailableError(FxprefetchError, RuntimeError):
+    """target 'npu' was asked for, but torchair/torch_npu cannot be imported."""
+
+
+__all__ = [
+    "CliError",
+    "ConfigError",
+    "FxprefetchError",
+    "InvariantError",
+    "ModelError",
+    "NpuLoweringError",
+    "NpuUnavailableError",
+    "PipelineOrderError",
+    "PrefetchPassError",
+    "SchemaError",
+]
