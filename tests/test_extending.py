@@ -1,4 +1,5 @@
-"""The README's "Extending" section, applied as written to a copy of the package.
+"""The extending page (``docs/extending.md``), its worked examples applied as written to a copy
+of the package.
 
 Each worked example is a ``diff`` block after an ``<!-- extending: NAME -->`` marker: hunks
 headed ``--- PATH`` replace their context and ``-`` lines (found exactly once) with their
@@ -26,11 +27,12 @@ from fxprefetch import ConfigError, WeightPrefetchConfig
 from fxprefetch.options import parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
+EXTENDING = ROOT / "docs" / "extending.md"
 MARKER = re.compile(r"<!-- extending: (\w+) -->\n```diff\n(.*?)```", re.S)
 
 
 def _examples() -> dict[str, str]:
-    return dict(MARKER.findall((ROOT / "README.md").read_text()))
+    return dict(MARKER.findall(EXTENDING.read_text()))
 
 
 def _installed_path(path: str) -> str:
@@ -58,7 +60,7 @@ def _hunks(diff: str) -> list[tuple[str, str | None, str]]:
 
 def _patched_copy(tmp_path: Path, example: str) -> Path:
     """A copy of the package (``passes/`` laid out as ``fxprefetch/passes/``, as installed)
-    with the README's example applied."""
+    with the extending page's example applied."""
     root = tmp_path / "src"
     shutil.copytree(
         ROOT / "fxprefetch",
@@ -79,7 +81,9 @@ def _patched_copy(tmp_path: Path, example: str) -> Path:
             target.write_text(new)
             continue
         text = target.read_text()
-        assert text.count(old) == 1, f"{path}: the README's context is not found once:\n{old}"
+        assert text.count(old) == 1, (
+            f"{path}: docs/extending.md's context is not found once:\n{old}"
+        )
         target.write_text(text.replace(old, new))
     return root
 
@@ -124,7 +128,7 @@ def _run(root: Path, script: str) -> dict:
     return result
 
 
-def test_the_readme_has_both_worked_examples():
+def test_the_extending_page_has_both_worked_examples():
     assert set(_examples()) == {"role", "target"}
     files = {path for path, _, _ in _hunks(_examples()["role"])}
     assert files == {"fxprefetch/roles.py", "fxprefetch/passes/tables/role_rules.py"}
