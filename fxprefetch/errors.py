@@ -57,15 +57,34 @@ class NpuUnavailableError(FxprefetchError, RuntimeError):
     """target 'npu' was asked for, but torchair/torch_npu cannot be imported."""
 
 
+class ProfileError(FxprefetchError, ValueError):
+    """A device profile that does not follow the format; the message names the field."""
+
+    def __init__(self, where: str, message: str) -> None:
+        self.where = where
+        super().__init__(f"device profile {where}: {message}")
+
+
+class CalibrationError(FxprefetchError, RuntimeError):
+    """The device cannot be calibrated (no device, too small, a measurement unusable)."""
+
+
+class NpuStreamsUnavailableError(FxprefetchError, RuntimeError):
+    """torch_npu's stream runtime (``torch.npu.Stream``) is not loaded."""
+
+
 __all__ = [
+    "CalibrationError",
     "CliError",
     "ConfigError",
     "FxprefetchError",
     "InvariantError",
     "ModelError",
     "NpuLoweringError",
+    "NpuStreamsUnavailableError",
     "NpuUnavailableError",
     "PipelineOrderError",
     "PrefetchPassError",
+    "ProfileError",
     "SchemaError",
 ]

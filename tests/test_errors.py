@@ -24,6 +24,9 @@ TYPES = {
     "InvariantError": (RuntimeError, "fxprefetch.passes.invariants"),
     "NpuLoweringError": (RuntimeError, "fxprefetch.passes.lower_npu"),
     "NpuUnavailableError": (RuntimeError, "fxprefetch.targets.npu"),
+    "ProfileError": (ValueError, "fxprefetch.devices.profile_file"),
+    "CalibrationError": (RuntimeError, "fxprefetch.devices.calibrate"),
+    "NpuStreamsUnavailableError": (RuntimeError, "fxprefetch.devices.npu_streams"),
 }
 
 
@@ -55,3 +58,23 @@ def test_an_unsupported_schema_keyword_is_caught_by_the_base_class_and_by_runtim
     with pytest.raises(fxprefetch.FxprefetchError, match="'minLength' is not supported") as c:
         schema_errors("x", schema, {})
     assert isinstance(c.value, RuntimeError)
+
+
+def test_every_exception_type_of_the_package_is_one_of_these():
+    """An exception class defined anywhere in fxprefetch (a module's own, not imported) lives
+    in ``fxprefetch.errors``: a new one there fails this test until it moves."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fxprefetch.__file__).parent
+    passes = Path(fxprefetch.passes.__file__).parent
+    stray = []
+    for path in [*root.rglob("*.py"), *passes.rglob("*.py")]:
+        if path.name == "errors.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if any(b.endswith(("Error", "Exception")) for b in bases):
+                    stray.append(f"{path.name}: {node.name}")
+    assert not stray, stray

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fxprefetch.errors import CalibrationError
+
 logger = logging.getLogger(__name__)
 
 MB = 10**6  # the model's MB (fxprefetch.devices.prediction)
@@ -50,10 +52,6 @@ COLD_COVER = 4  # cold copies cover at least this many L2s
 WINDOW_SLACK_US = 2.0  # the lowering window: the prefetch's read time plus this
 MARGIN_US = 0.5  # the issue's default margin: not measured here
 SHARES = {"kernel": 0.05, "read": 0.10, "delta": 0.35, "lowerings": 0.50}
-
-
-class CalibrationError(RuntimeError):
-    """The device cannot be calibrated (no device, too small, a measurement unusable)."""
 
 
 @dataclass(frozen=True)

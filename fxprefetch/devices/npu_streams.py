@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 
+from fxprefetch.errors import NpuStreamsUnavailableError
+
 logger = logging.getLogger(__name__)
-
-
-class NpuStreamsUnavailableError(RuntimeError):
-    """torch_npu's stream runtime (``torch.npu.Stream``) is not loaded."""
 
 
 def _npu() -> Any:

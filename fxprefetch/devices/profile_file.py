@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from fxprefetch.errors import ProfileError
+
 SCHEMA = "fxprefetch.device_profile"
 VERSION = 1
 KINDS = ("gpu", "npu")
@@ -48,14 +50,6 @@ CONSTANTS: dict[str, tuple[bool, bool, bool]] = {
     "hbm_peak_bytes_per_s": (False, True, False),
 }
 LOWERING_FIELDS = ("fixed_us", "per_mb_us")
-
-
-class ProfileError(ValueError):
-    """A device profile that does not follow the format; the message names the field."""
-
-    def __init__(self, where: str, message: str) -> None:
-        self.where = where
-        super().__init__(f"device profile {where}: {message}")
 
 
 @dataclass(frozen=True)

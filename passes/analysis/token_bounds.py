@@ -63,9 +63,12 @@ def _operand(node: Node, arg: str) -> Node | None:
 
 def _activation(use: LinearUse) -> Node | None:
     """The operand holding the tokens: the first activation, or the weight's slot where the
-    weight stands in the activation's (``W @ x.T``)."""
+    weight stands in the activation's (``W @ x.T``); None for an op that names no activation
+    (a weight handed to an opaque op)."""
     spec = use.spec
-    return _operand(use.node, spec.weight if use.swapped else spec.activations[0])
+    if use.swapped:
+        return _operand(use.node, spec.weight)
+    return _operand(use.node, spec.activations[0]) if spec.activations else None
 
 
 def linear_tokens(

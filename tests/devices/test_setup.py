@@ -9,6 +9,7 @@ from fxprefetch import ops
 from fxprefetch.devices import DeviceSetup, device_setup, simulated_setup
 from fxprefetch.devices.prediction import profile
 from fxprefetch.devices.profiles import default_cap
+from fxprefetch.errors import ProfileError
 
 
 @pytest.fixture
@@ -82,5 +83,5 @@ def test_a_simulated_device_has_its_profile_and_default_cap_on_each_device_type(
     setup = simulated_setup("h200", ("cpu", "meta"))
     assert setup.profiles == {"cpu": h200, "meta": h200}
     assert setup.caps == {"cpu": default_cap(h200), "meta": default_cap(h200)}
-    with pytest.raises(KeyError, match="unknown device profile 'h9000'"):
+    with pytest.raises(ProfileError, match="unknown device profile"):
         simulated_setup("h9000")
