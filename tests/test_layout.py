@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 import zipfile
@@ -387,3 +388,16 @@ def test_one_meaning_per_name():
             if first[1] is not value:
                 clashes.append(f"{name}.{public} is not {first[0]}.{public}")
     assert not clashes, "\n".join(clashes)
+
+
+def test_the_ci_scripts_name_test_files_that_exist():
+    """`.ci/run` and `.ci/torch-compat` name test files by path: a move of a test file (the
+    rooms) must move them too, or the job silently runs fewer tests (pytest errors on a
+    missing path only when it is the one named)."""
+    named = {
+        path
+        for script in (ROOT / ".ci").iterdir()
+        for path in re.findall(r"tests/[\w/]+\.py", script.read_text())
+    }
+    assert named, "the CI scripts name no test file: update this test"
+    assert not [p for p in sorted(named) if not (ROOT / p).is_file()]
