@@ -18,6 +18,10 @@ from support.planning import ON, SPBlock, node_named, node_order, plan_synth
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import fake_trace
 
+# the window tests are about where prefetches go, not whether the H200 model gates them
+FORCED = WeightPrefetchConfig(enabled=True, force_prefetch=True)
+
+
 
 def test_sequence_parallel_walk_crosses_the_all_gather_to_the_norm():
     # the walk from gate_up must not stop at the all-gather ("no vector work"): the norm
@@ -86,7 +90,7 @@ def test_collective_window_starts_at_the_collective_input():
 
 @pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "math"])
 def test_attention_is_a_window_for_o_proj_on_a_gpu(sdpa):
-    gm, plan = plan_synth("h200", sdpa=sdpa)
+    gm, plan = plan_synth("h200", FORCED, sdpa=sdpa)
     assert sorted(r.role for r in plan.prefetched) == sorted(
         ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down") * 2
     )
@@ -104,13 +108,15 @@ def test_attention_is_a_window_for_o_proj_on_a_gpu(sdpa):
 
 
 def test_attention_windows_are_off_where_graphs_split_at_attention_or_where_written_off(caplog):
-    _, plan = plan_synth("h200", split_at_attention=True)  # vLLM's piecewise graphs
+    _, plan = plan_synth("h200", FORCED, split_at_attention=True)  # vLLM's piecewise graphs
     assert all(r.skip_reason == SkipReason.EMPTY_WINDOW for r in plan.by_role("attn.o"))
-    written_off = WeightPrefetchConfig(enabled=True, windows=("vector",))
+    written_off = WeightPrefetchConfig(enabled=True, windows=("vector",), force_prefetch=True)
     _, plan = plan_synth("h200", written_off)
     assert all(not r.prefetched for r in plan.by_role("attn.o"))
     assert all(r.prefetched for r in plan.by_role("mlp.down"))  # a device policy, not a window
-    written_on = WeightPrefetchConfig(enabled=True, windows=("vector", "attention"))
+    written_on = WeightPrefetchConfig(
+        enabled=True, windows=("vector", "attention"), force_prefetch=True
+    )
     _, plan = plan_synth(None, written_on)  # opted in without a profile
     assert all(r.window_kind == "attention" for r in plan.by_role("attn.o"))
     with caplog.at_level(logging.WARNING, logger="fxprefetch"):

@@ -41,7 +41,9 @@ PLAN = [
     for module, role, nbytes in (("mlp.gate_up_proj", "mlp.gate_up", GATE_UP),
                                  ("self_attn.qkv_proj", "attn.qkv", QKV))
 ]  # fmt: skip
-CAPTURED = [[[QKV, True], [GATE_UP, True]] * 2]  # npu_prefetch(max_size, dependency) in order
+# in order: each prefetch forked onto the prefetch stream (max_size, "side"), then its join
+# before the linear (the default side-stream lowering of captured Ascend modes)
+CAPTURED = [[[QKV, "side"], ["join"], [GATE_UP, "side"], ["join"]] * 2]
 STOPPED_AT_CAPTURE = "STAND-IN torch_npu.npu.current_device: needs CANN"
 NO_GRAPH = (
     "weight_prefetch_config: fxprefetch's weight prefetch needs a graph mode, and this vLLM "
@@ -143,10 +145,11 @@ def test_mode_none_warns_once(runs, version):
 
 
 @pytest.mark.parametrize("version", sorted(WITH_MODES))
-def test_full_decode_only_hands_npugraph_ex_our_npu_prefetch_nodes(runs, version):
+def test_full_decode_only_hands_npugraph_ex_our_prefetch_forks_and_joins(runs, version):
     """AscendCompiler.compile -> npugraph_ex (from the torch-npu 2.10.0.post4 wheel these
-    releases pin): the graph it keeps for capture holds one npu_prefetch per planned weight,
-    exact bytes, each with a dependency; then capture stops where it needs CANN."""
+    releases pin): the graph it keeps for capture forks each planned weight's prefetch onto
+    the prefetch stream (exact bytes) and joins it before its linear; then capture stops where
+    it needs CANN."""
     assert runs[version]["torch_npu_wheel"] == "2.10.0.post4"
     full = runs[version]["full_decode_only"]
     assert full["plans"] == [PLAN]

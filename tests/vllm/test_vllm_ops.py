@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxprefetch import SkipReason
+from fxprefetch import SkipReason, WeightPrefetchConfig
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def test_the_vllm_pass_on_a_gpu_takes_down_but_never_an_attention_window(monkeyp
     from support.synthetic import SynthModel, SynthSpec
     from support.tracing import fake_trace
 
-    vllm_pass = WeightPrefetchPass()
+    # where prefetches go, not whether the H200 model gates them: force them
+    vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True, force_prefetch=True))
     plain_uuid = vllm_pass.uuid()
     monkeypatch.setattr(
         "fxprefetch.targets.device_setup",
