@@ -111,7 +111,8 @@ def _broken(edit) -> dict:
         ),
         (
             lambda d: d["constants"]["l2_bytes"].update(value=1e308),
-            r"\.constants\.l2_bytes\.value: implausibly large: 1e\+308 \(expected at most 4\.29497e\+09\)",
+            r"\.constants\.l2_bytes\.value: implausibly large: 1e\+308 "
+            r"\(expected at most 4\.29497e\+09\)",
         ),
         (
             lambda d: d["constants"]["cores"].update(value=1e6),
