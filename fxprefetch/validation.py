@@ -140,6 +140,12 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def load_strict_json(text: str) -> Any:
+    """``json.loads`` refusing NaN/Infinity and duplicate keys (a ValueError saying which),
+    and JSON nested past the recursion limit (a ValueError, not a crash)."""
+    return load_json(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+
+
 def load_json(text: str, **kwargs: Any) -> Any:
     """``json.loads``, but JSON nested past the recursion limit is a ValueError, not a crash."""
     try:

@@ -33,6 +33,7 @@ from fxprefetch.devices.prediction import (
     delta_us_per_mb,
     emits,
     hideable_bytes,
+    landing_bytes,
     loss_note,
     predict,
 )
@@ -201,12 +202,21 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             )
             unsized.setdefault(why, []).append(use.node.name)
         size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
+        if hideable is not None:  # capped only where the written or default cap cut the size
+            capped = capped and not config.auto_cap and size < hideable
         if size <= 0:
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
             loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
             if loses is not None:
                 reason = SkipReason.PREDICTED_LOSS
                 base["note"] = f"{base['note']}; {loses}" if base.get("note") else loses
+            if hideable == 0 and moved is not None and profile is not None:
+                # the windows' time still counts (idle, ceiling): predicted at what would land
+                landing = landing_bytes(profile, moved, shared)
+                trial = prefetch_bytes(ratio, use.span_bytes, landing)[0]
+                base["prediction"] = _prediction(
+                    profile, moved, trial, hideable, shared, known_tokens, useful
+                )
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         bounds = config.tokens(use.role) or TokenRange()
@@ -219,6 +229,12 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         if moved is not None and profile is not None:
             prediction = _prediction(profile, moved, size, hideable, shared, known_tokens, useful)
             base["prediction"] = prediction
+            if hideable is not None and prediction.hidden_us <= 0:  # "auto" sizes no loss
+                note = _auto_loss_note(profile, prediction.hidden_us, size)
+                note = f"{base['note']}; {note}" if base.get("note") else note
+                base.update(prefetch_bytes=0, capped=False, note=note)
+                records.append(LinearRecord(**base, skip_reason=SkipReason.PREDICTED_LOSS))
+                continue
             if not config.force_prefetch and not emits(profile, prediction):
                 note = loss_note(profile, prediction.hidden_us)
                 note = f"{base['note']}; {note}" if base.get("note") else note
@@ -372,7 +388,21 @@ def _every_mb_loses(profile: DeviceProfile | None, tokens: int | None, useful: f
         return None
     return (
         f"predicted loss on {profile.label}: every MB costs {beta:.3f} µs and saves "
-        f"{delta:.3f} µs ({profile.lowering}), whatever the window"
+        f"{delta:.3f} µs ({profile.lowering}), whatever the window; {AUTO_SIZES_NOTHING}"
+    )
+
+
+#: why ``force_prefetch`` does not emit what ``"auto"`` sized to nothing
+AUTO_SIZES_NOTHING = (
+    '"auto" sizes nothing where the model predicts a loss, and force_prefetch emits only '
+    "what the sizes give (set a ratio or max_prefetch_bytes to force a size)"
+)
+
+
+def _auto_loss_note(profile: DeviceProfile, hidden_us: float, size: int) -> str:
+    return (
+        f"predicted loss on {profile.label}: {hidden_us:+.2f} µs for the {size} B that "
+        f'"auto" would size ({profile.lowering}); {AUTO_SIZES_NOTHING}'
     )
 
 

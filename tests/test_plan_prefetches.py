@@ -131,7 +131,7 @@ def test_auto_sizes_each_prefetch_to_what_its_window_hides():
         wanted = hideable_bytes(paying, traffic, p.shared_us, 4)
         assert p.auto_bytes == wanted
         assert r.prefetch_bytes == min(r.weight_bytes, wanted)
-        assert r.capped is (r.weight_bytes > wanted)
+        assert r.capped is False  # "auto" sizes are no byte cap
     _, plan = plan_synth("h200", auto, hidden=512, intermediate=2048)
     assert plan.prefetched == []
     assert all(r.skip_reason == SkipReason.PREDICTED_LOSS for r in plan.by_role("attn.qkv"))
@@ -149,6 +149,52 @@ def test_auto_sizes_each_prefetch_to_what_its_window_hides():
     assert all(r.prefetch_bytes == 4096 for r in plan.prefetched)
     assert all(r.prediction.auto_bytes is not None for r in plan.by_role("mlp.down"))
     assert all(r.prediction.auto_bytes is None for r in plan.by_role("attn.qkv"))
+
+
+def test_auto_sizes_nothing_where_the_model_predicts_a_loss_on_every_device():
+    """ "auto" never sizes a prefetch the model predicts to lose (Ascend too: there the
+    margin is 0); the record says the µs and that force_prefetch cannot emit it. Ascend's
+    fixed ratios stay honoured (the guide's semantics), whatever the prediction."""
+    auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto", force_prefetch=True)
+    _, plan = plan_synth("ascend-a3", auto)
+    assert plan.prefetched == []
+    lost = [r for r in plan if r.skip_reason == SkipReason.PREDICTED_LOSS]
+    assert len(lost) == 4
+    for r in lost:
+        assert r.prefetch_bytes == 0 and r.prediction.hidden_us <= 0
+        assert f"{r.prediction.hidden_us:+.2f} µs for the" in r.note
+        assert "force_prefetch emits only what the sizes give" in r.note
+    _, fixed = plan_synth("ascend-a3", ON)
+    qkv = fixed.by_role("attn.qkv")
+    assert len(qkv) == 2 and all(r.prefetched and r.prediction.hidden_us <= 0 for r in qkv)
+    _, plan = plan_synth("h200", auto)  # every MB loses: the note says why force emits none
+    assert plan.prefetched == []
+    assert all(
+        "every MB costs" in r.note and "force_prefetch emits only what the sizes give" in r.note
+        for r in plan
+        if r.role is not None
+    )
+
+
+def test_an_auto_size_below_the_cap_is_not_capped():
+    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_fit import with_cost, with_delta
+
+    paying = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
+    config = WeightPrefetchConfig.from_dict(
+        {
+            "enabled": True,
+            "max_prefetch_bytes": 18 << 20,
+            "prefetch_ratio": {"mlp": {"gate_up": "auto"}},
+            "force_prefetch": True,
+        }
+    )
+    _, plan = plan_synth(paying, config, hidden=512, intermediate=2048)
+    gate_up = plan.by_role("mlp.gate_up")
+    assert len(gate_up) == 2
+    for r in gate_up:
+        assert r.prefetched and 0 < r.prefetch_bytes < r.weight_bytes < 18 << 20
+        assert r.prefetch_bytes == r.prediction.auto_bytes and r.capped is False
 
 
 def test_auto_without_a_device_profile_warns_and_uses_the_cap(caplog):

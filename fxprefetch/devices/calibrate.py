@@ -431,10 +431,18 @@ def _part_lowerings(s: _Session, result: Calibration, where: str) -> None:
             f"{where}"
         )
         result.lowerings[name] = {
-            "fixed_us": Constant(fixed, "fitted", how),
-            "per_mb_us": Constant(per_mb, "fitted", how),
+            "fixed_us": _clamped(fixed, how),
+            "per_mb_us": _clamped(per_mb, how),
         }
         result.cost_points[name] = pts
+
+
+def _clamped(value: float, how: str) -> Constant:
+    """A fitted cost, clamped at 0 where noise made the line's value negative (a profile
+    refuses negative costs), its provenance saying so."""
+    if value >= 0:
+        return Constant(value, "fitted", how)
+    return Constant(0.0, "fitted", f"{how}; clamped at 0 (the fit gave {value:.4g})")
 
 
 def _time_lowerings(

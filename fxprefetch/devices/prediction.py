@@ -173,13 +173,19 @@ def hideable_bytes(
     """The bytes an "auto" prefetch loads: what lands in what is left of the window, in whole
     4 KiB pages; none where that would not save anything (beyond the window a byte only
     costs, so the best size is all that lands, or nothing)."""
-    free_us = window_us(device, traffic) - shared_us
-    if free_us <= 0:
-        return 0
-    size = math.floor(free_us * device.bytes_per_us / AUTO_ALIGN) * AUTO_ALIGN
+    size = landing_bytes(device, traffic, shared_us)
     if size <= 0 or net_us(device, size, size, tokens, useful) <= 0:
         return 0
     return size
+
+
+def landing_bytes(device: DeviceProfile, traffic: WindowTraffic, shared_us: float = 0.0) -> int:
+    """What lands in what is left of the window, in whole 4 KiB pages (0 where nothing is
+    left), whether or not it pays."""
+    free_us = window_us(device, traffic) - shared_us
+    if free_us <= 0:
+        return 0
+    return max(0, math.floor(free_us * device.bytes_per_us / AUTO_ALIGN) * AUTO_ALIGN)
 
 
 @dataclass(frozen=True)
@@ -427,9 +433,17 @@ def render_prediction(
     ]
     if dropped:
         worst = max(r.prediction.hidden_us for r in dropped if r.prediction is not None)
+        sized = sum(1 for r in dropped if r.prefetch_bytes > 0)
+        force = (
+            "force_prefetch emits them"
+            if sized == len(dropped)
+            else '"auto" sized them to nothing: force_prefetch emits none'
+            if sized == 0
+            else f'force_prefetch emits the {sized} sized ("auto" sized the rest to nothing)'
+        )
         lines.append(
             f"  not emitted: {len(dropped)} prefetches predicted not to pay (best "
-            f"{worst:+.2f} µs); force_prefetch emits them"
+            f"{worst:+.2f} µs); {force}"
         )
     summary = predicted_saving(plans)
     if summary is None:

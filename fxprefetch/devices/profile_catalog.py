@@ -127,9 +127,7 @@ def _derived_gpu(
     why = "derived from the H200's (same CUDA graph and stream machinery), until calibrated"
     d1 = delta_1 if delta_1 is not None else KAPPA_1 / (read_value / 1e12)
     d16 = d1 * H200_DELTA_16 / H200_DELTA_1
-    d_src = delta_source or (
-        f"derived: the H200's κ = δ·B_read ({KAPPA_1:.3f}) over this read bandwidth"
-    )
+    d_src = delta_source or (f"the H200's κ = δ·B_read ({KAPPA_1:.3f}) over this read bandwidth")
     return _profile(
         name,
         label,
@@ -163,14 +161,14 @@ def _derived_gpu(
 
 def _ascend(name: str, label: str, spec: str) -> dict[str, Any]:
     fitted = (
-        "fitted: makes the model predict vllm-ascend's published A3 result (Qwen3-235B-A22B, "
+        "makes the model predict vllm-ascend's published A3 result (Qwen3-235B-A22B, "
         "P90 TPOT 112 -> 102 ms, 94 layers) on the qwen3-235b-a22b preset (fit_delta)"
     )
     if name != "ascend-a3":
-        fitted = "derived: the A3 die's fitted δ (same Da Vinci cores and L2), " + fitted
+        fitted = "the A3 die's fitted δ (same Da Vinci cores and L2), which " + fitted
     kind = "fitted" if name == "ascend-a3" else "derived"
-    cmo = "assumed: one Cmo task in a GE graph (not measured here)"
-    side = "assumed: a prefetch on its own stream in aclgraph / npugraph_ex (not measured)"
+    cmo = "one Cmo task in a GE graph (not measured here)"
+    side = "a prefetch on its own stream in aclgraph / npugraph_ex (not measured)"
     return _profile(
         name,
         label,
@@ -222,7 +220,7 @@ def catalogue() -> list[dict[str, Any]]:
                 "the same GH100 and HBM3",
             ),
             delta_source=(
-                "derived (gpu-l2-round2 findings §2): GEMV hot time taken equal to the H200's, "
+                "gpu-l2-round2 findings §2: GEMV hot time taken equal to the H200's, "
                 "cold at 2.98 TB/s (H800 SXM read, chanzhennan/ChipBenchmarker)"
             ),
         ),

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fxprefetch.errors import ProfileError
+from fxprefetch.validation import load_strict_json
 
 SCHEMA = "fxprefetch.device_profile"
 VERSION = 1
@@ -38,18 +39,21 @@ KINDS = ("gpu", "npu")
 PROVENANCE_KINDS = ("spec", "measured", "fitted", "derived", "assumed")
 LOWERINGS = {"gpu": ("side_stream", "compute_stream"), "npu": ("ascend_cmo", "ascend_side_stream")}
 DEVICE_FIELDS = ("name", "driver", "torch", "runtime", "date", "machine")
-#: constant -> (required, must be positive, must be an integer)
-CONSTANTS: dict[str, tuple[bool, bool, bool]] = {
-    "read_bytes_per_s": (True, True, False),
-    "l2_bytes": (True, True, True),
-    "cores": (True, True, True),
-    "kernel_us": (True, False, False),
-    "delta_us_per_mb_1_token": (True, False, False),
-    "delta_us_per_mb_16_tokens": (True, False, False),
-    "margin_us": (True, False, False),
-    "hbm_peak_bytes_per_s": (False, True, False),
+#: constant -> (required, must be positive, must be an integer, plausible upper bound): the
+#: bounds are generous (about 10-100x today's largest device) and only catch a typo or a
+#: broken measurement, not an unusual device
+CONSTANTS: dict[str, tuple[bool, bool, bool, float]] = {
+    "read_bytes_per_s": (True, True, False, 1e14),  # 100 TB/s
+    "l2_bytes": (True, True, True, 2**32),  # 4 GiB
+    "cores": (True, True, True, 100_000),
+    "kernel_us": (True, False, False, 1000.0),
+    "delta_us_per_mb_1_token": (True, False, False, 100.0),
+    "delta_us_per_mb_16_tokens": (True, False, False, 100.0),
+    "margin_us": (True, False, False, 1000.0),
+    "hbm_peak_bytes_per_s": (False, True, False, 1e14),
 }
-LOWERING_FIELDS = ("fixed_us", "per_mb_us")
+#: lowering field -> plausible upper bound (µs, µs per MB)
+LOWERING_FIELDS = {"fixed_us": 1000.0, "per_mb_us": 100.0}
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def _expect_text(value: Any, where: str) -> str:
     return value
 
 
-def _constant(value: Any, where: str, positive: bool, integer: bool) -> Constant:
+def _constant(value: Any, where: str, positive: bool, integer: bool, upper: float) -> Constant:
     obj = _expect_object(value, where, ("value", "provenance"))
     number = obj["value"]
     if isinstance(number, bool) or not isinstance(number, (int, float)):
@@ -180,6 +184,10 @@ def _constant(value: Any, where: str, positive: bool, integer: bool) -> Constant
         raise ProfileError(f"{where}.value", f"expected {expected}, got {number!r}")
     if integer and not float(number).is_integer():
         raise ProfileError(f"{where}.value", f"expected an integer, got {number!r}")
+    if number > upper:
+        raise ProfileError(
+            f"{where}.value", f"implausibly large: {number!r} (expected at most {upper:g})"
+        )
     prov = _expect_object(obj["provenance"], f"{where}.provenance", ("kind", "source"))
     if prov["kind"] not in PROVENANCE_KINDS:
         raise ProfileError(
@@ -214,12 +222,12 @@ def from_dict(data: Any, origin: str = "built-in", where: str = "") -> DevicePro
         if key not in DEVICE_FIELDS:
             raise ProfileError(f"{at}.device.{key}", f"unknown field; expected {DEVICE_FIELDS}")
         _expect_text(value, f"{at}.device.{key}")
-    required = tuple(k for k, (req, _, _) in CONSTANTS.items() if req)
-    optional = tuple(k for k, (req, _, _) in CONSTANTS.items() if not req)
+    required = tuple(k for k, (req, *_) in CONSTANTS.items() if req)
+    optional = tuple(k for k, (req, *_) in CONSTANTS.items() if not req)
     consts = _expect_object(obj["constants"], f"{at}.constants", (*required, "lowerings"), optional)
     values = {
-        key: _constant(consts[key], f"{at}.constants.{key}", positive, integer)
-        for key, (_, positive, integer) in CONSTANTS.items()
+        key: _constant(consts[key], f"{at}.constants.{key}", positive, integer, upper)
+        for key, (_, positive, integer, upper) in CONSTANTS.items()
         if key in consts
     }
     lows = consts["lowerings"]
@@ -233,16 +241,12 @@ def from_dict(data: Any, origin: str = "built-in", where: str = "") -> DevicePro
         here = f"{at}.constants.lowerings.{low}"
         if low not in allowed:
             raise ProfileError(here, f"unknown lowering for a {kind}; expected {list(allowed)}")
-        c = _expect_object(costs, here, LOWERING_FIELDS)
-        lowerings.append(
-            (
-                low,
-                LoweringCost(
-                    _constant(c["fixed_us"], f"{here}.fixed_us", False, False),
-                    _constant(c["per_mb_us"], f"{here}.per_mb_us", False, False),
-                ),
-            )
-        )
+        c = _expect_object(costs, here, tuple(LOWERING_FIELDS))
+        fields = {
+            f: _constant(c[f], f"{here}.{f}", False, False, upper)
+            for f, upper in LOWERING_FIELDS.items()
+        }
+        lowerings.append((low, LoweringCost(fields["fixed_us"], fields["per_mb_us"])))
     names = [n for n, _ in lowerings]
     default = next((n for n in allowed if n in names), names[0])
     return DeviceProfile(
@@ -292,7 +296,7 @@ def read(path: str | Path) -> DeviceProfile:
     except OSError as exc:
         raise ProfileError(str(path), f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = load_strict_json(text)
     except ValueError as exc:
         raise ProfileError(str(path), f"not JSON: {exc}") from None
     return from_dict(data, origin=str(path))

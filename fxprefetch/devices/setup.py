@@ -24,6 +24,7 @@ each prefetch forked onto the prefetch stream, joined before its linear) or ``"i
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,8 @@ from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
 from fxprefetch.validation import expect_choice
+
+log = logging.getLogger(__name__)
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
@@ -124,6 +127,8 @@ def device_setup(
             profiles["npu"] = found
         if ascend_lowering == "side_stream":
             _npu_streams()
+    if device_profile is not None and not profiles:
+        _warn_unused_profile(device_profile, native_l2=native_l2, ascend=ascend)
     native = set(native_prefetch_devices())
     l2 = native_l2_devices() & native if native_l2 else set()
     use = native_prefetch == "always" or (native_prefetch == "auto" and cudagraphs)
@@ -152,6 +157,35 @@ def device_setup(
         ascend_lowering,
         device_profile,
     )
+
+
+def _warn_unused_profile(device: DeviceProfile, *, native_l2: bool, ascend: bool) -> None:
+    """One warning per profile and process: ``device_profile`` only replaces the profile of
+    a GPU or NPU that this compile runs on; it simulates no device."""
+    key = (device.name, device.origin)
+    if key in _WARNED_UNUSED:
+        return
+    _WARNED_UNUSED.add(key)
+    if device.kind == "gpu":
+        why = (
+            "this compile's target has no native L2 prefetch"
+            if not native_l2
+            else "no CUDA GPU with Triton's L2 prefetch (sm_80+) is present"
+        )
+    else:
+        why = "this compile's target does not run on an Ascend NPU"
+    log.warning(
+        "device_profile %r (%s) is unused on this machine: %s. The option replaces the "
+        "profile of the GPU or NPU a compile runs on; to plan as on that device without it, "
+        "use explain(..., device_profile=...) or `fxprefetch plan --device`.",
+        device.name,
+        device.label,
+        why,
+    )
+
+
+#: the profiles already warned about as unused (one warning each per process)
+_WARNED_UNUSED: set[tuple[str, str]] = set()
 
 
 def simulated_setup(

@@ -267,3 +267,23 @@ def test_the_cuda_read_kernel_compiles_for_sm_90_with_wide_cached_loads():
     words, per, programs = read_launch(240 * MiB, 132)
     assert words == 240 * MiB // 4 and per % 4096 == 0 and programs * per >= words
     assert (programs - 1) * per < words <= 4 * 132 * per  # no idle program, 4 per SM at most
+
+
+def test_a_negative_fitted_cost_is_clamped_at_zero_and_says_so():
+    """Noise can tip a near-zero per-MB cost below 0: the file keeps 0 (which the reader
+    accepts), and the provenance says what the fit gave."""
+    from fxprefetch.devices.profile_file import from_dict
+
+    noisy = replace(
+        H200, jitter=0.0, lowerings={"side_stream": (0.5, -0.0003), "compute_stream": (0.2, 0.01)}
+    )
+    result, _, _ = _run(noisy)
+    doc = cal.profile_document(result, "h200-calibrated")
+    per_mb = doc["constants"]["lowerings"]["side_stream"]["per_mb_us"]
+    assert per_mb["value"] == 0
+    assert "clamped at 0 (the fit gave -0.0003)" in per_mb["provenance"]["source"]
+    assert (
+        "clamped"
+        not in doc["constants"]["lowerings"]["side_stream"]["fixed_us"]["provenance"]["source"]
+    )
+    assert from_dict(doc).cost("side_stream").per_mb_us.value == 0

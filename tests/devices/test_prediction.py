@@ -228,3 +228,22 @@ def test_step_shape_reads_a_hugging_face_config():
     assert StepShape.from_config(ds) == StepShape(61, 3, 256, 8)
     llama = SimpleNamespace(num_hidden_layers=32)
     assert StepShape.from_config(llama) == StepShape(32, 32, None, None)
+
+
+def test_the_idle_time_and_the_ceiling_do_not_depend_on_the_sizes():
+    """The windows' idle time and the step's ceiling are the model's and the windows': the
+    same with the default cap and with "auto" sizes (which size nothing on an H200)."""
+    from fxprefetch import WeightPrefetchConfig
+    from fxprefetch.devices.prediction import render_prediction
+
+    from support.planning import plan_synth
+
+    lines = {}
+    for sizes in (18 << 20, "auto"):
+        config = WeightPrefetchConfig(enabled=True, max_prefetch_bytes=sizes)
+        _, plan = plan_synth("h200", config)
+        out = render_prediction([plan], profile("h200")).splitlines()
+        lines[sizes] = [line for line in out if "idle (the windows)" in line]
+        assert any(line.startswith("  not emitted: 8 prefetches") for line in out), sizes
+    assert lines[18 << 20] == lines["auto"] and len(lines["auto"]) == 1
+    assert "idle (the windows): 0.0 µs" not in lines["auto"][0]

@@ -36,6 +36,9 @@ def test_every_constant_says_where_it_came_from(data):
         provenance = constant["provenance"]
         assert provenance["kind"] in profile_file.PROVENANCE_KINDS, name
         assert provenance["source"].strip(), f"{data['name']}.{name}: no source"
+        # shown as "kind: source": a source that starts with a kind would read "fitted: fitted:"
+        first = provenance["source"].split()[0].strip(":(")
+        assert first not in profile_file.PROVENANCE_KINDS, f"{data['name']}.{name}: {first}"
 
 
 def test_only_the_h200_claims_measurements_and_they_name_the_run_that_made_them():

@@ -109,6 +109,25 @@ def _broken(edit) -> dict:
             lambda d: d["device"].update(gpu="H200"),
             r"\.device\.gpu: unknown field",
         ),
+        (
+            lambda d: d["constants"]["l2_bytes"].update(value=1e308),
+            r"\.constants\.l2_bytes\.value: implausibly large: 1e\+308 "
+            r"\(expected at most 4\.29497e\+09\)",
+        ),
+        (
+            lambda d: d["constants"]["cores"].update(value=1e6),
+            r"\.constants\.cores\.value: implausibly large: 1000000\.0 \(expected at most 100000\)",
+        ),
+        (
+            lambda d: d["constants"]["delta_us_per_mb_16_tokens"].update(value=1e300),
+            r"\.constants\.delta_us_per_mb_16_tokens\.value: implausibly large: 1e\+300 "
+            r"\(expected at most 100\)",
+        ),
+        (
+            lambda d: d["constants"]["lowerings"]["side_stream"]["fixed_us"].update(value=5e3),
+            r"\.lowerings\.side_stream\.fixed_us\.value: implausibly large: 5000\.0 "
+            r"\(expected at most 1000\)",
+        ),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_field(edit, where):
@@ -124,6 +143,13 @@ def test_an_unreadable_or_unknown_profile_is_refused(tmp_path):
         read(tmp_path / "bad.json")
     with pytest.raises(ProfileError, match="unknown device profile"):
         resolve_profile("h300")
+
+
+def test_a_duplicate_key_in_a_profile_file_is_refused(tmp_path):
+    text = json.dumps(EXAMPLE).replace('"version": 1', '"version": 1, "version": 1', 1)
+    (tmp_path / "dup.json").write_text(text)
+    with pytest.raises(ProfileError, match="not JSON: duplicate key 'version'"):
+        read(tmp_path / "dup.json")
 
 
 def test_a_profile_file_is_used_by_a_compile(tmp_path, monkeypatch, fresh_dynamo):

@@ -85,3 +85,27 @@ def test_a_simulated_device_has_its_profile_and_default_cap_on_each_device_type(
     assert setup.caps == {"cpu": default_cap(h200), "meta": default_cap(h200)}
     with pytest.raises(ProfileError, match="unknown device profile"):
         simulated_setup("h9000")
+
+
+def test_a_device_profile_for_a_device_not_present_warns_once_that_it_is_unused(
+    monkeypatch, caplog
+):
+    """On the CPU, ``device_profile="h200"`` replaces no GPU's profile: the compile plans as
+    without it, and one warning (per profile, per process) says so and why."""
+    from fxprefetch.devices import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "_WARNED_UNUSED", set())
+    monkeypatch.setattr(setup_module.torch.cuda, "is_available", lambda: False)
+    h200 = profile("h200")
+    with caplog.at_level("WARNING", logger="fxprefetch.devices.setup"):
+        first = device_setup(native_l2=True, device_profile=h200)
+        device_setup(native_l2=True, device_profile=h200)
+        device_setup(native_l2=True, ascend=False, device_profile=profile("ascend-a3"))
+    assert first.profiles == {} and first.requested_profile == h200
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(
+        "device_profile 'h200' (NVIDIA H200 SXM 141GB) is unused on this machine: no CUDA GPU"
+    )
+    assert "explain(..., device_profile=...)" in messages[0]
+    assert "this compile's target does not run on an Ascend NPU" in messages[1]
