@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,52 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
-class CudaDevice:
+class _GraphedDevice:
+    """What the CUDA and NPU devices share: bf16 tensors on ``self.device``, captured graphs
+    of ``self.runtime`` (``torch.cuda`` or ``torch.npu``), timed by its events."""
+
+    device: torch.device
+    runtime: Any  # torch.cuda or torch.npu
+    graph_type: str  # the runtime's graph class: "CUDAGraph" or "NPUGraph"
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def weight(self, nbytes: int, k: int) -> torch.Tensor:
+        return torch.randn(nbytes // (2 * k), k, device=self.device, dtype=torch.bfloat16)
+
+    def inputs(self, tokens: int, k: int) -> torch.Tensor:
+        return torch.randn(tokens, k, device=self.device, dtype=torch.bfloat16)
+
+    def capture(self, body: Callable[[], None]) -> Any:
+        body()  # warm-up outside the capture: Triton compiles, library handles
+        self.runtime.synchronize(self.device)
+        graph = getattr(self.runtime, self.graph_type)()
+        with self.runtime.graph(graph):
+            body()
+        return graph
+
+    def replay_us(self, graph: Any, prime: Any = None) -> float:
+        start, end = (self.runtime.Event(enable_timing=True) for _ in range(2))
+        if prime is not None:
+            prime.replay()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+
+    def release(self) -> None:
+        self.runtime.synchronize(self.device)
+        self.runtime.empty_cache()
+
+
+class CudaDevice(_GraphedDevice):
     """:class:`fxprefetch.calibrate.Device` on CUDA device ``index``."""
 
     lowerings = ("side_stream", "compute_stream")
+    runtime = torch.cuda
+    graph_type = "CUDAGraph"
 
     def __init__(self, index: int = 0) -> None:
         from fxprefetch.devices import cuda_prefetch
@@ -123,17 +166,6 @@ class CudaDevice:
             self.lowerings,
         )  # fmt: skip
 
-    def clock(self) -> float:
-        import time
-
-        return time.monotonic()
-
-    def weight(self, nbytes: int, k: int) -> torch.Tensor:
-        return torch.randn(nbytes // (2 * k), k, device=self.device, dtype=torch.bfloat16)
-
-    def inputs(self, tokens: int, k: int) -> torch.Tensor:
-        return torch.randn(tokens, k, device=self.device, dtype=torch.bfloat16)
-
     def read(self, buffer: torch.Tensor) -> None:
         words, per, programs = read_launch(buffer.nbytes, self.props.multi_processor_count)
         if programs > self.sink.numel():
@@ -159,30 +191,8 @@ class CudaDevice:
             return lambda: None
         raise ValueError(f"unknown CUDA lowering {lowering!r}; expected one of {self.lowerings}")
 
-    def capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        body()  # warm-up outside the capture: Triton compiles, cuBLAS handles
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        return graph
 
-    def replay_us(self, graph: Any, prime: Any = None) -> float:
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        if prime is not None:
-            prime.replay()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3
-
-    def release(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-
-
-class NpuDevice:
+class NpuDevice(_GraphedDevice):
     """:class:`fxprefetch.calibrate.Device` on an Ascend NPU through torch_npu: NPU graphs,
     events and streams; ``ascend_cmo`` is ``npu_prefetch`` on the compute stream (a Cmo
     task), ``ascend_side_stream`` the same on a side stream joined before the linear. The
@@ -190,11 +200,12 @@ class NpuDevice:
     Written against torch_npu's API; not yet run on an NPU."""
 
     lowerings = ("ascend_cmo", "ascend_side_stream")
+    graph_type = "NPUGraph"
 
     def __init__(self, index: int = 0) -> None:
         import torch_npu  # noqa: F401  (registers torch.npu)
 
-        self.npu = torch.npu  # type: ignore[attr-defined]
+        self.npu = self.runtime = torch.npu  # type: ignore[attr-defined]
         self.device = torch.device("npu", index)
         self.npu.set_device(self.device)
         self.prefetch_op = torch.ops.npu.npu_prefetch.default
@@ -216,17 +227,6 @@ class NpuDevice:
             f"{torch.__version__} (torch_npu {version})", "CANN (version not reported)",
             platform.node() or "unknown", l2 or 192 * 10**6, cores, self.lowerings,
         )  # fmt: skip
-
-    def clock(self) -> float:
-        import time
-
-        return time.monotonic()
-
-    def weight(self, nbytes: int, k: int) -> torch.Tensor:
-        return torch.randn(nbytes // (2 * k), k, device=self.device, dtype=torch.bfloat16)
-
-    def inputs(self, tokens: int, k: int) -> torch.Tensor:
-        return torch.randn(tokens, k, device=self.device, dtype=torch.bfloat16)
 
     def read(self, buffer: torch.Tensor) -> None:
         total = buffer.view(-1).view(torch.float16).sum(dtype=torch.float32)
@@ -253,28 +253,6 @@ class NpuDevice:
                 self.prefetch_op(weight, None, nbytes, 0)
             return lambda: current.wait_stream(self.side)
         raise ValueError(f"unknown NPU lowering {lowering!r}; expected one of {self.lowerings}")
-
-    def capture(self, body: Callable[[], None]) -> Any:
-        body()
-        self.npu.synchronize(self.device)
-        graph = self.npu.NPUGraph()
-        with self.npu.graph(graph):
-            body()
-        return graph
-
-    def replay_us(self, graph: Any, prime: Any = None) -> float:
-        start, end = (self.npu.Event(enable_timing=True) for _ in range(2))
-        if prime is not None:
-            prime.replay()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3
-
-    def release(self) -> None:
-        self.npu.synchronize(self.device)
-        self.npu.empty_cache()
 
 
 def torch_npu_present() -> bool:
