@@ -32,7 +32,28 @@ from fxprefetch.plan import PrefetchPlan
 
 logger = logging.getLogger(__name__)
 
-_SELF = "L['self']"
+_SELF = "self"  # the receiver's name where the frame's code is not found
+
+
+def _receiver_root() -> str:
+    """The dynamo source root of the compiled frame's receiver (``L['self']``): the first
+    argument of the frame's code object (of the function a graph break resumes), whatever
+    ``forward`` names it (``def forward(s, x)``)."""
+    name = _SELF
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = getattr(InstructionTranslator.current_tx(), "output", None)
+        code = getattr(getattr(tx, "root_tx", None), "f_code", None)
+        resumed = ContinueExecutionCache.generated_code_metadata
+        while code is not None and code in resumed:  # a resume function: its original's
+            code = resumed[code].code
+    except (ImportError, AttributeError):  # another torch: assume ``self``
+        code = None
+    if code is not None and code.co_argcount > 0:
+        name = code.co_varnames[0]
+    return f"L[{name!r}]"
 
 
 def _compiled_model() -> torch.nn.Module | None:
@@ -129,18 +150,24 @@ class CallSites:
                 plan.records[i] = dataclasses.replace(record, note=note)
 
 
+def _under(name: str, root: str) -> bool:
+    """Whether the source ``name`` is ``root`` or reached from it (not ``L['s2']``)."""
+    return name.startswith(root) and name[len(root) : len(root) + 1] in ("", ".", "[")
+
+
 def frame_call_sites(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], relative: Sequence[str | None]
 ) -> CallSites | None:
     """The call sites of ``gm`` where dynamo compiled it for a module's frame that is not the
     compiled model itself (``relative``: each input's parameter path below the frame's
     module, from its dynamo source); None otherwise, or where the model is not found."""
+    root = _receiver_root()
     rooted = []
     for node, rel in zip(gm.graph.find_nodes(op="placeholder"), relative, strict=False):
         source = getattr(node.meta.get("grapharg"), "source", None)
         name = getattr(source, "name", None)
         name = name() if callable(name) else name
-        rooted.append(rel if rel and isinstance(name, str) and name.startswith(_SELF) else None)
+        rooted.append(rel if rel and isinstance(name, str) and _under(name, root) else None)
     if not any(rooted):
         return None
     model = _compiled_model()

@@ -385,8 +385,13 @@ for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
 # A graph call counts the hints its compiled code left out, which is exact for code that runs
 # once per call. A ``torch.cond`` branch or a loop body runs a number of times known only at
 # run time: there the prefetch becomes this op, whose kernel counts one planned hint each
-# time it runs (``hints``, never ``calls``: no prefetch kernel ran).
-HINT_SCHEMA = "prefetch_hint(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
+# time it runs (``hints``, never ``calls``: no prefetch kernel ran). A hint whose token count
+# is checked at run time (a ``prefetch_in_range`` on a device without a prefetch) passes
+# ``tokens`` and its bounds, as ``prefetch_in_range`` does: it counts only when in range.
+HINT_SCHEMA = (
+    "prefetch_hint(Tensor weight, Tensor? dependency, int max_size, int offset=0, "
+    "SymInt tokens=0, int min_tokens=0, int max_tokens=-1) -> ()"
+)
 _lib.define(HINT_SCHEMA, tags=())
 HINT_OP = torch.ops.fxprefetch.prefetch_hint.default
 has_side_effect(HINT_OP)
@@ -395,15 +400,28 @@ has_side_effect(torch.ops.fxprefetch.prefetch_hint)
 
 @torch.library.register_fake("fxprefetch::prefetch_hint", lib=_lib)
 def _hint_fake(
-    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int = 0,
+    tokens: int = 0,
+    min_tokens: int = 0,
+    max_tokens: int = -1,
 ) -> None:
-    check_prefetch_args(weight, max_size, offset)
+    check_prefetch_args(weight, max_size, offset)  # never reads ``tokens``: no guard
 
 
 def _hint_kernel(
-    weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int = 0,
+    tokens: int = 0,
+    min_tokens: int = 0,
+    max_tokens: int = -1,
 ) -> None:
-    runtime_stats.record_hint(weight, _checked_size(weight, max_size, offset))
+    if tokens_in_range(tokens, min_tokens, max_tokens):
+        runtime_stats.record_hint(weight, _checked_size(weight, max_size, offset))
 
 
 for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):

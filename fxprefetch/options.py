@@ -113,11 +113,16 @@ def parse_options(options: Any) -> BackendOptions:
     if not isinstance(strict, bool):
         raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
     torchair_config = options.get("torchair_config")
+    ascend_lowering = _choice(options, "ascend_lowering", ASCEND_LOWERINGS)
     resolved = resolve_target(target)
-    if torchair_config is not None and resolved != "npu":
+    npu_only = {  # the npu target's options, given where another target would drop them
+        "torchair_config": torchair_config is not None,
+        "ascend_lowering": ascend_lowering != ASCEND_LOWERINGS[0],
+    }
+    for key in (k for k, given in npu_only.items() if given and resolved != "npu"):
         here = f" ({resolved!r} here: torch_npu sees no Ascend device)" if target == AUTO else ""
         raise ConfigError(
-            "options.torchair_config",
+            f"options.{key}",
             f"only used with target 'npu', but target is {target!r}{here}",
         )
     rules = options.get("rules")
@@ -140,7 +145,7 @@ def parse_options(options: Any) -> BackendOptions:
         _choice(options, "native_prefetch", NATIVE_POLICIES),
         _choice(options, "cuda_lowering", CUDA_LOWERINGS),
         _choice(options, "cache_hint", CACHE_HINTS),
-        _choice(options, "ascend_lowering", ASCEND_LOWERINGS),
+        ascend_lowering,
         device_profile_option(options["device_profile"])
         if options.get("device_profile") is not None
         else None,

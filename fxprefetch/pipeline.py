@@ -166,6 +166,10 @@ def run_passes(
     return tuple(results)
 
 
+#: the lowering of a plan that prefetches nothing (no weight planned, or all out of range)
+NOTHING_LOWERED = "none: the plan prefetches no weight in this graph"
+
+
 def run_pipeline(gm: GraphModule, pipeline: Pipeline, ctx: PassContext) -> CompileReport:
     """Run the pipeline's passes in order on ``gm`` (in place), then the clean-up."""
     results = run_passes(gm, pipeline.passes, ctx)
@@ -175,6 +179,8 @@ def run_pipeline(gm: GraphModule, pipeline: Pipeline, ctx: PassContext) -> Compi
     if report.plan.prefetched:
         report.plan.lowering = pipeline.lowering_note(report, ctx)
         _record_lowerings(gm, report.plan)
+    else:  # said, never left unset
+        report.plan.lowering = NOTHING_LOWERED
     return report
 
 

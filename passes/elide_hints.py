@@ -12,10 +12,13 @@ body) cannot be counted at the graph call: there each hint-only prefetch becomes
 ``fxprefetch.prefetch_hint`` instead, whose kernel counts one
 planned hint each time it runs.
 
-A graph with a prefetch whose run is decided at run time (token bounds on a symbolic token
-count), whose weight is found at run time (by layer name), or one lowered to a native
-prefetch already, keeps its prefetches as they are: their kernels count what really runs,
-so the counts stay exact.
+A graph with a prefetch whose run is decided at run time (``prefetch_in_range``: token
+bounds on a symbolic token count) keeps its prefetches in the code; where every one of them
+is only a hint, each becomes ``fxprefetch.prefetch_hint`` (the range checks keeping their
+token bounds), which counts a planned hint when it runs (in range), as elided hints count.
+A graph whose weight is found at run time (by layer name), or lowered to a native prefetch
+already, keeps its prefetches as they are: their kernels count what really runs, so the
+counts stay exact.
 """
 
 from __future__ import annotations
@@ -24,19 +27,21 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule
 
-from fxprefetch.ops import HINT_OP, PREFETCH_OP
+from fxprefetch.ops import HINT_OP, PREFETCH_OP, RANGE_OP
 from fxprefetch.passes.analysis.graph_utils import prefetch_nodes
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.strip_prefetch import remove_prefetches
 
 
-def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
-    """True when every prefetch of ``gm`` is a plain ``prefetch`` of a tensor on a device not
-    in ``native_devices`` (none lowered to a native prefetch, checked at run time, found by
-    name, or kept as a hint already)."""
+def hint_only(
+    gm: GraphModule, native_devices: Collection[str], targets: Collection[object] = (PREFETCH_OP,)
+) -> bool:
+    """True when every prefetch of ``gm`` is a plain ``prefetch`` (or one of ``targets``) of a
+    tensor on a device not in ``native_devices`` (none lowered to a native prefetch, checked
+    at run time, found by name, or kept as a hint already)."""
     devices = set()
     for node in prefetch_nodes(gm.graph):
-        if node.target is not PREFETCH_OP:
+        if node.target not in targets:
             return False
         val = node.args[0].meta.get("val")
         devices.add(val.device.type if val is not None else "unknown")
@@ -46,15 +51,17 @@ def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
 @graph_pass(requires=("plan_prefetches",))
 def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.native_devices``):
-    remove them all, or where the graph runs a varying number of times (``ctx.runs`` None)
-    turn them into ``fxprefetch.prefetch_hint`` calls that count themselves when they run."""
+    remove them all, or where the graph runs a varying number of times (``ctx.runs`` None) or
+    some are checked at run time (``prefetch_in_range``) turn them into
+    ``fxprefetch.prefetch_hint`` calls that count themselves when they run (in range)."""
     counted_per_call = ctx.runs is not None  # else its hints count themselves when they run
-    name = "elide_hint_prefetches" if counted_per_call else "keep_hints_in_code"
-    if not hint_only(gm, ctx.native_devices):
-        return PassResult(name, 0)
-    if counted_per_call:
-        return PassResult(name, remove_prefetches(gm))
-    nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
-    for node in nodes:
+    if counted_per_call and hint_only(gm, ctx.native_devices):
+        return PassResult("elide_hint_prefetches", remove_prefetches(gm))
+    # hints that run on some calls only (a body run a varying number of times, or token
+    # bounds checked at run time): kept in the code, counting themselves when they run
+    if not hint_only(gm, ctx.native_devices, (PREFETCH_OP, RANGE_OP)):
+        return PassResult("elide_hint_prefetches" if counted_per_call else "keep_hints_in_code", 0)
+    nodes = [n for n in prefetch_nodes(gm.graph) if n.target in (PREFETCH_OP, RANGE_OP)]
+    for node in nodes:  # the range op's arguments are the hint's (token bounds last)
         node.target = HINT_OP
-    return PassResult(name, len(nodes))
+    return PassResult("keep_hints_in_code", len(nodes))

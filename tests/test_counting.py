@@ -212,27 +212,53 @@ def test_per_weight_counts_keep_each_field_apart():
     )
 
 
+def _range_run(options, token_counts, dynamic=True):
+    """Compile a 1-layer model on inductor with ``max_tokens`` 16, run it on each token
+    count: per run, (calls, bytes_prefetched, hints, hint_bytes), and the plans."""
+    model = SynthModel(SynthSpec(layers=1)).eval()
+    options = {
+        "target": "inductor",
+        "weight_prefetch_config": {"token_range": {"max_tokens": 16}},
+        **options,
+    }
+    compiled = torch.compile(model, backend="npu_prefetch", options=options, dynamic=dynamic)
+    counts = []
+    with torch.no_grad():
+        for tokens in token_counts:
+            ids = torch.randint(0, 64, (1, tokens))
+            with fxprefetch.collect_stats() as s:
+                torch.testing.assert_close(compiled(ids), model(ids))
+            counts.append((s.calls, s.bytes_prefetched, s.hints, s.hint_bytes))
+    return counts, fxprefetch.last_plans()
+
+
 @pytest.mark.compile
 def test_range_checked_prefetches_count_what_ran(fresh_dynamo):
     """One dynamic graph checks the token count at run time (``max_tokens`` 16): 32 tokens
     run no prefetch and count none, 8 tokens run both, under reduce-overhead too (on the CPU
-    inductor never replays a CUDA graph); the plan says what the prefetches became."""
-    model = SynthModel(SynthSpec(layers=1)).eval()
-    options = {
-        "target": "inductor",
-        "mode": "reduce-overhead",
-        "weight_prefetch_config": {"token_range": {"max_tokens": 16}},
-    }
-    compiled = torch.compile(model, backend="npu_prefetch", options=options, dynamic=True)
-    counts = []
-    with torch.no_grad():
-        for tokens in (32, 8, 32):
-            ids = torch.randint(0, 64, (1, tokens))
-            with fxprefetch.collect_stats() as s:
-                torch.testing.assert_close(compiled(ids), model(ids))
-            counts.append((s.calls, s.bytes_prefetched))
-    (plan,) = fxprefetch.last_plans()
+    inductor never replays a CUDA graph). The CPU has no prefetch: they are hints, as the
+    eager target's calls and a static graph's hints; the plan says what they became."""
+    counts, (plan,) = _range_run({"mode": "reduce-overhead"}, (32, 8, 32))
     size = sum(r.prefetch_bytes for r in plan.prefetched)
     assert [r.token_check for r in plan.prefetched] == ["run time"] * 2
-    assert counts == [(0, 0), (2, size), (0, 0)]
-    assert plan.lowering is not None and "2 of 2 as fxprefetch.prefetch_in_range" in plan.lowering
+    assert counts == [(0, 0, 0, 0), (0, 0, 2, size), (0, 0, 0, 0)]
+    assert "fxprefetch.prefetch_hint" in plan.lowering
+
+
+@pytest.mark.compile
+def test_range_checked_prefetches_on_a_native_prefetch_count_calls(fresh_dynamo, monkeypatch):
+    """Where the device has a prefetch, the range check calls it: counted as calls."""
+    ran: list[int] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda w, *_: ran.append(w.data_ptr()))
+    counts, (plan,) = _range_run({}, (32, 8))
+    size = sum(r.prefetch_bytes for r in plan.prefetched)
+    assert counts == [(0, 0, 0, 0), (2, size, 0, 0)] and len(ran) == 2
+    assert "2 of 2 as fxprefetch.prefetch_in_range" in plan.lowering
+
+
+@pytest.mark.compile
+def test_a_plan_that_prefetches_nothing_says_so(fresh_dynamo):
+    """A static graph above ``max_tokens`` plans no prefetch: its lowering says so."""
+    counts, (plan,) = _range_run({}, (32,), dynamic=False)
+    assert counts == [(0, 0, 0, 0)] and not plan.prefetched
+    assert plan.lowering == "none: the plan prefetches no weight in this graph"

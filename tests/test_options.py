@@ -66,6 +66,9 @@ def test_explicit_disable_is_respected():
         ({"target": "eager", "torchair_config": object()}, "options.torchair_config", "npu"),
         # auto is inductor without an Ascend device: torchair_config would be dropped
         ({"torchair_config": object()}, "options.torchair_config", "'inductor' here"),
+        # as is a non-default ascend_lowering (the npu target's alone)
+        ({"target": "eager", "ascend_lowering": "in_stream"}, "options.ascend_lowering", "'eager'"),
+        ({"ascend_lowering": "in_stream"}, "options.ascend_lowering", "'inductor' here"),
         (42, "options", "expected a dict"),
     ],
 )
@@ -79,7 +82,10 @@ def test_bad_options_name_what_is_wrong(options, path, text):
 def test_the_ascend_lowering_option():
     """Ascend's captured graphs: the prefetch stream by default, in-stream on request."""
     assert parse_options(None).ascend_lowering == "side_stream"
-    assert parse_options({"ascend_lowering": "in_stream"}).ascend_lowering == "in_stream"
+    opts = parse_options({"target": "npu", "ascend_lowering": "in_stream"})
+    assert opts.ascend_lowering == "in_stream"
+    # the default may be written on any target
+    assert parse_options({"target": "eager", "ascend_lowering": "side_stream"}).target == "eager"
 
 
 def test_native_prefetch_lowering_and_cache_hint_options():

@@ -192,3 +192,48 @@ def test_one_graph_for_every_layer_names_each_layers_weights(fresh_dynamo):
     (router,) = [p for p in plans if any(r.weight.endswith("mlp.gate.weight") for r in p.records)]
     assert router.records[0].weight == "model.layers.0.mlp.gate.weight"
     _assert_planned_ran(model, plans, stats)
+
+
+class _Layer(torch.nn.Module):
+    """A decoder layer whose ``forward`` names its receiver ``s``, with a graph break."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.input_layernorm = torch.nn.RMSNorm(hidden)
+        self.self_attn = torch.nn.Module()
+        self.self_attn.q_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        self.post_attention_layernorm = torch.nn.RMSNorm(hidden)
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_proj = torch.nn.Linear(hidden, hidden, bias=False)
+
+    def forward(s, x):  # noqa: N805 (the receiver's name is what is tested)
+        x = x + s.self_attn.q_proj(s.input_layernorm(x))
+        torch._dynamo.graph_break()
+        return x + s.mlp.gate_proj(s.post_attention_layernorm(x))
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = layer(x)
+        return (x,)
+
+
+@pytest.mark.compile
+def test_one_graph_for_every_layer_whatever_its_receiver_is_named(fresh_dynamo):
+    """A layer's ``forward(s, x)``: its frame's graphs (before and after the graph break)
+    still list every layer as a call site and name the weights by parameter path."""
+    model = _Decoder()
+    plans, stats = _compile_and_run(model, "eager", (torch.randn(4, 16),), {})
+    assert len(plans) == 2
+    assert all(p.call_sites == ["model.layers.0", "model.layers.1"] for p in plans)
+    assert {r.weight for p in plans for r in p.prefetched} == {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+    }
+    _assert_planned_ran(model, plans, stats)
