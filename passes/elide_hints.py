@@ -48,13 +48,11 @@ def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.native_devices``):
     remove them all, or where the graph runs a varying number of times (``ctx.runs`` None)
     turn them into ``fxprefetch.prefetch_hint`` calls that count themselves when they run."""
-    counted_per_call = ctx.runs is not None  # else its hints count themselves when they run
-    name = "elide_hint_prefetches" if counted_per_call else "keep_hints_in_code"
     if not hint_only(gm, ctx.native_devices):
-        return PassResult(name, 0)
-    if counted_per_call:
-        return PassResult(name, remove_prefetches(gm))
+        return PassResult(0)
+    if ctx.runs is not None:  # counted per call; else its hints count themselves when they run
+        return PassResult(remove_prefetches(gm))
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     for node in nodes:
         node.target = HINT_OP
-    return PassResult(name, len(nodes))
+    return PassResult(len(nodes))

@@ -23,6 +23,7 @@ from fxprefetch.ops import JOIN_OP, NATIVE_OP
 from fxprefetch.passes.analysis.graph_utils import tensor_value
 from fxprefetch.passes.analysis.prefetch_meta import JoinMeta, join_meta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
+from fxprefetch.passes.invariants import FORKS_JOINED
 from fxprefetch.passes.lower_native import graph_owned
 
 
@@ -45,7 +46,7 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
     ]
 
 
-@graph_pass(requires_any=("lower_native", "lower_npu"))
+@graph_pass(requires_any=("lower_native", "lower_npu"), ensures=(FORKS_JOINED,))
 def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Insert a join before the linear of every side-stream ``prefetch_native`` node."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -70,4 +71,4 @@ def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
         join.meta["val"] = None
         set_meta(join, JoinMeta(joins=node.name, linear=linear.name))
         count += 1
-    return PassResult("insert_prefetch_joins", count)
+    return PassResult(count)

@@ -134,7 +134,7 @@ def lower_native(gm: GraphModule, ctx: PassContext) -> PassResult:
     used |= _compute_stream_devices(gm, devices)
     for device in sorted(used, key=str):
         prepare_native(device)
-    return PassResult("lower_native_prefetches", lowered)
+    return PassResult(lowered)
 
 
 def lower_to_native(

@@ -72,10 +72,8 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     if lowering == ASCEND_SIDE_STREAM:
         count = lower_prefetch_to_stream(gm, ctx.cache_hint)
-        name = "lower_to_prefetch_stream"
     else:
         count = lower_prefetch_to_npu(gm, graph_engine=ctx.npu_graph_engine)
-        name = "lower_to_npu_prefetch"
     for node in nodes:  # all or nothing: every one was lowered
         meta = prefetch_meta(node)
         if meta is not None:
@@ -86,7 +84,7 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
         meta = prefetch_meta(node) if node.op == "call_function" else None
         if meta is not None and meta.lowering is None and node.target in PREFETCH_OPS:
             set_meta(node, replace(meta, lowering=ASCEND_IN_STREAM))
-    return PassResult(name, count)
+    return PassResult(count)
 
 
 def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:

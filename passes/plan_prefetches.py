@@ -41,6 +41,7 @@ from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.window_cost import window_traffic
 from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
+from fxprefetch.passes.invariants import DEPENDENCIES_KEPT
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 
@@ -56,7 +57,7 @@ def _existing_prefetches(graph: Graph) -> set[str]:
     return done
 
 
-@graph_pass()
+@graph_pass(ensures=(DEPENDENCIES_KEPT,))
 def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
     """The planning pass: insert prefetches into ``gm`` in place; the result holds the plan.
 
@@ -221,7 +222,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             ", ".join(linears),
         )
     logger.info("%s", plan.summary_line())
-    return PassResult("plan_prefetches", len(plan.prefetched), plan)
+    return PassResult(len(plan.prefetched), plan)
 
 
 def run_weight_prefetch(

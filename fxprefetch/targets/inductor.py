@@ -34,9 +34,9 @@ def _lowering_note(report: CompileReport, ctx: PassContext) -> str | None:
     the compute stream where CUDA-graph partitions could split a fork from its join), hints
     left out of the code, or ``fxprefetch.prefetch`` kernels."""
     notes = dict(ctx.lowering or {})
-    if report.changed("lower_native_prefetches"):
+    if report.changed(lower_native):
         devices = sorted(ctx.native_l2 & ctx.native_devices)
-        if report.changed("insert_prefetch_joins") == 0 and ctx.join_devices & set(devices):
+        if report.changed(insert_joins) == 0 and ctx.join_devices & set(devices):
             notes = {
                 d: f"{notes.get(d, '')}; on the compute stream instead: inductor partitions "
                 "this graph for CUDA graphs at nodes between which a fork and its join could "
