@@ -29,19 +29,26 @@ __all__ = ["setup_from_options", "torchair_backend"]  # and npu_prefetch, see th
 
 
 def setup_from_options(
-    opts: BackendOptions, target: str | None = None, mode: str | None = None
+    opts: BackendOptions,
+    target: str | None = None,
+    mode: str | None = None,
+    cudagraphs: bool | None = None,
 ) -> CompileSetup:
-    """The compile setup ``opts`` ask for (``target``: another target than theirs)."""
+    """The compile setup ``opts`` ask for (``target``: another target than theirs;
+    ``cudagraphs``: whether the graph may be replayed as a CUDA graph, None: as ``mode``
+    says)."""
     return make_compile_setup(
         opts.config,
         target=target or opts.target,
         rules=opts.rules,
         strict=opts.strict,
         mode=mode,
+        cudagraphs=cudagraphs,
         native_prefetch=opts.native_prefetch,
         cuda_lowering=opts.cuda_lowering,
         cache_hint=opts.cache_hint,
         ascend_lowering=opts.ascend_lowering,
+        device_profile=opts.device_profile,
     )
 
 
@@ -73,8 +80,21 @@ def _compile(
     )
     if sites is not None:
         sites.attach(planner.plans)
+    if setup.cudagraphs:  # the mode asked for CUDA graphs: say what happened
+        replay = "replayed as a CUDA graph" if planner.replayed else "not a CUDA graph"
+        for plan in planner.plans:
+            if plan.lowering:
+                plan.lowering = f"{plan.lowering}; {replay}"
     # a CUDA-graph replay runs no op body: such graphs count their prefetches per call
-    return with_counting(compiled, planner, replayed=setup.cudagraphs, call_sites=sites)
+    return with_counting(compiled, planner, replayed=planner.replayed, call_sites=sites)
+
+
+def _may_replay(opts: BackendOptions, mode: str | None, example_inputs: Sequence[Any]) -> bool:
+    """Whether the target may replay this graph as a CUDA graph: its mode says so and the
+    graph has CUDA inputs (inductor never cudagraphifies a CPU graph). Whether it really
+    does is known only once compiled (``GraphPlanner.replayed``)."""
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    return on_cuda and target_spec(opts.target).replays_cudagraphs(mode)
 
 
 def npu_prefetch(
@@ -86,7 +106,7 @@ def npu_prefetch(
     """``torch.compile`` backend: plan weight prefetches and lower to NPU, inductor or eager."""
     opts = parse_options(options)
     mode = mode or opts.mode  # torch.compile refuses mode= beside options=
-    setup = setup_from_options(opts, mode=mode)
+    setup = setup_from_options(opts, mode=mode, cudagraphs=_may_replay(opts, mode, example_inputs))
     return _compile(gm, example_inputs, setup, mode, opts.torchair_config)
 
 

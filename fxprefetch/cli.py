@@ -129,6 +129,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device_profile(text: str):
+    """A built-in device profile's name or a profile file's path, validated."""
+    from fxprefetch.devices.prediction import ProfileError, resolve_profile
+
+    try:
+        return resolve_profile(text)
+    except ProfileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fxprefetch.devices.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
     from fxprefetch.devices.calibrate_sim import SIMULATED
@@ -144,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile a tiny model with backend='npu_prefetch', "
         "show its plan, run it and compare with eager",
     )
-    demo.add_argument("--model", default="llama-tiny", choices=preset_names(tiny=True))
-    demo.add_argument("--target", default=AUTO, choices=TARGET_NAMES)
+    # choices are case-insensitive: every name is lower case (--device H200 is h200)
+    demo.add_argument(
+        "--model", default="llama-tiny", type=str.lower, choices=preset_names(tiny=True)
+    )
+    demo.add_argument("--target", default=AUTO, type=str.lower, choices=TARGET_NAMES)
     demo.add_argument("--config", help="weight_prefetch_config JSON (or a file holding it)")
 
     plan = sub.add_parser(
@@ -178,11 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--device",
-        choices=list(PROFILES_BY_NAME),
-        help='plan as a compile on this device would (its cap, windows and "auto" sizes) '
-        "and print the predicted saving per layer and per step (a model, not a measurement)",
+        type=_device_profile,
+        metavar="{" + ",".join(PROFILES_BY_NAME) + "} or FILE.json",
+        help='plan as a compile on this device would (its cap, windows, "auto" sizes and '
+        "which prefetches pay) and print the predicted saving per layer and per step with "
+        "every constant's provenance (a model, not a measurement); a built-in profile's name "
+        "or a device profile file (fxprefetch calibrate writes one)",
     )
-    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument("--format", type=str.lower, choices=["table", "json"], default="table")
     plan.add_argument("--output", help="write the table or JSON to this file")
     plan.add_argument(
         "--no-fold", action="store_true", help="one row per linear even for identical layers"
@@ -354,9 +370,16 @@ def run_plan(args: argparse.Namespace) -> int:
         for path, option, suffix in ((args.svg, "--svg", ".svg"), (args.png, "--png", ".png"))
         if path
     ]
+    if args.model.lower() in PRESETS and not Path(args.model).exists():
+        args.model = args.model.lower()  # preset names are case-insensitive
     preset = PRESETS.get(args.model)
     layers = args.layers
     total_layers = load_config(args.model).num_hidden_layers
+    if layers is not None and layers > total_layers:
+        raise CliError(
+            f"--layers: {args.model} has {total_layers} decoder layers, got {layers} "
+            f"(expected 1 to {total_layers})"
+        )
     if layers is None and not (preset and preset.tiny):
         layers = min(4, total_layers)
     progress = Progress(3 + bool(args.svg) + bool(args.png), enabled=not args.quiet)
@@ -387,15 +410,18 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.devices.prediction import profile, render_prediction
+                from fxprefetch.devices.prediction import StepShape, render_prediction
 
-                text += "\n\n" + render_prediction(plans, profile(args.device), total_layers)
+                shape = StepShape.from_config(load_config(args.model))
+                text += "\n\n" + render_prediction(plans, args.device, total_layers, shape)
     for text_path, path in pictures:
         from fxprefetch.plan.timeline import draw_timeline
 
         with progress.stage(f"drawing {text_path}"):
             try:
-                draw_timeline(plans, path, title=f"{args.model}: weight prefetch overlap")
+                draw_timeline(
+                    plans, path, title=f"{args.model}: weight prefetch overlap", device=args.device
+                )
             except OSError as exc:
                 raise CliError(f"cannot write {text_path}: {exc}") from None
     _emit(text, args.output)

@@ -12,8 +12,9 @@ own, 18 MiB on Ascend as the guide says; ``"auto"``: what each prefetch's window
 the device, see ``fxprefetch.devices.prediction``), ``sequence_parallel``, ``windows`` (left
 unwritten, the device's own) and ``token_range`` (the token counts for which prefetch runs,
 overall and per role). A role's ratio may also be ``"auto"``: up to the whole weight, as much
-as its window can hide. Every rule rejects bad input with a :class:`ConfigError` that names
-the JSON path; nothing is dropped silently.
+as its window can hide. ``force_prefetch: true`` emits every planned prefetch, also those the
+device profile predicts to lose (on a GPU the default drops them). Every rule rejects bad
+input with a :class:`ConfigError` that names the JSON path; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -79,8 +80,17 @@ def _expect_cap(value: Any, path: str) -> int | str:
     return expect_positive_int_or_auto(value, path, "number of bytes")
 
 
+MAX_TOKEN_COUNT = 2**63 - 1  # a signed 64-bit count: what the run-time check op takes
+
+
 def _expect_token_count(value: Any, path: str) -> int:
-    return expect_non_negative_int(value, path, "token count")
+    count = expect_non_negative_int(value, path, "token count")
+    if count > MAX_TOKEN_COUNT:
+        raise ConfigError(
+            path,
+            f"expected a token count in [0, {MAX_TOKEN_COUNT}] (2**63 - 1), got {describe(value)}",
+        )
+    return count
 
 
 def _expect_windows(value: Any, path: str) -> tuple[str, ...]:
@@ -347,6 +357,9 @@ class WeightPrefetchConfig:
     sequence_parallel: bool = False
     windows: tuple[str, ...] | None = None  # None: the device's (see ``window_kinds``)
     token_range: TokenBounds = field(default_factory=TokenBounds)
+    # emit every planned prefetch, even where the device profile predicts a loss (on a GPU
+    # the default drops those: see fxprefetch.devices.prediction)
+    force_prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled is not None:
@@ -359,6 +372,7 @@ class WeightPrefetchConfig:
         if self.max_prefetch_bytes is not None:
             _expect_cap(self.max_prefetch_bytes, f"{ROOT_KEY}.max_prefetch_bytes")
         expect_bool(self.sequence_parallel, f"{ROOT_KEY}.sequence_parallel")
+        expect_bool(self.force_prefetch, f"{ROOT_KEY}.force_prefetch")
         if self.windows is not None:
             windows = _expect_windows(self.windows, f"{ROOT_KEY}.windows")
             object.__setattr__(self, "windows", windows)
@@ -392,6 +406,8 @@ class WeightPrefetchConfig:
             )
         if "windows" in obj:
             kwargs["windows"] = _expect_windows(obj["windows"], f"{path}.windows")
+        if "force_prefetch" in obj:
+            kwargs["force_prefetch"] = expect_bool(obj["force_prefetch"], f"{path}.force_prefetch")
         if "token_range" in obj:
             kwargs["token_range"] = TokenBounds.from_dict(obj["token_range"], f"{path}.token_range")
         return cls(**kwargs)
@@ -469,12 +485,14 @@ class WeightPrefetchConfig:
             written["max_prefetch_bytes"] = self.max_prefetch_bytes
         windows = {"windows": list(self.windows)} if self.windows is not None else {}
         bounds = {} if self.token_range.unbounded else {"token_range": self.token_range.to_dict()}
+        force = {"force_prefetch": True} if self.force_prefetch else {}
         return {
             **written,
             "prefetch_ratio": self.prefetch_ratio.to_dict(),
             "sequence_parallel": self.sequence_parallel,
             **windows,
             **bounds,
+            **force,
         }
 
     def to_json(self) -> str:

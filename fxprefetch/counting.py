@@ -8,16 +8,20 @@ forward; nothing is registered at compile time):
   holds them: a nested-region body called by two layers counts twice. Bodies that run only
   on some calls (a ``torch.cond`` branch, a loop body) keep their hints in the code as
   ``fxprefetch.prefetch_hint``, which counts itself each time it runs;
-- where the compiled graph is replayed as a CUDA graph, the op's Python body does not run at
-  replay, so each call that returns counts the prefetches its code holds, and the op kernels
-  count nothing during the call (they still run during warm-up and capture);
+- where the compiled graph is really replayed as a CUDA graph (the target says so once it
+  compiled it: inductor cudagraphified it; never on the CPU), the op's Python body runs only
+  at warm-up and capture, not at replay. Each call then counts what the kernels ran in it
+  (``runtime_stats.counted_per_call``), together with what the calls before it with the
+  same input shapes ran: a replay runs exactly what was captured for those shapes, so a
+  range-checked prefetch (``prefetch_in_range``) counts by the decision its kernel took;
 - while a ``collect_stats(per_weight=True)`` block is open in the calling thread, each call
   names the weights it was given, so per-weight counts carry parameter paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -83,6 +87,34 @@ def _stored_tensors(tensor: torch.Tensor, name: str) -> list[tuple[int, str]]:
     ]
 
 
+def _shapes(inputs: Sequence[Any]) -> tuple[Hashable, ...]:
+    """What decides a captured graph's range checks: input shapes and integer inputs (a
+    CUDA-graph tree records one graph per distinct set of them)."""
+    return tuple(
+        tuple(x.shape) if isinstance(x, torch.Tensor) else x if isinstance(x, int) else None
+        for x in inputs
+    )
+
+
+class _Captured:
+    """Per input shapes, the prefetches a replayed graph's calls ran (at most ``limit``
+    shapes kept: the oldest go first)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.by_shapes: dict[Hashable, Counter[runtime_stats.Ran]] = {}
+
+    def merge(self, key: Hashable, ran: Sequence[runtime_stats.Ran]) -> list[runtime_stats.Ran]:
+        """What this call ran: what its kernels ran, and what a replay runs that they did
+        not (the earlier calls with these shapes: warm-up and capture run every kernel)."""
+        seen = self.by_shapes.pop(key, Counter())
+        merged = seen | Counter(ran)
+        if len(self.by_shapes) >= self.limit:
+            self.by_shapes.pop(next(iter(self.by_shapes)))
+        self.by_shapes[key] = merged
+        return list(merged.elements())
+
+
 def with_counting(
     compiled: Callable[..., Any],
     planner: GraphPlanner,
@@ -90,11 +122,13 @@ def with_counting(
     call_sites: CallSites | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``compiled`` (boxed or not) so that its calls count as described above;
-    ``replayed``: the compiled graph may run as a CUDA-graph replay; ``call_sites``: the
-    graph was compiled for a module's frame and may run for several modules (each call
-    names its weights by that module's parameter paths, and records it as a call site)."""
+    ``replayed``: the compiled graph is replayed as a CUDA graph (it was cudagraphified);
+    ``call_sites``: the graph was compiled for a module's frame and may run for several
+    modules (each call names its weights by that module's parameter paths, and records it
+    as a call site)."""
     hints = planned_prefetches(planner, elided=True)
     ran = planned_prefetches(planner, elided=False) if replayed else ()
+    captured = _Captured()
     names = [(i, n) for i, n in enumerate(planner.source_names) if n]
     boxed = getattr(compiled, "_boxed_call", False)
     if not hints and not ran and not names and call_sites is None:
@@ -122,13 +156,14 @@ def with_counting(
                     for ptr, path in _stored_tensors(inputs[i], (site or {}).get(i, name))
                 }
             )
+        key = _shapes(inputs) if ran else None
         with naming:
-            with runtime_stats.counted_per_call() if ran else nullcontext():
+            with runtime_stats.counted_per_call() if ran else nullcontext() as kernels:
                 out = compiled(*args)
+                if kernels is not None:  # still named by this call
+                    runtime_stats.record_ran(captured.merge(key, kernels))
             if hints:
                 runtime_stats.record_planned(hints, ptrs, ran=False)
-            if ran:
-                runtime_stats.record_planned(ran, ptrs, ran=True)
         return out
 
     if boxed:

@@ -8,7 +8,9 @@ pass runs on the aten graphs; nothing is lowered. A model on the meta device (se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 
 from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.isolated_compile import compile_and_run
 from fxprefetch.options import parse_options
 from fxprefetch.passes.analysis.graph_utils import placeholder_source_names
@@ -27,23 +30,28 @@ from fxprefetch.plan import LinearRecord, PrefetchPlan, SkipReason
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import make_compile_setup
 
+logger = logging.getLogger(__name__)
+
 
 def explain(
     model: torch.nn.Module | Callable[..., Any],
     *example_inputs: Any,
     config: WeightPrefetchConfig | dict | str | None = None,
-    device_profile: str | None = None,
+    device_profile: str | DeviceProfile | None = None,
     **example_kwargs: Any,
 ) -> list[PrefetchPlan]:
     """Plans of every graph ``model(*example_inputs, **example_kwargs)`` compiles to.
 
     ``config`` takes the same forms as the backend's ``weight_prefetch_config`` option
     (``enabled`` defaults to true). Inputs may live on the meta device. For a module, a last
-    plan, ``outside compiled graphs``, lists the weights with a role that no graph read.
-    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``) plans
-    as a compile on that device would: its default cap, its window policy (on a GPU,
-    ``mlp.down`` and attention windows), ``"auto"`` sizes, and each prefetch's predicted
-    saving (a model, never a measurement).
+    plan, ``outside compiled graphs``, lists the weights with a role that no graph read:
+    those that eager code read (a graph break), and those nothing read (unused), told apart
+    by running the model once more without compiling it (only where such weights exist).
+    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``, a
+    device profile file's path, or a profile) plans as a compile on that device would: its
+    default cap, its window policy (on a GPU, ``mlp.down`` and attention windows), ``"auto"``
+    sizes, each prefetch's predicted saving (a model, never a measurement), and on a GPU
+    which prefetches are emitted (those predicted to pay, unless ``force_prefetch``).
     """
     opts = parse_options({"weight_prefetch_config": config} if config is not None else None)
     plans: list[PrefetchPlan] = []
@@ -60,7 +68,10 @@ def explain(
             if isinstance(model, torch.nn.Module)
             else set()
         )
-        simulated = simulated_setup(device_profile, weights_on or {"meta", "cpu"})
+        from fxprefetch.devices.profiles import device_profile_option
+
+        found = device_profile_option(device_profile, "device_profile")
+        simulated = simulated_setup(found, weights_on or {"meta", "cpu"})
     setup = make_compile_setup(
         opts.config,
         target="eager",
@@ -97,8 +108,58 @@ def explain(
     if isinstance(model, torch.nn.Module):
         outside = outside_graphs_plan(model, graph_inputs, setup.config, setup.rules)
         if outside.records:
+            used = _read_eagerly(model, example_inputs, example_kwargs)
+            params = {name: id(p) for name, p in model.named_parameters()}
+            outside.records = [_ran_or_unused(r, used, params[r.weight]) for r in outside.records]
             plans.append(outside)
     return plans
+
+
+class _ReadTensors(torch.overrides.TorchFunctionMode):
+    """Notes the id of every tensor a torch function is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                self.ids.add(id(leaf))
+        return func(*args, **kwargs)
+
+
+def _read_eagerly(
+    model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
+) -> set[int] | None:
+    """Ids of the tensors the model's ops read when it runs eagerly (no compile), or None
+    where it cannot run so (data-dependent code on the meta device)."""
+    mode = _ReadTensors()
+    try:  # eagerly even where the model, or a part of it, was compiled in place
+        with torch.compiler.set_stance("force_eager"), torch.no_grad(), mode:
+            model(*args, **kwargs)
+    except Exception as exc:  # only a label depends on it
+        logger.info("explain: cannot run the model eagerly to tell unused weights: %s", exc)
+        return None
+    return mode.ids
+
+
+def _ran_or_unused(record: LinearRecord, used: set[int] | None, param_id: int) -> LinearRecord:
+    """A weight no graph took: read by eager code (a graph break), or by nothing at all."""
+    if used is None:
+        return replace(
+            record,
+            note="no compiled graph took this weight as an input: a graph break, or a weight "
+            "this call does not use (the model could not run eagerly to tell which)",
+        )
+    if param_id in used:
+        return record
+    return replace(
+        record,
+        skip_reason=SkipReason.UNUSED,
+        note="no compiled graph took this weight and no op of this call read it",
+    )
 
 
 def outside_graphs_plan(

@@ -28,13 +28,17 @@ join. :data:`PREFETCH_OPS` lists every prefetch op.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx.node import has_side_effect
 
 from fxprefetch import runtime_stats
+
+logger = logging.getLogger(__name__)
 
 NAMESPACE = "fxprefetch"
 SCHEMA = "prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
@@ -172,9 +176,31 @@ has_side_effect(RANGE_OP)
 has_side_effect(torch.ops.fxprefetch.prefetch_in_range)
 
 
+INT64_MAX = 2**63 - 1  # the schemas' ``int``: a larger argument fails before any kernel runs
+
+
+def range_bounds(min_tokens: int, max_tokens: int | None) -> tuple[int, int]:
+    """``(min_tokens, max_tokens)`` as the range op's ``int`` arguments (-1: no upper bound),
+    whatever the bounds: a token count is a tensor size, never above ``INT64_MAX``, so a
+    larger ``max_tokens`` bounds nothing and a larger ``min_tokens`` admits no real count."""
+    low = min(max(min_tokens, 0), INT64_MAX)
+    high = -1 if max_tokens is None or max_tokens >= INT64_MAX else max(max_tokens, 0)
+    return low, high
+
+
 def tokens_in_range(tokens: int, min_tokens: int, max_tokens: int) -> bool:
     """Whether a prefetch bounded to ``[min_tokens, max_tokens]`` runs (-1: no upper bound)."""
     return min_tokens <= tokens and (max_tokens < 0 or tokens <= max_tokens)
+
+
+def skip_failed(op: str, fn: Callable[..., None], *args: Any) -> None:
+    """Run a run-time checked prefetch's kernel ``fn(*args)``; where it fails, skip the
+    prefetch (counted in ``failed``, logged) and let the model run on: a prefetch is a hint."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        runtime_stats.record_failed()
+        logger.warning("%s failed and was skipped (the model runs on): %s", op, exc)
 
 
 @torch.library.register_fake("fxprefetch::prefetch_in_range", lib=_lib)
@@ -191,6 +217,28 @@ def _range_fake(
 
 
 def _range_kernel(
+    weight: torch.Tensor,
+    dependency: torch.Tensor | None,
+    max_size: int,
+    offset: int,
+    tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> None:
+    skip_failed(
+        "prefetch_in_range",
+        _prefetch_in_range,
+        weight,
+        dependency,
+        max_size,
+        offset,
+        tokens,
+        min_tokens,
+        max_tokens,
+    )
+
+
+def _prefetch_in_range(
     weight: torch.Tensor,
     dependency: torch.Tensor | None,
     max_size: int,

@@ -9,8 +9,10 @@ from typing import Any
 
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import ASCEND_LOWERINGS, CACHE_HINTS, CUDA_LOWERINGS, NATIVE_POLICIES
+from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.devices.profiles import device_profile_option
 from fxprefetch.passes.tables.rules import PrefetchRules
-from fxprefetch.targets import AUTO, TARGET_NAMES
+from fxprefetch.targets import AUTO, TARGET_NAMES, resolve_target
 from fxprefetch.validation import ConfigError, did_you_mean, parse_json
 
 OPTION_KEYS = (
@@ -25,6 +27,7 @@ OPTION_KEYS = (
     "cuda_lowering",
     "cache_hint",
     "ascend_lowering",
+    "device_profile",
 )
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -43,6 +46,9 @@ class BackendOptions:
     cuda_lowering: str = "side_stream"  # or "compute_stream" (no fork/join)
     cache_hint: str = "none"  # or "evict_last"
     ascend_lowering: str = "side_stream"  # or "in_stream" (captured Ascend graphs; experiments)
+    # the device profile predictions use on this GPU/NPU (a built-in name or a file's path);
+    # None: the built-in profile the device's name matches
+    device_profile: DeviceProfile | None = None
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
@@ -113,9 +119,12 @@ def parse_options(options: Any) -> BackendOptions:
     if not isinstance(strict, bool):
         raise ConfigError("options.strict", f"expected a boolean, got {strict!r}")
     torchair_config = options.get("torchair_config")
-    if torchair_config is not None and target not in (AUTO, "npu"):
+    resolved = resolve_target(target)
+    if torchair_config is not None and resolved != "npu":
+        here = f" ({resolved!r} here: torch_npu sees no Ascend device)" if target == AUTO else ""
         raise ConfigError(
-            "options.torchair_config", f"only used with target 'npu', but target is {target!r}"
+            "options.torchair_config",
+            f"only used with target 'npu', but target is {target!r}{here}",
         )
     rules = options.get("rules")
     if rules is not None and not isinstance(rules, PrefetchRules):
@@ -138,4 +147,7 @@ def parse_options(options: Any) -> BackendOptions:
         _choice(options, "cuda_lowering", CUDA_LOWERINGS),
         _choice(options, "cache_hint", CACHE_HINTS),
         _choice(options, "ascend_lowering", ASCEND_LOWERINGS),
+        device_profile_option(options["device_profile"])
+        if options.get("device_profile") is not None
+        else None,
     )

@@ -96,6 +96,8 @@ class GraphPlanner:
         self.module_prefix = module_prefix
         self.hidden_weights = hidden_weights
         self.npu_graph_engine = False  # set by the npu target when torchair builds a GE graph
+        # set by the target once compiled: its calls replay a CUDA graph (no op body runs)
+        self.replayed = False
         self.record = record  # add plans to last_plans()
         self.name = name or f"graph{next(_graph_ids)}"
         self.reports: list[CompileReport] = []  # what the pipeline did, per aten graph

@@ -4,9 +4,9 @@ Two kinds of count, never mixed:
 
 - ``calls`` / ``bytes_*``: prefetches that ran. Counted by the op's kernels
   (:func:`record`), except in graphs replayed as CUDA graphs, where the op's Python body runs
-  only while the graph is captured: those count their compiled prefetches once per graph call
-  that returns (:func:`record_planned`), and their op kernels count nothing meanwhile
-  (:func:`counted_per_call`).
+  only while the graph is warmed up and captured: during such a graph's calls the kernels
+  hand what they ran to the call (:func:`counted_per_call`), which counts it once it
+  returns (:func:`record_ran`), with what a replay runs (see :mod:`fxprefetch.counting`).
 - ``hints`` / ``hint_bytes``: prefetches the plan put in a graph whose compiled code left them
   out, because on that device a prefetch is only a hint (inductor on the CPU). The compiled
   graph is straight-line, so each graph call counts its planned hints once
@@ -61,6 +61,19 @@ class PrefetchStats:
     hints: int = 0
     hint_bytes: int = 0
     per_weight: Mapping[str, WeightStats] = field(default_factory=dict)
+    failed: int = 0  # run-time checked prefetches skipped because their kernel failed
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One prefetch a kernel ran during a graph call that counts its own (hashable: a
+    replay counts again what its capture ran)."""
+
+    data_ptr: int
+    shape: tuple[int, ...]
+    dtype: str
+    requested: int
+    prefetched: int
 
 
 @dataclass(slots=True)
@@ -91,10 +104,19 @@ class _WeightTally:
 class _Tally:
     """Counts of one scope (the process, or one ``collect_stats`` block)."""
 
-    __slots__ = ("calls", "hint_bytes", "hints", "per_weight", "prefetched", "requested")
+    __slots__ = (
+        "calls",
+        "failed",
+        "hint_bytes",
+        "hints",
+        "per_weight",
+        "prefetched",
+        "requested",
+    )
 
     def __init__(self, per_weight: bool = False) -> None:
         self.calls = self.requested = self.prefetched = self.hints = self.hint_bytes = 0
+        self.failed = 0
         # keyed by data_ptr, or by name where no pointer is known
         self.per_weight: dict[int | str, _WeightTally] | None = {} if per_weight else None
 
@@ -112,6 +134,7 @@ class _Tally:
             hints=self.hints,
             hint_bytes=self.hint_bytes,
             per_weight=per_weight,
+            failed=self.failed,
         )
 
 
@@ -120,7 +143,8 @@ class _ThreadState(threading.local):
         self.blocks: list[_Tally] = []
         self.per_weight_blocks = 0
         self.names: list[Mapping[int, str]] = []  # data_ptr -> name, pushed per graph call
-        self.per_call = 0  # inside graph calls that count their own prefetches
+        # inside graph calls that count their own prefetches: what the kernels ran, per call
+        self.per_call: list[list[Ran]] = []
 
 
 _PROCESS = _Tally()
@@ -151,8 +175,11 @@ def _name_of(data_ptr: int) -> str | None:
 
 def record(weight: torch.Tensor, requested: int, prefetched: int) -> None:
     """Count one prefetch that reached a kernel (called by the op's kernels)."""
-    if _THREAD.per_call:
-        return  # the enclosing graph call counts it (see record_planned)
+    if _THREAD.per_call:  # the enclosing graph call counts it (see record_ran)
+        _THREAD.per_call[-1].append(
+            Ran(weight.data_ptr(), tuple(weight.shape), str(weight.dtype), requested, prefetched)
+        )
+        return
     with _LOCK:
         _PROCESS.calls += 1
         _PROCESS.requested += requested
@@ -188,6 +215,14 @@ def record_hint(weight: torch.Tensor, nbytes: int) -> None:
         if block.per_weight is not None:
             entry = _weight_entry(block, key, _name_of(key), tuple(weight.shape), str(weight.dtype))
             entry.hints += 1
+
+
+def record_failed() -> None:
+    """Count one run-time checked prefetch whose kernel failed, and was skipped."""
+    with _LOCK:
+        _PROCESS.failed += 1
+    for block in _THREAD.blocks:
+        block.failed += 1
 
 
 @dataclass(frozen=True)
@@ -242,13 +277,36 @@ def _count(tally: _Tally, count: int, requested: int, nbytes: int, ran: bool) ->
 
 
 @contextmanager
-def counted_per_call() -> Iterator[None]:
-    """Within: the op kernels of the current thread count nothing (the graph call does)."""
-    _THREAD.per_call += 1
+def counted_per_call() -> Iterator[list[Ran]]:
+    """Within: the op kernels of the current thread count nothing; the list yielded
+    collects what they ran, for the graph call to count (:func:`record_ran`)."""
+    ran: list[Ran] = []
+    _THREAD.per_call.append(ran)
     try:
-        yield
+        yield ran
     finally:
-        _THREAD.per_call -= 1
+        _THREAD.per_call.pop()
+
+
+def record_ran(prefetches: Sequence[Ran]) -> None:
+    """Count prefetches that ran during one graph call, in one update (per weight: named
+    by the graph call, see :func:`naming`)."""
+    if not prefetches:
+        return
+    requested = sum(p.requested for p in prefetches)
+    nbytes = sum(p.prefetched for p in prefetches)
+    with _LOCK:
+        _count(_PROCESS, len(prefetches), requested, nbytes, ran=True)
+    for block in _THREAD.blocks:
+        _count(block, len(prefetches), requested, nbytes, ran=True)
+        if block.per_weight is None:
+            continue
+        for p in prefetches:
+            key = p.data_ptr if _THREAD.per_weight_blocks else 0
+            entry = _weight_entry(block, key, _name_of(key), p.shape, p.dtype)
+            entry.calls += 1
+            entry.requested += p.requested
+            entry.prefetched += p.prefetched
 
 
 def per_weight_wanted() -> bool:
@@ -276,7 +334,7 @@ def reset_stats() -> None:
     """Zero the process-wide counters; blocks in progress keep counting their own span."""
     with _LOCK:
         _PROCESS.calls = _PROCESS.requested = _PROCESS.prefetched = 0
-        _PROCESS.hints = _PROCESS.hint_bytes = 0
+        _PROCESS.hints = _PROCESS.hint_bytes = _PROCESS.failed = 0
 
 
 class StatsRecorder:
@@ -307,6 +365,10 @@ class StatsRecorder:
     @property
     def hint_bytes(self) -> int:
         return self._tally.hint_bytes
+
+    @property
+    def failed(self) -> int:
+        return self._tally.failed
 
     @property
     def per_weight(self) -> Mapping[str, WeightStats]:

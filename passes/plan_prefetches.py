@@ -27,8 +27,16 @@ from collections.abc import Mapping
 from torch.fx import Graph, GraphModule, Node
 
 from fxprefetch.config import DEFAULT_WINDOWS, TokenRange, WeightPrefetchConfig
-from fxprefetch.devices.prediction import DeviceProfile, WindowTraffic, hideable_bytes, predict
-from fxprefetch.ops import PREFETCH_OP, RANGE_OP
+from fxprefetch.devices.prediction import (
+    DeviceProfile,
+    WindowTraffic,
+    delta_us_per_mb,
+    emits,
+    hideable_bytes,
+    loss_note,
+    predict,
+)
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP, range_bounds
 from fxprefetch.passes.analysis.collectives import has_sequence_parallel_collectives
 from fxprefetch.passes.analysis.graph_utils import op_name, prefetch_nodes, tensor_value
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeight, HiddenWeightSource
@@ -36,7 +44,13 @@ from fxprefetch.passes.analysis.linears import LinearUse, find_linears
 from fxprefetch.passes.analysis.prefetch_meta import PrefetchMeta, prefetch_meta, set_meta
 from fxprefetch.passes.analysis.roles import assign_roles, layer_index
 from fxprefetch.passes.analysis.sizing import prefetch_bytes
-from fxprefetch.passes.analysis.token_bounds import TokenCheck, TokenDecision, count_node, decide
+from fxprefetch.passes.analysis.token_bounds import (
+    TokenCheck,
+    TokenDecision,
+    count_node,
+    decide,
+    linear_tokens,
+)
 from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.window_cost import window_traffic
 from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
@@ -104,6 +118,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
     unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
     inserts: list[tuple[LinearUse, Window, int, int, dict, TokenDecision, TokenRange]] = []
     records: list[LinearRecord | None] = []
+    dropped: list[float] = []  # predicted µs of the prefetches the GPU gate dropped
     if split_at_attention and config.windows is not None and "attention" in config.windows:
         logger.warning(
             "%s: attention windows are off here: this graph is split at attention, so a "
@@ -111,7 +126,9 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             graph_name,
         )
 
+    by_node = {use.node: use for use in uses}
     for use in uses:
+        count = linear_tokens(use, rules, by_node)
         base = {
             "node": use.node.name,
             "op": op_name(use.node),
@@ -126,6 +143,7 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             "offset": use.offset,
             "position": index[use.node],
             "note": use.note,
+            "tokens": None if count is None else str(count),
         }
         found = hidden.get(use.node)
         device = found.device if found is not None else _device_type(use.root)
@@ -171,8 +189,10 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         hideable = None
         share_key = (window.dependency, *window.ops)  # q, k, v: equal windows, one window
         shared = shared_us.get(share_key, 0.0)
+        useful = _useful_share(use)
+        known_tokens = _token_count(use)
         if auto and moved is not None and profile is not None:
-            hideable = hideable_bytes(profile, moved, shared)
+            hideable = hideable_bytes(profile, moved, shared, known_tokens, useful)
             cap = hideable if config.auto_cap else min(cap, hideable)
         elif auto:
             why = (
@@ -184,19 +204,31 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
         size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
         if size <= 0:
             reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
+            loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
+            if loses is not None:
+                reason = SkipReason.PREDICTED_LOSS
+                base["note"] = f"{base['note']}; {loses}" if base.get("note") else loses
             records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
             continue
         bounds = config.tokens(use.role) or TokenRange()
-        tokens = decide(use.starts, bounds, graph_tokens)
+        tokens = decide(count, bounds, graph_tokens)
         base.update(ratio=ratio, tokens=tokens.tokens, **_token_fields(bounds, tokens))
         if tokens.check is TokenCheck.NEVER:
             records.append(LinearRecord(**base, skip_reason=SkipReason.OUTSIDE_TOKEN_RANGE))
             continue
         base.update(prefetch_bytes=size, capped=capped)
         if moved is not None and profile is not None:
-            prediction = _prediction(profile, moved, size, hideable, shared)
-            shared_us[share_key] = shared + prediction.transfer_us
+            prediction = _prediction(profile, moved, size, hideable, shared, known_tokens, useful)
             base["prediction"] = prediction
+            if not config.force_prefetch and not emits(profile, prediction):
+                note = loss_note(profile, prediction.hidden_us)
+                note = f"{base['note']}; {note}" if base.get("note") else note
+                dropped.append(prediction.hidden_us)
+                records.append(
+                    LinearRecord(**{**base, "note": note}, skip_reason=SkipReason.PREDICTED_LOSS)
+                )
+                continue
+            shared_us[share_key] = shared + prediction.transfer_us
         records.append(None)  # filled once the node exists
         inserts.append((use, window, size, len(records) - 1, base, tokens, bounds))
 
@@ -221,6 +253,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             why,
             ", ".join(linears),
         )
+    if dropped:
+        _log_dropped(graph_name, dropped, profiles)
     logger.info("%s", plan.summary_line())
     return PassResult(len(plan.prefetched), plan)
 
@@ -306,10 +340,75 @@ def _window_kinds(
     return tuple(k for k in kinds if k != "attention") if split_at_attention else kinds
 
 
+_LOGGED_DROPS: set[tuple[str, ...]] = set()
+
+
+def _log_dropped(graph_name: str, dropped: list[float], profiles: Mapping) -> None:
+    """Say once per process and device that the GPU gate dropped prefetches, and how to force
+    them (every graph's plan still lists each one with its predicted µs)."""
+    labels = tuple(sorted({p.label for p in profiles.values() if p.kind == "gpu"}))
+    if labels in _LOGGED_DROPS:
+        logger.debug("%s: %d prefetches predicted not to pay", graph_name, len(dropped))
+        return
+    _LOGGED_DROPS.add(labels)
+    logger.warning(
+        "%s: %d planned prefetches not emitted: the device profile (%s) predicts each saves "
+        "no more than its margin (best %+.2f µs). Set weight_prefetch_config.force_prefetch "
+        "to true to emit them anyway; the plan lists each with its prediction (said once)",
+        graph_name,
+        len(dropped),
+        ", ".join(labels),
+        max(dropped),
+    )
+
+
+def _every_mb_loses(profile: DeviceProfile | None, tokens: int | None, useful: float) -> str | None:
+    """Why "auto" sized nothing where no window would help: a landed MB saves less than it
+    costs (δ <= β); None where a longer window would."""
+    if profile is None:
+        return None
+    delta = delta_us_per_mb(profile, tokens) * useful
+    beta = profile.cost().per_mb_us.value
+    if delta > beta:
+        return None
+    return (
+        f"predicted loss on {profile.label}: every MB costs {beta:.3f} µs and saves "
+        f"{delta:.3f} µs ({profile.lowering}), whatever the window"
+    )
+
+
+def _useful_share(use: LinearUse) -> float:
+    """The share of a prefetch's contiguous range that the linear reads: 1 for a whole weight,
+    ``weight bytes / span bytes`` for a strided part (a column slice)."""
+    if isinstance(use.nbytes, int) and isinstance(use.span_bytes, int) and use.span_bytes > 0:
+        return min(1.0, use.nbytes / use.span_bytes)
+    return 1.0
+
+
+def _token_count(use: LinearUse) -> int | None:
+    """The linear's token count where the graph fixes it (its activation's rows), else None."""
+    for start in use.starts:
+        value = tensor_value(start)
+        if value is not None and value.dim() >= 1:
+            rows = 1
+            for s in value.shape[:-1]:
+                if not isinstance(s, int):
+                    return None
+                rows *= s
+            return rows
+    return None
+
+
 def _prediction(
-    profile: DeviceProfile, moved: WindowTraffic, size: int, hideable: int | None, shared: float
+    profile: DeviceProfile,
+    moved: WindowTraffic,
+    size: int,
+    hideable: int | None,
+    shared: float,
+    tokens: int | None = None,
+    useful: float = 1.0,
 ) -> PredictedSaving:
-    saving = predict(profile, moved, size, shared)
+    saving = predict(profile, moved, size, shared, tokens, useful)
     return PredictedSaving(
         device=profile.name,
         window_bytes=moved.nbytes,
@@ -380,8 +479,7 @@ def _insert_prefetch(
         count = count_node(graph, tokens.count, after)  # type: ignore[arg-type]
         if count is None:
             return None
-        high = -1 if bounds.max_tokens is None else bounds.max_tokens
-        checked = (count, bounds.min_tokens, high)
+        checked = (count, *range_bounds(bounds.min_tokens, bounds.max_tokens))
         anchor = after.prev
     if hidden is not None:
         target, args = hidden.op, (*hidden.key, window.dependency, size, use.offset, *checked)

@@ -159,13 +159,14 @@ def test_the_llama_decoder_plans_four_prefetches_per_layer_on_a_gpu_profile(gpu_
         tuple(torch.empty(cache, device="meta", dtype=torch.bfloat16) for _ in "kv")
         for _ in range(2)
     ]
-    (plan,) = fxprefetch.explain(model, x, caches, device_profile="h200")
+    forced = {"force_prefetch": True}  # the H200's profile predicts each to lose
+    (plan,) = fxprefetch.explain(model, x, caches, config=forced, device_profile="h200")
     for layer in (0, 1):
         done = [r for r in plan.prefetched if r.layer == layer]
         assert sorted(r.role for r in done) == GPU_ROLES
         assert {r.role: r.window_kind for r in done}["attn.o"] == "attention"
         assert all(r.prediction is not None and r.prediction.device == "h200" for r in done)
-    assert plan.predicted().per_step_us > 0
+    assert plan.predicted().per_step_us < 0  # a loss on the H200's side stream
     (ascend,) = fxprefetch.explain(model, x, caches, device_profile="ascend-910b")
     assert not any(r.window_kind == "attention" for r in ascend.prefetched)
     assert all(
@@ -288,3 +289,46 @@ def test_fused_extra_programs_cover_the_weight_in_aligned_lanes(monkeypatch):
     assert fp.extra_programs(16, 8, sms=132) == fp.NONE
     with pytest.raises(ValueError, match="aligned"):
         fp.extra_programs(8, 4096, sms=132)
+
+
+def test_the_benchmarks_default_arm_emits_no_prefetch_on_a_simulated_h200(
+    gpu_bench, monkeypatch, fresh_dynamo
+):
+    """The default arm is the backend with no options: on an H200 (simulated, the CPU standing
+    in) the model predicts every side-stream prefetch to lose, so none is emitted or run, and
+    each skipped record carries its predicted µs."""
+    import torch
+
+    import fxprefetch
+    from fxprefetch import ops
+    from fxprefetch.devices import simulated_setup
+
+    events: list[str] = []
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda *args: events.append("prefetch"))
+    monkeypatch.setitem(
+        ops._NATIVE_L2,
+        "cpu",
+        ops.NativeL2(
+            lambda *args: events.append("fork"),
+            lambda *args: events.append("join"),
+            lambda device: None,
+        ),
+    )
+    monkeypatch.setattr(
+        "fxprefetch.targets.device_setup", lambda **_: simulated_setup("h200", {"cpu"})
+    )
+    shapes = {"hidden": 64, "inter": 128, "heads": 4, "kv_heads": 2, "past": 8}
+    rows = gpu_bench.layers(
+        True,
+        device="cpu",
+        shapes=shapes,
+        dtype=torch.float32,
+        mode="default",
+        caps=[],
+        defaults=True,
+    )
+    default = next(r for r in rows if r["variant"] == gpu_bench.DEFAULT_ARM)
+    assert default["prefetches_per_step"] == 0 and events == []
+    loss = fxprefetch.SkipReason.PREDICTED_LOSS
+    skipped = [r for p in fxprefetch.last_plans() for r in p.records if r.skip_reason == loss]
+    assert len(skipped) == 8 and all(r.prediction.hidden_us < 0 for r in skipped)

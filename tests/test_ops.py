@@ -239,3 +239,31 @@ def test_survives_inductor_and_runs(fresh_dynamo):
             compiled(x)
     torch.testing.assert_close(out, model(x))
     assert s.calls == 4 and s.bytes_requested == 4 * 48
+
+
+def test_a_failing_range_checked_prefetch_is_skipped_counted_and_logged(monkeypatch, caplog):
+    """Whatever the run-time check op meets, the model runs on: the prefetch is skipped."""
+
+    def broken(*args):
+        raise RuntimeError("device prefetch unavailable")
+
+    monkeypatch.setitem(ops._NATIVE_PREFETCH, "cpu", broken)
+    w = torch.randn(16, 16)
+    with fxprefetch.collect_stats() as s, caplog.at_level("WARNING", logger="fxprefetch.ops"):
+        ops.RANGE_OP(w, None, 256, 0, 8, 4, 16)  # in range: the kernel runs, and fails
+        ops.RANGE_OP(w, None, 256, 4096, 8, 4, 16)  # an offset past the tensor
+        ops.RANGE_OP(w, None, 256, 0, 8, 9, 16)  # out of range: nothing to fail
+    assert s.failed == 2 and runtime_stats.stats().failed == 2
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "prefetch_in_range failed and was skipped (the model runs on)"
+    ] * 2
+    assert "device prefetch unavailable" in caplog.records[0].getMessage()
+
+
+def test_range_bounds_are_int64_arguments_whatever_the_bounds():
+    big = 2**63 - 1
+    assert ops.range_bounds(0, None) == (0, -1)
+    assert ops.range_bounds(96, 4096) == (96, 4096)
+    assert ops.range_bounds(2, 2**64) == (2, -1)  # no count is above it: no upper bound
+    assert ops.range_bounds(2**63 + 5, None) == (big, -1)  # no real count reaches it
+    ops.RANGE_OP(torch.randn(4), None, 16, 0, 8, *ops.range_bounds(2**70, 2**70))

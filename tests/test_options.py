@@ -64,6 +64,8 @@ def test_explicit_disable_is_respected():
         ({"additional_config": "{bad json"}, "options.additional_config", "line 1, column 2"),
         ({"additional_config": "[1]"}, "options.additional_config", "JSON object"),
         ({"target": "eager", "torchair_config": object()}, "options.torchair_config", "npu"),
+        # auto is inductor without an Ascend device: torchair_config would be dropped
+        ({"torchair_config": object()}, "options.torchair_config", "'inductor' here"),
         (42, "options", "expected a dict"),
     ],
 )

@@ -21,6 +21,8 @@ from support.planning import ON, fresh_export, node_named, node_order, plan_synt
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import export_aten, run_graph
 
+FORCED = WeightPrefetchConfig(enabled=True, force_prefetch=True)  # the GPU gate off
+
 
 def test_llama_layer_windows_and_dependencies(dense):
     _, _, gm, names = fresh_export(dense)
@@ -104,7 +106,7 @@ def test_mlp_down_with_declared_sequence_parallel(dense):
     ("device", "down_prefetched"), [(None, False), ("ascend-910b", False), ("h200", True)]
 )
 def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetched):
-    _, plan = plan_synth(device)
+    _, plan = plan_synth(device, FORCED)
     downs = plan.by_role("mlp.down")
     assert len(downs) == 2 and all(r.prefetched is down_prefetched for r in downs)
     if down_prefetched:  # SiLU-and-mul is the window
@@ -114,23 +116,36 @@ def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetc
 
 
 def test_auto_sizes_each_prefetch_to_what_its_window_hides():
+    """On a GPU profile where a landed MB pays (δ > β), "auto" sizes each prefetch to what
+    lands in its window; on the H200's side stream (β > δ) it sizes none."""
     from fxprefetch.devices.prediction import WindowTraffic, hideable_bytes, profile
+    from fxprefetch.devices.profile_fit import with_cost, with_delta
 
-    h200 = profile("h200")
-    auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto")
-    _, plan = plan_synth("h200", auto, hidden=512, intermediate=2048)
+    paying = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
+    auto = WeightPrefetchConfig(enabled=True, max_prefetch_bytes="auto", force_prefetch=True)
+    _, plan = plan_synth(paying, auto, hidden=512, intermediate=2048)
     assert len(plan.prefetched) == 8
     for r in plan.prefetched:
         p = r.prediction
-        wanted = hideable_bytes(h200, WindowTraffic(p.window_bytes, p.window_kernels), p.shared_us)
+        traffic = WindowTraffic(p.window_bytes, p.window_kernels)
+        wanted = hideable_bytes(paying, traffic, p.shared_us, 4)
         assert p.auto_bytes == wanted
         assert r.prefetch_bytes == min(r.weight_bytes, wanted)
         assert r.capped is (r.weight_bytes > wanted)
+    _, plan = plan_synth("h200", auto, hidden=512, intermediate=2048)
+    assert plan.prefetched == []
+    assert all(r.skip_reason == SkipReason.PREDICTED_LOSS for r in plan.by_role("attn.qkv"))
+    assert all("every MB costs" in r.note for r in plan.by_role("attn.qkv"))
     # a role's ratio "auto" caps that role only, under the written cap
     down_auto = WeightPrefetchConfig.from_dict(
-        {"enabled": True, "max_prefetch_bytes": 4096, "prefetch_ratio": {"mlp": {"down": "auto"}}}
+        {
+            "enabled": True,
+            "max_prefetch_bytes": 4096,
+            "prefetch_ratio": {"mlp": {"down": "auto"}},
+            "force_prefetch": True,
+        }
     )
-    _, plan = plan_synth("h200", down_auto, hidden=512, intermediate=2048)
+    _, plan = plan_synth(paying, down_auto, hidden=512, intermediate=2048)
     assert all(r.prefetch_bytes == 4096 for r in plan.prefetched)
     assert all(r.prediction.auto_bytes is not None for r in plan.by_role("mlp.down"))
     assert all(r.prediction.auto_bytes is None for r in plan.by_role("attn.qkv"))
@@ -146,7 +161,7 @@ def test_auto_without_a_device_profile_warns_and_uses_the_cap(caplog):
 
 def test_prefetches_behind_one_window_share_it():
     # split q/k/v behind one norm: each later prefetch gets what the earlier ones left
-    _, plan = plan_synth("h200", fused=False, hidden=512)
+    _, plan = plan_synth("h200", FORCED, fused=False, hidden=512)
     for layer in (0, 1):
         q, k, v = (r for r in plan.by_role("attn.qkv") if r.layer == layer)
         assert q.prediction.shared_us == 0
@@ -256,3 +271,54 @@ def test_frozen_get_attr_weights_of_any_dtype(dtype):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pf = node_named(gm, rec.prefetch_node)
     assert order[pf.args[0]] < order[pf] and order[mm0] < order[pf] < order[silu]
+
+
+# -- do no harm: on a GPU, only prefetches the device profile predicts to pay are emitted ----
+
+
+def test_on_the_h200_no_prefetch_is_emitted_by_default_and_each_says_its_predicted_loss(caplog):
+    """The built-in H200 profile, today's side stream: every planned prefetch loses (β > δ), so
+    none is emitted; each record keeps its prediction and says it in its note; the log says so
+    once, with how to force."""
+    from fxprefetch.passes import plan_prefetches as pass_module
+
+    pass_module._LOGGED_DROPS.clear()
+    with caplog.at_level(logging.WARNING, logger="fxprefetch"):
+        gm, plan = plan_synth("h200", hidden=512, intermediate=2048)
+        plan_synth("h200", hidden=512, intermediate=2048)  # a second graph: no second warning
+    assert prefetch_nodes(gm) == [] and plan.prefetched == []
+    dropped = [r for r in plan if r.skip_reason == SkipReason.PREDICTED_LOSS]
+    assert len(dropped) == 8
+    for r in dropped:
+        assert r.prediction is not None and r.prediction.hidden_us < 0
+        assert f"predicted loss on NVIDIA H200 SXM 141GB: {r.prediction.hidden_us:+.2f} µs" in (
+            r.note
+        )
+    assert caplog.text.count("force_prefetch") == 1
+    assert plan.predicted() is None  # nothing emitted: nothing predicted saved
+
+
+def test_force_prefetch_emits_every_planned_prefetch():
+    gm, plan = plan_synth("h200", FORCED, hidden=512, intermediate=2048)
+    assert len(plan.prefetched) == len(prefetch_nodes(gm)) == 8
+    assert all(r.prediction.hidden_us < 0 for r in plan.prefetched)  # still predicted a loss
+
+
+def test_a_profile_where_prefetches_pay_emits_those_above_the_margin():
+    """A profile whose side stream costs nothing per MB and 0.1 µs fixed: a prefetch pays where
+    δ x landed exceeds 0.1 µs plus the 0.5 µs margin."""
+    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_fit import with_cost, with_delta
+
+    cheap = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
+    gm, plan = plan_synth(cheap, hidden=512, intermediate=2048)
+    emitted = {r.node for r in plan.prefetched}
+    for r in plan:
+        if r.prediction is not None:
+            assert (r.node in emitted) is (r.prediction.hidden_us > 0.5)
+    assert emitted and len(prefetch_nodes(gm)) == len(emitted)
+
+
+def test_on_ascend_the_users_ratios_are_honoured_whatever_the_prediction():
+    _, plan = plan_synth("ascend-a3", hidden=512, intermediate=2048)
+    assert plan.prefetched and not any(r.skip_reason == SkipReason.PREDICTED_LOSS for r in plan)

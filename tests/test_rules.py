@@ -324,7 +324,10 @@ def test_user_linear_op():
             return torch.ops.fxtest.gemm(torch.relu(x), self.o_proj.weight)
 
     gm, names = fake_trace(M(), torch.randn(2, 8))
-    assert not run_weight_prefetch(gm, ON, weight_names=names).records
+    # unknown: the weight is recorded as taken by an opaque op, naming it, never prefetched
+    (opaque,) = run_weight_prefetch(gm, ON, weight_names=names).records
+    assert (opaque.op, opaque.prefetched) == ("fxtest::gemm", False)
+    assert str(opaque.skip_reason) == "weight consumed by an opaque op"
     register_linear_op("fxtest::gemm", "w", ("act",))
     plan = run_weight_prefetch(gm, ON, weight_names=names)
     (rec,) = plan.records

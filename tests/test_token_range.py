@@ -74,6 +74,17 @@ def test_round_trip_and_the_digest_covers_the_bounds():
             "[200, inf) does not meet the overall range [0, 100]",
         ),
         ({"moe": {"down": {"min_tokens": 1}}}, "token_range.moe.down", "unknown key"),
+        (  # the run-time check op takes signed 64-bit counts
+            {"max_tokens": 2**63},
+            "token_range.max_tokens",
+            "expected a token count in [0, 9223372036854775807] (2**63 - 1), "
+            "got number 9223372036854775808",
+        ),
+        (
+            {"attn": {"qkv": {"min_tokens": 2**64}}},
+            "token_range.attn.qkv.min_tokens",
+            "expected a token count in [0, 9223372036854775807]",
+        ),
         ({"attn": []}, "token_range.attn", "expected a JSON object, got an array"),
         ([], "token_range", "expected a JSON object, got an array"),
     ],
@@ -94,3 +105,44 @@ def test_direct_construction_is_validated_too():
         WeightPrefetchConfig(token_range={"max_tokens": 3})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_tokens"):
         TokenRange(5, 4)
+    with pytest.raises(ConfigError, match=r"min_tokens: expected a token count in \[0, 9223"):
+        TokenRange(2**63)
+    assert TokenRange(2**63 - 1).min_tokens == 2**63 - 1  # the largest count is one
+
+
+HUGE = {  # bounds past any int64: qkv bounded by nothing above, gate_up by nothing reachable
+    "attn": {"qkv": {"min_tokens": 2, "max_tokens": 2**64}},
+    "mlp": {"gate_up": {"min_tokens": 2**63 + 5}},
+}
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_bounds_past_int64_that_slip_past_validation_never_break_the_model(
+    target, fresh_dynamo, monkeypatch
+):
+    """With ``dynamic=True`` both bounds reach the run-time check op: the op's ``int``
+    arguments are 64-bit, so the bounds are clamped to what they mean before they get there."""
+    import torch
+
+    import fxprefetch
+    from fxprefetch import config
+
+    from support.synthetic import SynthModel, SynthSpec
+
+    monkeypatch.setattr(config, "_expect_token_count", lambda value, path: value)
+    model = SynthModel(SynthSpec(layers=1)).eval()
+    options = {"target": target, "weight_prefetch_config": {"token_range": HUGE}}
+    compiled = torch.compile(model, backend="npu_prefetch", options=options, dynamic=True)
+    for tokens in (4, 9):
+        ids = torch.randint(0, 64, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad(), fxprefetch.collect_stats() as seen:
+            out = compiled(ids)
+            expected = model(ids)
+        torch.testing.assert_close(out, expected)
+        assert seen.failed == 0
+        if target == "eager":  # the range ops' kernels ran: qkv's prefetch, never gate_up's
+            assert seen.calls == 1 and seen.bytes_requested == 96 * 32 * 4
+    (plan,) = fxprefetch.last_plans()
+    checked = {r.role: r.token_check for r in plan.prefetched}
+    assert checked == {"attn.qkv": "run time", "mlp.gate_up": "run time"}

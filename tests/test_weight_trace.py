@@ -65,6 +65,7 @@ def test_a_uint8_buffer_viewed_as_fp32_and_sliced(fresh_dynamo):
     (record,) = compile_eager(model, torch.randn(2, 16)).prefetched
     assert (record.offset, record.prefetch_bytes) == (16 * 16 * 4, 16 * 16 * 4)
     assert record.dtype == "torch.uint8" and record.weight == "up_proj.weight"
+    assert record.weight_shape == (16, 16 * 4)  # in the stored uint8 elements
 
 
 def test_an_fp32_parameter_viewed_as_bf16(fresh_dynamo):
@@ -76,6 +77,8 @@ def test_an_fp32_parameter_viewed_as_bf16(fresh_dynamo):
     assert record.prefetched, record.skip_reason
     assert (record.offset, record.prefetch_bytes) == (512, 512)
     assert record.offset + record.prefetch_bytes <= stored.numel() * stored.element_size()
+    # 16 rows of 16 bf16, labelled in the stored fp32 elements: 16 rows of 8
+    assert (record.weight_shape, record.dtype) == ((16, 8), "torch.float32")
 
 
 def _read_elements(weight: torch.Tensor, view) -> torch.Tensor:

@@ -5,10 +5,18 @@ a profile where there is no such device)."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
-from fxprefetch.devices.prediction import DeviceProfile, gpu_profile, match_profile
+from fxprefetch.config import ConfigError
+from fxprefetch.devices.prediction import (
+    DeviceProfile,
+    ProfileError,
+    gpu_profile,
+    match_profile,
+    resolve_profile,
+)
 
 
 def cuda_profile(device: torch.device | int | None = None) -> DeviceProfile:
@@ -43,4 +51,18 @@ def default_cap(device: DeviceProfile) -> int | None:
         return None
     from fxprefetch.devices.cuda_prefetch import cap_for
 
-    return cap_for(device.hbm_bytes_per_s, device.l2_bytes)
+    return cap_for(device.hbm_bytes_per_s, int(device.l2_bytes.value))
+
+
+def device_profile_option(value: Any, path: str = "options.device_profile") -> DeviceProfile:
+    """A ``device_profile`` value (a built-in name, a profile file's path, or a profile)."""
+    if isinstance(value, DeviceProfile):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(
+            path, f"expected a device profile name or a file path, got {type(value).__name__}"
+        )
+    try:
+        return resolve_profile(value)
+    except ProfileError as exc:
+        raise ConfigError(path, str(exc)) from None

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fxprefetch.devices.prediction import DeviceProfile, profile
+from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
 
@@ -50,6 +50,9 @@ class DeviceSetup:
     # device type -> profile: window policy (mlp.down, attention), "auto" sizes, predictions
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
     ascend_lowering: str = "side_stream"  # captured Ascend graphs: or "in_stream"
+    # the profile the options asked for (``device_profile``), kept even where no device here
+    # uses it, so that it is part of the compile-cache key
+    requested_profile: DeviceProfile | None = None
 
 
 @functools.cache
@@ -76,6 +79,7 @@ def device_setup(
     cuda_lowering: str = "side_stream",
     cache_hint: str = "none",
     ascend_lowering: str = "side_stream",
+    device_profile: DeviceProfile | None = None,
 ) -> DeviceSetup:
     """The setup for a target (its :class:`fxprefetch.targets.TargetSpec` says which flags):
 
@@ -85,7 +89,9 @@ def device_setup(
     where it pays (see the module docstring); ``cudagraphs``: the compiled graph is replayed
     as a CUDA graph. ``ascend``: its graphs run on Ascend: the NPU's profile where torch_npu
     names a known device, and its prefetch stream where torch_npu is loaded
-    (``ascend_lowering``, see the module docstring)."""
+    (``ascend_lowering``, see the module docstring). ``device_profile``: the profile to
+    predict with on this process's GPU or NPU instead of the built-in one its name matches
+    (a calibrated file)."""
     if ascend_lowering not in ASCEND_LOWERINGS:
         raise ValueError(
             f"ascend_lowering: expected one of {list(ASCEND_LOWERINGS)}, got {ascend_lowering!r}"
@@ -96,9 +102,10 @@ def device_setup(
         from fxprefetch.devices.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
 
         caps["cuda"] = cuda_default_cap()
-        profiles["cuda"] = cuda_profile()
+        found = cuda_profile() if device_profile is None else device_profile
+        profiles["cuda"] = found.with_lowering(cuda_lowering) if found.kind == "gpu" else found
     if ascend:
-        found = npu_profile()
+        found = npu_profile() if device_profile is None else device_profile
         if found is not None:
             profiles["npu"] = found
         if ascend_lowering == "side_stream":
@@ -129,19 +136,24 @@ def device_setup(
         lowering,
         profiles,
         ascend_lowering,
+        device_profile,
     )
 
 
-def simulated_setup(name: str, device_types: Iterable[str] = ("meta",)) -> DeviceSetup:
+def simulated_setup(
+    name: str | DeviceProfile, device_types: Iterable[str] = ("meta",)
+) -> DeviceSetup:
     """A compile's setup as on the device profile ``name``, for weights on ``device_types``
     (the meta device of ``fxprefetch plan``; the CPU standing in for a GPU in tests): the
     device's default cap, window policy and predictions. Native prefetches stay those
-    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``)."""
-    device = profile(name)
+    registered in this process, used as under CUDA graphs (``native_prefetch: "always"``).
+    ``name``: a built-in profile's name, a profile file's path, or a profile."""
+    device = resolve_profile(name) if isinstance(name, str) else name
     cap = default_cap(device)
     types = sorted(set(device_types))
     return replace(
         device_setup(native_l2=True, native_prefetch="always"),
         caps={t: cap for t in types} if cap is not None else {},
         profiles={t: device for t in types},
+        requested_profile=device,
     )

@@ -38,10 +38,13 @@ class SkipReason(str, enum.Enum):
     ZERO_BYTES = "ratio x weight bytes rounds to 0"
     WINDOW_TOO_SHORT = "window too short to hide any bytes (auto size, model)"
     OUTSIDE_GRAPHS = "ran outside compiled graphs (graph break)"
+    UNUSED = "not used: no graph took it and no op read it"
     HIDDEN_WEIGHTS = "weights hidden inside an opaque op"  # vLLM's fused MoE, fused nn layers
+    OPAQUE_OP = "weight consumed by an opaque op"  # a custom op, not a linear: see the note
     UNKNOWN_SOURCE = "cannot tell whether the operand is a weight"
     OUTSIDE_TOKEN_RANGE = "token count outside the role's token range"
     TOKENS_UNKNOWN = "token count has no graph value before the window"
+    PREDICTED_LOSS = "predicted not to pay on this device (model)"
 
     def __str__(self) -> str:
         return self.value
@@ -58,8 +61,8 @@ class PredictedSaving:
     window_us: float
     shared_us: float  # the window's time taken by earlier prefetches behind the same window
     transfer_us: float  # prefetch bytes / bandwidth
-    cost_us: float
-    hidden_us: float  # min(window_us - shared_us, transfer_us) - cost_us
+    cost_us: float  # c_fixed + β·bytes of the lowering
+    hidden_us: float  # δ·useful·min(bytes, (window_us - shared_us)·B_read) - cost_us
     auto_bytes: int | None = None  # what the window can hide, where the size was "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +94,7 @@ class LinearRecord:
     dependency: str | None = None
     dependency_op: str | None = None
     prefetch_node: str | None = None
-    skip_reason: str | None = None
+    skip_reason: SkipReason | None = None  # a reason's text is read back as the reason
     # what the pass found about the operand: "graph input 'x'", "stored int8, converted by ..."
     note: str | None = None
     # collectives the window walk crossed to reach the vector work behind them
@@ -102,8 +105,11 @@ class LinearRecord:
     window_start: int | None = None
     # the prediction model's numbers for this prefetch, where a device profile is known
     prediction: PredictedSaving | None = None
-    # token bounds (issue 22): the linear's token count ("128", or symbolic "s0"), the token
-    # range in which its prefetch runs (None, None: every count), and how that is decided:
+    # token bounds: the linear's token count ("128", or symbolic "s0": the rows of its
+    # activation in its own orientation, for experts the tokens routed into the layer; see
+    # fxprefetch.passes.analysis.token_bounds.linear_tokens; None where the activation's shape
+    # is unknown), the token range in which its prefetch runs (None, None: every count), and
+    # how that is decided:
     # "graph" (once, for this compiled graph) or "run time" (the prefetch checks the count)
     tokens: str | None = None
     min_tokens: int | None = None
@@ -116,6 +122,9 @@ class LinearRecord:
     def __post_init__(self) -> None:
         if self.span_bytes is None:
             object.__setattr__(self, "span_bytes", self.weight_bytes)
+        if self.skip_reason is not None and not isinstance(self.skip_reason, SkipReason):
+            # ValueError for a text no SkipReason has (plan files are checked before this)
+            object.__setattr__(self, "skip_reason", SkipReason(self.skip_reason))
 
     @property
     def prefetched(self) -> bool:

@@ -2,7 +2,8 @@
 
 jsonschema is a test dependency only, so the keywords the schema uses are checked here
 (types, required and additional properties, items, local ``$ref``, const, enum, pattern,
-minimum and maximum). A keyword this module does not know raises :class:`SchemaError`: validation is
+minimum and maximum; NaN and Infinity, which Python's json module reads, are no numbers).
+A keyword this module does not know raises :class:`SchemaError`: validation is
 never silently partial. tests/test_cli.py checks that it agrees with jsonschema.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from importlib import resources
 from typing import Any
@@ -24,7 +26,11 @@ _TYPES: dict[str, Any] = {
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    # JSON has no NaN nor Infinity (Python's json module reads them): never a number here
+    "number": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and math.isfinite(v))
+    ),
     # JSON Schema: a number with no fractional part (1.0 too)
     "integer": lambda v: (
         (isinstance(v, int) and not isinstance(v, bool))

@@ -164,6 +164,12 @@ def check_plan_data(data: Any) -> None:
                 errors.append(
                     f"linears[{i}].role: expected one of {list(ROLES)}, got {linear['role']!r}"
                 )
+            span = linear["span_bytes"]
+            if span >= 0 and linear["prefetch_bytes"] > span:
+                errors.append(
+                    f"linears[{i}].prefetch_bytes: expected at most span_bytes ({span}, the "
+                    f"bytes the weight's part covers from offset), got {linear['prefetch_bytes']}"
+                )
             if linear["skip_reason"] is not None and linear["skip_reason"] not in known:
                 errors.append(
                     f"linears[{i}].skip_reason: expected a reason fxprefetch gives "

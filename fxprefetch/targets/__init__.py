@@ -26,6 +26,7 @@ import torch
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.devices import DeviceSetup, device_setup
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.pipeline import Pipeline
 from fxprefetch.targets import eager, inductor, npu
@@ -122,6 +123,7 @@ def make_compile_setup(
     ascend_lowering: str = "side_stream",
     devices: DeviceSetup | None = None,
     devices_for: str | None = None,
+    device_profile: DeviceProfile | None = None,
 ) -> CompileSetup:
     """The setup of one compile, resolved once.
 
@@ -130,7 +132,9 @@ def make_compile_setup(
     replayed as a CUDA graph (None: as the target does under torch.compile's ``mode``).
     ``devices``: the devices' setup as given (a simulated device); None: this process's for
     ``devices_for`` (default: the target), with ``native_prefetch``, ``cuda_lowering``,
-    ``cache_hint`` and ``ascend_lowering`` (see :mod:`fxprefetch.devices`).
+    ``cache_hint`` and ``ascend_lowering`` (see :mod:`fxprefetch.devices`);
+    ``device_profile``: the profile to predict with on this process's device instead of
+    the built-in one its name matches.
     """
     spec = target_spec(target)
     if cudagraphs is None:
@@ -145,6 +149,7 @@ def make_compile_setup(
             cuda_lowering=cuda_lowering,
             cache_hint=cache_hint,
             ascend_lowering=ascend_lowering,
+            device_profile=device_profile,
         )
     return CompileSetup(
         config=config,

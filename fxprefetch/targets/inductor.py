@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - older torch
 logger = logging.getLogger(__name__)
 
 
-def _lowering_note(report: CompileReport, ctx: PassContext) -> str | None:
+def _device_note(report: CompileReport, ctx: PassContext) -> str | None:
     """Per device, what its prefetches became: native prefetches (on a side stream, or on
     the compute stream where CUDA-graph partitions could split a fork from its join), hints
     left out of the code, or ``fxprefetch.prefetch`` kernels."""
@@ -50,6 +50,25 @@ def _lowering_note(report: CompileReport, ctx: PassContext) -> str | None:
     else:
         devices = sorted(ctx.native_devices)
     return "; ".join(f"{d}: {notes.get(d, 'fxprefetch.prefetch')}" for d in devices) or None
+
+
+def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
+    """What the prefetches became: per device (:func:`_device_note`), and those whose token
+    count is checked at run time (``prefetch_in_range``, never lowered: its kernel calls the
+    device's prefetch on the compute stream, a hint where the device has none)."""
+    records = report.plan.prefetched
+    checked = sum(r.token_check == "run time" for r in records)
+    base = _device_note(report, ctx)
+    parts = [base] if base else []
+    if checked:
+        parts.append(
+            f"{checked} of {len(records)} as fxprefetch.prefetch_in_range: the token count "
+            "checked at run time, then the device's prefetch on the compute stream (a hint "
+            "where it has none)"
+        )
+    if not base and len(records) > checked:
+        parts.append("fxprefetch.prefetch kept in the code (a hint where the device has none)")
+    return "; ".join(parts)
 
 
 #: inductor regenerates the code itself after its post-grad passes
@@ -149,9 +168,14 @@ def compile_inductor(
     def inner_compile(aten_gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
         graph_pass.top = aten_gm  # the graph whose post-grad passes plan its bodies too
         try:
-            return compile_fx_inner(aten_gm, *args, **kwargs)
+            out = compile_fx_inner(aten_gm, *args, **kwargs)
         finally:
             graph_pass.top = None
+        if not kwargs.get("is_backward", False):
+            # inductor turns this flag off where it did not cudagraphify the graph (a CPU
+            # graph, mutated inputs...): whether its calls replay, decided by what happened
+            planner.replayed = bool(kwargs.get("cudagraphs"))
+        return out
 
     compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
     if not planner.reports:  # served from inductor's cache: the pass did not run this time

@@ -110,8 +110,11 @@ def _prefetch_layer_weight(
     min_tokens: int,
     max_tokens: int,
 ) -> None:
-    if ops.tokens_in_range(tokens, min_tokens, max_tokens):
-        ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+    def prefetch() -> None:
+        if ops.tokens_in_range(tokens, min_tokens, max_tokens):
+            ops.prefetch_tensor(runtime_weight(layer_name, attr), dependency, max_size, offset)
+
+    ops.skip_failed("prefetch_layer_weight", prefetch)
 
 
 def _prefetch_layer_weight_fake(

@@ -47,6 +47,8 @@ from fxprefetch.vllm.moe import VllmMoeWeights  # also defines the by-name prefe
 from fxprefetch.vllm.settings import flag_given, settings
 
 logger = logging.getLogger(__name__)
+#: the device profile the pass predicts with (a built-in name or a profile file's path)
+PROFILE_ENV = "FXPREFETCH_DEVICE_PROFILE"
 
 try:
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
@@ -58,6 +60,17 @@ def config_from_vllm(vllm_config: Any, default_enabled: bool) -> WeightPrefetchC
     """The settings for a ``VllmConfig``: its ``weight_prefetch_config``, else
     ``FXPREFETCH_CONFIG`` (:func:`fxprefetch.vllm.settings.settings`; ``ConfigError``)."""
     return settings(vllm_config).settled(default_enabled)
+
+
+def env_device_profile() -> Any:
+    """The profile ``FXPREFETCH_DEVICE_PROFILE`` names (None where it is unset or empty);
+    a ``ConfigError`` naming the variable where it names no profile."""
+    import os
+
+    from fxprefetch.devices.profiles import device_profile_option
+
+    value = os.environ.get(PROFILE_ENV, "").strip()
+    return device_profile_option(value, PROFILE_ENV) if value else None
 
 
 def _device_target() -> str:
@@ -197,6 +210,7 @@ class WeightPrefetchPass(VllmInductorPass):  # type: ignore[misc,valid-type]
             rules=self.rules,
             split_at_attention=True,  # piecewise graphs end at attention: no fork may cross it
             cudagraphs=vllm_uses_cudagraphs(vllm_config or current_vllm_config()),
+            device_profile=env_device_profile(),
         )
 
     def planner(self, target: str | None = None, vllm_config: Any = None) -> GraphPlanner:

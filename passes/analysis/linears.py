@@ -10,6 +10,7 @@ tensor and the matmul is traced by :mod:`analysis.weight_trace`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from fxprefetch.passes.analysis.graph_utils import (
     get_arg,
     module_path,
     op_name,
+    prefetch_nodes,
     tensor_value,
 )
 from fxprefetch.passes.analysis.linear_ops import LinearOpSpec, linear_spec
@@ -50,6 +52,9 @@ class LinearUse:
     skip: SkipReason | None = None  # the operand cannot be prefetched (see ``note``)
     note: str | None = None
     span: int | torch.SymInt | None = None  # bytes from offset to the last read (None: nbytes)
+    # the weight stands in the activation's slot (``W @ x.T``): the activation, in the
+    # weight's slot, holds the tokens in its columns
+    swapped: bool = False
 
     @property
     def span_bytes(self) -> int | torch.SymInt:
@@ -123,11 +128,14 @@ def _linear_use(node: Node, spec: LinearOpSpec, sources: WeightSources, rules: P
             if reason is not None and unknown is None:
                 unknown = (operand, f"{trace.root.name}: {reason}")
             continue
-        if slot != spec.weight:  # the weight stands in an activation slot: swap the roles
+        swapped = slot != spec.weight
+        if swapped:  # the weight stands in an activation slot: swap the roles
             starts = tuple(flatten_nodes(get_arg(node, spec.weight)))
-        return _weight_use(
+        use = _weight_use(
             node, spec, starts, trace, sources, sources.module(_linear_module(node, operand))
         )
+        use.swapped = swapped
+        return use
     if unknown is not None:
         return LinearUse(
             **empty,
@@ -231,8 +239,60 @@ def find_linears(
     every linear reading a placeholder is skipped as such)."""
     table = rules.linear_table
     sources = WeightSources.of(weight_names)
-    return [
+    uses = [
         _linear_use(node, spec, sources, rules)
         for node in graph.nodes
         if (spec := linear_spec(node, table)) is not None
     ]
+    return uses + _opaque_uses(graph, sources, rules, {u.root for u in uses if u.root})
+
+
+# namespaces of PyTorch's own ops: a weight they take is not handed to an opaque op
+_TORCH_NAMESPACES = frozenset({"aten", "prims", "fxprefetch", "getitem"})
+_OPAQUE = LinearOpSpec("", ())
+
+
+def _weight_dims(node: Node, spec: LinearOpSpec) -> int | None:
+    """Dimensions of the tensor in a linear op's weight slot."""
+    value = get_arg(node, spec.weight)
+    found = tensor_value(value) if isinstance(value, Node) else None
+    return found.dim() if found is not None else None
+
+
+def _opaque_uses(
+    graph: Graph, sources: WeightSources, rules: PrefetchRules, read: set[Node]
+) -> list[LinearUse]:
+    """One use per weight matrix that no linear reads and a custom op takes (through views,
+    casts...): a kernel no pass sees into (the w2 of vLLM's CPU fused MoE), recorded with the
+    op's name so the plan says where the weight went."""
+    found: dict[Node, LinearUse] = {}
+    prefetches = set(prefetch_nodes(graph))
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem or node in prefetches:
+            continue
+        name = op_name(node)
+        if "::" not in name or name.split("::")[0] in _TORCH_NAMESPACES:
+            continue
+        if name == "npu::npu_prefetch" or name in rules.weight_views or name in rules.weight_casts:
+            continue  # torch_npu's prefetch placed by hand, or a view of the weight
+        # a linear op's other weight matrices (the experts' w2 beside w13): only those shaped
+        # like its weight, not its scales
+        spec = linear_spec(node, rules.linear_table)
+        if spec is not None and (spec.hidden or spec.prepacked):
+            continue  # recorded as hiding its weights, or with its prepacked copy
+        like = _weight_dims(node, spec) if spec is not None else None
+        for operand in flatten_nodes(list(node.args) + list(node.kwargs.values())):
+            trace = trace_operand(operand, rules)
+            root = trace.root
+            value = tensor_value(root) if root is not None else None
+            if root is None or root in read or root in found or value is None:
+                continue
+            if value.dim() < 2 or not _is_weight(root, sources):
+                continue
+            if spec is not None and value.dim() != like:
+                continue
+            use = _weight_use(node, _OPAQUE, (), trace, sources, module_path(node))
+            use.skip = SkipReason.OPAQUE_OP
+            use.note = "; ".join(filter(None, (f"taken by {name}", use.note)))
+            found[root] = use
+    return list(found.values())

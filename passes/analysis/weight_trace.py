@@ -122,7 +122,8 @@ def byte_range(root: torch.Tensor, used: torch.Tensor) -> StoredPart | None:
 
     Each storage offset counts in its own tensor's element size (a ``view(dtype)`` changes
     it). The part's shape lists the view's dimensions in storage order (largest stride
-    first), without broadcast (stride 0) and size-1 dimensions. None when a size, stride or
+    first), without broadcast (stride 0) and size-1 dimensions, counted in ``root``'s
+    elements (a ``view(dtype)``'s innermost dimension rescaled). None when a size, stride or
     offset is symbolic: reading it would add a guard.
     """
     values = [used.storage_offset(), root.storage_offset(), used.numel()]
@@ -146,7 +147,20 @@ def byte_range(root: torch.Tensor, used: torch.Tensor) -> StoredPart | None:
     shape = tuple(size for _, size in dims) or (1,)
     span = 1 + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
     read = min(math.prod(shape), span)  # overlapping strides (as_strided) read each byte once
+    if dims and used.element_size() != root.element_size():
+        shape = _in_root_elements(shape, dims[-1][0], used.element_size(), root.element_size())
     return StoredPart(offset, read * used.element_size(), span * used.element_size(), shape)
+
+
+def _in_root_elements(
+    shape: tuple[int, ...], inner_stride: int, used_size: int, root_size: int
+) -> tuple[int, ...]:
+    """A dtype view's part shape in the stored tensor's elements: its contiguous innermost
+    dimension rescaled by the element sizes (kept where it covers a fraction of one)."""
+    inner_bytes = shape[-1] * used_size
+    if inner_stride != 1 or inner_bytes % root_size:
+        return shape
+    return (*shape[:-1], inner_bytes // root_size)
 
 
 def stored_bytes(trace: WeightTrace) -> StoredPart:

@@ -73,6 +73,19 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
         "vllm::cuda_flashinfer_bf16_gemm": LinearOpSpec("weight", ("x",)),
         "vllm::rocm_unquantized_gemm": LinearOpSpec("weight", ("x",)),
         "vllm::unquantized_gemm": LinearOpSpec("weight", ("x",)),  # vllm-ascend
+        # vLLM on the CPU prepacks linear weights into oneDNN handles (its parameter emptied):
+        # the graph holds only the handle, no weight tensor to prefetch
+        "_C::onednn_mm": LinearOpSpec(
+            "",
+            ("a",),
+            hidden=True,
+            note="multiplies by a weight vLLM prepacked into a oneDNN handle (handler_tensor): "
+            "no weight tensor in the graph",
+        ),
+        # vLLM's CPU MoE (its Python body traced, by default on the CPU): the fused kernel
+        # takes the layer's stacked gate/up experts (w13) as a plain graph input; w2 is
+        # recorded as taken by an opaque op
+        "_C::cpu_fused_moe": LinearOpSpec("w13", ("input",)),
         # vLLM's fused MoE looks its expert weights up by layer name: no FX pass sees them
         "vllm::moe_forward": LinearOpSpec(MOE_GATE_UP, ("hidden_states",), hidden=True, note=_MOE),
         "vllm::moe_forward_shared": LinearOpSpec(
@@ -89,5 +102,23 @@ DEFAULT_LINEAR_OPS: Mapping[str, LinearOpSpec] = MappingProxyType(
             hidden=True,
             note="runs the attention's matmuls inside one op",
         ),
+    }
+)
+
+
+#: Ops that hand an MoE layer's tokens to its experts, one row per token-expert pair (a
+#: gather of the rows, a repeat), and the argument holding the tokens routed into the layer:
+#: an expert linear counts the rows of that argument, not the pairs (see
+#: :func:`analysis.token_bounds.linear_tokens`).
+DISPATCH_OPS: Mapping[str, str] = MappingProxyType(
+    {
+        "aten::index": "self",  # hidden[perm // top_k]: transformers' grouped_mm experts
+        "aten::_unsafe_index": "self",
+        "aten::index_select": "self",
+        "aten::repeat_interleave": "self",  # transformers' batched_mm experts
+        "aten::repeat": "self",  # dense experts: every token to every expert
+        "aten::expand": "self",  # repeat_interleave, decomposed (unsqueeze, expand, clone)
+        "npu::npu_moe_init_routing": "x",  # vllm-ascend
+        "npu::npu_moe_init_routing_v2": "x",
     }
 )

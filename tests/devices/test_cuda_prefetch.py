@@ -454,7 +454,8 @@ def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
 ):
     """With a GPU's device setup (an H200's, the CPU standing in), o_proj hides
     behind attention and down_proj behind SiLU-and-mul: 4 forks per layer, each fork ->
-    window -> join -> GEMM in the code inductor emits, every fork closed, outputs equal."""
+    window -> join -> GEMM in the code inductor emits, every fork closed, outputs equal.
+    (``force_prefetch``: the H200's profile predicts each of them to lose.)"""
     from torch._inductor.utils import run_and_get_code
 
     import fxprefetch
@@ -466,7 +467,8 @@ def test_on_a_gpu_profile_attention_and_down_windows_keep_fork_window_join_gemm(
     )
     model = SynthModel(SynthSpec(layers=2, hidden=64, intermediate=128))
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend="npu_prefetch", options={"target": "inductor"})
+    forced = {"target": "inductor", "weight_prefetch_config": {"force_prefetch": True}}
+    compiled = torch.compile(model, backend="npu_prefetch", options=forced)
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(compiled, ids)
         expected = model(ids)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fxprefetch.devices import simulated_setup
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.prediction import ProfileError, profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 
 
@@ -23,7 +23,7 @@ def test_simulated_setup_gives_the_device_cap_profile_and_policy():
     ascend = simulated_setup("ascend-910b")
     assert ascend.caps == {} and ascend.profiles["meta"].sequence_parallel_rule
     assert default_cap(profile("ascend-a3")) is None
-    with pytest.raises(KeyError, match="unknown device profile"):
+    with pytest.raises(ProfileError, match="unknown device profile"):
         simulated_setup("tpu")
 
 
@@ -37,7 +37,7 @@ def test_a_cuda_device_is_profiled_from_what_it_reports(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     found = cuda_profile(0)
-    assert found.name == "h200" and found.cores == 132
+    assert found.name == "h200" and found.cores.value == 132
     assert found.hbm_bytes_per_s == pytest.approx(4.8e12, rel=0.001)
 
 

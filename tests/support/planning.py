@@ -11,11 +11,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
+from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import run_weight_prefetch
 
 from support.synthetic import SynthModel, SynthSpec
-from support.tracing import export_aten, fake_trace
+from support.tracing import export_aten, fake_trace, trace_constants
 
 ON = WeightPrefetchConfig(enabled=True)
 
@@ -37,16 +38,19 @@ def fresh_export(dense: Dense) -> Dense:
 
 
 def plan_synth(
-    profile_name: str | None = None,
+    profile_name: str | DeviceProfile | None = None,
     config: WeightPrefetchConfig = ON,
     split_at_attention: bool = False,
     **spec,
 ) -> tuple[GraphModule, PrefetchPlan]:
-    """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` if given."""
+    """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` (a
+    built-in profile's name, or a profile) if given."""
     from fxprefetch.devices.prediction import profile
 
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
-    profiles = {"cpu": profile(profile_name)} if profile_name else None
+    if isinstance(profile_name, str):
+        profile_name = profile(profile_name)
+    profiles = {"cpu": profile_name} if profile_name is not None else None
     plan = run_weight_prefetch(
         gm,
         config,
@@ -106,3 +110,24 @@ class SPBlock(nn.Module):
             )
         gate, up = self.mlp["gate_up_proj"](h).chunk(2, -1)
         return self.mlp["down_proj"](F.silu(gate) * up)
+
+
+def hf_moe_plan(tokens: int, implementation: str, mode: str = "fake") -> PrefetchPlan:
+    """The plan of transformers' tiny Qwen3-MoE (2 of 4 experts per token) with experts from
+    96 tokens (vllm-ascend's rule), traced at ``tokens`` tokens."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from fxprefetch.presets import build_model
+
+    model = build_model("qwen3-moe-tiny").to(torch.bfloat16)  # grouped_mm needs bf16 here
+    model.config._experts_implementation = implementation
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    gm = trace_constants(model, forward, torch.randint(0, 64, (1, tokens)), mode)
+    config = WeightPrefetchConfig.from_dict(
+        {"enabled": True, "token_range": {"moe": {"gate_up": {"min_tokens": 96}}}}
+    )
+    return run_weight_prefetch(gm, config)

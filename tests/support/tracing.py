@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -126,3 +126,29 @@ def swap_passes(monkeypatch: pytest.MonkeyPatch, target: str, passes: Sequence[o
     spec = TARGET_SPECS[target]
     swapped = dataclasses.replace(spec, pipeline=spec.pipeline.with_passes(passes))
     monkeypatch.setitem(TARGET_SPECS, target, swapped)
+
+
+def trace_constants(
+    model: torch.nn.Module, fn: Callable[..., Any], x: torch.Tensor, mode: str
+) -> GraphModule:
+    """The aten graph of ``fn(x)``; ``model``'s parameters are constants (static shapes, even
+    where the input's token dimensions are symbolic) named by their paths, so their linears
+    get roles."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode=mode, _allow_non_fake_inputs=True)(x)
+    paths = {id(p): name for name, p in model.named_parameters()}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        path = paths.get(id(getattr(gm, node.target)))
+        if path is None:
+            continue
+        owner: torch.nn.Module = gm
+        *modules, attr = path.split(".")
+        for name in modules:
+            if not hasattr(owner, name):
+                owner.add_module(name, torch.nn.Module())
+            owner = getattr(owner, name)
+        setattr(owner, attr, getattr(gm, node.target))
+        node.target = path
+    gm.recompile()
+    return gm

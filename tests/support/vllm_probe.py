@@ -7,7 +7,9 @@ prints JSON.
 
 ``serve MODE``: a tiny Llama (random weights, ``load_format="dummy"``) served by the real
 vLLM engine, greedy decoding from fixed token ids. MODE is ``baseline`` (no flag), ``flag``
-(``additional_config`` only), ``explicit`` (``inductor_passes``) or ``bad`` (a bad ratio).
+(``additional_config`` only), ``explicit`` (``inductor_passes``) or ``bad`` (a bad ratio);
+``moe-*`` serve a tiny Mixtral through vLLM's fused MoE op, and ``moe-default`` a tiny
+Qwen3-MoE on vLLM's CPU defaults (oneDNN linears, its CPU MoE traced to ``cpu_fused_moe``).
 vLLM on the CPU prepacks linear weights into oneDNN handles, so no weight is in the graph;
 as on GPUs and NPUs, its ``torch.nn.functional.linear`` fallback keeps them there.
 """
@@ -46,6 +48,17 @@ TINY_MIXTRAL = {  # two layers, four experts (top 2), random weights: vLLM's fus
     "model_type": "mixtral",
     "num_local_experts": 4,
     "num_experts_per_tok": 2,
+}
+TINY_QWEN3_MOE = {  # two layers, four experts (top 2): vLLM's CPU MoE on its default path
+    **{k: v for k, v in TINY_LLAMA.items() if k not in ("architectures", "model_type")},
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
 }
 # the seed guide's MoE example, verbatim, as its users type it after --additional-config
 GUIDE_MOE_JSON = """{
@@ -164,14 +177,17 @@ def serve(mode: str) -> dict:
     import vllm.model_executor.layers.utils as layer_utils
     from vllm import LLM, SamplingParams
 
-    # keep weights as graph inputs (torch.nn.functional.linear), as on GPUs and NPUs
-    custom_ops._supports_onednn = False
-    layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
+    default_path = mode == "moe-default"  # vLLM's CPU defaults: oneDNN linears, its CPU MoE
+    if not default_path:
+        # keep weights as graph inputs (torch.nn.functional.linear), as on GPUs and NPUs
+        custom_ops._supports_onednn = False
+        layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
 
     moe = mode.startswith("moe-")
     prefetched: list[list[int]] = []
     if moe:
-        _use_the_fused_moe_op()
+        if not default_path:
+            _use_the_fused_moe_op()
         from fxprefetch import ops
 
         def record(weight, dependency, max_size, offset):  # a recording native prefetch
@@ -180,7 +196,8 @@ def serve(mode: str) -> dict:
 
         ops.register_native_prefetch("cpu", record)
     folder = Path(tempfile.mkdtemp(prefix="fxprefetch-llama-"))
-    (folder / "config.json").write_text(json.dumps(TINY_MIXTRAL if moe else TINY_LLAMA))
+    model = TINY_QWEN3_MOE if default_path else TINY_MIXTRAL if moe else TINY_LLAMA
+    (folder / "config.json").write_text(json.dumps(model))
     kwargs: dict = {
         "model": str(folder),
         "load_format": "dummy",
@@ -198,7 +215,7 @@ def serve(mode: str) -> dict:
         kwargs["compilation_config"] = {
             "inductor_passes": {"post_grad_custom_post_pass": PASS_NAME}
         }
-    elif mode == "moe-flag":
+    elif mode in ("moe-flag", "moe-default"):
         kwargs["additional_config"] = json.loads(GUIDE_MOE_JSON)
     elif mode == "moe-bounded":
         kwargs["additional_config"] = BOUNDED_MOE

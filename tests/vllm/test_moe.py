@@ -452,3 +452,29 @@ def test_a_compile_range_decides_a_symbolic_count_once(context):
             # stripping leaves the graph the pass found: the token counts go with the prefetches
             assert len(gm.graph.nodes) > len(before) + len(nodes)
             assert strip_prefetch(gm) == 2 and [n.name for n in gm.graph.nodes] == before
+
+
+def test_a_by_name_prefetch_that_fails_is_skipped_and_counted(caplog):
+    """No layer of that name in the forward context (or any other failure): the model runs on."""
+    import fxprefetch
+
+    with fxprefetch.collect_stats() as s, caplog.at_level("WARNING", logger="fxprefetch.ops"):
+        vllm_moe.LAYER_OP("model.layers.0.mlp.experts", "w13_weight", None, 16, 0, 8, 0, -1)
+    assert (s.failed, s.calls) == (1, 0)
+    assert "prefetch_layer_weight failed and was skipped" in caplog.text
+
+
+def test_the_fused_moe_and_transformers_grouped_mm_count_the_same_tokens(context):
+    """One config (experts from 96 tokens), 64 tokens routed top-2: vLLM's fused MoE and
+    transformers' grouped_mm experts (128 token-expert rows) both count 64 and skip."""
+    from support.planning import hf_moe_plan
+
+    layers, _ = context
+    _, gm, _ = _trace(64)
+    fused = _pipeline(gm, BOUNDED, layers).by_role("moe.gate_up")
+    grouped = hf_moe_plan(64, "grouped_mm").by_role("moe.gate_up")
+    for records in (fused, grouped):
+        assert len(records) == 2
+        assert {(r.tokens, r.prefetched, r.skip_reason) for r in records} == {
+            ("64", False, SkipReason.OUTSIDE_TOKEN_RANGE)
+        }

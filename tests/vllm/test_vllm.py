@@ -217,3 +217,28 @@ def test_a_token_bound_is_checked_at_run_time_in_vllms_dynamic_graph(served_moe)
     flag_storages = {address for address, _ in flagged["w13"].values()}
     flag_rows = [rows for a, _, rows in flagged["prefetched"] if a in flag_storages]
     assert any(rows < 96 for rows in flag_rows)  # unbounded, decode steps prefetch them too
+
+
+def test_vllms_cpu_defaults_record_every_weight_and_prefetch_the_cpu_moe_experts(
+    vllm_python, tmp_path
+):
+    """vLLM's CPU defaults (one model start): its linears prepacked into oneDNN handles and
+    its CPU MoE traced down to ``_C::cpu_fused_moe``. Each oneDNN linear has a record saying
+    why nothing is prefetched; each layer's experts gate/up (a plain input of the fused
+    kernel) is prefetched as on the ``vllm::moe_forward`` route, reaching its storage; w2,
+    which only the kernel takes, is recorded naming it."""
+    result = _probe(vllm_python, "serve", "moe-default", plan_dir=tmp_path)
+    records = [r for p in read_plan_dir(tmp_path) for r in p.records]
+    onednn = [r for r in records if r.op == "_C::onednn_mm"]
+    assert onednn and all("oneDNN handle" in (r.note or "") for r in onednn), records
+    moe = [r for r in records if r.op == "_C::cpu_fused_moe"]
+    gate_up = [r for r in moe if r.prefetched]
+    down = [r for r in moe if not r.prefetched]
+    assert len(gate_up) == len(down) >= 2, moe  # per layer and compiled graph
+    assert {r.role for r in gate_up} == {"moe.gate_up"}
+    assert {str(r.skip_reason) for r in down} == {"weight consumed by an opaque op"}
+    storages = {address: nbytes for address, nbytes in result["w13"].values()}
+    assert sorted(r.weight_bytes for r in gate_up) == sorted(storages.values())
+    assert all(r.prefetch_bytes == int(0.8 * r.weight_bytes) for r in gate_up)
+    reached = {a for a, _, _ in result["prefetched"] if a in storages}
+    assert reached == set(storages)
