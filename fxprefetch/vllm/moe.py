@@ -33,6 +33,7 @@ import logging
 from typing import Any
 
 import torch
+from torch._library.infer_schema import infer_schema
 from torch.fx import Node
 
 from fxprefetch import ops
@@ -130,16 +131,12 @@ def _prefetch_layer_weight_fake(
     torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
 
 
-def _define(name: str, fn: Any, fake: Any) -> torch._ops.OpOverload:
-    from torch._library.infer_schema import infer_schema
-
-    _lib.define(name + infer_schema(fn, mutates_args=()), tags=())
-    _lib.impl(name, fn, "CompositeExplicitAutograd")
-    _lib._register_fake(name, fake)
-    return getattr(torch.ops.fxprefetch, name).default
-
-
-LAYER_OP = _define("prefetch_layer_weight", _prefetch_layer_weight, _prefetch_layer_weight_fake)
+LAYER_OP = ops.define_op(
+    _lib,
+    "prefetch_layer_weight" + infer_schema(_prefetch_layer_weight, mutates_args=()),
+    _prefetch_layer_weight_fake,
+    {"CompositeExplicitAutograd": _prefetch_layer_weight},
+)
 ops.register_prefetch_op(LAYER_OP)
 
 
