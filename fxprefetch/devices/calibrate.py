@@ -292,7 +292,7 @@ def calibrate(
         facts.cores, "spec", f"reported by the device ({facts.name}), {where}"
     )
     result.constants["margin_us"] = Constant(
-        MARGIN_US, "assumed", "the default margin of issue 26 (0.5 µs): not measured"
+        MARGIN_US, "assumed", "the default do-no-harm margin (0.5 µs): not measured"
     )
     return result
 

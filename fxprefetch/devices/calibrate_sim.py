@@ -5,7 +5,7 @@ an L2 of ``l2_bytes`` (least recently used first out, whole buffers) decides wha
 finds resident. Each replay's time is scaled by a factor drawn uniformly from
 ``[1 - jitter, 1 + jitter]`` (seeded), and the device's clock advances by the simulated time
 plus a host cost per replay and per capture, so the budget logic is exercised on simulated
-time. The constants are H200-like, from the 2026-11-30 H200 run as reviewed in issue 26
+time. The constants are H200-like, from the 2026-11-30 H200 run
 (``SIMULATED["h200"]``); a calibration must recover them.
 """
 

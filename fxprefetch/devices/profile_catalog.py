@@ -81,7 +81,11 @@ def _h200() -> dict[str, Any]:
         ),
         delta_us_per_mb_1_token=_c(H200_DELTA_1, "measured", f"{MICRO}: none - hot, M = 1"),
         delta_us_per_mb_16_tokens=_c(H200_DELTA_16, "measured", f"{MICRO}: none - hot, M = 16"),
-        margin_us=_c(0.5, "assumed", "issue 26: emit only where the net saving exceeds 0.5 µs"),
+        margin_us=_c(
+            0.5,
+            "assumed",
+            "do no harm: emit only where the net saving exceeds 0.5 µs (not measured)",
+        ),
         lowerings={
             "side_stream": {
                 "fixed_us": _c(H200_FORK_US, "measured", f"{MICRO}: fork - none, M = 1"),
@@ -139,7 +143,11 @@ def _derived_gpu(
         delta_us_per_mb_16_tokens=_c(
             round(d16, 4), "derived", "δ at 1 token x the H200's δ16/δ1 ratio"
         ),
-        margin_us=_c(0.5, "assumed", "issue 26: emit only where the net saving exceeds 0.5 µs"),
+        margin_us=_c(
+            0.5,
+            "assumed",
+            "do no harm: emit only where the net saving exceeds 0.5 µs (not measured)",
+        ),
         lowerings={
             "side_stream": {
                 "fixed_us": _c(H200_FORK_US, "derived", "the H200's, " + why),

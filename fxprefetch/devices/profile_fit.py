@@ -164,11 +164,11 @@ def fit_delta(
 
 
 def as_planned_2026_11_30(h200: DeviceProfile) -> DeviceProfile:
-    """The model the 2026-11-30 H200 benchmark planned (and sized "auto") with, before issue 26:
+    """The model the 2026-11-30 H200 benchmark planned (and sized "auto") with, pre-measurement:
     peak 4.8 TB/s, 2.5 µs per window kernel, 1.0 µs per prefetch, and a prefetched byte
     saving its whole transfer time (δ = 1 / bandwidth, β = 0). Used to rebuild the prefetches
     as they ran, not to predict."""
-    why = "the spec model fxprefetch planned with on 2026-11-30 (before issue 26)"
+    why = "the spec model fxprefetch planned with on 2026-11-30 (before the measured model)"
     peak = 4.8e12
     delta = Constant(MB / (peak / 1e6), "assumed", why)
     device = replace(
