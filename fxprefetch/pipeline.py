@@ -37,11 +37,14 @@ from typing import Any
 
 from torch.fx import GraphModule
 
+from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.errors import PassFailedError
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
 from fxprefetch.passes.elide_hints import elide_hints
 from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import PrefetchPlan
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "Pipeline",
     "run_passes",
     "run_pipeline",
+    "run_weight_prefetch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,3 +220,29 @@ def _record_lowerings(gm: GraphModule, plan: PrefetchPlan) -> None:
         meta = prefetch_meta(node) if node is not None else None
         if meta is not None and meta.lowering is not None:
             plan.records[i] = replace(record, lowering=meta.lowering)
+
+
+def run_weight_prefetch(
+    gm: GraphModule,
+    config: WeightPrefetchConfig,
+    *,
+    rules: PrefetchRules | None = None,
+    graph_name: str = "graph",
+    recompile: bool = True,
+    **context: Any,
+) -> PrefetchPlan:
+    """The planning pass alone on ``gm``, run by the driver (:func:`run_passes`), for
+    callers by hand: returns the plan; ``recompile`` regenerates ``gm.code``. ``context``:
+    :class:`PassContext`'s other fields (``weight_names``, ``devices``...); ``rules``
+    defaults to :func:`fxprefetch.passes.tables.rules.current_rules`."""
+    ctx = PassContext(
+        config=config,
+        rules=rules if rules is not None else current_rules(),
+        graph_name=graph_name,
+        **context,
+    )
+    (result,) = run_passes(gm, (plan_prefetches,), ctx)
+    if recompile and result.changed:
+        gm.recompile()
+    assert result.plan is not None
+    return result.plan

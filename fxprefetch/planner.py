@@ -141,25 +141,17 @@ class GraphPlanner:
         sources: WeightSources | Mapping[str, str] | None = None,
         runs: int | None = 1,
     ) -> PassContext:
-        devices = self.setup.devices
         return PassContext(
             config=self.setup.config,
             rules=self.setup.rules,
             graph_name=graph_name,
             weight_names=sources if sources is not None else self.weight_names(gm),
-            native_devices=devices.native,
-            join_devices=devices.joins,
-            device_caps=dict(sorted(devices.caps.items())),
-            native_l2=devices.l2,
-            cache_hint=devices.cache_hint,
-            lowering=dict(sorted(devices.lowering.items())),
-            device_profiles=dict(sorted(devices.profiles.items())),
+            devices=self.setup.devices,
             split_at_attention=self.setup.split_at_attention,
             runs=runs,
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),
             npu_graph_engine=self.npu_graph_engine,
-            ascend_lowering=devices.ascend_lowering,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:

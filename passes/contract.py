@@ -14,12 +14,12 @@ name, its own: the driver stamps it on the pass's :class:`PassResult`.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
-from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.devices.setup import DeviceSetup
 from fxprefetch.errors import PipelineOrderError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.weight_sources import WeightSources
@@ -36,14 +36,11 @@ class PassContext:
     graph_name: str
     # placeholders that are parameters/buffers (None: nothing is known, none is taken)
     weight_names: WeightSources | Mapping[str, str] | None = None
-    native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
-    join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
-    device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
-    native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
-    cache_hint: str = "none"  # the L2 cache hint of prefetch_native
-    lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
-    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
-    device_profiles: Mapping[str, DeviceProfile] | None = None
+    # what the devices offer, as the compile's setup fixed it: native prefetches (``native``),
+    # side-stream joins (``joins``), byte caps (``caps``), the native L2 lowering (``l2``,
+    # ``cache_hint``), what each device's prefetches become (``lowering``), the profiles
+    # (window policy, "auto" sizes, predicted savings), the Ascend lowering
+    devices: DeviceSetup = field(default_factory=DeviceSetup)
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
     runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
     hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
@@ -51,9 +48,6 @@ class PassContext:
     # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
     # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
     npu_graph_engine: bool = False
-    # how a captured Ascend graph (aclgraph, npugraph_ex) runs its prefetches: "side_stream"
-    # (forked onto the prefetch stream, joined before the linear) or "in_stream" (experiments)
-    ascend_lowering: str = "side_stream"
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ def hint_only(gm: GraphModule, native_devices: Collection[str]) -> bool:
 
 @graph_pass(requires=("plan_prefetches",))
 def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.native_devices``):
+    """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.devices.native``):
     remove them all, or where the graph runs a varying number of times (``ctx.runs`` None)
     turn them into ``fxprefetch.prefetch_hint`` calls that count themselves when they run."""
-    if not hint_only(gm, ctx.native_devices):
+    if not hint_only(gm, ctx.devices.native):
         return PassResult(0)
     if ctx.runs is not None:  # counted per call; else its hints count themselves when they run
         return PassResult(remove_prefetches(gm))

@@ -21,10 +21,10 @@ from torch.fx import GraphModule, Node
 
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
 from fxprefetch.passes.analysis.graph_utils import tensor_value
+from fxprefetch.passes.analysis.native_lowering import graph_owned
 from fxprefetch.passes.analysis.prefetch_meta import JoinMeta, join_meta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
 from fxprefetch.passes.invariants import FORKS_JOINED
-from fxprefetch.passes.lower_native import graph_owned
 
 
 def _only_views_of(node: Node, weight: Node) -> bool:

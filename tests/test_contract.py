@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 
 import fxprefetch.passes as passes_package
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.contract import (
@@ -188,15 +189,14 @@ def test_a_pass_run_alone_leaves_the_code_stale_until_the_driver_runs():
     assert gm.code.count("torch.ops.fxprefetch.prefetch.default") == 4
 
 
+CPU = frozenset({"cpu"})
+
+
 @pytest.mark.parametrize(
     "context",
     [
         {},
-        {
-            "native_devices": frozenset({"cpu"}),
-            "native_l2": frozenset({"cpu"}),
-            "join_devices": frozenset({"cpu"}),
-        },
+        {"devices": DeviceSetup(native=CPU, l2=CPU, joins=CPU)},
     ],
     ids=["hints", "native-joined"],
 )

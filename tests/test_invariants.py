@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.ops import JOIN_OP, NATIVE_OP, PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.prefetch_meta import (
@@ -41,11 +42,8 @@ from support.npu_standins import install_op_standins
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import fake_trace, pipeline_of, swap_passes
 
-JOINED = {
-    "native_devices": frozenset({"cpu"}),
-    "native_l2": frozenset({"cpu"}),
-    "join_devices": frozenset({"cpu"}),
-}
+CPU = frozenset({"cpu"})
+JOINED = {"devices": DeviceSetup(native=CPU, l2=CPU, joins=CPU)}
 
 
 def _traced(**context) -> tuple[GraphModule, PassContext]:
@@ -86,7 +84,7 @@ def test_the_environment_switches_the_checks(monkeypatch, value, enabled):
         ("eager", {}),
         ("npu", {"npu_graph_engine": True}),
         ("npu", {}),
-        ("npu", {"ascend_lowering": "in_stream"}),
+        ("npu", {"devices": DeviceSetup(ascend_lowering="in_stream")}),
         ("inductor", {}),
         ("inductor", JOINED),
     ],

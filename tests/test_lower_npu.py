@@ -67,10 +67,13 @@ def test_a_ge_graph_refuses_prefetches_decided_at_run_time(planned):
 # -- captured graphs: the prefetch stream -------------------------------------------------------
 
 
-def _npu_pipeline(model=None, **context):
+def _npu_pipeline(model=None, ascend_lowering="side_stream", **context):
+    from fxprefetch.devices import DeviceSetup
+
     from support.tracing import run_synth_pipeline
 
-    return run_synth_pipeline("npu", model=model, **context)
+    devices = DeviceSetup(ascend_lowering=ascend_lowering)
+    return run_synth_pipeline("npu", model=model, devices=devices, **context)
 
 
 def _pairs(gm):

@@ -159,7 +159,7 @@ def test_each_target_lists_its_passes_in_order():
     ("native", "kept"), [(frozenset(), 0), (frozenset({"cpu"}), 4)], ids=["hints", "native"]
 )
 def test_the_report_says_what_each_pass_changed(native, kept):
-    gm, report = run_synth_pipeline("inductor", native_devices=native)
+    gm, report = run_synth_pipeline("inductor", devices=DeviceSetup(native=native))
     changes = {r.name: r.changed for r in report.results}
     assert changes == {  # each under its pass's own name
         "plan_prefetches": 4,
@@ -217,8 +217,8 @@ def test_no_back_channels_between_compile_and_runtime():
 )
 def test_the_device_cap_applies_where_the_config_writes_none(written, device_cap, cap):
     config = WeightPrefetchConfig(enabled=True, max_prefetch_bytes=written)
-    caps = {"cpu": device_cap} if device_cap is not None else None
-    _, report = run_synth_pipeline("eager", config, device_caps=caps)
+    caps = {"cpu": device_cap} if device_cap is not None else {}
+    _, report = run_synth_pipeline("eager", config, devices=DeviceSetup(caps=caps))
     plan = report.plan
     assert len(plan.prefetched) == 4
     for r in plan.prefetched:  # weights of 12 KiB and 16 KiB: only the small caps bite

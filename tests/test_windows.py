@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.passes import DEFAULT_RULES, run_weight_prefetch
+from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.passes.tables.collectives import COLLECTIVES
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import ON, SPBlock, node_named, node_order, plan_synth
 from support.synthetic import SynthModel, SynthSpec
