@@ -412,15 +412,16 @@ def goals_met(micro_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]]
 
 
 def _header() -> dict[str, Any]:
-    from fxprefetch.devices.cuda_prefetch import default_cap
+    from fxprefetch.devices.profiles import cuda_profile, default_cap
 
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     print(
         f"{name}, L2 {props.L2_cache_size // MB} MB, torch {torch.__version__}, "
-        f"default cap {default_cap() / MB:g} MB"
+        f"default cap {default_cap(cuda_profile()) / MB:g} MB"
     )
-    return {"gpu": name, "l2_bytes": props.L2_cache_size, "default_cap_bytes": default_cap()}
+    cap = default_cap(cuda_profile())
+    return {"gpu": name, "l2_bytes": props.L2_cache_size, "default_cap_bytes": cap}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ torch's SDPA over a static KV cache, all replayed as CUDA graphs:
   down_proj: the long windows.
 
 Arms, each prefetching qkv, o, gate/up and down of every layer, ``min(weight, cap)`` bytes
-(the cap a compile on this GPU uses, ``fxprefetch.devices.cuda_prefetch.default_cap``):
+(the cap a compile on this GPU uses, ``fxprefetch.devices.profiles.default_cap``):
 
 - ``base``: no prefetch;
 - ``side``: fxprefetch's side stream (``cuda_prefetch.fork`` before the window, ``join``
@@ -174,7 +174,7 @@ def _builtin_for(profile: str) -> str | None:
     """The built-in profile of a profile file's device (``NVIDIA H200`` -> ``h200``)."""
     import json
 
-    from fxprefetch.devices.prediction import match_profile
+    from fxprefetch.devices.profile_catalog import match_profile
 
     try:
         data = json.loads(Path(profile).read_text())
@@ -500,10 +500,10 @@ def main() -> int:
             header["sm90_compile"] = f"skipped: {exc}"
             print("sm_90 compile check skipped:", exc)
     if cuda:
-        from fxprefetch.devices.cuda_prefetch import default_cap
-        from fxprefetch.devices.prediction import match_profile
+        from fxprefetch.devices.profile_catalog import match_profile
+        from fxprefetch.devices.profiles import cuda_profile, default_cap
 
-        cap, device, dtype = default_cap(), "cuda", torch.bfloat16
+        cap, device, dtype = default_cap(cuda_profile()), "cuda", torch.bfloat16
         found = match_profile(torch.cuda.get_device_name())
         profile = args.device_profile or (found.name if found else "h100")
         configs = [("dense-b1", DENSE, 4, 0.0), ("tp4-b1", TP4, 8, args.ar_us)]

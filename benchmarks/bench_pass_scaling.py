@@ -18,7 +18,8 @@ from dataclasses import replace
 import torch
 
 import fxprefetch
-from fxprefetch.passes import run_weight_prefetch, strip_prefetch
+from fxprefetch.passes import strip_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from common import (
     alternate,

@@ -131,7 +131,8 @@ def _positive_int(text: str) -> int:
 
 def _device_profile(text: str):
     """A built-in device profile's name or a profile file's path, validated."""
-    from fxprefetch.devices.prediction import ProfileError, resolve_profile
+    from fxprefetch.devices.prediction import ProfileError
+    from fxprefetch.devices.profile_catalog import resolve_profile
 
     try:
         return resolve_profile(text)
@@ -142,7 +143,7 @@ def _device_profile(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from fxprefetch.devices.calibrate import BUDGET_S, MAX_BUDGET_S, MIN_BUDGET_S
     from fxprefetch.devices.calibrate_sim import SIMULATED
-    from fxprefetch.devices.prediction import PROFILES as PROFILES_BY_NAME
+    from fxprefetch.devices.profile_catalog import PROFILES as PROFILES_BY_NAME
     from fxprefetch.presets import PRESETS, preset_names
     from fxprefetch.targets import AUTO, TARGET_NAMES
 
@@ -285,7 +286,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         profile_document,
         render_table,
     )
-    from fxprefetch.devices.prediction import match_profile
+    from fxprefetch.devices.profile_catalog import match_profile
 
     output = _output_path(args.output) if args.output else None
     try:
@@ -410,7 +411,7 @@ def run_plan(args: argparse.Namespace) -> int:
             if layers and layers < total_layers:
                 text += f"\n(built {layers} of {total_layers} decoder layers; see --layers)"
             if args.device is not None:
-                from fxprefetch.devices.prediction import StepShape, render_prediction
+                from fxprefetch.plan.predicted_step import StepShape, render_prediction
 
                 shape = StepShape.from_config(load_config(args.model))
                 text += "\n\n" + render_prediction(plans, args.device, total_layers, shape)

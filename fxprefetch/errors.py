@@ -45,6 +45,11 @@ class PrefetchPassError(FxprefetchError, RuntimeError):
     """The weight-prefetch pass failed on a graph (raised only in strict mode)."""
 
 
+class PassFailedError(FxprefetchError, RuntimeError):
+    """A pass raised: the message names the pass and the passes run before it, then the
+    pass's own exception (also the ``__cause__``)."""
+
+
 class InvariantError(FxprefetchError, RuntimeError):
     """A pass left the graph breaking an invariant; the message names the pass."""
 
@@ -83,6 +88,7 @@ __all__ = [
     "NpuLoweringError",
     "NpuStreamsUnavailableError",
     "NpuUnavailableError",
+    "PassFailedError",
     "PipelineOrderError",
     "PrefetchPassError",
     "ProfileError",

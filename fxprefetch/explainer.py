@@ -47,7 +47,8 @@ def explain(
     plan, ``outside compiled graphs``, lists the weights with a role that no graph read:
     those that eager code read (a graph break), and those nothing read (unused), told apart
     by running the model once more without compiling it (only where such weights exist).
-    ``device_profile`` (a name of ``fxprefetch.devices.prediction.PROFILES``, e.g. ``"h200"``, a
+    ``device_profile`` (a name of ``fxprefetch.devices.profile_catalog.PROFILES``, e.g.
+    ``"h200"``, a
     device profile file's path, or a profile) plans as a compile on that device would: its
     default cap, its window policy (on a GPU, ``mlp.down`` and attention windows), ``"auto"``
     sizes, each prefetch's predicted saving (a model, never a measurement), and on a GPU

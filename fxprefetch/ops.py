@@ -31,7 +31,7 @@ lists every prefetch op, :data:`FORK_OPS` those that fork.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +46,27 @@ NAMESPACE = "fxprefetch"
 SCHEMA = "prefetch(Tensor weight, Tensor? dependency, int max_size, int offset=0) -> ()"
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define(SCHEMA, tags=())
+DEVICE_KEYS = ("CPU", "CUDA", "XPU", "PrivateUse1")  # the dispatch keys our kernels serve
 
-PREFETCH_OP = torch.ops.fxprefetch.prefetch.default
-has_side_effect(PREFETCH_OP)
-has_side_effect(torch.ops.fxprefetch.prefetch)
+
+def define_op(
+    lib: torch.library.Library,
+    schema: str,
+    fake: Callable[..., None],
+    kernels: Mapping[str, Callable[..., None]],
+) -> torch._ops.OpOverload:
+    """Define the side-effecting op ``schema`` (``name(args) -> ()``) in ``lib``, with its
+    ``fake`` (meta) function and a kernel per dispatch key; returns its overload, kept by
+    dead-code elimination, AOT autograd and inductor (:func:`has_side_effect`)."""
+    name = schema.split("(", 1)[0]
+    lib.define(schema, tags=())
+    torch.library.register_fake(f"{lib.ns}::{name}", fake, lib=lib)
+    for key, kernel in kernels.items():
+        lib.impl(name, kernel, key)
+    packet = getattr(getattr(torch.ops, lib.ns), name)
+    has_side_effect(packet.default)
+    has_side_effect(packet)
+    return packet.default
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -71,7 +87,6 @@ def check_prefetch_args(weight: torch.Tensor, max_size: int, offset: int) -> Non
     )
 
 
-@torch.library.register_fake("fxprefetch::prefetch", lib=_lib)
 def _prefetch_fake(
     weight: torch.Tensor, dependency: torch.Tensor | None, max_size: int, offset: int = 0
 ) -> None:
@@ -149,9 +164,12 @@ def _device_kernel(
         native(weight, dependency, max_size, offset)
 
 
-_lib.impl("prefetch", _cpu_kernel, "CPU")
-for _key in ("CUDA", "XPU", "PrivateUse1"):
-    _lib.impl("prefetch", _device_kernel, _key)
+PREFETCH_OP = define_op(
+    _lib,
+    SCHEMA,
+    _prefetch_fake,
+    {"CPU": _cpu_kernel, **dict.fromkeys(DEVICE_KEYS[1:], _device_kernel)},
+)
 
 
 def prefetch_tensor(
@@ -172,10 +190,6 @@ RANGE_SCHEMA = (
     "prefetch_in_range(Tensor weight, Tensor? dependency, int max_size, int offset, "
     "SymInt tokens, int min_tokens, int max_tokens) -> ()"
 )
-_lib.define(RANGE_SCHEMA, tags=())
-RANGE_OP = torch.ops.fxprefetch.prefetch_in_range.default
-has_side_effect(RANGE_OP)
-has_side_effect(torch.ops.fxprefetch.prefetch_in_range)
 
 
 INT64_MAX = 2**63 - 1  # the schemas' ``int``: a larger argument fails before any kernel runs
@@ -205,7 +219,6 @@ def skip_failed(op: str, fn: Callable[..., None], *args: Any) -> None:
         logger.warning("%s failed and was skipped (the model runs on): %s", op, exc)
 
 
-@torch.library.register_fake("fxprefetch::prefetch_in_range", lib=_lib)
 def _range_fake(
     weight: torch.Tensor,
     dependency: torch.Tensor | None,
@@ -253,8 +266,7 @@ def _prefetch_in_range(
         prefetch_tensor(weight, dependency, max_size, offset)
 
 
-for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
-    _lib.impl("prefetch_in_range", _range_kernel, _key)
+RANGE_OP = define_op(_lib, RANGE_SCHEMA, _range_fake, dict.fromkeys(DEVICE_KEYS, _range_kernel))
 
 
 # -- the native L2 prefetch as the inductor pipeline lowers it -------------------------------
@@ -270,19 +282,11 @@ NATIVE_SCHEMA = (
     "prefetch_native(Tensor weight, Tensor(a!)[] order, int max_size, int offset, "
     "str stream, str cache_hint, SymInt tokens=0, int min_tokens=0, int max_tokens=-1) -> ()"
 )
-_lib.define(NATIVE_SCHEMA, tags=())
-NATIVE_OP = torch.ops.fxprefetch.prefetch_native.default
-has_side_effect(NATIVE_OP)
-has_side_effect(torch.ops.fxprefetch.prefetch_native)
 
 # ``prefetch_join``: the current stream waits for the side stream of the fork(s) before it.
 # ``order`` as above: the fork's token (so the join follows its fork) and the linear's
 # activation (so the join follows the window's lazily computed tail, and the GEMM the join).
 JOIN_SCHEMA = "prefetch_join(Tensor weight, Tensor(a!)[] order) -> ()"
-_lib.define(JOIN_SCHEMA, tags=())
-JOIN_OP = torch.ops.fxprefetch.prefetch_join.default
-has_side_effect(JOIN_OP)
-has_side_effect(torch.ops.fxprefetch.prefetch_join)
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,6 @@ def prepare_native(device: torch.device) -> None:
         native.prepare(device)
 
 
-@torch.library.register_fake("fxprefetch::prefetch_native", lib=_lib)
 def _native_fake(
     weight: torch.Tensor,
     order: list[torch.Tensor],
@@ -365,7 +368,6 @@ def _native_kernel(
     native_fork(weight, max_size, offset, stream, cache_hint, in_range)
 
 
-@torch.library.register_fake("fxprefetch::prefetch_join", lib=_lib)
 def _join_fake(weight: torch.Tensor, order: list[torch.Tensor]) -> None:
     return None
 
@@ -376,9 +378,8 @@ def _join_kernel(weight: torch.Tensor, order: list[torch.Tensor]) -> None:
         native.join(weight)
 
 
-for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
-    _lib.impl("prefetch_native", _native_kernel, _key)
-    _lib.impl("prefetch_join", _join_kernel, _key)
+NATIVE_OP = define_op(_lib, NATIVE_SCHEMA, _native_fake, dict.fromkeys(DEVICE_KEYS, _native_kernel))
+JOIN_OP = define_op(_lib, JOIN_SCHEMA, _join_fake, dict.fromkeys(DEVICE_KEYS, _join_kernel))
 
 
 # -- hint kept in code: a hint-only prefetch in a body that runs only on some calls ------------
@@ -392,13 +393,8 @@ HINT_SCHEMA = (
     "prefetch_hint(Tensor weight, Tensor? dependency, int max_size, int offset=0, "
     "SymInt tokens=0, int min_tokens=0, int max_tokens=-1) -> ()"
 )
-_lib.define(HINT_SCHEMA, tags=())
-HINT_OP = torch.ops.fxprefetch.prefetch_hint.default
-has_side_effect(HINT_OP)
-has_side_effect(torch.ops.fxprefetch.prefetch_hint)
 
 
-@torch.library.register_fake("fxprefetch::prefetch_hint", lib=_lib)
 def _hint_fake(
     weight: torch.Tensor,
     dependency: torch.Tensor | None,
@@ -424,8 +420,7 @@ def _hint_kernel(
         runtime_stats.record_hint(weight, _checked_size(weight, max_size, offset))
 
 
-for _key in ("CPU", "CUDA", "XPU", "PrivateUse1"):
-    _lib.impl("prefetch_hint", _hint_kernel, _key)
+HINT_OP = define_op(_lib, HINT_SCHEMA, _hint_fake, dict.fromkeys(DEVICE_KEYS, _hint_kernel))
 
 
 # -- the registry of prefetch ops ----------------------------------------------------------------

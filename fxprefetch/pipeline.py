@@ -18,23 +18,33 @@ Every pass keeps one contract (:mod:`fxprefetch.passes.contract`): ``(gm, ctx) -
 with the passes it requires before it and those it conflicts with; a pipeline's order is
 checked when it is built. Passes never lint nor regenerate code: the driver lints after each
 pass that changed the graph, checks the invariants after every pass where
-``FXPREFETCH_CHECK_INVARIANTS=1`` (:mod:`fxprefetch.passes.invariants`), and regenerates the
-code at the end where the pipeline says so (inductor does that itself).
+``FXPREFETCH_CHECK_INVARIANTS=1`` (:mod:`fxprefetch.passes.invariants`: those of every graph,
+and those the passes run so far ``ensures``), and regenerates the code at the end where the
+pipeline says so (inductor does that itself). It speaks for each pass: it stamps the pass's
+name on its result, logs it at debug (name, nodes changed, time), and re-raises a pass's
+failure as :class:`~fxprefetch.errors.PassFailedError` naming the pass and those before it.
 :func:`run_pipeline` returns a :class:`CompileReport`, which flows forward to whoever needs
 it: the plan registry behind ``last_plans()``, and the stats wrapping of the compiled graph.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from torch.fx import GraphModule
 
+from fxprefetch.config import WeightPrefetchConfig
+from fxprefetch.errors import PassFailedError
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
+from fxprefetch.passes.elide_hints import elide_hints
 from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
+from fxprefetch.passes.plan_prefetches import plan_prefetches
+from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
 from fxprefetch.plan import PrefetchPlan
 
 __all__ = [
@@ -45,7 +55,10 @@ __all__ = [
     "Pipeline",
     "run_passes",
     "run_pipeline",
+    "run_weight_prefetch",
 ]
+
+logger = logging.getLogger(__name__)
 
 _ordered: set[tuple[GraphPass, ...]] = set()  # sequences check_order accepted
 
@@ -79,13 +92,17 @@ class CompileReport:
             raise ValueError(f"no pass of the {self.target} pipeline made a plan (ran {ran})")
         return found
 
-    def changed(self, name: str) -> int:
-        return sum(r.changed for r in self.results if r.name == name)
+    def changed(self, graph_pass: GraphPass) -> int:
+        """The nodes ``graph_pass`` changed (0 where it did not run)."""
+        if not isinstance(graph_pass, GraphPass):
+            raise TypeError(f"changed: expected a pass (@graph_pass), got {graph_pass!r}")
+        return sum(r.changed for r in self.results if r.name == graph_pass.name)
 
     @property
     def hints_elided(self) -> bool:
-        """The compiled code carries no prefetch: its planned hints are counted per call."""
-        return self.changed("elide_hint_prefetches") > 0
+        """The compiled code carries no prefetch: its planned hints are counted per call
+        (``elide_hints`` removed them from a graph that runs a known number of times)."""
+        return self.runs is not None and self.changed(elide_hints) > 0
 
 
 LoweringNote = Callable[[CompileReport, PassContext], str | None]
@@ -146,8 +163,11 @@ def run_passes(
     gm: GraphModule, passes: Sequence[GraphPass], ctx: PassContext
 ) -> tuple[PassResult, ...]:
     """Run ``passes`` in order on ``gm`` (in place): their order checked (once per sequence),
-    the graph linted after each that changed it, the invariants checked after each where
-    enabled. Leaves ``gm.code`` to the caller."""
+    each pass's name stamped on its result and logged at debug with what it changed and its
+    time, the graph linted after each that changed it, the invariants checked after each
+    where enabled. A pass that fails raises :class:`PassFailedError` naming it and the passes
+    before it (an :class:`InvariantError` passes through: it names the pass already). Leaves
+    ``gm.code`` to the caller."""
     passes = tuple(passes)
     if passes not in _ordered:
         check_order(passes)
@@ -156,12 +176,26 @@ def run_passes(
     given = hand_placed(gm.graph) if checking else frozenset()
     results = []
     for i, graph_pass in enumerate(passes):
-        result = graph_pass(gm, ctx)
-        if result.changed:
-            gm.graph.lint()
+        start = time.perf_counter()
+        try:
+            result = replace(graph_pass(gm, ctx), name=graph_pass.name)
+            if result.changed:
+                gm.graph.lint()
+        except Exception as exc:
+            before = ", ".join(p.name for p in passes[:i]) or "none"
+            raise PassFailedError(
+                f"pass {graph_pass.name!r} failed (passes run before it: {before}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        logger.debug(
+            "%s: pass %s changed %d nodes in %.2f ms",
+            ctx.graph_name,
+            graph_pass.name,
+            result.changed,
+            (time.perf_counter() - start) * 1e3,
+        )
         if checking:
-            ran = [p.name for p in passes[: i + 1]]
-            check_invariants(gm, ctx, graph_pass.name, ran=ran, given=given)
+            check_invariants(gm, ctx, passes[: i + 1], given=given)
         results.append(result)
     return tuple(results)
 
@@ -192,3 +226,29 @@ def _record_lowerings(gm: GraphModule, plan: PrefetchPlan) -> None:
         meta = prefetch_meta(node) if node is not None else None
         if meta is not None and meta.lowering is not None:
             plan.records[i] = replace(record, lowering=meta.lowering)
+
+
+def run_weight_prefetch(
+    gm: GraphModule,
+    config: WeightPrefetchConfig,
+    *,
+    rules: PrefetchRules | None = None,
+    graph_name: str = "graph",
+    recompile: bool = True,
+    **context: Any,
+) -> PrefetchPlan:
+    """The planning pass alone on ``gm``, run by the driver (:func:`run_passes`), for
+    callers by hand: returns the plan; ``recompile`` regenerates ``gm.code``. ``context``:
+    :class:`PassContext`'s other fields (``weight_names``, ``devices``...); ``rules``
+    defaults to :func:`fxprefetch.passes.tables.rules.current_rules`."""
+    ctx = PassContext(
+        config=config,
+        rules=rules if rules is not None else current_rules(),
+        graph_name=graph_name,
+        **context,
+    )
+    (result,) = run_passes(gm, (plan_prefetches,), ctx)
+    if recompile and result.changed:
+        gm.recompile()
+    assert result.plan is not None
+    return result.plan

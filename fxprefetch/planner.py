@@ -21,11 +21,12 @@ from torch.fx import GraphModule
 
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
-from fxprefetch.errors import PrefetchPassError
+from fxprefetch.errors import PassFailedError, PrefetchPassError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.subgraphs import hop_bodies
 from fxprefetch.passes.analysis.weight_sources import WeightSources, aot_weight_sources
 from fxprefetch.passes.invariants import InvariantError
+from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.pipeline import CompileReport, PassContext, PassResult, run_pipeline
 from fxprefetch.plan import PrefetchPlan
@@ -140,25 +141,17 @@ class GraphPlanner:
         sources: WeightSources | Mapping[str, str] | None = None,
         runs: int | None = 1,
     ) -> PassContext:
-        devices = self.setup.devices
         return PassContext(
             config=self.setup.config,
             rules=self.setup.rules,
             graph_name=graph_name,
             weight_names=sources if sources is not None else self.weight_names(gm),
-            native_devices=devices.native,
-            join_devices=devices.joins,
-            device_caps=dict(sorted(devices.caps.items())),
-            native_l2=devices.l2,
-            cache_hint=devices.cache_hint,
-            lowering=dict(sorted(devices.lowering.items())),
-            device_profiles=dict(sorted(devices.profiles.items())),
+            devices=self.setup.devices,
             split_at_attention=self.setup.split_at_attention,
             runs=runs,
             hidden_weights=self.hidden_weights,
             graph_tokens=self.graph_tokens(),
             npu_graph_engine=self.npu_graph_engine,
-            ascend_lowering=devices.ascend_lowering,
         )
 
     def __call__(self, gm: GraphModule) -> CompileReport | None:
@@ -201,21 +194,22 @@ class GraphPlanner:
                 for g in gm.modules()
                 if isinstance(g, GraphModule)
             )
+            # the driver names the failing pass, and the pass's own exception
+            error = str(exc) if isinstance(exc, PassFailedError) else f"{type(exc).__name__}: {exc}"
             logger.warning(
-                "weight-prefetch pass failed on %s (%s: %s); compiling it without "
+                "weight-prefetch pass failed on %s (%s); compiling it without "
                 "prefetch%s. Pass options={'strict': True} to raise instead.",
                 self.name,
-                type(exc).__name__,
-                exc,
+                error,
                 f" (removed {removed} partial prefetches)" if removed else "",
             )
             plan = PrefetchPlan(
                 graph=graph_name,
                 config_digest=self.config.digest,
                 enabled=bool(self.config.enabled),
-                error=f"{type(exc).__name__}: {exc}",
+                error=error,
             )
-            reports = [CompileReport(self.target, (PassResult("plan_prefetches", 0, plan),))]
+            reports = [CompileReport(self.target, (PassResult(0, plan, plan_prefetches.name),))]
         for report in reports:
             self.keep(report)
         return reports[0]

@@ -18,7 +18,6 @@ fxprefetch's core (config, ops, plan, prediction) and nothing above it.
 """
 
 from fxprefetch.passes.lower_npu import lower_prefetch_to_npu
-from fxprefetch.passes.plan_prefetches import run_weight_prefetch
 from fxprefetch.passes.strip_prefetch import strip_prefetch
 from fxprefetch.passes.tables.linear_ops import DEFAULT_LINEAR_OPS, LinearOpSpec
 from fxprefetch.passes.tables.role_rules import RoleRule
@@ -49,7 +48,6 @@ __all__ = [
     "register_linear_op",
     "register_transparent_op",
     "register_vector_op",
-    "run_weight_prefetch",
     "set_rules",
     "strip_prefetch",
 ]

@@ -5,19 +5,21 @@ A pass is a function ``(gm, ctx) -> PassResult``: it reads the graph and a
 it changed. It never lints nor regenerates ``gm.code``: the driver (``fxprefetch.pipeline``)
 does both once, where needed. :func:`graph_pass` turns such a function into a
 :class:`GraphPass` that declares which passes must have run before it (``requires``) and
-which must not have (``conflicts``); :func:`check_order` checks a sequence of passes
-against those declarations.
+which must not have (``conflicts``), and the invariants that hold after it (``ensures``,
+checked after it and every later pass where checks are on, until a pass ``relaxes`` them);
+:func:`check_order` checks a sequence of passes against those declarations. A pass has one
+name, its own: the driver stamps it on the pass's :class:`PassResult`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from fxprefetch.config import TokenRange, WeightPrefetchConfig
-from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.devices.setup import DeviceSetup
 from fxprefetch.errors import PipelineOrderError
 from fxprefetch.passes.analysis.hidden_weights import HiddenWeightSource
 from fxprefetch.passes.analysis.weight_sources import WeightSources
@@ -34,14 +36,11 @@ class PassContext:
     graph_name: str
     # placeholders that are parameters/buffers (None: nothing is known, none is taken)
     weight_names: WeightSources | Mapping[str, str] | None = None
-    native_devices: frozenset[str] = frozenset()  # devices whose prefetch reaches hardware
-    join_devices: frozenset[str] = frozenset()  # ... from a side stream that must be joined
-    device_caps: Mapping[str, int] | None = None  # byte caps where the config writes none
-    native_l2: frozenset[str] = frozenset()  # native devices lowered to prefetch_native
-    cache_hint: str = "none"  # the L2 cache hint of prefetch_native
-    lowering: Mapping[str, str] | None = None  # device type -> what its prefetches become
-    # device type -> the device's profile: window policy, "auto" sizes, predicted savings
-    device_profiles: Mapping[str, DeviceProfile] | None = None
+    # what the devices offer, as the compile's setup fixed it: native prefetches (``native``),
+    # side-stream joins (``joins``), byte caps (``caps``), the native L2 lowering (``l2``,
+    # ``cache_hint``), what each device's prefetches become (``lowering``), the profiles
+    # (window policy, "auto" sizes, predicted savings), the Ascend lowering
+    devices: DeviceSetup = field(default_factory=DeviceSetup)
     split_at_attention: bool = False  # the caller splits graphs at attention (vLLM)
     runs: int | None = 1  # times the graph runs per call of the compiled graph; None: varies
     hidden_weights: HiddenWeightSource | None = None  # finds weights fused ops look up by name
@@ -49,18 +48,27 @@ class PassContext:
     # the npu graph becomes a GE graph (torchair "max-autotune"): GE converts npu_prefetch
     # only, so a prefetch decided at run time (token bounds, by-name weights) cannot stay
     npu_graph_engine: bool = False
-    # how a captured Ascend graph (aclgraph, npugraph_ex) runs its prefetches: "side_stream"
-    # (forked onto the prefetch stream, joined before the linear) or "in_stream" (experiments)
-    ascend_lowering: str = "side_stream"
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What one pass changed: ``changed`` nodes inserted, retargeted or removed."""
+    """What one pass changed: ``changed`` nodes inserted, retargeted or removed. ``name``:
+    the pass's, stamped by the driver (``fxprefetch.pipeline.run_passes``); a pass leaves it
+    out."""
 
-    name: str
     changed: int
     plan: PrefetchPlan | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """What holds of a graph after a pass that ``ensures`` it: ``check(graph, given)``
+    returns the problems of ``graph`` (none: it holds), leaving out the prefetches named in
+    ``given`` (the model's own)."""
+
+    name: str
+    check: Callable[[Graph, Collection[str]], list[str]]
 
 
 PassFunction = Callable[[GraphModule, PassContext], PassResult]
@@ -70,13 +78,16 @@ PassFunction = Callable[[GraphModule, PassContext], PassResult]
 class GraphPass:
     """A pass with its declarations: ``requires`` must all have run earlier in the pipeline,
     ``conflicts`` must none of them have, and at least one of ``requires_any`` must have
-    (a pass that follows whichever pass made what it works on)."""
+    (a pass that follows whichever pass made what it works on). ``ensures``: invariants that
+    hold after it, until a later pass ``relaxes`` them."""
 
     name: str
     run: PassFunction
     requires: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
     requires_any: tuple[str, ...] = ()
+    ensures: tuple[Invariant, ...] = ()
+    relaxes: tuple[Invariant, ...] = ()
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         return self.run(gm, ctx)
@@ -87,13 +98,21 @@ def graph_pass(
     requires: Sequence[str] = (),
     conflicts: Sequence[str] = (),
     requires_any: Sequence[str] = (),
+    ensures: Sequence[Invariant] = (),
+    relaxes: Sequence[Invariant] = (),
     name: str | None = None,
 ) -> Callable[[PassFunction], GraphPass]:
     """Declare a function ``(gm, ctx) -> PassResult`` a pass (named after the function)."""
 
     def declare(run: PassFunction) -> GraphPass:
         graph_pass = GraphPass(
-            name or run.__name__, run, tuple(requires), tuple(conflicts), tuple(requires_any)
+            name or run.__name__,
+            run,
+            tuple(requires),
+            tuple(conflicts),
+            tuple(requires_any),
+            tuple(ensures),
+            tuple(relaxes),
         )
         object.__setattr__(graph_pass, "__doc__", run.__doc__)
         return graph_pass

@@ -50,18 +50,18 @@ def hint_only(
 
 @graph_pass(requires=("plan_prefetches",))
 def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.native_devices``):
+    """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.devices.native``):
     remove them all, or where the graph runs a varying number of times (``ctx.runs`` None) or
     some are checked at run time (``prefetch_in_range``) turn them into
     ``fxprefetch.prefetch_hint`` calls that count themselves when they run (in range)."""
     counted_per_call = ctx.runs is not None  # else its hints count themselves when they run
-    if counted_per_call and hint_only(gm, ctx.native_devices):
-        return PassResult("elide_hint_prefetches", remove_prefetches(gm))
+    if counted_per_call and hint_only(gm, ctx.devices.native):
+        return PassResult(remove_prefetches(gm))
     # hints that run on some calls only (a body run a varying number of times, or token
     # bounds checked at run time): kept in the code, counting themselves when they run
-    if not hint_only(gm, ctx.native_devices, (PREFETCH_OP, RANGE_OP)):
-        return PassResult("elide_hint_prefetches" if counted_per_call else "keep_hints_in_code", 0)
+    if not hint_only(gm, ctx.devices.native, (PREFETCH_OP, RANGE_OP)):
+        return PassResult(0)
     nodes = [n for n in prefetch_nodes(gm.graph) if n.target in (PREFETCH_OP, RANGE_OP)]
     for node in nodes:  # the range op's arguments are the hint's (token bounds last)
         node.target = HINT_OP
-    return PassResult("keep_hints_in_code", len(nodes))
+    return PassResult(len(nodes))

@@ -21,9 +21,10 @@ from torch.fx import GraphModule, Node
 
 from fxprefetch.ops import FORK_OPS, JOIN_OP
 from fxprefetch.passes.analysis.graph_utils import get_arg, is_side_fork, tensor_value
+from fxprefetch.passes.analysis.native_lowering import graph_owned
 from fxprefetch.passes.analysis.prefetch_meta import JoinMeta, join_meta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
-from fxprefetch.passes.lower_native import graph_owned
+from fxprefetch.passes.invariants import FORKS_JOINED
 
 
 def _only_views_of(node: Node, weight: Node) -> bool:
@@ -45,7 +46,7 @@ def activation_inputs(linear: Node, weight: Node) -> list[Node]:
     ]
 
 
-@graph_pass(requires_any=("lower_native", "lower_npu"))
+@graph_pass(requires_any=("lower_native", "lower_npu"), ensures=(FORKS_JOINED,))
 def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Insert a join before the linear of every side-stream fork (``prefetch_native``, and
     the fork ops of ``fxprefetch.ops.FORK_OPS``). A fork whose weight is found by name when
@@ -75,4 +76,4 @@ def insert_joins(gm: GraphModule, ctx: PassContext) -> PassResult:
         join.meta["val"] = None
         set_meta(join, JoinMeta(joins=node.name, linear=linear.name))
         count += 1
-    return PassResult("insert_prefetch_joins", count)
+    return PassResult(count)

@@ -7,12 +7,13 @@ compile in it is checked after every pass. After a pass:
 - the graph lints;
 - every prefetch the passes made carries its :class:`~.analysis.prefetch_meta.PrefetchMeta`
   (prefetches placed by hand in the model, named in ``given``, are the model's own);
-- every such prefetch has a weight operand and a dependency: a by-name prefetch has no weight
-  operand (its record names the weight's device) but keeps its dependency; relaxing drops the
-  dependency of the others; a native prefetch orders itself through its ``order`` list, which
-  holds its fork's token first where it forks onto the side stream;
-- once joins are inserted, every side-stream ``fxprefetch.prefetch_native`` has exactly one
-  later ``fxprefetch.prefetch_join``.
+- every such prefetch has a weight operand: a by-name prefetch has none (its record names
+  the weight's device) but keeps its dependency, as a lowered npu prefetch does; a native
+  prefetch orders itself through its ``order`` list, which holds its fork's token first where
+  it forks onto the side stream;
+- and every invariant a pass run so far ``ensures`` (``@graph_pass(ensures=...)``) and no
+  later pass ``relaxes``: :data:`DEPENDENCIES_KEPT` (planning; relaxing lifts it),
+  :data:`FORKS_JOINED` (inserting joins).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fxprefetch.ops import (
 )
 from fxprefetch.passes.analysis.graph_utils import get_arg, is_side_fork, prefetch_nodes
 from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta, token_meta
-from fxprefetch.passes.contract import PassContext
+from fxprefetch.passes.contract import GraphPass, Invariant, PassContext
 
 CHECK_INVARIANTS_ENV = "FXPREFETCH_CHECK_INVARIANTS"
 
@@ -53,26 +54,36 @@ def hand_placed(graph: Graph) -> frozenset[str]:
     return frozenset(n.name for n in prefetch_nodes(graph) if prefetch_meta(n) is None)
 
 
+def held(ran: Sequence[GraphPass]) -> tuple[Invariant, ...]:
+    """The invariants that hold after ``ran`` (in order): those a pass ``ensures``, less
+    those a later pass ``relaxes``."""
+    holding: dict[str, Invariant] = {}
+    for graph_pass in ran:
+        for invariant in graph_pass.relaxes:
+            holding.pop(invariant.name, None)
+        holding.update((invariant.name, invariant) for invariant in graph_pass.ensures)
+    return tuple(holding.values())
+
+
 def check_invariants(
     gm: GraphModule,
     ctx: PassContext,
-    after: str,
+    ran: Sequence[GraphPass],
     *,
-    ran: Sequence[str] | None = None,
     given: Collection[str] = frozenset(),
 ) -> None:
-    """Raise :class:`InvariantError` naming ``after`` (the pass just run) if ``gm`` breaks an
-    invariant. ``ran``: the passes run so far, ``after`` last (default: ``after`` alone);
+    """Raise :class:`InvariantError` naming the pass just run (``ran``'s last) if ``gm``
+    breaks an invariant: those after every pass, and those :func:`held` after ``ran``.
     ``given``: prefetches the model placed itself (see :func:`hand_placed`)."""
-    ran = tuple(ran) if ran is not None else (after,)
+    after = ran[-1].name if ran else "no pass"
     try:
         gm.graph.lint()
     except Exception as exc:
         message = f"{ctx.graph_name}: after {after}: the graph does not lint: {exc}"
         raise InvariantError(message) from exc
-    problems = _problems(gm.graph, relaxed="relax_dependencies" in ran, given=set(given))
-    if "insert_joins" in ran:
-        problems += _unjoined_forks(gm.graph)
+    problems = _problems(gm.graph, given=set(given))
+    for invariant in held(ran):
+        problems += invariant.check(gm.graph, set(given))
     if problems:
         raise InvariantError(f"{ctx.graph_name}: after {after}: " + "; ".join(problems))
 
@@ -87,7 +98,7 @@ def _planned(graph: Graph) -> list[Node]:
     ]
 
 
-def _problems(graph: Graph, *, relaxed: bool, given: set[str]) -> list[str]:
+def _problems(graph: Graph, *, given: set[str]) -> list[str]:
     problems = []
     for node in _planned(graph):
         if node.name in given:
@@ -100,7 +111,7 @@ def _problems(graph: Graph, *, relaxed: bool, given: set[str]) -> list[str]:
         elif node.target in _WEIGHT_FIRST or node.target not in PREFETCH_OPS:
             if not isinstance(node.args[0] if node.args else None, Node):
                 problems.append(f"{node.name} has no weight operand")
-            if not (relaxed and node.target in _WEIGHT_FIRST) and not isinstance(
+            if node.target not in _WEIGHT_FIRST and not isinstance(
                 get_arg(node, "dependency"), Node
             ):
                 problems.append(f"{node.name} has no dependency")
@@ -127,7 +138,18 @@ def _native_problems(node: Node, stream: str | None) -> list[str]:
     return problems
 
 
-def _unjoined_forks(graph: Graph) -> list[str]:
+def _dependencies_kept(graph: Graph, given: Collection[str]) -> list[str]:
+    return [
+        f"{node.name} has no dependency"
+        for node in _planned(graph)
+        if node.name not in given
+        and node.target in _WEIGHT_FIRST
+        and prefetch_meta(node) is not None
+        and not isinstance(get_arg(node, "dependency"), Node)
+    ]
+
+
+def _unjoined_forks(graph: Graph, given: Collection[str]) -> list[str]:
     position = {n: i for i, n in enumerate(graph.nodes)}
     joins: dict[str, list[Node]] = {}
     for join in graph.find_nodes(op="call_function", target=JOIN_OP):
@@ -141,3 +163,10 @@ def _unjoined_forks(graph: Graph) -> list[str]:
         if len(later) != 1:
             problems.append(f"{fork.name} forks onto the side stream with {len(later)} joins")
     return problems
+
+
+#: every prefetch of a graph tensor keeps its dependency (ensured by planning, relaxed by
+#: ``relax_dependencies``)
+DEPENDENCIES_KEPT = Invariant("dependencies_kept", _dependencies_kept)
+#: every side-stream ``prefetch_native`` has exactly one later ``prefetch_join``
+FORKS_JOINED = Invariant("forks_joined", _unjoined_forks)

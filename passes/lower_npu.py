@@ -6,7 +6,8 @@
   a dependency is an error here, before GE sees it.
 - a graph captured op by op (aclgraph, npugraph_ex): ``fxprefetch.prefetch_native`` on the
   prefetch stream (``stream="side"``), with the CUDA lowering's ordering tokens
-  (``lower_native.lower_to_native``); ``insert_joins`` then joins each before its linear.
+  (``analysis.native_lowering.lower_to_native``); ``insert_joins`` then joins each before
+  its linear.
   Its kernels fork and join on the NPU (``fxprefetch.devices.npu_streams``).
 - ``ascend_lowering="in_stream"`` (experiments): ``npu.npu_prefetch`` queued in the
   captured compute stream, as before the prefetch stream existed.
@@ -30,6 +31,7 @@ from dataclasses import replace
 import torch
 from torch.fx import GraphModule, Node
 
+from fxprefetch.devices.setup import ASCEND_LOWERINGS
 from fxprefetch.errors import NpuLoweringError
 from fxprefetch.ops import (
     PREFETCH_OP,
@@ -39,14 +41,13 @@ from fxprefetch.ops import (
     prepare_native,
 )
 from fxprefetch.passes.analysis.graph_utils import get_arg, tensor_value
+from fxprefetch.passes.analysis.native_lowering import graph_owned, lower_to_native, new_token
 from fxprefetch.passes.analysis.prefetch_meta import TokenMeta, prefetch_meta, set_meta
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
-from fxprefetch.passes.lower_native import graph_owned, lower_to_native, new_token
 
 ASCEND_CMO = "ascend_cmo"  # GE: npu_prefetch -> Cmo, control edge from its dependency
 ASCEND_SIDE_STREAM = "ascend_side_stream"  # captured: forked onto the prefetch stream, joined
 ASCEND_IN_STREAM = "ascend_in_stream"  # captured: npu_prefetch in the compute stream
-ASCEND_LOWERINGS = ("side_stream", "in_stream")  # the ``ascend_lowering`` option's values
 
 
 def npu_prefetch_op() -> torch._ops.OpOverload:
@@ -63,14 +64,14 @@ def npu_prefetch_op() -> torch._ops.OpOverload:
 def ascend_lowering(ctx: PassContext) -> str:
     """The lowering of this graph's prefetches: :data:`ASCEND_CMO` in a GE graph, else
     :data:`ASCEND_SIDE_STREAM`, or :data:`ASCEND_IN_STREAM` where the option asks for it."""
-    if ctx.ascend_lowering not in ASCEND_LOWERINGS:
+    if ctx.devices.ascend_lowering not in ASCEND_LOWERINGS:
         raise ValueError(
             f"ascend_lowering: expected one of {list(ASCEND_LOWERINGS)}, "
-            f"got {ctx.ascend_lowering!r}"
+            f"got {ctx.devices.ascend_lowering!r}"
         )
     if ctx.npu_graph_engine:
         return ASCEND_CMO
-    return ASCEND_SIDE_STREAM if ctx.ascend_lowering == "side_stream" else ASCEND_IN_STREAM
+    return ASCEND_SIDE_STREAM if ctx.devices.ascend_lowering == "side_stream" else ASCEND_IN_STREAM
 
 
 @graph_pass(requires=("plan_prefetches",), conflicts=("relax_dependencies",))
@@ -82,12 +83,9 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
     nodes = list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
     if lowering == ASCEND_SIDE_STREAM:
         nodes += _run_time_prefetches(gm)
-    if lowering == ASCEND_SIDE_STREAM:
-        count = lower_prefetch_to_stream(gm, ctx.cache_hint)
-        name = "lower_to_prefetch_stream"
+        count = lower_prefetch_to_stream(gm, ctx.devices.cache_hint)
     else:
         count = lower_prefetch_to_npu(gm, graph_engine=ctx.npu_graph_engine)
-        name = "lower_to_npu_prefetch"
     for node in nodes:  # all or nothing: every one was lowered
         meta = prefetch_meta(node)
         if meta is not None:
@@ -98,7 +96,7 @@ def lower_npu(gm: GraphModule, ctx: PassContext) -> PassResult:
         meta = prefetch_meta(node) if node.op == "call_function" else None
         if meta is not None and meta.lowering is None and node.target in PREFETCH_OPS:
             set_meta(node, replace(meta, lowering=ASCEND_IN_STREAM))
-    return PassResult(name, count)
+    return PassResult(count)
 
 
 def lower_prefetch_to_stream(gm: GraphModule, cache_hint: str = "none") -> int:

@@ -22,7 +22,9 @@ size of the graph.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch.fx import Graph, GraphModule, Node
 
@@ -52,11 +54,11 @@ from fxprefetch.passes.analysis.token_bounds import (
     decide,
     linear_tokens,
 )
-from fxprefetch.passes.analysis.weight_sources import WeightSources
 from fxprefetch.passes.analysis.window_cost import window_traffic
 from fxprefetch.passes.analysis.windows import Window, attention_matmuls, find_window
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
-from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
+from fxprefetch.passes.invariants import DEPENDENCIES_KEPT
+from fxprefetch.passes.tables.rules import PrefetchRules
 from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan, SkipReason
 
 logger = logging.getLogger(__name__)
@@ -71,16 +73,57 @@ def _existing_prefetches(graph: Graph) -> set[str]:
     return done
 
 
-@graph_pass()
+@dataclass(frozen=True)
+class Decision:
+    """What the pass decided for one linear: skipped (``skip``, why), or prefetched: ``size``
+    bytes behind ``window``, under ``token`` (and ``bounds``), with its ``prediction``.
+    ``described``: the record's fields that say what the linear is and where its window lies;
+    the record itself is built once, when the prefetch is emitted (:func:`_record`)."""
+
+    use: LinearUse
+    described: Mapping[str, Any]
+    ratio: float | None
+    skip: SkipReason | None = None
+    note: str | None = None
+    window: Window | None = None
+    size: int = 0
+    capped: bool = False
+    token: TokenDecision | None = None  # None: not decided (skipped before the tokens)
+    bounds: TokenRange | None = None
+    prediction: PredictedSaving | None = None
+
+
+@dataclass
+class _Planning:
+    """What the decisions of one graph share: the graph's facts, and what earlier decisions
+    found (windows, their traffic, the time the prefetches behind each window take)."""
+
+    ctx: PassContext
+    index: Mapping[Node, int]
+    sequence_parallel: bool
+    already: set[str]
+    attention_like: Any
+    hidden: dict[Node, HiddenWeight]
+    by_node: dict[Node, LinearUse]
+    windows: dict[tuple, Window | None] = field(default_factory=dict)
+    traffic: dict[int, WindowTraffic | None] = field(default_factory=dict)
+    shared_us: dict[tuple, float] = field(default_factory=dict)
+    unsized: dict[str, list[str]] = field(default_factory=dict)  # "auto" sizes left to the cap
+    dropped: list[float] = field(default_factory=list)  # predicted µs the GPU gate dropped
+
+
+@graph_pass(ensures=(DEPENDENCIES_KEPT,))
 def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """The planning pass: insert prefetches into ``gm`` in place; the result holds the plan.
+    """The planning pass: decide for each linear (:func:`decide_linear`), then insert the
+    prefetches into ``gm`` in place and record each decision (:func:`emit`); the result
+    holds the plan.
 
     Reads from ``ctx``: ``weight_names`` (the placeholders that are parameters or buffers,
     with their paths, as a mapping or a :class:`WeightSources` that also says which
     placeholders nobody can tell about; None: nothing is known, and no placeholder is taken
-    for a weight, their linears are skipped, saying so); ``device_caps`` (device type -> byte
+    for a weight, their linears are skipped, saying so); ``devices.caps`` (device type -> byte
     cap, for weights on that device when the config writes no ``max_prefetch_bytes``);
-    ``device_profiles`` (device type -> the profile of the device the weights run on: it
+    ``devices.profiles`` (device type -> the profile of the device the weights run on: it
     decides the window policy, on a GPU ``mlp.down`` is an ordinary vector window and
     attention is a window, sizes ``"auto"`` prefetches and predicts each saving);
     ``split_at_attention`` (the caller splits graphs at attention, as vLLM does, so
@@ -89,178 +132,233 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
     ``graph_tokens`` (the token counts this graph is compiled for, vLLM's compile range,
     narrowing a symbolic count).
     """
-    config, rules, graph_name = ctx.config, ctx.rules, ctx.graph_name
-    weight_names, device_caps = ctx.weight_names, ctx.device_caps
-    device_profiles, split_at_attention = ctx.device_profiles, ctx.split_at_attention
-    hidden_weights, graph_tokens = ctx.hidden_weights, ctx.graph_tokens
-    graph = gm.graph
+    config, graph = ctx.config, gm.graph
     index = {node: i for i, node in enumerate(graph.nodes)}
-    sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(index, rules)
-    plan = PrefetchPlan(
-        graph=graph_name,
-        config_digest=config.digest,
-        enabled=bool(config.enabled),
-        sequence_parallel=sequence_parallel,
+    sequence_parallel = config.sequence_parallel or has_sequence_parallel_collectives(
+        index, ctx.rules
     )
-    uses = find_linears(graph, weight_names, rules)
-    assign_roles(uses, rules)
+    uses = find_linears(graph, ctx.weight_names, ctx.rules)
+    assign_roles(uses, ctx.rules)
     hidden: dict[Node, HiddenWeight] = {}
-    if hidden_weights is not None and config.enabled:
+    if ctx.hidden_weights is not None and config.enabled:
         for use in uses:
             if use.skip is SkipReason.HIDDEN_WEIGHTS and use.role is not None:
-                _find_hidden(use, hidden_weights, hidden)
-    already = _existing_prefetches(graph)
-    profiles = device_profiles or {}
-    attention_like = attention_matmuls([u.node for u in uses if u.skip is SkipReason.NOT_A_WEIGHT])
-    windows: dict[tuple, Window | None] = {}
-    traffic: dict[int, WindowTraffic | None] = {}
-    shared_us: dict[tuple, float] = {}  # per window: transfer time of the prefetches behind it
-    unsized: dict[str, list[str]] = {}  # "auto" sizes that fell back to the cap, and why
-    inserts: list[tuple[LinearUse, Window, int, int, dict, TokenDecision, TokenRange]] = []
-    records: list[LinearRecord | None] = []
-    dropped: list[float] = []  # predicted µs of the prefetches the GPU gate dropped
-    if split_at_attention and config.windows is not None and "attention" in config.windows:
+                _find_hidden(use, ctx.hidden_weights, hidden)
+    if ctx.split_at_attention and config.windows is not None and "attention" in config.windows:
         logger.warning(
             "%s: attention windows are off here: this graph is split at attention, so a "
             "prefetch could not rejoin before o_proj",
-            graph_name,
+            ctx.graph_name,
         )
+    state = _Planning(
+        ctx,
+        index,
+        sequence_parallel,
+        _existing_prefetches(graph),
+        attention_matmuls([u.node for u in uses if u.skip is SkipReason.NOT_A_WEIGHT]),
+        hidden,
+        {use.node: use for use in uses},
+    )
+    decisions = [decide_linear(use, state) for use in uses]
+    plan = PrefetchPlan(
+        graph=ctx.graph_name,
+        config_digest=config.digest,
+        enabled=bool(config.enabled),
+        sequence_parallel=sequence_parallel,
+        records=emit(graph, decisions, state),
+    )
+    _log_planned(ctx.graph_name, state)
+    logger.info("%s", plan.summary_line())
+    return PassResult(len(plan.prefetched), plan)
 
-    by_node = {use.node: use for use in uses}
-    for use in uses:
-        count = linear_tokens(use, rules, by_node)
-        base = {
-            "node": use.node.name,
-            "op": op_name(use.node),
-            "module": use.module,
-            "weight": use.weight_name,
-            "layer": layer_index(use.module or use.weight_name, rules),
-            "role": use.role,
-            "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
-            "dtype": str(use.dtype) if use.dtype is not None else "-",
-            "weight_bytes": use.nbytes if isinstance(use.nbytes, int) else -1,
-            "span_bytes": use.span_bytes if isinstance(use.span_bytes, int) else -1,
-            "offset": use.offset,
-            "position": index[use.node],
-            "note": use.note,
-            "tokens": None if count is None else str(count),
-        }
-        found = hidden.get(use.node)
-        device = found.device if found is not None else _device_type(use.root)
-        profile = profiles.get(device) if device is not None else None
-        skip = _precheck(use, config, rules, sequence_parallel, already, profile)
-        window = None
-        if skip in (None, SkipReason.ZERO_RATIO, SkipReason.NEEDS_SEQUENCE_PARALLEL):
-            kinds = _window_kinds(config, profile, split_at_attention)
-            key = (use.starts, "collective" in kinds, "attention" in kinds)
-            if key not in windows:
-                windows[key] = find_window(
-                    use.starts,
-                    index,
-                    rules,
-                    collective_windows="collective" in kinds,
-                    attention=attention_like if "attention" in kinds else None,
-                )
-            window = windows[key]
-            if window is not None:
-                base.update(
-                    window=window.op_names(),
-                    window_kind=window.kind,
-                    dependency=window.dependency.name,
-                    dependency_op=op_name(window.dependency),
-                    dependency_position=index.get(window.dependency),
-                    window_start=min((index[n] for n in window.ops), default=None),
-                    crossed=tuple(op_name(n) for n in window.crossed),
-                )
-            if skip is None and (window is None or window.empty):
-                skip = SkipReason.EMPTY_WINDOW
-        if skip is not None:
-            records.append(LinearRecord(**base, ratio=_ratio(use, config), skip_reason=skip))
-            continue
-        assert window is not None
-        ratio = config.ratio(use.role)
-        cap = config.cap((device_caps or {}).get(device))
-        moved = None
-        if profile is not None:
-            if id(window) not in traffic:
-                traffic[id(window)] = window_traffic(window, rules)
-            moved = traffic[id(window)]
-        auto = config.auto_cap or config.auto_ratio(use.role)
-        hideable = None
-        share_key = (window.dependency, *window.ops)  # q, k, v: equal windows, one window
-        shared = shared_us.get(share_key, 0.0)
-        useful = _useful_share(use)
-        known_tokens = _token_count(use)
-        if auto and moved is not None and profile is not None:
-            hideable = hideable_bytes(profile, moved, shared, known_tokens, useful)
-            cap = hideable if config.auto_cap else min(cap, hideable)
-        elif auto:
-            why = (
-                f"weights on {device!r} have no device profile"
-                if profile is None
-                else "a window's sizes are symbolic"
-            )
-            unsized.setdefault(why, []).append(use.node.name)
-        size, capped = prefetch_bytes(ratio, use.span_bytes, cap)  # a contiguous range
-        if hideable is not None:  # capped only where the written or default cap cut the size
-            capped = capped and not config.auto_cap and size < hideable
-        if size <= 0:
-            reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
-            loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
-            if loses is not None:
-                reason = SkipReason.PREDICTED_LOSS
-                base["note"] = f"{base['note']}; {loses}" if base.get("note") else loses
-            if hideable == 0 and moved is not None and profile is not None:
-                # the windows' time still counts (idle, ceiling): predicted at what would land
-                landing = landing_bytes(profile, moved, shared)
-                trial = prefetch_bytes(ratio, use.span_bytes, landing)[0]
-                base["prediction"] = _prediction(
+
+def decide_linear(use: LinearUse, state: _Planning) -> Decision:
+    """The decision for one linear: its skip reason, or its window, size, tokens and
+    predicted saving (the graph is not changed)."""
+    ctx, config = state.ctx, state.ctx.config
+    found = state.hidden.get(use.node)
+    device = found.device if found is not None else _device_type(use.root)
+    profile = (ctx.devices.profiles or {}).get(device) if device is not None else None
+    count = linear_tokens(use, ctx.rules, state.by_node)
+    described = _describe(use, count, state)
+    decided = Decision(use, described, _ratio(use, config), note=use.note)
+    skip = _precheck(use, config, ctx.rules, state.sequence_parallel, state.already, profile)
+    if skip not in (None, SkipReason.ZERO_RATIO, SkipReason.NEEDS_SEQUENCE_PARALLEL):
+        return replace(decided, skip=skip)
+    window = _find_window(use, profile, state)
+    if window is not None:
+        decided = replace(decided, window=window, described={**described, **_placed(window, state)})
+    if skip is None and (window is None or window.empty):
+        skip = SkipReason.EMPTY_WINDOW
+    if skip is not None:
+        return replace(decided, skip=skip)
+    assert window is not None
+    return _decide_size(replace(decided, window=window), device, profile, count, state)
+
+
+def _decide_size(
+    decided: Decision,
+    device: str | None,
+    profile: DeviceProfile | None,
+    count: Any,
+    state: _Planning,
+) -> Decision:
+    """The size of a linear's prefetch behind its window, its tokens and its prediction."""
+    config, use, window = state.ctx.config, decided.use, decided.window
+    assert window is not None
+    cap = config.cap((state.ctx.devices.caps or {}).get(device))
+    moved = None
+    if profile is not None:
+        if id(window) not in state.traffic:
+            state.traffic[id(window)] = window_traffic(window, state.ctx.rules)
+        moved = state.traffic[id(window)]
+    auto = config.auto_cap or config.auto_ratio(use.role)
+    hideable = None
+    share_key = (window.dependency, *window.ops)  # q, k, v: equal windows, one window
+    shared = state.shared_us.get(share_key, 0.0)
+    useful, known_tokens = _useful_share(use), _token_count(use)
+    if auto and moved is not None and profile is not None:
+        hideable = hideable_bytes(profile, moved, shared, known_tokens, useful)
+        cap = hideable if config.auto_cap else min(cap, hideable)
+    elif auto:
+        why = (
+            f"weights on {device!r} have no device profile"
+            if profile is None
+            else "a window's sizes are symbolic"
+        )
+        state.unsized.setdefault(why, []).append(use.node.name)
+    size, capped = prefetch_bytes(decided.ratio or 0.0, use.span_bytes, cap)
+    if hideable is not None:  # capped only where the written or default cap cut the size
+        capped = capped and not config.auto_cap and size < hideable
+    if size <= 0:
+        reason = SkipReason.WINDOW_TOO_SHORT if hideable == 0 else SkipReason.ZERO_BYTES
+        loses = _every_mb_loses(profile, known_tokens, useful) if hideable == 0 else None
+        if hideable == 0 and moved is not None and profile is not None:
+            # the windows' time still counts (idle, ceiling): predicted at what would land
+            landing = landing_bytes(profile, moved, shared)
+            trial = prefetch_bytes(decided.ratio or 0.0, use.span_bytes, landing)[0]
+            decided = replace(
+                decided,
+                prediction=_prediction(
                     profile, moved, trial, hideable, shared, known_tokens, useful
-                )
-            records.append(LinearRecord(**base, ratio=ratio, skip_reason=reason))
-            continue
-        bounds = config.tokens(use.role) or TokenRange()
-        tokens = decide(count, bounds, graph_tokens)
-        base.update(ratio=ratio, tokens=tokens.tokens, **_token_fields(bounds, tokens))
-        if tokens.check is TokenCheck.NEVER:
-            records.append(LinearRecord(**base, skip_reason=SkipReason.OUTSIDE_TOKEN_RANGE))
-            continue
-        base.update(prefetch_bytes=size, capped=capped)
-        if moved is not None and profile is not None:
-            prediction = _prediction(profile, moved, size, hideable, shared, known_tokens, useful)
-            base["prediction"] = prediction
-            if hideable is not None and prediction.hidden_us <= 0:  # "auto" sizes no loss
-                note = _auto_loss_note(profile, prediction.hidden_us, size)
-                note = f"{base['note']}; {note}" if base.get("note") else note
-                base.update(prefetch_bytes=0, capped=False, note=note)
-                records.append(LinearRecord(**base, skip_reason=SkipReason.PREDICTED_LOSS))
-                continue
-            if not config.force_prefetch and not emits(profile, prediction):
-                note = loss_note(profile, prediction.hidden_us)
-                note = f"{base['note']}; {note}" if base.get("note") else note
-                dropped.append(prediction.hidden_us)
-                records.append(
-                    LinearRecord(**{**base, "note": note}, skip_reason=SkipReason.PREDICTED_LOSS)
-                )
-                continue
-            shared_us[share_key] = shared + prediction.transfer_us
-        records.append(None)  # filled once the node exists
-        inserts.append((use, window, size, len(records) - 1, base, tokens, bounds))
-
-    last_at_anchor: dict[Node, Node] = {}
-    for use, window, size, slot, base, tokens, bounds in inserts:
-        node = _insert_prefetch(
-            graph, use, window, size, index, last_at_anchor, hidden.get(use.node), tokens, bounds
-        )
-        if node is None:
-            records[slot] = LinearRecord(
-                **{**base, "prefetch_bytes": 0, "capped": False, "prediction": None},
-                skip_reason=SkipReason.TOKENS_UNKNOWN,
+                ),
             )
-            continue
-        records[slot] = LinearRecord(**base, prefetch_node=node.name)
-    plan.records = [r for r in records if r is not None]
-    for why, linears in unsized.items():
+        if loses is None:
+            return replace(decided, skip=reason)
+        return replace(decided, skip=SkipReason.PREDICTED_LOSS, note=_noted(decided.note, loses))
+    bounds = config.tokens(use.role) or TokenRange()
+    token = decide(count, bounds, state.ctx.graph_tokens)
+    decided = replace(decided, token=token, bounds=bounds)
+    if token.check is TokenCheck.NEVER:
+        return replace(decided, skip=SkipReason.OUTSIDE_TOKEN_RANGE)
+    decided = replace(decided, size=size, capped=capped)
+    if moved is None or profile is None:
+        return decided
+    prediction = _prediction(profile, moved, size, hideable, shared, known_tokens, useful)
+    decided = replace(decided, prediction=prediction)
+    if hideable is not None and prediction.hidden_us <= 0:  # "auto" sizes no loss
+        note = _noted(decided.note, _auto_loss_note(profile, prediction.hidden_us, size))
+        return replace(decided, size=0, capped=False, note=note, skip=SkipReason.PREDICTED_LOSS)
+    if not config.force_prefetch and not emits(profile, prediction):
+        state.dropped.append(prediction.hidden_us)
+        note = _noted(decided.note, loss_note(profile, prediction.hidden_us))
+        return replace(decided, skip=SkipReason.PREDICTED_LOSS, note=note)
+    state.shared_us[share_key] = shared + prediction.transfer_us
+    return decided
+
+
+def emit(graph: Graph, decisions: Sequence[Decision], state: _Planning) -> list[LinearRecord]:
+    """Insert the prefetch of every decision that is not a skip; one record per decision,
+    in order (a prefetch whose token count has no graph value where it would go is a skip,
+    :attr:`SkipReason.TOKENS_UNKNOWN`)."""
+    last_at_anchor: dict[Node, Node] = {}
+    records = []
+    for decided in decisions:
+        node = None
+        if decided.skip is None:
+            node = _insert_prefetch(graph, decided, state, last_at_anchor)
+        if decided.skip is None and node is None:
+            unknown = SkipReason.TOKENS_UNKNOWN
+            records.append(
+                _record(replace(decided, skip=unknown, size=0, capped=False, prediction=None))
+            )
+        else:
+            records.append(_record(decided, node))
+    return records
+
+
+def _record(decided: Decision, node: Node | None = None) -> LinearRecord:
+    """The plan's record of one decision (``node``: its prefetch, where one was inserted)."""
+    token = decided.token
+    tokens = dict(_token_fields(decided.bounds, token)) if token is not None else {}
+    if token is not None:
+        tokens["tokens"] = token.tokens
+    return LinearRecord(
+        **{**decided.described, "note": decided.note, **tokens},
+        ratio=decided.ratio,
+        skip_reason=decided.skip,
+        prefetch_bytes=decided.size,
+        capped=decided.capped,
+        prediction=decided.prediction,
+        prefetch_node=node.name if node is not None else None,
+    )
+
+
+def _describe(use: LinearUse, count: Any, state: _Planning) -> dict[str, Any]:
+    """The record's fields that say what the linear is."""
+    return {
+        "node": use.node.name,
+        "op": op_name(use.node),
+        "module": use.module,
+        "weight": use.weight_name,
+        "layer": layer_index(use.module or use.weight_name, state.ctx.rules),
+        "role": use.role,
+        "weight_shape": tuple(int(s) if isinstance(s, int) else -1 for s in use.shape),
+        "dtype": str(use.dtype) if use.dtype is not None else "-",
+        "weight_bytes": use.nbytes if isinstance(use.nbytes, int) else -1,
+        "span_bytes": use.span_bytes if isinstance(use.span_bytes, int) else -1,
+        "offset": use.offset,
+        "position": state.index[use.node],
+        "tokens": None if count is None else str(count),
+    }
+
+
+def _placed(window: Window, state: _Planning) -> dict[str, Any]:
+    """The record's fields that say where the linear's window lies."""
+    index = state.index
+    return {
+        "window": window.op_names(),
+        "window_kind": window.kind,
+        "dependency": window.dependency.name,
+        "dependency_op": op_name(window.dependency),
+        "dependency_position": index.get(window.dependency),
+        "window_start": min((index[n] for n in window.ops), default=None),
+        "crossed": tuple(op_name(n) for n in window.crossed),
+    }
+
+
+def _find_window(use: LinearUse, profile: DeviceProfile | None, state: _Planning) -> Window | None:
+    """The window of ``use`` (found once per activation and window kinds)."""
+    kinds = _window_kinds(state.ctx.config, profile, state.ctx.split_at_attention)
+    key = (use.starts, "collective" in kinds, "attention" in kinds)
+    if key not in state.windows:
+        state.windows[key] = find_window(
+            use.starts,
+            state.index,
+            state.ctx.rules,
+            collective_windows="collective" in kinds,
+            attention=state.attention_like if "attention" in kinds else None,
+        )
+    return state.windows[key]
+
+
+def _noted(note: str | None, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _log_planned(graph_name: str, state: _Planning) -> None:
+    """Warn about "auto" sizes that fell back to the cap, and prefetches the gate dropped."""
+    for why, linears in state.unsized.items():
         logger.warning(
             '%s: %d prefetches are sized "auto" but %s: they use the cap (%s)',
             graph_name,
@@ -268,49 +366,8 @@ def plan_prefetches(gm: GraphModule, ctx: PassContext) -> PassResult:
             why,
             ", ".join(linears),
         )
-    if dropped:
-        _log_dropped(graph_name, dropped, profiles)
-    logger.info("%s", plan.summary_line())
-    return PassResult("plan_prefetches", len(plan.prefetched), plan)
-
-
-def run_weight_prefetch(
-    gm: GraphModule,
-    config: WeightPrefetchConfig,
-    *,
-    weight_names: WeightSources | Mapping[str, str] | None = None,
-    rules: PrefetchRules | None = None,
-    graph_name: str = "graph",
-    device_caps: Mapping[str, int] | None = None,
-    device_profiles: Mapping[str, DeviceProfile] | None = None,
-    split_at_attention: bool = False,
-    recompile: bool = True,
-    hidden_weights: HiddenWeightSource | None = None,
-    graph_tokens: TokenRange | None = None,
-) -> PrefetchPlan:
-    """A convenience, not a pass: run :func:`plan_prefetches` alone on ``gm`` and return the
-    plan, then lint the graph and (``recompile``) regenerate ``gm.code`` as the pipeline's
-    driver would. The arguments are :class:`PassContext`'s fields; ``rules`` defaults to
-    :func:`tables.rules.current_rules`.
-    """
-    ctx = PassContext(
-        config=config,
-        rules=rules if rules is not None else current_rules(),
-        graph_name=graph_name,
-        weight_names=weight_names,
-        device_caps=device_caps,
-        device_profiles=device_profiles,
-        split_at_attention=split_at_attention,
-        hidden_weights=hidden_weights,
-        graph_tokens=graph_tokens,
-    )
-    result = plan_prefetches(gm, ctx)
-    if result.changed:
-        gm.graph.lint()
-        if recompile:
-            gm.recompile()
-    assert result.plan is not None
-    return result.plan
+    if state.dropped:
+        _log_dropped(graph_name, state.dropped, state.ctx.devices.profiles or {})
 
 
 def _find_hidden(
@@ -332,8 +389,8 @@ def _find_hidden(
     use.note = weight.note
 
 
-def _token_fields(bounds: TokenRange, tokens: TokenDecision) -> dict:
-    if bounds.unbounded:
+def _token_fields(bounds: TokenRange | None, tokens: TokenDecision) -> dict:
+    if bounds is None or bounds.unbounded:
         return {}
     check = "run time" if tokens.check is TokenCheck.RUN_TIME else "graph"
     return {"min_tokens": bounds.min_tokens, "max_tokens": bounds.max_tokens, "token_check": check}
@@ -481,18 +538,14 @@ def _precheck(
 
 
 def _insert_prefetch(
-    graph: Graph,
-    use: LinearUse,
-    window: Window,
-    size: int,
-    index: Mapping[Node, int],
-    last_at_anchor: dict[Node, Node],
-    hidden: HiddenWeight | None = None,
-    tokens: TokenDecision | None = None,
-    bounds: TokenRange | None = None,
+    graph: Graph, decided: Decision, state: _Planning, last_at_anchor: dict[Node, Node]
 ) -> Node | None:
-    """Insert the prefetch of ``use`` after its window's dependency (None: the token count
-    it must check has no graph value there)."""
+    """Insert the prefetch of a decision after its window's dependency (None: the token
+    count it must check has no graph value there)."""
+    use, window, size = decided.use, decided.window, decided.size
+    tokens, bounds, index = decided.token, decided.bounds, state.index
+    hidden = state.hidden.get(use.node)
+    assert window is not None
     base = window.dependency
     if base.op == "placeholder":  # keep placeholders first
         base = list(graph.find_nodes(op="placeholder"))[-1]

@@ -14,13 +14,14 @@ from torch.fx import GraphModule
 from fxprefetch.ops import PREFETCH_OP, RANGE_OP
 from fxprefetch.passes.analysis.graph_utils import get_arg, prefetch_nodes, set_arg
 from fxprefetch.passes.contract import PassContext, PassResult, graph_pass
+from fxprefetch.passes.invariants import DEPENDENCIES_KEPT
 
 # prefetches whose weight is a graph tensor; a by-name prefetch keeps its dependency, its only
 # tensor argument (the op is dispatched on it)
 RELAXED = (PREFETCH_OP, RANGE_OP)
 
 
-@graph_pass(requires=("plan_prefetches",))
+@graph_pass(requires=("plan_prefetches",), relaxes=(DEPENDENCIES_KEPT,))
 def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Set the dependency of every prefetch of a graph tensor to None; counts them."""
     count = 0
@@ -28,4 +29,4 @@ def relax_dependencies(gm: GraphModule, ctx: PassContext) -> PassResult:
         if node.target in RELAXED and get_arg(node, "dependency") is not None:
             set_arg(node, "dependency", None)
             count += 1
-    return PassResult("relax_dependencies", count)
+    return PassResult(count)

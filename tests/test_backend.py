@@ -136,7 +136,10 @@ def test_pass_failure_falls_back_without_prefetch(fresh_dynamo, monkeypatch, cap
     torch.testing.assert_close(out, model(ids))
     assert s.calls == 0 and "synthetic pass failure" in caplog.text
     (plan,) = fxprefetch.last_plans()
-    assert plan.error == "RuntimeError: synthetic pass failure" and not plan.records
+    assert not plan.records and plan.error == (
+        "pass 'plan_prefetches' failed (passes run before it: none): "
+        "RuntimeError: synthetic pass failure"
+    )
 
     torch._dynamo.reset()
     compiled = torch.compile(

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxprefetch.passes import DEFAULT_RULES, run_weight_prefetch
+from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.passes.analysis.op_classes import classify
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import ON, SPBlock
 from support.tracing import fake_trace

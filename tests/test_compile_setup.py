@@ -28,7 +28,7 @@ from fxprefetch.compile_setup import (
 )
 from fxprefetch.config import ConfigError
 from fxprefetch.devices import DeviceSetup
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.options import parse_options
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
@@ -48,7 +48,7 @@ from fxprefetch import WeightPrefetchConfig
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.targets import TARGET_SPECS
 
 SETUP = CompileSetup(

@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 
 import fxprefetch.passes as passes_package
 from fxprefetch import WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.ops import PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.contract import (
@@ -145,11 +146,11 @@ def test_a_decorated_function_keeps_its_name_and_signature():
     @graph_pass(requires=("plan_prefetches",))
     def count_nodes(gm, ctx):
         """Counts, changes nothing."""
-        return PassResult("count_nodes", 0)
+        return PassResult(0)
 
     gm, ctx = _traced()
     assert count_nodes.name == "count_nodes" and count_nodes.__doc__ == "Counts, changes nothing."
-    assert count_nodes(gm, ctx) == PassResult("count_nodes", 0)
+    assert count_nodes(gm, ctx) == PassResult(0)
     assert graph_pass(name="other")(count_nodes.run).name == "other"
 
 
@@ -184,19 +185,18 @@ def test_a_pass_run_alone_leaves_the_code_stale_until_the_driver_runs():
     report = run_pipeline(
         gm, pipeline_of("eager"), ctx
     )  # eager regenerates, inductor leaves it to inductor
-    assert report.changed("plan_prefetches") == 4
+    assert report.changed(plan_prefetches) == 4
     assert gm.code.count("torch.ops.fxprefetch.prefetch.default") == 4
+
+
+CPU = frozenset({"cpu"})
 
 
 @pytest.mark.parametrize(
     "context",
     [
         {},
-        {
-            "native_devices": frozenset({"cpu"}),
-            "native_l2": frozenset({"cpu"}),
-            "join_devices": frozenset({"cpu"}),
-        },
+        {"devices": DeviceSetup(native=CPU, l2=CPU, joins=CPU)},
     ],
     ids=["hints", "native-joined"],
 )
@@ -237,7 +237,7 @@ def test_a_pipeline_that_makes_no_plan_is_named_in_the_error():
     @graph_pass()
     def no_plan(gm: GraphModule, ctx: PassContext) -> PassResult:
         """Plans nothing."""
-        return PassResult("no_plan", 0)
+        return PassResult(0)
 
     gm, ctx = _traced()
     message = r"no pass of the x pipeline made a plan \(ran \['no_plan'\]\)"

@@ -8,6 +8,7 @@ import torch
 
 import fxprefetch
 from fxprefetch import ops
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.contract import PassContext
 from fxprefetch.passes.elide_hints import elide_hints, hint_only
@@ -28,14 +29,14 @@ def _ctx(**fields) -> PassContext:
 def test_cpu_prefetches_are_hints_and_are_elided(planned):
     gm, _ = planned
     assert hint_only(gm, native_devices=())
-    assert elide_hints(gm, _ctx(native_devices=frozenset({"npu"}))).changed == 4
+    assert elide_hints(gm, _ctx(devices=DeviceSetup(native=frozenset({"npu"})))).changed == 4
     assert not prefetch_nodes(gm)
 
 
 def test_a_native_prefetch_keeps_them(planned):
     gm, _ = planned
     assert not hint_only(gm, native_devices={"cpu"})
-    assert elide_hints(gm, _ctx(native_devices=frozenset({"cpu"}))).changed == 0
+    assert elide_hints(gm, _ctx(devices=DeviceSetup(native=frozenset({"cpu"})))).changed == 0
     assert len(prefetch_nodes(gm)) == 4
 
 

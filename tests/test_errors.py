@@ -22,6 +22,7 @@ TYPES = {
     "SchemaError": (RuntimeError, "fxprefetch.plan.schema"),
     "PrefetchPassError": (RuntimeError, "fxprefetch.planner"),
     "InvariantError": (RuntimeError, "fxprefetch.passes.invariants"),
+    "PassFailedError": (RuntimeError, "fxprefetch.pipeline"),
     "NpuLoweringError": (RuntimeError, "fxprefetch.passes.lower_npu"),
     "NpuUnavailableError": (RuntimeError, "fxprefetch.targets.npu"),
     "ProfileError": (ValueError, "fxprefetch.devices.profile_file"),

@@ -7,6 +7,7 @@ from fxprefetch.ops import JOIN_OP, PREFETCH_OP
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 from fxprefetch.passes.analysis.prefetch_meta import join_meta
+from fxprefetch.passes.insert_joins import insert_joins
 
 from support.lowered import forks_and_joins, native_pipeline
 from support.synthetic import SynthModel, SynthSpec
@@ -29,7 +30,7 @@ def test_joins_close_every_fork_after_the_window_and_before_the_linear():
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     forks, joins = forks_and_joins(gm)
     assert not list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))
-    assert report.changed("insert_prefetch_joins") == len(joins) == len(forks) == 4
+    assert report.changed(insert_joins) == len(joins) == len(forks) == 4
     _check_pairs(gm, forks, joins)
     by_name = {n.name: n for n in gm.graph.nodes}
     for record in report.plan.prefetched:

@@ -41,6 +41,7 @@ CORE = {
     "fxprefetch.ops",
     "fxprefetch.plan",
     "fxprefetch.devices.prediction",
+    "fxprefetch.devices.setup",
     "fxprefetch.roles",
     "fxprefetch.validation",
 }
@@ -53,9 +54,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "fxprefetch.config", "fxprefetch.runtime_stats", "fxprefetch.ops",
               "fxprefetch.presets")),
     ("plan", ("fxprefetch.plan",)),  # what the pass saw and did, as data and text
-    # setup, profiles, the prediction model, CUDA kernel; the timeline draws a plan in a
-    # device's predicted microseconds, so it sits here though it lives in plan/
-    ("devices", ("fxprefetch.devices", "fxprefetch.plan.timeline")),
+    # setup, profiles, the prediction model, CUDA kernel; the timeline and the predicted step
+    # draw a plan in a device's predicted microseconds, so they sit here though they live in
+    # plan/
+    ("devices", ("fxprefetch.devices", "fxprefetch.plan.timeline",
+                 "fxprefetch.plan.predicted_step")),
     ("passes", ("fxprefetch.passes",)),  # tables <- analysis <- passes (checked below)
     # the driver: runs the passes, fixes a compile's setup, plans graphs, keeps plans. The plan
     # store lives in plan/ but keeps the pipeline's reports between compiles: it sits here.
@@ -73,6 +76,7 @@ TESTED_ELSEWHERE = {
     "hidden_weights": "vllm/test_moe.py",  # vLLM's fused MoE looks its experts up by name
     "prefetch_meta": "test_invariants.py",  # every record is typed; untyped ones are caught
     "weight_sources": "test_linears.py",  # only stored weights are prefetched
+    "native_lowering": "test_lower_native.py",  # forks, tokens and orders of both lowerings
 }
 
 
@@ -160,6 +164,28 @@ def test_passes_import_downward_only():
                 )
             else:
                 assert target <= room, f"{name} imports {imported} from a room above it"
+
+
+def _declares_a_pass(path: Path) -> bool:
+    """Whether ``path`` defines a ``@graph_pass`` (decorated by ``graph_pass(...)``)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            for decorator in node.decorator_list:
+                call = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if getattr(call, "id", None) == "graph_pass":
+                    return True
+    return False
+
+
+def test_no_pass_imports_another_pass():
+    """What two passes share lives in analysis/ (or tables/): a pass module imports no
+    module that declares a pass."""
+    modules = _sources()
+    passes = {name for name, path in modules.items() if _declares_a_pass(path)}
+    assert {"fxprefetch.passes.plan_prefetches", "fxprefetch.passes.lower_npu"} <= passes
+    for name in sorted(passes):
+        imported = _imports(modules[name], top_level_only=False) & passes
+        assert not imported - {name}, f"{name} imports the pass module(s) {sorted(imported)}"
 
 
 def test_no_import_deferred_into_a_function_in_passes():
@@ -270,6 +296,7 @@ MIRRORED_ELSEWHERE = {
     "fxprefetch.__main__": ("test_cli.py",),  # ``python -m fxprefetch`` is the CLI
     "fxprefetch.dynamo_registry": ("test_backend.py",),  # the backend's registration
     "fxprefetch.isolated_compile": ("test_explainer.py",),  # explain() compiles in isolation
+    "fxprefetch.plan.predicted_step": ("devices/test_prediction.py",),  # beside the model's
     "fxprefetch.plan.schema": ("test_cli.py",),  # agrees with jsonschema on the shipped schema
     "fxprefetch.presets.build": ("test_presets.py",),
     "fxprefetch.presets.catalog": ("test_presets.py",),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 from fxprefetch.plan import SkipReason
 
 from support.npu_standins import install_op_standins

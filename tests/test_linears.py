@@ -21,8 +21,9 @@ from torch import nn
 import fxprefetch
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
-from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch
+from fxprefetch.passes import DEFAULT_LINEAR_OPS
 from fxprefetch.passes.analysis.graph_utils import op_name
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.tracing import fake_trace
 

@@ -35,7 +35,7 @@ def test_a_graph_inductor_may_partition_is_lowered_without_forks():
 
 
 def test_no_native_lowering_where_the_device_has_none():
-    gm, _ = native_pipeline(set(), native_l2=frozenset())
+    gm, _ = native_pipeline(set(), l2=frozenset())
     forks, joins = forks_and_joins(gm)
     assert not forks and not joins
     assert len(list(gm.graph.find_nodes(op="call_function", target=PREFETCH_OP))) == 4

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxprefetch import ops
+from fxprefetch.errors import PassFailedError
 from fxprefetch.passes import lower_prefetch_to_npu
 from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta
 from fxprefetch.passes.lower_npu import NpuLoweringError
@@ -66,10 +67,13 @@ def test_a_ge_graph_refuses_prefetches_decided_at_run_time(planned):
 # -- captured graphs: the prefetch stream -------------------------------------------------------
 
 
-def _npu_pipeline(model=None, **context):
+def _npu_pipeline(model=None, ascend_lowering="side_stream", **context):
+    from fxprefetch.devices import DeviceSetup
+
     from support.tracing import run_synth_pipeline
 
-    return run_synth_pipeline("npu", model=model, **context)
+    devices = DeviceSetup(ascend_lowering=ascend_lowering)
+    return run_synth_pipeline("npu", model=model, devices=devices, **context)
 
 
 def _pairs(gm):
@@ -201,8 +205,9 @@ def _context(**fields):
 
 
 def test_an_unknown_ascend_lowering_is_refused():
-    with pytest.raises(ValueError, match=r"ascend_lowering: expected one of \['side_stream'"):
-        _npu_pipeline(ascend_lowering="side")
+    with pytest.raises(PassFailedError, match=r"ascend_lowering: expected one of \['side_str") as c:
+        _npu_pipeline(ascend_lowering="side")  # the driver names the pass
+    assert isinstance(c.value.__cause__, ValueError) and "'lower_npu' failed" in str(c.value)
 
 
 def test_a_zero_size_prefetch_still_forks_and_joins():

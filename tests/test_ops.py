@@ -267,3 +267,28 @@ def test_range_bounds_are_int64_arguments_whatever_the_bounds():
     assert ops.range_bounds(2, 2**64) == (2, -1)  # no count is above it: no upper bound
     assert ops.range_bounds(2**63 + 5, None) == (big, -1)  # no real count reaches it
     ops.RANGE_OP(torch.randn(4), None, 16, 0, 8, *ops.range_bounds(2**70, 2**70))
+
+
+def test_every_op_is_defined_by_one_helper():
+    """define_op: the schema, the fake, a kernel per key, and kept as a side effect; every
+    prefetch op of ops.py (and vLLM's by-name op) is defined through it."""
+    from torch.fx.node import _side_effectful_functions
+
+    lib = torch.library.Library("fxprefetch_test_define", "DEF")
+    calls = []
+    op = ops.define_op(
+        lib,
+        "touch(Tensor weight, int n) -> ()",
+        lambda weight, n: calls.append(("fake", n)),
+        {"CPU": lambda weight, n: calls.append(("cpu", n))},
+    )
+    assert op is torch.ops.fxprefetch_test_define.touch.default
+    assert str(op._schema) == "fxprefetch_test_define::touch(Tensor weight, int n) -> ()"
+    op(torch.ones(2), 3)
+    with FakeTensorMode() as mode:
+        op(mode.from_tensor(torch.ones(2)), 4)
+    assert calls == [("cpu", 3), ("fake", 4)] and op in _side_effectful_functions
+    source = Path(ops.__file__).read_text()
+    assert source.count(".define(") == 1 and source.count("register_fake(") == 1
+    moe = Path(ops.__file__).with_name("vllm").joinpath("moe.py").read_text()
+    assert "ops.define_op(" in moe and ".define(" not in moe

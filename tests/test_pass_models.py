@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 from fxprefetch.presets import build_model
 
 from support.tracing import export_aten, run_graph

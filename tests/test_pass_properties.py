@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
-from fxprefetch.passes import DEFAULT_LINEAR_OPS, run_weight_prefetch, strip_prefetch
+from fxprefetch.passes import DEFAULT_LINEAR_OPS, strip_prefetch
 from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.analysis.sizing import prefetch_bytes
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.synthetic import SynthModel, SynthSpec, expected_roles
 from support.tracing import export_aten, run_graph

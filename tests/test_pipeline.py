@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import ast
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.fx import GraphModule
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch.compile_setup import CompileSetup
 from fxprefetch.devices import DeviceSetup
+from fxprefetch.errors import InvariantError, PassFailedError
 from fxprefetch.passes import DEFAULT_RULES, add_role_rule
+from fxprefetch.passes.contract import Invariant, PassContext, PassResult, graph_pass
+from fxprefetch.passes.invariants import held
 from fxprefetch.planner import GraphPlanner
 from fxprefetch.targets import TARGET_SPECS, make_compile_setup
 from fxprefetch.targets.inductor import PrefetchGraphPass
 
 from support.synthetic import SynthModel, SynthSpec
-from support.tracing import pipeline_of, run_synth_pipeline
+from support.tracing import fake_trace, pipeline_of, run_synth_pipeline, swap_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,15 +159,16 @@ def test_each_target_lists_its_passes_in_order():
     ("native", "kept"), [(frozenset(), 0), (frozenset({"cpu"}), 4)], ids=["hints", "native"]
 )
 def test_the_report_says_what_each_pass_changed(native, kept):
-    gm, report = run_synth_pipeline("inductor", native_devices=native)
+    gm, report = run_synth_pipeline("inductor", devices=DeviceSetup(native=native))
     changes = {r.name: r.changed for r in report.results}
-    assert changes == {
+    assert changes == {  # each under its pass's own name
         "plan_prefetches": 4,
-        "lower_native_prefetches": 0,  # no device with a native L2 prefetch in this context
+        "lower_native": 0,  # no device with a native L2 prefetch in this context
         "relax_dependencies": 4,
-        "elide_hint_prefetches": 4 - kept,
-        "insert_prefetch_joins": 0,  # no side-stream device in this context
+        "elide_hints": 4 - kept,
+        "insert_joins": 0,  # no side-stream device in this context
     }
+    assert [report.changed(p) for p in pipeline_of("inductor").passes] == [4, 0, 4, 4 - kept, 0]
     assert report.hints_elided is (kept == 0) and len(report.plan.prefetched) == 4
     prefetches = gm.graph.find_nodes(op="call_function", target=fxprefetch.ops.PREFETCH_OP)
     assert len(prefetches) == kept
@@ -210,10 +217,100 @@ def test_no_back_channels_between_compile_and_runtime():
 )
 def test_the_device_cap_applies_where_the_config_writes_none(written, device_cap, cap):
     config = WeightPrefetchConfig(enabled=True, max_prefetch_bytes=written)
-    caps = {"cpu": device_cap} if device_cap is not None else None
-    _, report = run_synth_pipeline("eager", config, device_caps=caps)
+    caps = {"cpu": device_cap} if device_cap is not None else {}
+    _, report = run_synth_pipeline("eager", config, devices=DeviceSetup(caps=caps))
     plan = report.plan
     assert len(plan.prefetched) == 4
     for r in plan.prefetched:  # weights of 12 KiB and 16 KiB: only the small caps bite
         assert r.prefetch_bytes == min(r.weight_bytes, cap)
         assert r.capped is (r.weight_bytes > cap)
+
+
+# -- the driver speaks for each pass -------------------------------------------------------------
+
+
+@graph_pass(requires=("plan_prefetches",))
+def misnamed(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Changes nothing, and reports under another name (the driver overrides it)."""
+    return PassResult(0, name="something_else")
+
+
+@graph_pass(requires=("plan_prefetches",))
+def fails(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """A broken pass."""
+    raise KeyError("boom")
+
+
+def _no_prefetch_left(graph: torch.fx.Graph, given: object) -> list[str]:
+    left = graph.find_nodes(op="call_function", target=fxprefetch.ops.PREFETCH_OP)
+    return [f"{len(left)} prefetches left"] if left else []
+
+
+NO_PREFETCH_LEFT = Invariant("no_prefetch_left", _no_prefetch_left)
+
+
+@graph_pass(requires=("plan_prefetches",), ensures=(NO_PREFETCH_LEFT,))
+def claims_none_left(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Declares an invariant it does not make hold."""
+    return PassResult(0)
+
+
+@graph_pass(requires=("plan_prefetches",), relaxes=(NO_PREFETCH_LEFT,))
+def lifts_it(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Lifts the invariant again."""
+    return PassResult(0)
+
+
+def test_the_driver_stamps_each_pass_name_on_its_result(monkeypatch):
+    swap_passes(monkeypatch, "eager", (pipeline_of("eager").passes[0], misnamed))
+    _, report = run_synth_pipeline("eager")
+    assert [r.name for r in report.results] == ["plan_prefetches", "misnamed"]
+    assert report.changed(misnamed) == 0
+    with pytest.raises(TypeError, match="expected a pass"):
+        report.changed("misnamed")
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it(monkeypatch):
+    plan = pipeline_of("eager").passes[0]
+    swap_passes(monkeypatch, "eager", (plan, misnamed, fails))
+    with pytest.raises(PassFailedError) as caught:
+        run_synth_pipeline("eager")
+    assert str(caught.value) == (
+        "pass 'fails' failed (passes run before it: plan_prefetches, misnamed): KeyError: 'boom'"
+    )
+    assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_the_planner_warning_names_the_failing_pass(monkeypatch, caplog):
+    plan = pipeline_of("eager").passes[0]
+    swap_passes(monkeypatch, "eager", (plan, fails))
+    gm, names = fake_trace(SynthModel(SynthSpec(layers=1)), torch.randint(0, 64, (1, 4)))
+    setup = make_compile_setup(WeightPrefetchConfig(enabled=True), target="eager")
+    planner = GraphPlanner(setup, record=False)
+    monkeypatch.setattr(planner, "weight_names", lambda _: names)
+    with caplog.at_level(logging.WARNING, logger="fxprefetch.planner"):
+        planner(gm)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "fxprefetch.planner"]
+    assert "pass 'fails' failed (passes run before it: plan_prefetches)" in warning
+
+
+def test_the_driver_logs_each_pass_at_debug(caplog):
+    with caplog.at_level(logging.DEBUG, logger="fxprefetch.pipeline"):
+        run_synth_pipeline("inductor")
+    lines = [r.getMessage() for r in caplog.records if r.name == "fxprefetch.pipeline"]
+    changed = [4, 0, 4, 4, 0]
+    names = [p.name for p in pipeline_of("inductor").passes]
+    assert len(lines) == len(names)
+    for line, name, count in zip(lines, names, changed, strict=True):
+        assert re.fullmatch(rf"g: pass {name} changed {count} nodes in \d+\.\d\d ms", line), line
+
+
+def test_an_invariant_a_pass_ensures_is_checked_after_it_until_relaxed(monkeypatch):
+    plan = pipeline_of("eager").passes[0]
+    swap_passes(monkeypatch, "eager", (plan, claims_none_left, misnamed))
+    with pytest.raises(InvariantError, match="g: after claims_none_left: 4 prefetches left"):
+        run_synth_pipeline("eager")
+    assert held((plan, claims_none_left, misnamed)) == (*plan.ensures, NO_PREFETCH_LEFT)
+    swap_passes(monkeypatch, "eager", (plan, lifts_it))  # relaxed before it was ensured: none
+    run_synth_pipeline("eager")
+    assert held((plan, claims_none_left, lifts_it)) == plan.ensures

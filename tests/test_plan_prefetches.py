@@ -14,8 +14,9 @@ from torch import nn
 import fxprefetch
 from fxprefetch import SkipReason, WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP as PREFETCH
-from fxprefetch.passes import DEFAULT_RULES, run_weight_prefetch
+from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import ON, fresh_export, node_named, node_order, plan_synth, prefetch_nodes
 from support.synthetic import SynthModel, SynthSpec
@@ -118,7 +119,8 @@ def test_mlp_down_needs_sequence_parallelism_on_ascend_only(device, down_prefetc
 def test_auto_sizes_each_prefetch_to_what_its_window_hides():
     """On a GPU profile where a landed MB pays (δ > β), "auto" sizes each prefetch to what
     lands in its window; on the H200's side stream (β > δ) it sizes none."""
-    from fxprefetch.devices.prediction import WindowTraffic, hideable_bytes, profile
+    from fxprefetch.devices.prediction import WindowTraffic, hideable_bytes
+    from fxprefetch.devices.profile_catalog import profile
     from fxprefetch.devices.profile_fit import with_cost, with_delta
 
     paying = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)
@@ -353,7 +355,7 @@ def test_force_prefetch_emits_every_planned_prefetch():
 def test_a_profile_where_prefetches_pay_emits_those_above_the_margin():
     """A profile whose side stream costs nothing per MB and 0.1 µs fixed: a prefetch pays where
     δ x landed exceeds 0.1 µs plus the 0.5 µs margin."""
-    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_catalog import profile
     from fxprefetch.devices.profile_fit import with_cost, with_delta
 
     cheap = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)

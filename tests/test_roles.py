@@ -13,8 +13,9 @@ from torch import nn
 
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.passes import add_role_rule, run_weight_prefetch
+from fxprefetch.passes import add_role_rule
 from fxprefetch.passes.analysis.roles import match_role, owner_path
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import ON, fresh_export
 from support.tracing import fake_trace

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxprefetch import config, roles
-from fxprefetch.passes import register_linear_op, run_weight_prefetch
+from fxprefetch.passes import register_linear_op
 from fxprefetch.passes.analysis.linear_ops import LINEAR_CONDITIONS
 from fxprefetch.passes.analysis.op_classes import NodeKind, classify
 from fxprefetch.passes.analysis.roles import (
@@ -30,6 +30,7 @@ from fxprefetch.passes.analysis.weight_trace import WeightTrace, trace_operand
 from fxprefetch.passes.tables import rules as rules_module
 from fxprefetch.passes.tables.role_rules import RoleRule
 from fxprefetch.passes.tables.rules import DEFAULT_RULES, PrefetchRules, current_rules, set_rules
+from fxprefetch.pipeline import run_weight_prefetch
 from fxprefetch.plan.schema import schema_errors
 
 from support.planning import ON, fresh_export

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import node_named
 from support.synthetic import SynthModel, SynthSpec

@@ -3,7 +3,8 @@ included."""
 
 from __future__ import annotations
 
-from fxprefetch.passes import run_weight_prefetch, strip_prefetch
+from fxprefetch.passes import strip_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.lowered import native_pipeline
 from support.planning import ON, fresh_export

@@ -20,7 +20,7 @@ from fxprefetch import WeightPrefetchConfig
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.linears import find_linears
 from fxprefetch.passes.analysis.token_bounds import linear_tokens
-from fxprefetch.passes.plan_prefetches import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 from fxprefetch.plan import SkipReason
 
 from support.planning import hf_moe_plan

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.devices.prediction import profile
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.devices import DeviceSetup
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.passes.analysis.window_cost import tensor_bytes
 from fxprefetch.passes.analysis.windows import attention_matmuls
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.tracing import fake_trace
 
@@ -40,7 +41,7 @@ def _plan(model, *inputs, windows=None):
     gm, names = fake_trace(model, *inputs)
     config = WeightPrefetchConfig(enabled=True, windows=windows)
     h200 = {"cpu": profile("h200")}  # fake tensors on the CPU stand for an H200's
-    return run_weight_prefetch(gm, config, weight_names=names, device_profiles=h200)
+    return run_weight_prefetch(gm, config, weight_names=names, devices=DeviceSetup(profiles=h200))
 
 
 def test_a_fused_window_counts_what_enters_and_leaves_it():

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from fxprefetch import SkipReason, WeightPrefetchConfig
-from fxprefetch.passes import DEFAULT_RULES, run_weight_prefetch
+from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import op_name
 from fxprefetch.passes.tables.collectives import COLLECTIVES
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.planning import ON, SPBlock, node_named, node_order, plan_synth
 from support.synthetic import SynthModel, SynthSpec
@@ -20,7 +21,6 @@ from support.tracing import fake_trace
 
 # the window tests are about where prefetches go, not whether the H200 model gates them
 FORCED = WeightPrefetchConfig(enabled=True, force_prefetch=True)
-
 
 
 def test_sequence_parallel_walk_crosses_the_all_gather_to_the_norm():

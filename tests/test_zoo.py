@@ -22,8 +22,8 @@ import torch
 import fxprefetch
 from fxprefetch import WeightPrefetchConfig
 from fxprefetch.ops import PREFETCH_OP
-from fxprefetch.passes import run_weight_prefetch
 from fxprefetch.passes.analysis.roles import layer_index
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.zoo import ZOO, Family, build, roles_table, trace
 

@@ -8,9 +8,9 @@ DeviceSetup`` keeps working.
 
 from __future__ import annotations
 
+from fxprefetch.devices.cuda_prefetch import CACHE_HINTS
 from fxprefetch.devices.setup import (
     ASCEND_LOWERINGS,
-    CACHE_HINTS,
     CUDA_LOWERINGS,
     NATIVE_POLICIES,
     DeviceSetup,

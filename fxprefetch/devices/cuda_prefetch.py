@@ -44,7 +44,7 @@ ALIGN = 16  # cp.async.bulk.prefetch: 16-byte aligned address, size a multiple o
 LINE = 128  # prefetch.global.L2: one cache line per instruction
 MAX_BULK = (1 << 20) - ALIGN  # the largest size one UBLKPF encodes (16 bits of size >> 4)
 WARP = 32
-CACHE_HINTS = ("none", "evict_last")
+CACHE_HINTS = ("none", "evict_last")  # the kernel's L2 hints (the ``cache_hint`` option's values)
 STREAMS = ("side", "compute")
 
 # Launch defaults until benchmarks/probe_gpu_kernel.py has measured them on a GPU.
@@ -52,13 +52,7 @@ BULK_WARPS = 1  # UBLKPF takes uniform registers: a warp's lanes issue one after
 LINE_WARPS = 4
 BYTES_PER_PROGRAM = 64 << 10  # the least a program prefetches before another is added
 
-# The default cap: a prefetch hides at most window x bandwidth bytes. A norm or activation
-# window before a decode linear lasts about 2.5 µs; at H100's 3.35 TB/s that is 8 MiB (the
-# Ascend guide's 18 MiB would run far past the window). benchmarks/bench_gpu_prefetch.py
-# sweeps the cap to check it.
-WINDOW_US = 2.5
 FALLBACK_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, where the device does not report its memory
-MiB = 1 << 20
 
 
 def peak_bandwidth(props: Any) -> float:
@@ -69,20 +63,6 @@ def peak_bandwidth(props: Any) -> float:
     if clock_khz <= 0 or bus_bits <= 0:
         return FALLBACK_BYTES_PER_S
     return clock_khz * 1e3 * 2 * bus_bits / 8
-
-
-def cap_for(bytes_per_s: float, l2_bytes: int) -> int:
-    """``WINDOW_US`` of bandwidth in whole MiB (at least 1), and at most a quarter of L2."""
-    window_bytes = max(1, round(WINDOW_US * 1e-6 * bytes_per_s / MiB)) * MiB
-    return min(window_bytes, max(MiB, l2_bytes // 4 // MiB * MiB))
-
-
-def default_cap(device: torch.device | int | None = None) -> int:
-    """The byte cap of a CUDA prefetch where the config writes no ``max_prefetch_bytes``."""
-    props = torch.cuda.get_device_properties(
-        device if device is not None else torch.cuda.current_device()
-    )
-    return cap_for(peak_bandwidth(props), props.L2_cache_size)
 
 
 def clamp_range(address: int, nbytes: int, max_size: int, offset: int) -> tuple[int, int]:

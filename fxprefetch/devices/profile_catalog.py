@@ -1,5 +1,8 @@
 """The built-in device profiles, as data in the device-profile file's form
-(``fxprefetch.devices.profile_file``): every constant with its provenance.
+(``fxprefetch.devices.profile_file``): every constant with its provenance; and the
+catalogue's lookups: a profile by name (:func:`profile`), by name or file
+(:func:`resolve_profile`), by a device's reported name (:func:`match_profile`,
+:func:`gpu_profile`).
 
 - ``h200``: measured on an NVIDIA H200 on 2026-11-30
   (``benchmarks/results/gpu-h200-2026-11-30/``) and fitted to that run
@@ -13,7 +16,12 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+from fxprefetch.devices.profile_file import Constant, DeviceProfile, ProfileError, from_dict, read
 
 H200_RUN = "benchmarks/results/gpu-h200-2026-11-30"
 H200_MACHINE = "NVIDIA H200 (sm_90, 132 SMs), torch 2.11.0+cu130, 2026-11-30"
@@ -247,3 +255,79 @@ def catalogue() -> list[dict[str, Any]]:
             "192 MB L2, 24 AI cores (commonly cited figures)",
         ),
     ]
+
+
+#: The built-in profiles, read from the catalogue's data like any profile file.
+PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (from_dict(d) for d in catalogue())}
+
+_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"\bB200\b|\bGB200\b", "b200"),
+    (r"\bH200\b|\bGH200\b", "h200"),
+    (r"\bH100\b", "h100"),
+    (r"\bA100\b", "a100"),
+    (r"910_?9[3-9]|\bA3\b", "ascend-a3"),
+    (r"910B", "ascend-910b"),
+)
+
+
+def profile(name: str) -> DeviceProfile:
+    """The profile named ``name`` (a key of :data:`PROFILES`); ``KeyError`` names them all."""
+    try:
+        return PROFILES[name.lower()]
+    except KeyError:
+        raise KeyError(
+            f"unknown device profile {name!r}; expected one of {list(PROFILES)}"
+        ) from None
+
+
+def resolve_profile(name_or_path: str) -> DeviceProfile:
+    """A built-in profile by name, or the profile file at a path (``device_profile``).
+    :class:`ProfileError` says what was wrong."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ProfileError(
+            "device_profile", f"expected a profile name or a file path, got {name_or_path!r}"
+        )
+    if name_or_path.lower() in PROFILES:
+        return PROFILES[name_or_path.lower()]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists() or "/" in name_or_path:
+        return read(path)
+    raise ProfileError(
+        repr(name_or_path),
+        f"unknown device profile; expected a built-in one ({list(PROFILES)}) or a profile "
+        "file's path (.json)",
+    )
+
+
+def match_profile(device_name: str) -> DeviceProfile | None:
+    """The profile of a device by its reported name (``NVIDIA H200``, ``Ascend910B2``)."""
+    for pattern, name in _NAME_PATTERNS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return PROFILES[name]
+    return None
+
+
+def gpu_profile(device_name: str, bytes_per_s: float, l2_bytes: int, sms: int) -> DeviceProfile:
+    """The profile of a GPU present here: the matching built-in profile with what the device
+    reports (peak bandwidth, L2, SMs); an unknown GPU gets the H200's constants scaled to its
+    reported bandwidth, labelled derived."""
+    reported = "reported by the device (torch.cuda.get_device_properties)"
+    base = match_profile(device_name)
+    if base is None or base.kind != "gpu":
+        h200 = PROFILES["h200"]
+        scale = bytes_per_s / h200.hbm_bytes_per_s if bytes_per_s > 0 else 1.0
+        why = "derived: the H200's, scaled to this GPU's reported peak bandwidth"
+        base = replace(
+            h200,
+            name="gpu",
+            read_bytes_per_s=Constant(h200.read_bytes_per_s.value * scale, "derived", why),
+            delta_1=Constant(h200.delta_1.value / scale, "derived", why),
+            delta_16=Constant(h200.delta_16.value / scale, "derived", why),
+        )
+    return replace(
+        base,
+        label=device_name,
+        hbm_peak_bytes_per_s=Constant(bytes_per_s, "measured", reported),
+        l2_bytes=Constant(float(l2_bytes), "measured", reported),
+        cores=Constant(float(sms), "measured", reported),
+    )

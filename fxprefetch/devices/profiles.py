@@ -10,13 +10,8 @@ from typing import Any
 import torch
 
 from fxprefetch.config import ConfigError
-from fxprefetch.devices.prediction import (
-    DeviceProfile,
-    ProfileError,
-    gpu_profile,
-    match_profile,
-    resolve_profile,
-)
+from fxprefetch.devices.prediction import DeviceProfile, ProfileError
+from fxprefetch.devices.profile_catalog import gpu_profile, match_profile, resolve_profile
 
 
 def cuda_profile(device: torch.device | int | None = None) -> DeviceProfile:
@@ -44,13 +39,26 @@ def npu_profile() -> DeviceProfile | None:
     return found if found is not None and found.kind == "npu" else None
 
 
+# The cap rule on a GPU: a prefetch hides at most window x bandwidth bytes. A norm or
+# activation window before a decode linear lasts about 2.5 µs; at H100's 3.35 TB/s that is
+# 8 MiB (the Ascend guide's 18 MiB would run far past the window).
+# benchmarks/bench_gpu_prefetch.py sweeps the cap to check it.
+WINDOW_US = 2.5
+MiB = 1 << 20
+
+
+def cap_for(bytes_per_s: float, l2_bytes: int) -> int:
+    """``WINDOW_US`` of bandwidth in whole MiB (at least 1), and at most a quarter of L2."""
+    window_bytes = max(1, round(WINDOW_US * 1e-6 * bytes_per_s / MiB)) * MiB
+    return min(window_bytes, max(MiB, l2_bytes // 4 // MiB * MiB))
+
+
 def default_cap(device: DeviceProfile) -> int | None:
-    """The byte cap a compile for ``device`` uses where the config writes none: window x
-    bandwidth on a GPU (as the CUDA lowering derives it), the guide's 18 MiB on Ascend."""
+    """The one cap rule: the byte cap a compile for ``device`` uses where the config writes
+    none: window x bandwidth on a GPU (a GPU here: :func:`cuda_profile`, from what it
+    reports), the config's default (the guide's 18 MiB) on Ascend (None)."""
     if device.kind != "gpu":
         return None
-    from fxprefetch.devices.cuda_prefetch import cap_for
-
     return cap_for(device.hbm_bytes_per_s, int(device.l2_bytes.value))
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fxprefetch.devices.prediction import DeviceProfile, resolve_profile
+from fxprefetch.devices.prediction import DeviceProfile
+from fxprefetch.devices.profile_catalog import resolve_profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 from fxprefetch.ops import native_l2_devices, native_prefetch_devices
 from fxprefetch.validation import expect_choice
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 NATIVE_POLICIES = ("auto", "always", "never")
 CUDA_LOWERINGS = ("side_stream", "compute_stream")
-CACHE_HINTS = ("none", "evict_last")
 ASCEND_LOWERINGS = ("side_stream", "in_stream")
 
 
@@ -116,10 +116,11 @@ def device_setup(
     caps: dict[str, int] = {}
     profiles: dict[str, DeviceProfile] = {}
     if native_l2 and torch.cuda.is_available() and _native_cuda_prefetch():
-        from fxprefetch.devices.cuda_prefetch import default_cap as cuda_default_cap  # needs Triton
-
-        caps["cuda"] = cuda_default_cap()
-        found = cuda_profile() if device_profile is None else device_profile
+        here = cuda_profile()
+        cap = default_cap(here)
+        if cap is not None:
+            caps["cuda"] = cap
+        found = here if device_profile is None else device_profile
         profiles["cuda"] = found.with_lowering(cuda_lowering) if found.kind == "gpu" else found
     if ascend:
         found = npu_profile() if device_profile is None else device_profile

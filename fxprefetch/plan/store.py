@@ -81,9 +81,9 @@ def load_plans(key: str) -> list[CompileReport] | None:
                 r["target"],
                 tuple(
                     PassResult(
-                        x["name"],
                         int(x["changed"]),
                         PrefetchPlan.from_dict(x["plan"]) if x["plan"] is not None else None,
+                        x["name"],
                     )
                     for x in r["results"]
                 ),

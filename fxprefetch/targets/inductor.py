@@ -33,10 +33,11 @@ def _device_note(report: CompileReport, ctx: PassContext) -> str | None:
     """Per device, what its prefetches became: native prefetches (on a side stream, or on
     the compute stream where CUDA-graph partitions could split a fork from its join), hints
     left out of the code, or ``fxprefetch.prefetch`` kernels."""
-    notes = dict(ctx.lowering or {})
-    if report.changed("lower_native_prefetches"):
-        devices = sorted(ctx.native_l2 & ctx.native_devices)
-        if report.changed("insert_prefetch_joins") == 0 and ctx.join_devices & set(devices):
+    setup = ctx.devices
+    notes = dict(setup.lowering)
+    if report.changed(lower_native):
+        devices = sorted(setup.l2 & setup.native)
+        if report.changed(insert_joins) == 0 and setup.joins & set(devices):
             notes = {
                 d: f"{notes.get(d, '')}; on the compute stream instead: inductor partitions "
                 "this graph for CUDA graphs at nodes between which a fork and its join could "
@@ -48,7 +49,7 @@ def _device_note(report: CompileReport, ctx: PassContext) -> str | None:
             f"; {device}: {note}" for device, note in sorted(notes.items())
         )
     else:
-        devices = sorted(ctx.native_devices)
+        devices = sorted(setup.native)
     return "; ".join(f"{d}: {notes.get(d, 'fxprefetch.prefetch')}" for d in devices) or None
 
 

@@ -36,6 +36,7 @@ import logging
 from typing import Any
 
 import torch
+from torch._library.infer_schema import infer_schema
 from torch.fx import Node
 
 from fxprefetch import ops
@@ -168,26 +169,23 @@ def _prefetch_layer_weight_fork_fake(
     torch._check(max_size > 0, lambda: f"prefetch: max_size must be > 0, got {max_size}")
 
 
-def _define(name: str, fn: Any, fake: Any, mutates: tuple[str, ...] = ()) -> torch._ops.OpOverload:
-    from torch._library.infer_schema import infer_schema
-
-    _lib.define(name + infer_schema(fn, mutates_args=mutates), tags=())
-    _lib.impl(name, fn, "CompositeExplicitAutograd")
-    _lib._register_fake(name, fake)
-    return getattr(torch.ops.fxprefetch, name).default
-
-
-LAYER_OP = _define("prefetch_layer_weight", _prefetch_layer_weight, _prefetch_layer_weight_fake)
+LAYER_OP = ops.define_op(
+    _lib,
+    "prefetch_layer_weight" + infer_schema(_prefetch_layer_weight, mutates_args=()),
+    _prefetch_layer_weight_fake,
+    {"CompositeExplicitAutograd": _prefetch_layer_weight},
+)
 ops.register_prefetch_op(LAYER_OP)
 # Ascend's side-stream lowering: the same lookup, forked onto the prefetch stream after its
 # dependency (``order``: its token, then its dependency) and joined before the fused op
 # (``passes/lower_npu.py``, ``passes/insert_joins.py``); out of range, it forks and issues
 # nothing.
-LAYER_FORK_OP = _define(
-    "prefetch_layer_weight_fork",
-    _prefetch_layer_weight_fork,
+LAYER_FORK_OP = ops.define_op(
+    _lib,
+    "prefetch_layer_weight_fork"
+    + infer_schema(_prefetch_layer_weight_fork, mutates_args=("order",)),
     _prefetch_layer_weight_fork_fake,
-    mutates=("order",),
+    {"CompositeExplicitAutograd": _prefetch_layer_weight_fork},
 )
 ops.register_fork_op(LAYER_FORK_OP, lowers=LAYER_OP)
 

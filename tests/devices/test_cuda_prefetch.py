@@ -520,7 +520,8 @@ def _props(clock_khz, bus_bits, l2_mb):
     ],
 )
 def test_default_cap_is_window_times_bandwidth(gpu, props, tb_per_s, cap_mib):
-    from fxprefetch.devices.cuda_prefetch import cap_for, peak_bandwidth
+    from fxprefetch.devices.cuda_prefetch import peak_bandwidth
+    from fxprefetch.devices.profiles import cap_for
 
     bandwidth = peak_bandwidth(props)
     assert bandwidth / 1e12 == pytest.approx(tb_per_s, rel=0.01), gpu
@@ -528,7 +529,7 @@ def test_default_cap_is_window_times_bandwidth(gpu, props, tb_per_s, cap_mib):
 
 
 def test_default_cap_stays_within_a_quarter_of_l2():
-    from fxprefetch.devices.cuda_prefetch import cap_for
+    from fxprefetch.devices.profiles import cap_for
 
     assert cap_for(20e12, 40 * 10**6) == 9 << 20  # 40 MB / 4 in whole MiB
     assert cap_for(1e9, 50 * 10**6) == 1 << 20  # at least 1 MiB

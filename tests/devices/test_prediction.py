@@ -8,23 +8,22 @@ import math
 import pytest
 
 from fxprefetch.devices.prediction import (
-    PROFILES,
-    StepShape,
     WindowTraffic,
     delta_us_per_mb,
-    gpu_profile,
     hideable_bytes,
-    match_profile,
     predict,
-    profile,
+    window_us,
+)
+from fxprefetch.devices.profile_catalog import PROFILES, gpu_profile, match_profile, profile
+from fxprefetch.devices.profile_file import PROVENANCE_KINDS
+from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan
+from fxprefetch.plan.predicted_step import (
+    StepShape,
     render_prediction,
     speedup_bound,
     step_bound,
     weight_bytes_per_step,
-    window_us,
 )
-from fxprefetch.devices.profile_file import PROVENANCE_KINDS
-from fxprefetch.plan import LinearRecord, PredictedSaving, PrefetchPlan
 
 
 @pytest.mark.parametrize(

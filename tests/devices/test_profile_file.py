@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from fxprefetch.devices import profile_catalog
-from fxprefetch.devices.prediction import PROFILES, profile, resolve_profile
+from fxprefetch.devices.profile_catalog import PROFILES, profile, resolve_profile
 from fxprefetch.devices.profile_file import ProfileError, from_dict, read, to_dict, write
 
 #: the example agreed with ``fxprefetch calibrate`` (issue 26, point 2)

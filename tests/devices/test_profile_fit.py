@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from fxprefetch import WeightPrefetchConfig
-from fxprefetch.devices import profile_catalog
+from fxprefetch.devices import DeviceSetup, profile_catalog
 from fxprefetch.devices import profile_fit as fit
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.devices.profiles import default_cap
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.tracing import fake_trace
 
@@ -85,8 +85,9 @@ def llama_layer_prefetches():
                 copy.deepcopy(gm),
                 WeightPrefetchConfig.from_dict(config),
                 weight_names=names,
-                device_caps={"meta": default_cap(as_planned)},
-                device_profiles={"meta": as_planned},
+                devices=DeviceSetup(
+                    caps={"meta": default_cap(as_planned)}, profiles={"meta": as_planned}
+                ),
                 recompile=False,
             )
             found[(batch, cap)] = fit.planned([plan], tokens=batch)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fxprefetch.devices import simulated_setup
-from fxprefetch.devices.prediction import ProfileError, profile
+from fxprefetch.devices.prediction import ProfileError
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.devices.profiles import cuda_profile, default_cap, npu_profile
 
 

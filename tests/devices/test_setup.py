@@ -7,7 +7,7 @@ import pytest
 
 from fxprefetch import ops
 from fxprefetch.devices import DeviceSetup, device_setup, simulated_setup
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.devices.profiles import default_cap
 from fxprefetch.errors import ProfileError
 

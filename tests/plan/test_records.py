@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.synthetic import SynthModel, SynthSpec, TwoGraphs
 from support.tracing import fake_trace

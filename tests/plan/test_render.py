@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fxprefetch import LinearRecord, PrefetchPlan, SkipReason, WeightPrefetchConfig
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 from fxprefetch.plan.render import (
     display_path,
     format_bytes,

@@ -27,7 +27,7 @@ def _reports() -> list[CompileReport]:
     return [
         CompileReport(
             "inductor",
-            (PassResult("plan_prefetches", 1, _plan()), PassResult("lower_native", 0, None)),
+            (PassResult(1, _plan(), "plan_prefetches"), PassResult(0, None, "lower_native")),
             runs=2,
             run_names=({"w": "layers.0.w"}, {"w": "layers.1.w"}),
         )

@@ -39,7 +39,7 @@ def _compile_twice(monkeypatch, tmp_path) -> tuple[list, list, list[int]]:
             "token_range": {
                 "attn": {"qkv": {"max_tokens": 64}},
                 "mlp": {"gate_up": {"min_tokens": 100}},
-            }
+            },
         },
     }
     plans, hits = [], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fxprefetch.devices.prediction import profile
+from fxprefetch.devices.profile_catalog import profile
 from fxprefetch.plan import LinearRecord, PredictedSaving
 from fxprefetch.plan.timeline import Span, time_layout
 

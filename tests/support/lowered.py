@@ -7,21 +7,17 @@ from collections.abc import Collection
 
 from torch.fx import GraphModule, Node
 
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.ops import JOIN_OP, NATIVE_OP
 
 from support.tracing import run_synth_pipeline
 
 
-def native_pipeline(join_devices: Collection[str], model=None, native_l2=frozenset({"cpu"})):
+def native_pipeline(join_devices: Collection[str], model=None, l2=frozenset({"cpu"})):
     """Run the inductor pipeline with the CPU as a native device; joins on ``join_devices``."""
-    devices = frozenset({"cpu"})
-    return run_synth_pipeline(
-        "inductor",
-        native_devices=devices,
-        join_devices=frozenset(join_devices),
-        native_l2=native_l2,
-        model=model,
-    )
+    native = frozenset({"cpu"})
+    devices = DeviceSetup(native=native, joins=frozenset(join_devices), l2=frozenset(l2))
+    return run_synth_pipeline("inductor", devices=devices, model=model)
 
 
 def forks_and_joins(gm: GraphModule) -> tuple[list[Node], list[Node]]:

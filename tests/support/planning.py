@@ -11,9 +11,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprefetch import PrefetchPlan, WeightPrefetchConfig
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.devices.prediction import DeviceProfile
 from fxprefetch.ops import PREFETCH_OP
-from fxprefetch.passes import run_weight_prefetch
+from fxprefetch.pipeline import run_weight_prefetch
 
 from support.synthetic import SynthModel, SynthSpec
 from support.tracing import export_aten, fake_trace, trace_constants
@@ -45,17 +46,17 @@ def plan_synth(
 ) -> tuple[GraphModule, PrefetchPlan]:
     """Plan a fake-traced two-layer ``SynthModel``, for the device ``profile_name`` (a
     built-in profile's name, or a profile) if given."""
-    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_catalog import profile
 
     gm, names = fake_trace(SynthModel(SynthSpec(layers=2, **spec)), torch.randint(0, 64, (1, 4)))
     if isinstance(profile_name, str):
         profile_name = profile(profile_name)
-    profiles = {"cpu": profile_name} if profile_name is not None else None
+    profiles = {"cpu": profile_name} if profile_name is not None else {}
     plan = run_weight_prefetch(
         gm,
         config,
         weight_names=names,
-        device_profiles=profiles,
+        devices=DeviceSetup(profiles=profiles),
         split_at_attention=split_at_attention,
     )
     return gm, plan

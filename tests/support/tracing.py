@@ -90,7 +90,7 @@ def run_synth_pipeline(
     """Fake-trace ``model`` (a 2-layer ``SynthModel`` by default) and run ``target``'s
     pipeline on it.
 
-    ``context`` sets :class:`PassContext` fields (``native_devices``, ``device_caps``...);
+    ``context`` sets :class:`PassContext` fields (``devices``: a ``DeviceSetup``...);
     returns the graph and the :class:`CompileReport`.
     """
     from fxprefetch import WeightPrefetchConfig

@@ -16,6 +16,7 @@ from torch import nn
 
 from fxprefetch import WeightPrefetchConfig, ops
 from fxprefetch.config import DEFAULT_MAX_PREFETCH_BYTES, TokenRange
+from fxprefetch.devices import DeviceSetup
 from fxprefetch.passes import DEFAULT_RULES
 from fxprefetch.passes.analysis.graph_utils import prefetch_nodes
 from fxprefetch.passes.analysis.prefetch_meta import join_meta
@@ -110,12 +111,16 @@ def context(moe_op, monkeypatch):
     return layers, seen
 
 
-def _pipeline(gm, config, layers, target="eager", **kw):
+CPU = frozenset({"cpu"})
+CPU_NATIVE = DeviceSetup(native=CPU)
+
+
+def _pipeline(gm, config, layers, target="eager", devices=CPU_NATIVE, **kw):
     ctx = PassContext(
         config=WeightPrefetchConfig.from_dict(config),
         rules=DEFAULT_RULES,
         graph_name="g",
-        native_devices=frozenset({"cpu"}),
+        devices=devices,
         hidden_weights=vllm_moe.VllmMoeWeights(StandInConfig(layers)),
         **kw,
     )
@@ -272,8 +277,7 @@ def test_by_name_prefetches_run_on_the_compute_stream_and_need_no_join(context, 
         layers,
         target="inductor",
         weight_names=names,
-        native_l2=frozenset({"cpu"}),
-        join_devices=frozenset({"cpu"}),
+        devices=DeviceSetup(native=CPU, l2=CPU, joins=CPU),
     )
     gm.recompile()
     assert len(plan.by_role("moe.gate_up")) == len(plan.by_role("attn.qkv")) == 2 and all(
@@ -297,7 +301,7 @@ def test_by_name_prefetches_run_on_the_compute_stream_and_need_no_join(context, 
     # a graph whose only prefetches are by name still readies the device before any capture
     prepared.clear()
     _, gm, names = _trace(4)
-    _pipeline(gm, GUIDE_MOE, layers, target="inductor", native_l2=frozenset({"cpu"}))
+    _pipeline(gm, GUIDE_MOE, layers, target="inductor", devices=DeviceSetup(native=CPU, l2=CPU))
     assert not list(gm.graph.find_nodes(op="call_function", target=NATIVE_OP))
     assert prepared == [torch.device("cpu")]
 
