@@ -41,7 +41,7 @@ from fxprefetch.config import WeightPrefetchConfig
 from fxprefetch.errors import PassFailedError
 from fxprefetch.passes.analysis.prefetch_meta import prefetch_meta
 from fxprefetch.passes.contract import GraphPass, PassContext, PassResult, check_order
-from fxprefetch.passes.elide_hints import elide_hints
+from fxprefetch.passes.elide_hints import ELIDED, KEPT_AS_HINTS, elide_hints
 from fxprefetch.passes.invariants import check_invariants, hand_placed, invariants_enabled
 from fxprefetch.passes.plan_prefetches import plan_prefetches
 from fxprefetch.passes.tables.rules import PrefetchRules, current_rules
@@ -98,11 +98,22 @@ class CompileReport:
             raise TypeError(f"changed: expected a pass (@graph_pass), got {graph_pass!r}")
         return sum(r.changed for r in self.results if r.name == graph_pass.name)
 
+    def _elided(self, mode: str) -> bool:
+        return any(
+            r.name == elide_hints.name and r.mode == mode and r.changed for r in self.results
+        )
+
     @property
     def hints_elided(self) -> bool:
         """The compiled code carries no prefetch: its planned hints are counted per call
         (``elide_hints`` removed them from a graph that runs a known number of times)."""
-        return self.runs is not None and self.changed(elide_hints) > 0
+        return self.runs is not None and self._elided(ELIDED)
+
+    @property
+    def hints_kept(self) -> bool:
+        """The compiled code keeps its hints as ``prefetch_hint`` calls that count themselves
+        when they run (a body run a varying number of times, or run-time token checks)."""
+        return self._elided(KEPT_AS_HINTS)
 
 
 LoweringNote = Callable[[CompileReport, PassContext], str | None]

@@ -59,6 +59,9 @@ class PassResult:
     changed: int
     plan: PrefetchPlan | None = None
     name: str = ""
+    # how the pass changed the graph, where it has more than one way (``elide_hints``:
+    # ELIDED, its prefetches removed, or KEPT_AS_HINTS, turned into counting hints)
+    mode: str = ""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ def hint_only(
     return bool(devices) and not devices & set(native_devices)
 
 
+ELIDED = "removed"  # PassResult.mode: the prefetches are counted per graph call
+KEPT_AS_HINTS = "kept as hints"  # ... each prefetch_hint counts itself when it runs
+
+
 @graph_pass(requires=("plan_prefetches",))
 def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     """If every prefetch of ``gm`` is hint-only (:func:`hint_only` on ``ctx.devices.native``):
@@ -56,7 +60,7 @@ def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     ``fxprefetch.prefetch_hint`` calls that count themselves when they run (in range)."""
     counted_per_call = ctx.runs is not None  # else its hints count themselves when they run
     if counted_per_call and hint_only(gm, ctx.devices.native):
-        return PassResult(remove_prefetches(gm))
+        return PassResult(remove_prefetches(gm), mode=ELIDED)
     # hints that run on some calls only (a body run a varying number of times, or token
     # bounds checked at run time): kept in the code, counting themselves when they run
     if not hint_only(gm, ctx.devices.native, (PREFETCH_OP, RANGE_OP)):
@@ -64,4 +68,4 @@ def elide_hints(gm: GraphModule, ctx: PassContext) -> PassResult:
     nodes = [n for n in prefetch_nodes(gm.graph) if n.target in (PREFETCH_OP, RANGE_OP)]
     for node in nodes:  # the range op's arguments are the hint's (token bounds last)
         node.target = HINT_OP
-    return PassResult(len(nodes))
+    return PassResult(len(nodes), mode=KEPT_AS_HINTS)

@@ -55,6 +55,7 @@ def save_plans(key: str, reports: Sequence[CompileReport]) -> None:
                 {
                     "name": x.name,
                     "changed": x.changed,
+                    "mode": x.mode,
                     "plan": x.plan.to_dict() if x.plan is not None else None,
                 }
                 for x in r.results
@@ -84,6 +85,7 @@ def load_plans(key: str) -> list[CompileReport] | None:
                         int(x["changed"]),
                         PrefetchPlan.from_dict(x["plan"]) if x["plan"] is not None else None,
                         x["name"],
+                        str(x.get("mode", "")),
                     )
                     for x in r["results"]
                 ),

@@ -58,7 +58,7 @@ def _lowering_note(report: CompileReport, ctx: PassContext) -> str:
     count is checked at run time (``prefetch_in_range``, never lowered: its kernel calls the
     device's prefetch on the compute stream, a hint where the device has none)."""
     records = report.plan.prefetched
-    if report.changed("keep_hints_in_code"):  # hint-only devices: no prefetch kernel runs
+    if report.hints_kept:  # hint-only devices: no prefetch kernel runs
         return (
             "hints, kept in the compiled code as fxprefetch.prefetch_hint (each counted when "
             "it runs; a run-time token check counts it only in range)"

@@ -27,7 +27,11 @@ def _reports() -> list[CompileReport]:
     return [
         CompileReport(
             "inductor",
-            (PassResult(1, _plan(), "plan_prefetches"), PassResult(0, None, "lower_native")),
+            (
+                PassResult(1, _plan(), "plan_prefetches"),
+                PassResult(0, None, "lower_native"),
+                PassResult(2, None, "elide_hints", "kept as hints"),
+            ),
             runs=2,
             run_names=({"w": "layers.0.w"}, {"w": "layers.1.w"}),
         )
@@ -49,10 +53,12 @@ def test_saved_reports_load_back_equal(store_dir):
         saved.runs,
         saved.run_names,
     )
-    assert [(r.name, r.changed) for r in loaded.results] == [
-        ("plan_prefetches", 1),
-        ("lower_native", 0),
+    assert [(r.name, r.changed, r.mode) for r in loaded.results] == [
+        ("plan_prefetches", 1, ""),
+        ("lower_native", 0, ""),
+        ("elide_hints", 2, "kept as hints"),  # a warm compile counts hints as a cold one
     ]
+    assert loaded.hints_kept
     assert loaded.plan.to_json() == saved.plan.to_json()
 
 
