@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxprefetch import ops
+from fxprefetch import devices, ops
 from fxprefetch.errors import PassFailedError
 from fxprefetch.passes import lower_prefetch_to_npu
 from fxprefetch.passes.analysis.prefetch_meta import join_meta, prefetch_meta
@@ -191,7 +191,7 @@ def test_a_prefetch_decided_at_run_time_forks_and_joins_in_or_out_of_range():
         assert order[mine[node.name]] < order[linear]
     with StreamRecorder().installed():
         _model, gm, first, bounded = _with_range_prefetches()
-        lower_npu(gm, _context(ascend_lowering="in_stream"))
+        lower_npu(gm, _context(devices=devices.DeviceSetup(ascend_lowering="in_stream")))
     assert all(n.target is ops.RANGE_OP for n in bounded)
     assert {prefetch_meta(n).lowering for n in bounded} == {"ascend_in_stream"}
 

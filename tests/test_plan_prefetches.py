@@ -179,7 +179,7 @@ def test_auto_sizes_nothing_where_the_model_predicts_a_loss_on_every_device():
 
 
 def test_an_auto_size_below_the_cap_is_not_capped():
-    from fxprefetch.devices.prediction import profile
+    from fxprefetch.devices.profile_catalog import profile
     from fxprefetch.devices.profile_fit import with_cost, with_delta
 
     paying = with_delta(with_cost(profile("h200"), 0.1, 0.0), 1.0)

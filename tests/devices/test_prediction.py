@@ -233,7 +233,6 @@ def test_the_idle_time_and_the_ceiling_do_not_depend_on_the_sizes():
     """The windows' idle time and the step's ceiling are the model's and the windows': the
     same with the default cap and with "auto" sizes (which size nothing on an H200)."""
     from fxprefetch import WeightPrefetchConfig
-    from fxprefetch.devices.prediction import render_prediction
 
     from support.planning import plan_synth
 
