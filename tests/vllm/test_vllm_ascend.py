@@ -21,18 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import _required_in_ci
 
+from support.ascend_probe_model import CAPTURED, PLAN, QKV
+
 HERE = Path(__file__).resolve().parents[1]  # tests/, where support/ is
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
-QKV, GATE_UP = 96 * 32 * 4, 128 * 32 * 4
-PLAN = [
-    [f"layers.{i}.{module}", role, nbytes]
-    for i in range(2)
-    for module, role, nbytes in (("mlp.gate_up_proj", "mlp.gate_up", GATE_UP),
-                                 ("self_attn.qkv_proj", "attn.qkv", QKV))
-]  # fmt: skip
-# the kept graph's prefetch nodes in order: a fork onto the prefetch stream (its bytes), its join
-CAPTURED = [[[QKV, "side"], ["join"], [GATE_UP, "side"], ["join"]] * 2]
 # each fork and its join, in the same graph: the dependency before the fork, the join between
 # the fork and the linear, the plan's lowering
 PAIRED = [{"joins": 1, "dependency_first": True, "join_first": True,

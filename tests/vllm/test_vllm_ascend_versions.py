@@ -23,6 +23,8 @@ from conftest import _required_in_ci
 
 from fxprefetch.config import WeightPrefetchConfig
 
+from support.ascend_probe_model import CAPTURED, PLAN
+
 HERE = Path(__file__).resolve().parents[1]  # tests/ (this file is in tests/vllm/)
 pytestmark = [pytest.mark.vllm, pytest.mark.compile]
 
@@ -34,16 +36,6 @@ WITH_MODES = {"0.26.0rc1", "0.30.0rc2"}  # 0.23.0.post1's: tests/vllm/test_vllm_
 TORCH_NPU = {"0.23.0.post1": "2.13.0", "0.26.0rc1": "2.10.0.post4", "0.30.0rc2": "2.10.0.post4"}
 OWN = {"ascend_compilation_config": {"enable_npugraph_ex": False}}
 SECTION = {"enabled": True, "prefetch_ratio": {"attn": {"qkv": 0.5}}}
-QKV, GATE_UP = 96 * 32 * 4, 128 * 32 * 4
-PLAN = [
-    [f"layers.{i}.{module}", role, nbytes]
-    for i in range(2)
-    for module, role, nbytes in (("mlp.gate_up_proj", "mlp.gate_up", GATE_UP),
-                                 ("self_attn.qkv_proj", "attn.qkv", QKV))
-]  # fmt: skip
-# in order: each prefetch forked onto the prefetch stream (max_size, "side"), then its join
-# before the linear (the default side-stream lowering of captured Ascend modes)
-CAPTURED = [[[QKV, "side"], ["join"], [GATE_UP, "side"], ["join"]] * 2]
 STOPPED_AT_CAPTURE = "STAND-IN torch_npu.npu.current_device: needs CANN"
 NO_GRAPH = (
     "weight_prefetch_config: fxprefetch's weight prefetch needs a graph mode, and this vLLM "
